@@ -1,0 +1,5 @@
+import sys
+
+from transfer_ensemble.cli import main
+
+sys.exit(main())

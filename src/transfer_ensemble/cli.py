@@ -1,0 +1,246 @@
+"""The `transfer-ensemble` command line: parse arguments, call the workflow, print a summary.
+
+Nothing here imports TensorFlow, so `--help`, validation errors and `submit` start instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from transfer_ensemble import __version__
+from transfer_ensemble.errors import UserError
+
+log = logging.getLogger("transfer_ensemble")
+
+EXTRACT_DEFAULTS = {"backbones": "xception,inception_v3", "weights": "imagenet", "image_size": None,
+                    "batch_size": 32, "precision": "float32", "seed": 0, "on_bad_image": "error"}
+TRAIN_DEFAULTS = {"folds": 5, "epochs": 50, "patience": 5, "dropout": 0.5, "head_batch_size": 128,
+                  "learning_rate": 1e-3, "seed": 0}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), not {text}")
+    return value
+
+
+def _add_extract_options(p: argparse.ArgumentParser, data_required: bool = True) -> None:
+    p.add_argument("--data", required=data_required, help="data folder (Kaggle or folder layout)")
+    p.add_argument("--backbones", help="comma-separated backbone names, concatenated in this order "
+                                       "(default: xception,inception_v3)")
+    p.add_argument("--weights", help="imagenet (default; Keras cache or download), random (tests only), "
+                                     "or a folder of Keras .h5 weight files")
+    p.add_argument("--image-size", type=_positive_int, help="input size in pixels (default: each "
+                                                            "backbone's native size, 299 for both defaults)")
+    p.add_argument("--batch-size", type=_positive_int, help="images per forward batch (default 32)")
+    p.add_argument("--precision", choices=["float32", "bfloat16"], help="backbone precision (default float32)")
+    p.add_argument("--on-bad-image", choices=["error", "skip"],
+                   help="error (default): list undecodable images and stop; skip: leave them out")
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--folds", type=_positive_int, help="cross-validation folds (default 5)")
+    p.add_argument("--epochs", type=_positive_int, help="most epochs per head (default 50)")
+    p.add_argument("--patience", type=_positive_int, help="early-stopping patience in epochs (default 5)")
+    p.add_argument("--dropout", type=_fraction, help="dropout before the softmax layer (default 0.5)")
+    p.add_argument("--head-batch-size", type=_positive_int, help="head training batch size (default 128)")
+    p.add_argument("--learning-rate", type=float, help="Adam learning rate (default 0.001)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="transfer-ensemble",
+        description="Frozen ImageNet backbones (Xception + InceptionV3), original and flipped views, "
+                    "a K-fold ensemble of softmax heads, and a Kaggle submission.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("extract", help="compute backbone features of the train and test images")
+    _add_extract_options(p)
+    p.add_argument("--run", required=True, help="run folder (created if missing)")
+    p.add_argument("--seed", type=int, help="seed for --weights random (default 0)")
+
+    p = sub.add_parser("train", help="train the 2 x K heads with cross-validation")
+    p.add_argument("--run", required=True, help="run folder that extract wrote")
+    _add_train_options(p)
+    p.add_argument("--seed", type=int, help="seed of the folds and of head training (default 0)")
+
+    p = sub.add_parser("submit", help="average the heads' test predictions into a submission CSV")
+    p.add_argument("--run", required=True, help="trained run folder")
+    p.add_argument("--out", required=True, help="submission CSV to write, e.g. submissions/NAME.csv")
+
+    p = sub.add_parser("run", help="extract, train and submit in one go")
+    _add_extract_options(p, data_required=False)
+    _add_train_options(p)
+    p.add_argument("--run", help="run folder (default: the one in --config)")
+    p.add_argument("--out", help="submission CSV to write")
+    p.add_argument("--seed", type=int, help="seed of folds, head training and random weights (default 0)")
+    p.add_argument("--config", help="a run's config.json: repeat that run (options given here override it)")
+
+    p = sub.add_parser("demo-data", help="write the small synthetic demo data set (Kaggle layout)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
+    return parser
+
+
+def _pick(args: argparse.Namespace, key: str, saved: dict, defaults: dict, saved_key: str | None = None):
+    value = getattr(args, key, None)
+    if value is not None:
+        return value
+    saved_value = saved.get(saved_key or key)
+    return saved_value if saved_value is not None else defaults[key]
+
+
+def extract_config(args: argparse.Namespace, saved: dict | None = None):
+    from transfer_ensemble.backbones import parse_backbones
+    from transfer_ensemble.features import ExtractConfig
+
+    saved = saved or {}
+    pick = lambda key: _pick(args, key, saved, EXTRACT_DEFAULTS)
+    return ExtractConfig(backbones=parse_backbones(pick("backbones")), weights=pick("weights"),
+                         image_size=pick("image_size"), batch_size=pick("batch_size"),
+                         precision=pick("precision"), seed=pick("seed"))
+
+
+def train_config(args: argparse.Namespace, saved: dict | None = None):
+    from transfer_ensemble.crossval import TrainConfig
+    from transfer_ensemble.heads import HeadConfig
+
+    saved = saved or {}
+    pick = lambda key, saved_key=None: _pick(args, key, saved, TRAIN_DEFAULTS, saved_key)
+    head = HeadConfig(epochs=pick("epochs"), patience=pick("patience"), dropout=pick("dropout"),
+                      batch_size=pick("head_batch_size", "batch_size"), learning_rate=pick("learning_rate"))
+    return TrainConfig(folds=pick("folds"), seed=pick("seed"), head=head)
+
+
+def _print_table(rows: list[list], header: list[str]) -> None:
+    cells = [header] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for i, row in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def print_extract_summary(results: list[dict]) -> None:
+    rows = [[r["split"], r["images"], r["computed"], r["reused"], round(r["seconds"], 1),
+             f"{r['computed'] / r['seconds']:.1f}" if r["computed"] and r["seconds"] > 0 else "-"]
+            for r in results]
+    _print_table(rows, ["split", "images", "computed", "reused", "seconds", "images/s"])
+    total = sum(r["computed"] for r in results)
+    seconds = sum(r["seconds"] for r in results)
+    if total:
+        print(f"extracted {total} images in {seconds:.1f} s ({total / seconds:.1f} images/s)")
+    else:
+        print("all features were already computed: reused them")
+
+
+def print_metrics(metrics: dict) -> None:
+    oof = metrics["oof"]
+    rows = [[r["view"], r["fold"], r["n"], r["best_epoch"], r["log_loss"], r["accuracy"]] for r in oof["per_fold"]]
+    rows += [[view, "all (OOF)", s["n"], "", s["log_loss"], s["accuracy"]] for view, s in oof["per_view"].items()]
+    e = oof["ensemble"]
+    rows.append(["both views", "all (OOF)", e["n"], "", e["log_loss"], e["accuracy"]])
+    for name, s in metrics.get("holdout", {}).items():
+        rows.append([name, "hold-out test", s["n"], "", s["log_loss"], s["accuracy"]])
+    _print_table(rows, ["view", "fold", "images", "best epoch", "log loss", "accuracy"])
+
+
+def print_submit(result: dict) -> None:
+    print(f"wrote {result['submission']}: {result['rows']} rows x {result['classes']} classes, "
+          f"the average of {result['models']} models")
+    if "holdout" in result:
+        h = result["holdout"]
+        print(f"hold-out test: log loss {h['log_loss']:.4f}, accuracy {h['accuracy']:.4f} ({h['n']} images)")
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from transfer_ensemble import workflow
+
+    config = extract_config(args)
+    print_extract_summary(workflow.extract(args.data, args.run, config, args.on_bad_image or "error"))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from transfer_ensemble import workflow
+
+    print_metrics(workflow.train(args.run, train_config(args)))
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from transfer_ensemble import workflow
+
+    print_submit(workflow.submit(args.run, args.out))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from transfer_ensemble import workflow
+
+    saved = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"Cannot read the run configuration {path} ({exc}). Pass the config.json "
+                            f"of an earlier run folder.") from None
+        saved.setdefault("run", str(path.parent))
+    data = args.data or saved.get("data")
+    run_dir = args.run or saved.get("run")
+    out = args.out or saved.get("out")
+    missing = [flag for flag, v in (("--data", data), ("--run", run_dir), ("--out", out)) if not v]
+    if missing:
+        raise UserError(f"`run` needs {', '.join(missing)} (or --config with a run's config.json that has them).")
+    extract = extract_config(args, {**saved.get("extract", {}), "on_bad_image": saved.get("on_bad_image")})
+    train = train_config(args, saved.get("train", {}))
+    on_bad = args.on_bad_image or saved.get("on_bad_image") or "error"
+    print_extract_summary(workflow.extract(data, run_dir, extract, on_bad))
+    metrics = workflow.train(run_dir, train)
+    result = workflow.submit(run_dir, out)
+    workflow.update_config(Path(run_dir), out=str(out))
+    print_metrics(metrics)
+    print_submit(result)
+
+
+def cmd_demo_data(args: argparse.Namespace) -> None:
+    from transfer_ensemble import demo
+
+    summary = demo.write_demo_data(args.out, seed=args.seed)
+    print(f"wrote the demo data set to {args.out}: {summary['train']} training and {summary['test']} "
+          f"test images, {len(summary['classes'])} classes ({', '.join(summary['classes'])})")
+
+
+COMMANDS = {"extract": cmd_extract, "train": cmd_train, "submit": cmd_submit, "run": cmd_run,
+            "demo-data": cmd_demo_data}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    try:
+        COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; run the same command again to resume.", file=sys.stderr)
+        return 130
+    return 0

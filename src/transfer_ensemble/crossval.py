@@ -1,0 +1,149 @@
+"""Stratified K-fold training of one head per view and fold, resumable fold by fold.
+
+``heads/<view>/fold<k>/`` holds ``model.keras``, ``val_index.npy``, ``val_pred.npy``,
+``test_pred.npy`` and ``history.json``; ``done.json`` is written last, so a fold with it is
+complete and is never retrained while ``heads/fingerprint.json`` (options, features, labels)
+still matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+from tqdm import tqdm
+
+from transfer_ensemble import ensemble, heads
+from transfer_ensemble.features import VIEWS
+from transfer_ensemble.storage import atomic_path, read_json, write_json, write_npy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    folds: int = 5
+    seed: int = 0
+    head: heads.HeadConfig = heads.HeadConfig()
+
+    def to_json(self) -> dict:
+        return {"folds": self.folds, "seed": self.seed, **asdict(self.head)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "TrainConfig":
+        head_keys = heads.HeadConfig.__dataclass_fields__
+        return cls(obj["folds"], obj["seed"], heads.HeadConfig(**{k: obj[k] for k in head_keys if k in obj}))
+
+
+def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold index of every training example: stratified by class, fixed by `seed`."""
+    assignment = np.empty(len(labels), dtype=np.int64)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, val) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        assignment[val] = k
+    return assignment
+
+
+def fold_dir(heads_dir: Path, view: str, fold: int) -> Path:
+    return heads_dir / view / f"fold{fold}"
+
+
+def _fingerprint(config: TrainConfig, labels: np.ndarray, feature_identity: dict) -> str:
+    payload = json.dumps({"train": config.to_json(), "features": feature_identity,
+                          "labels": hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest()},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _prepare_heads_dir(heads_dir: Path, fingerprint: str) -> None:
+    marker = heads_dir / "fingerprint.json"
+    if marker.exists() and read_json(marker).get("fingerprint") == fingerprint:
+        return
+    if heads_dir.exists():
+        log.info("training options or features changed: discarding the previous fold models")
+        shutil.rmtree(heads_dir)
+    write_json(marker, {"fingerprint": fingerprint})
+
+
+def train_all(heads_dir: Path, features: dict[str, dict[str, np.ndarray]], labels: np.ndarray,
+              n_classes: int, config: TrainConfig, feature_identity: dict) -> dict:
+    """Train every (view, fold) head not already done; returns OOF predictions per view.
+
+    `features[view]` holds the ``train`` and ``test`` matrices of that view.
+    """
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
+    _prepare_heads_dir(heads_dir, _fingerprint(config, labels, feature_identity))
+    assignment = fold_assignment(labels, config.folds, config.seed)
+    jobs = [(v, k) for v in VIEWS for k in range(config.folds)]
+    todo = [(v, k) for v, k in jobs if not (fold_dir(heads_dir, v, k) / "done.json").exists()]
+    if len(todo) < len(jobs):
+        log.info("reusing %d finished fold models; training %d", len(jobs) - len(todo), len(todo))
+    for view, fold in tqdm(todo, desc="train heads", unit="model", dynamic_ncols=True):
+        _train_fold(heads_dir, view, fold, features[view], labels, assignment, n_classes, config)
+
+    oof = {}
+    for view in VIEWS:
+        pred = np.zeros((len(labels), n_classes), dtype=np.float32)
+        for fold in range(config.folds):
+            folder = fold_dir(heads_dir, view, fold)
+            pred[np.load(folder / "val_index.npy")] = np.load(folder / "val_pred.npy")
+        oof[view] = pred
+        write_npy(heads_dir / f"oof_{view}.npy", pred)
+    return oof
+
+
+def _train_fold(heads_dir: Path, view: str, fold: int, data: dict[str, np.ndarray], labels: np.ndarray,
+                assignment: np.ndarray, n_classes: int, config: TrainConfig) -> None:
+    folder = fold_dir(heads_dir, view, fold)
+    train_idx = np.flatnonzero(assignment != fold)
+    val_idx = np.flatnonzero(assignment == fold)
+    x = data["train"]
+    seed = config.seed * 1000 + VIEWS.index(view) * 100 + fold
+    model, history = heads.fit_head(x[train_idx], labels[train_idx], x[val_idx], labels[val_idx],
+                                    n_classes, config.head, seed)
+    val_pred = heads.predict(model, x[val_idx])
+    history["fold"] = fold
+    history["view"] = view
+    history.update({f"val_{k}": v for k, v in ensemble.score(labels[val_idx], val_pred).items()})
+    with atomic_path(folder / "model.keras", suffix=".keras") as tmp:
+        model.save(tmp)
+    write_npy(folder / "val_index.npy", val_idx)
+    write_npy(folder / "val_pred.npy", val_pred)
+    write_npy(folder / "test_pred.npy", heads.predict(model, data["test"]))
+    write_json(folder / "history.json", history)
+    write_json(folder / "done.json", {"fold": fold, "view": view})
+    log.info("%s fold %d: val log loss %.4f, accuracy %.3f, best epoch %d of %d", view, fold,
+             history["val_log_loss"], history["val_accuracy"], history["best_epoch"], history["epochs_run"])
+
+
+def test_predictions(heads_dir: Path, folds: int) -> dict[str, list[np.ndarray]]:
+    """Each fold model's test predictions, per view."""
+    out = {}
+    for view in VIEWS:
+        out[view] = []
+        for fold in range(folds):
+            path = fold_dir(heads_dir, view, fold) / "test_pred.npy"
+            out[view].append(np.load(path))
+    return out
+
+
+def oof_metrics(heads_dir: Path, oof: dict[str, np.ndarray], labels: np.ndarray, folds: int) -> dict:
+    """Log loss and accuracy per fold and view, per view over all OOF rows, and of the view average."""
+    table = {"per_fold": [], "per_view": {}, "ensemble": None}
+    for view in VIEWS:
+        for fold in range(folds):
+            history = read_json(fold_dir(heads_dir, view, fold) / "history.json")
+            table["per_fold"].append({"view": view, "fold": fold, "log_loss": history["val_log_loss"],
+                                      "accuracy": history["val_accuracy"], "n": history["val_n"],
+                                      "best_epoch": history["best_epoch"]})
+        table["per_view"][view] = ensemble.score(labels, oof[view])
+    table["ensemble"] = ensemble.score(labels, ensemble.average([oof[v] for v in VIEWS]))
+    return table

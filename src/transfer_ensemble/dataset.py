@@ -1,0 +1,297 @@
+"""Find the images, labels, classes and test ids of a competition data folder.
+
+Two layouts are read:
+
+* Kaggle: ``labels.csv`` (``id`` then a label column), ``train/<id>.<ext>``,
+  ``test/<id>.<ext>`` and ``sample_submission.csv`` (``id`` then one column per class).
+  Classes and their order, and the test ids and their order, come from the sample submission.
+* Folders: ``train/<class>/<file>`` (plus ``validation/<class>/<file>``, merged into training),
+  and ``test/`` either flat or made of class folders (a labelled hold-out).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from transfer_ensemble.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image: its id (a submission row or a training example), file and label index."""
+
+    id: str
+    path: Path
+    label: int | None = None
+
+
+@dataclass
+class Dataset:
+    root: Path
+    layout: str
+    classes: list[str]
+    train: list[Item]
+    test: list[Item]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def test_is_labelled(self) -> bool:
+        return bool(self.test) and all(item.label is not None for item in self.test)
+
+    def split(self, name: str) -> list[Item]:
+        return {"train": self.train, "test": self.test}[name]
+
+    def to_json(self) -> dict:
+        def rows(items: list[Item]) -> list[dict]:
+            return [
+                {"id": it.id, "path": str(it.path.relative_to(self.root)), "label": it.label}
+                for it in items
+            ]
+
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "classes": self.classes,
+            "train": rows(self.train),
+            "test": rows(self.test),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "Dataset":
+        root = Path(obj["root"])
+
+        def items(rows: list[dict]) -> list[Item]:
+            return [Item(r["id"], root / r["path"], r["label"]) for r in rows]
+
+        return cls(root, obj["layout"], list(obj["classes"]), items(obj["train"]), items(obj["test"]))
+
+
+def is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files in `folder`, sorted by path."""
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if is_image(p))
+
+
+def load_dataset(root: str | Path, min_per_class: int = 1) -> Dataset:
+    """Read either layout; `min_per_class` (the number of folds) is checked for every class."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"The data folder {root} does not exist. Pass --data with the folder that "
+                        f"holds train/ and test/ (and labels.csv for the Kaggle layout).")
+    if (root / "labels.csv").exists():
+        dataset = _load_kaggle(root)
+    elif (root / "train").is_dir() and any(p.is_dir() for p in (root / "train").iterdir()):
+        dataset = _load_folders(root)
+    else:
+        raise UserError(
+            f"{root} is not a data folder this tool reads: it has no labels.csv, and no "
+            f"train/<class>/ folders. Use the Kaggle layout (labels.csv with id and label columns, "
+            f"train/<id>.jpg, test/<id>.jpg, sample_submission.csv) or the folder layout "
+            f"(train/<class>/<image>, and a test/ folder)."
+        )
+    _check_non_empty(dataset)
+    _check_class_counts(dataset, min_per_class)
+    for message in dataset.warnings:
+        log.warning(message)
+    return dataset
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    by_stem: dict[str, Path] = {}
+    clashes = []
+    for path in list_images(folder):
+        if path.stem in by_stem:
+            clashes.append(f"{by_stem[path.stem].name} and {path.name}")
+        by_stem[path.stem] = path
+    if clashes:
+        raise UserError(
+            f"{folder} holds several images with the same id (file name without extension): "
+            f"{', '.join(clashes[:5])}. Each id must name one image: remove or rename the extra files."
+        )
+    return by_stem
+
+
+def _first_few(values, n: int = 5) -> str:
+    values = list(values)
+    shown = ", ".join(repr(v) for v in values[:n])
+    return shown + (f" and {len(values) - n} more" if len(values) > n else "")
+
+
+def _read_csv(path: Path, what: str) -> pd.DataFrame:
+    if not path.exists():
+        raise UserError(f"{path} is missing. The Kaggle layout needs {what}.")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not a readable CSV file ({exc}). Fix: {what}.") from None
+    id_columns = [c for c in frame.columns if c.strip().lower() == "id"]
+    if not id_columns:
+        raise UserError(
+            f"{path} has no 'id' column (its columns are {list(frame.columns)[:6]}). Its first "
+            f"line must be a header starting with id: {what}."
+        )
+    return frame.rename(columns={id_columns[0]: "id"})
+
+
+def _duplicates(values) -> list[str]:
+    return [v for v, n in Counter(values).items() if n > 1]
+
+
+def _load_kaggle(root: Path) -> Dataset:
+    labels = _read_csv(root / "labels.csv", "a header 'id,<label column>' and one row per training image")
+    label_columns = [c for c in labels.columns if c != "id"]
+    if not label_columns:
+        raise UserError(f"{root / 'labels.csv'} has an id column but no label column after it. "
+                        f"Add the class of each image as a second column, e.g. 'id,breed'.")
+    label_column = label_columns[0]
+    dupes = _duplicates(labels["id"])
+    if dupes:
+        raise UserError(f"{root / 'labels.csv'} names the same id more than once: {_first_few(dupes)}. "
+                        f"Each training image must appear once: remove the duplicate rows.")
+
+    sample_path = root / "sample_submission.csv"
+    sample = _read_csv(sample_path, "a header 'id,<class 1>,<class 2>,...' and one row per test image")
+    classes = [c for c in sample.columns if c != "id"]
+    if not classes:
+        raise UserError(f"{sample_path} has no class columns after id; the class list and order come from it.")
+
+    label_classes = set(labels[label_column])
+    missing_in_sample = sorted(label_classes - set(classes))
+    missing_in_labels = sorted(set(classes) - label_classes)
+    if missing_in_sample or missing_in_labels:
+        parts = []
+        if missing_in_sample:
+            parts.append(f"classes in labels.csv but not in sample_submission.csv: {_first_few(missing_in_sample)}")
+        if missing_in_labels:
+            parts.append(f"classes in sample_submission.csv with no training image: {_first_few(missing_in_labels)}")
+        raise UserError(
+            f"The classes of {root / 'labels.csv'} and {sample_path} differ ({'; '.join(parts)}). "
+            f"Both files must use exactly the same class names (spelling and case included)."
+        )
+
+    class_index = {c: i for i, c in enumerate(classes)}
+    train_images = _images_by_stem(root / "train") if (root / "train").is_dir() else {}
+    test_images = _images_by_stem(root / "test") if (root / "test").is_dir() else {}
+
+    missing = [i for i in labels["id"] if _strip_ext(i) not in train_images]
+    if missing:
+        raise UserError(
+            f"{len(missing)} ids of {root / 'labels.csv'} have no image in {root / 'train'}: "
+            f"{_first_few(missing)}. Add the images, or remove their rows from labels.csv."
+        )
+    train = [Item(i, train_images[_strip_ext(i)], class_index[c])
+             for i, c in zip(labels["id"], labels[label_column])]
+
+    warnings = []
+    unlabelled = sorted(set(train_images) - {_strip_ext(i) for i in labels["id"]})
+    if unlabelled:
+        warnings.append(f"{len(unlabelled)} images in {root / 'train'} are not named in labels.csv and "
+                        f"are not used: {_first_few(unlabelled)}.")
+
+    sample_ids = list(sample["id"])
+    dupes = _duplicates(sample_ids)
+    if dupes:
+        raise UserError(f"{sample_path} names the same id more than once: {_first_few(dupes)}. "
+                        f"Each test image must have one row.")
+    no_image = [i for i in sample_ids if _strip_ext(i) not in test_images]
+    no_row = sorted(set(test_images) - {_strip_ext(i) for i in sample_ids})
+    if no_image or no_row:
+        raise UserError(
+            f"The ids of {sample_path} ({len(sample_ids)}) and the images in {root / 'test'} "
+            f"({len(test_images)}) differ: {len(no_image)} ids have no image"
+            + (f" ({_first_few(no_image)})" if no_image else "")
+            + f", {len(no_row)} images have no row"
+            + (f" ({_first_few(no_row)})" if no_row else "")
+            + ". The submission needs one row per test image: make the two match."
+        )
+    test = [Item(i, test_images[_strip_ext(i)]) for i in sample_ids]
+    return Dataset(root, "kaggle", classes, train, test, warnings)
+
+
+def _strip_ext(image_id: str) -> str:
+    path = Path(image_id)
+    return path.stem if path.suffix.lower() in IMAGE_EXTENSIONS else image_id
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _load_folders(root: Path) -> Dataset:
+    train_dir = root / "train"
+    classes = [p.name for p in _class_folders(train_dir)]
+    class_index = {c: i for i, c in enumerate(classes)}
+    warnings = []
+    train = []
+    for split in ("train", "validation"):
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        for class_dir in _class_folders(folder):
+            if class_dir.name not in class_index:
+                raise UserError(f"{class_dir} is a class that {train_dir} does not have. The classes "
+                                f"come from train/: add a train/{class_dir.name}/ folder or remove this one.")
+            for path in list_images(class_dir):
+                rel = path.relative_to(root)
+                train.append(Item(str(rel.with_suffix("")), path, class_index[class_dir.name]))
+        stray = list_images(folder)
+        if stray:
+            warnings.append(f"{len(stray)} images lie directly in {folder} rather than in a class "
+                            f"folder and are not used: {_first_few(p.name for p in stray)}.")
+
+    test_dir = root / "test"
+    test: list[Item] = []
+    if test_dir.is_dir():
+        test_classes = _class_folders(test_dir)
+        if test_classes:
+            for class_dir in test_classes:
+                if class_dir.name not in class_index:
+                    raise UserError(f"{class_dir} is a class that {train_dir} does not have. A labelled "
+                                    f"test/ must use the training classes.")
+                test += [Item(p.stem, p, class_index[class_dir.name]) for p in list_images(class_dir)]
+            dupes = _duplicates(it.id for it in test)
+            if dupes:
+                raise UserError(f"Test images in different class folders of {test_dir} share a file name "
+                                f"(the submission id): {_first_few(dupes)}. Rename them so ids are unique.")
+            test.sort(key=lambda it: it.id)
+        else:
+            test = [Item(stem, path) for stem, path in sorted(_images_by_stem(test_dir).items())]
+    return Dataset(root, "folders", classes, train, test, warnings)
+
+
+def _check_non_empty(dataset: Dataset) -> None:
+    for name in ("train", "test"):
+        if not dataset.split(name):
+            raise UserError(
+                f"The {name} set of {dataset.root} is empty: no .jpg, .jpeg, .png, .bmp or .webp "
+                f"images were found in {dataset.root / name}. Check the --data folder and its layout."
+            )
+
+
+def _check_class_counts(dataset: Dataset, min_per_class: int) -> None:
+    counts = Counter(item.label for item in dataset.train)
+    small = [(dataset.classes[i], counts.get(i, 0)) for i in range(len(dataset.classes))
+             if counts.get(i, 0) < min_per_class]
+    if small:
+        fewest = min(n for _, n in small)
+        listed = ", ".join(f"{c!r} ({n})" for c, n in small[:8])
+        fix = (f"--folds {fewest} or lower would work" if fewest >= 2
+               else "every class needs at least 2 training images")
+        raise UserError(
+            f"Some classes of {dataset.root} have fewer training images than the {min_per_class} "
+            f"cross-validation folds: {listed}. Stratified folds need every class in every fold: "
+            f"add images, or {fix}."
+        )

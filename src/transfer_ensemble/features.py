@@ -1,0 +1,301 @@
+"""Stream images through the frozen backbones into on-disk feature arrays, once per image.
+
+For each split and backbone the run folder holds ``features/<split>/<backbone>/``:
+
+* ``meta.json``: what the features depend on besides the images (backbone, weights identity,
+  image size, precision, preprocessing), and the image ids in row order;
+* ``keys.json``: each row's image as (relative path, size in bytes, mtime in ns);
+* ``original.npy`` and ``flipped.npy``: float32 (rows, width), written as memory maps;
+* ``done.npy``: which rows are complete, replaced atomically after each batch.
+
+A batch's rows are marked done only after their features are flushed to disk, so a process
+killed at any moment loses at most the batch in flight. Features whose meta matches are reused;
+when only the image list changed, rows of images seen before are copied, not recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from transfer_ensemble import backbones, images
+from transfer_ensemble.dataset import Item
+from transfer_ensemble.errors import UserError
+from transfer_ensemble.storage import read_json, write_json, write_npy
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("original", "flipped")
+PREPROCESS = "opencv-imdecode-rgb;area-or-linear-resize;keras-preprocess_input;flip=lr"
+PRECISIONS = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    backbones: tuple[str, ...] = backbones.DEFAULT_BACKBONES
+    weights: str = "imagenet"
+    image_size: int | None = None
+    batch_size: int = 32
+    precision: str = "float32"
+    seed: int = 0
+
+    def size_of(self, spec: backbones.BackboneSpec) -> int:
+        return self.image_size or spec.size
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "backbones": list(self.backbones)}
+
+
+def image_key(root: Path, path: Path) -> list:
+    stat = path.stat()
+    try:
+        rel = str(path.relative_to(root))
+    except ValueError:
+        rel = str(path)
+    return [rel, stat.st_size, stat.st_mtime_ns]
+
+
+@dataclass
+class Store:
+    """One split's features for one backbone, as memory-mapped arrays plus a done mask."""
+
+    folder: Path
+    done: np.ndarray
+    arrays: dict[str, np.ndarray]
+
+    def commit(self, rows: np.ndarray) -> None:
+        for array in self.arrays.values():
+            array.flush()
+        self.done[rows] = True
+        write_npy(self.folder / "done.npy", self.done)
+
+
+def _open_store(folder: Path, meta: dict, keys: list, width: int) -> Store:
+    """Open or create the store so that it matches `meta` and `keys`, reusing what it can."""
+    old_meta = _read_optional(folder / "meta.json")
+    same_meta = old_meta is not None and {k: v for k, v in old_meta.items() if k != "ids"} == \
+        {k: v for k, v in meta.items() if k != "ids"}
+    if same_meta and (folder / "done.npy").exists():
+        old_keys = read_json(folder / "keys.json")
+        if old_keys == keys:
+            if old_meta.get("ids") != meta.get("ids"):
+                write_json(folder / "meta.json", meta)
+            return _map_store(folder, "r+")
+        return _rebuild_with_reuse(folder, meta, keys, width, old_keys)
+    if folder.exists():
+        shutil.rmtree(folder)
+    return _new_store(folder, meta, keys, width)
+
+
+def _read_optional(path: Path):
+    try:
+        return read_json(path)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _new_store(folder: Path, meta: dict, keys: list, width: int) -> Store:
+    staging = folder.with_name(folder.name + ".new")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for view in VIEWS:
+        np.lib.format.open_memmap(staging / f"{view}.npy", mode="w+", dtype=np.float32,
+                                  shape=(len(keys), width)).flush()
+    write_npy(staging / "done.npy", np.zeros(len(keys), dtype=bool))
+    write_json(staging / "keys.json", keys)
+    write_json(staging / "meta.json", meta)
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+    return _map_store(folder, "r+")
+
+
+def _map_store(folder: Path, mode: str) -> Store:
+    arrays = {view: np.load(folder / f"{view}.npy", mmap_mode=mode) for view in VIEWS}
+    return Store(folder, np.load(folder / "done.npy").copy(), arrays)
+
+
+def _rebuild_with_reuse(folder: Path, meta: dict, keys: list, width: int, old_keys: list) -> Store:
+    old = _map_store(folder, "r")
+    old_row = {tuple(k): i for i, k in enumerate(old_keys) if old.done[i]}
+    pairs = [(new, old_row[tuple(k)]) for new, k in enumerate(keys) if tuple(k) in old_row]
+    new_rows = np.array([p[0] for p in pairs], dtype=np.int64)
+    old_rows = np.array([p[1] for p in pairs], dtype=np.int64)
+    copied = {view: np.asarray(old.arrays[view][old_rows]) for view in VIEWS}
+    del old
+    store = _new_store(folder, meta, keys, width)
+    if len(new_rows):
+        for view in VIEWS:
+            store.arrays[view][new_rows] = copied[view]
+        store.commit(new_rows)
+    log.info("%s: the image list changed; reused %d of %d rows, %d to compute",
+             folder, len(new_rows), len(keys), len(keys) - len(new_rows))
+    return store
+
+
+def _store_meta(spec: backbones.BackboneSpec, source: backbones.WeightsSource, config: ExtractConfig,
+                ids: list[str]) -> dict:
+    return {
+        "backbone": spec.name,
+        "width": spec.width,
+        "weights": source.identity,
+        "image_size": config.size_of(spec),
+        "precision": config.precision,
+        "preprocess": PREPROCESS,
+        "ids": ids,
+    }
+
+
+@contextlib.contextmanager
+def _precision_policy(precision: str):
+    if precision == "float32":
+        yield
+        return
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _distribution_scope():
+    """All GPUs through MirroredStrategy when there are several; otherwise the default."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        log.info("extracting on %d GPUs with MirroredStrategy", len(gpus))
+        return tf.distribute.MirroredStrategy().scope()
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Extractor:
+    """Backbones built on first use and kept for every split of one extraction."""
+
+    config: ExtractConfig
+    _models: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.specs = [backbones.get_spec(n) for n in self.config.backbones]
+        self.sources = {s.name: backbones.resolve_weights(s, self.config.weights, self.config.seed)
+                        for s in self.specs}
+        if self.config.weights == "random":
+            log.warning("--weights random: the backbones are untrained, so features and scores mean "
+                        "nothing. Use this only for tests and smoke runs.")
+        if self.config.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.config.precision!r}.")
+
+    def model(self, spec: backbones.BackboneSpec):
+        if spec.name not in self._models:
+            with _precision_policy(self.config.precision), _distribution_scope():
+                model = backbones.build(spec, self.sources[spec.name], self.config.size_of(spec),
+                                        self.config.seed)
+            self._models[spec.name] = (model, backbones.preprocess_fn(spec))
+            if self.sources[spec.name].path is None and self.config.weights == "imagenet":
+                self.sources[spec.name] = backbones.resolve_weights(spec, "imagenet")
+        return self._models[spec.name]
+
+    def ensure_weights_known(self) -> None:
+        """Build (and so download) ImageNet backbones whose weight file is not cached yet."""
+        for spec in self.specs:
+            if self.sources[spec.name].identity == "imagenet:download":
+                self.model(spec)
+
+    def forward(self, spec: backbones.BackboneSpec, pixels: np.ndarray) -> np.ndarray:
+        """Pooled features of uint8 RGB `pixels` (batch, h, w, 3), as float32."""
+        model, preprocess = self.model(spec)
+        out = model.predict_on_batch(preprocess(pixels))
+        return np.asarray(out, dtype=np.float32)
+
+
+def extract_split(extractor: Extractor, features_dir: Path, split: str, items: Sequence[Item],
+                  root: Path) -> dict:
+    """Compute the missing features of one split; returns counts and timing for the summary."""
+    extractor.ensure_weights_known()
+    keys = [image_key(root, it.path) for it in items]
+    ids = [it.id for it in items]
+    config = extractor.config
+    stores = {}
+    for spec in extractor.specs:
+        meta = _store_meta(spec, extractor.sources[spec.name], config, ids)
+        stores[spec.name] = _open_store(features_dir / split / spec.name, meta, keys, spec.width)
+
+    start = time.perf_counter()
+    computed = 0
+    by_size: dict[int, list[backbones.BackboneSpec]] = {}
+    for spec in extractor.specs:
+        by_size.setdefault(config.size_of(spec), []).append(spec)
+    for size, specs in by_size.items():
+        todo = np.zeros(len(items), dtype=bool)
+        for spec in specs:
+            todo |= ~stores[spec.name].done
+        rows = np.flatnonzero(todo)
+        if len(rows) == 0:
+            continue
+        names = ",".join(s.name for s in specs)
+        desc = f"extract {split} [{names} @{size}px]"
+        if len(rows) < len(items):
+            log.info("%s: resuming, %d of %d images already done", desc, len(items) - len(rows), len(items))
+        paths = [it.path for it in items]
+        with tqdm(total=len(rows), desc=desc, unit="img", dynamic_ncols=True) as bar:
+            for batch in _batches(paths, rows, size, config.batch_size):
+                both = np.concatenate([batch.pixels, batch.pixels[:, :, ::-1]])
+                n = len(batch.rows)
+                for spec in specs:
+                    store = stores[spec.name]
+                    need = ~store.done[batch.rows]
+                    if not need.any():
+                        continue
+                    out = extractor.forward(spec, both)
+                    store.arrays["original"][batch.rows[need]] = out[:n][need]
+                    store.arrays["flipped"][batch.rows[need]] = out[n:][need]
+                    store.commit(batch.rows[need])
+                bar.update(n)
+        computed += len(rows)
+    seconds = time.perf_counter() - start
+    return {"split": split, "images": len(items), "computed": computed,
+            "reused": len(items) - computed, "seconds": seconds}
+
+
+def _batches(paths: list[Path], rows: np.ndarray, size: int, batch_size: int):
+    try:
+        yield from images.iter_batches(paths, rows, size, batch_size)
+    except images.ImageReadError as exc:
+        raise UserError(f"An image could not be decoded during extraction: {exc}. Run the same command "
+                        f"again: the image check will list every bad image.") from None
+
+
+def load_features(features_dir: Path, split: str, backbone_names: Sequence[str], view: str,
+                  expected_ids: Sequence[str] | None = None) -> np.ndarray:
+    """The concatenated features of one split and view, in the backbones' order."""
+    parts = []
+    for name in backbone_names:
+        folder = features_dir / split / name
+        try:
+            done = np.load(folder / "done.npy")
+            meta = read_json(folder / "meta.json")
+        except FileNotFoundError:
+            raise UserError(f"No {name} features for the {split} split in {folder}. "
+                            f"Run `transfer-ensemble extract` on this run folder first.") from None
+        if not done.all():
+            raise UserError(f"The {name} features of the {split} split in {folder} are incomplete "
+                            f"({int(done.sum())} of {len(done)} images). Run `transfer-ensemble "
+                            f"extract` again: it resumes where it stopped.")
+        if expected_ids is not None and meta["ids"] != list(expected_ids):
+            raise UserError(f"The features in {folder} are for other images than the run's data set. "
+                            f"Run `transfer-ensemble extract` again to bring them up to date.")
+        parts.append(np.load(folder / f"{view}.npy", mmap_mode="r"))
+    return np.concatenate(parts, axis=1).astype(np.float32, copy=False)

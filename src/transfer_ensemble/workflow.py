@@ -1,0 +1,231 @@
+"""The three steps over a run folder: extract features, train the heads, write the submission.
+
+Each step holds the run folder's lock, reads what earlier steps left there, and writes its own
+results atomically, so any step can be killed and run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from transfer_ensemble import __version__, ensemble, images, submission
+from transfer_ensemble.crossval import TrainConfig, oof_metrics, test_predictions, train_all
+from transfer_ensemble.dataset import Dataset, Item, load_dataset
+from transfer_ensemble.errors import UserError
+from transfer_ensemble.features import VIEWS, ExtractConfig, image_key, load_features
+from transfer_ensemble.storage import read_json, run_lock, write_json
+
+log = logging.getLogger(__name__)
+
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
+@dataclass
+class RunData:
+    """What `extract` recorded about the data: the data set, and test images left out as bad."""
+
+    dataset: Dataset
+    bad_test_ids: list[str]
+
+    @property
+    def good_test(self) -> list[Item]:
+        bad = set(self.bad_test_ids)
+        return [it for it in self.dataset.test if it.id not in bad]
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version(), "transfer_ensemble": __version__}
+    for name in ("tensorflow", "keras", "numpy", "opencv-python-headless", "scikit-learn", "pandas"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def update_config(run_dir: Path, **sections) -> dict:
+    path = run_dir / "config.json"
+    config = read_json(path) if path.exists() else {}
+    config.update(sections)
+    config["versions"] = package_versions()
+    write_json(path, config)
+    return config
+
+
+def read_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise UserError(f"{run_dir} is not a run folder (it has no config.json). Run "
+                        f"`transfer-ensemble extract --data DIR --run {run_dir}` first.")
+    return read_json(path)
+
+
+def load_run_data(run_dir: Path) -> RunData:
+    path = run_dir / "dataset.json"
+    if not path.exists():
+        raise UserError(f"{run_dir} has no dataset.json: run `transfer-ensemble extract` on it first.")
+    obj = read_json(path)
+    return RunData(Dataset.from_json(obj), obj.get("bad_test_ids", []))
+
+
+def _check_images(dataset: Dataset, run_dir: Path) -> dict[str, list[tuple[Item, str]]]:
+    """Decode every image once (cached by path, size and mtime); return the bad ones per split."""
+    cache_path = run_dir / "image_check.json"
+    cache = read_json(cache_path) if cache_path.exists() else {}
+    items = [(split, it) for split in ("train", "test") for it in dataset.split(split)]
+    keys = ["|".join(map(str, image_key(dataset.root, it.path))) for _, it in items]
+    unknown = [i for i, k in enumerate(keys) if k not in cache]
+    if unknown:
+        with ThreadPoolExecutor(max_workers=2) as pool, \
+                tqdm(total=len(unknown), desc="check images", unit="img", dynamic_ncols=True) as bar:
+            for i, reason in zip(unknown, pool.map(lambda i: images.check(items[i][1].path), unknown)):
+                cache[keys[i]] = reason
+                bar.update()
+        write_json(cache_path, {k: cache[k] for k in keys})
+    bad: dict[str, list[tuple[Item, str]]] = {"train": [], "test": []}
+    for (split, it), key in zip(items, keys):
+        if cache[key] is not None:
+            bad[split].append((it, cache[key]))
+    return bad
+
+
+def _bad_image_error(bad: dict[str, list[tuple[Item, str]]]) -> UserError:
+    rows = [f"  {it.path}: {reason}" for split in bad for it, reason in bad[split]]
+    shown = "\n".join(rows[:50]) + (f"\n  ... and {len(rows) - 50} more" if len(rows) > 50 else "")
+    return UserError(
+        f"{len(rows)} images cannot be decoded (no model was built, nothing was computed):\n{shown}\n"
+        f"Fix or remove them, or pass --on-bad-image skip to leave bad training images out and give "
+        f"bad test images the training class frequencies in the submission."
+    )
+
+
+def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig,
+            on_bad_image: str = "error") -> list[dict]:
+    """Check every image, then compute the features of the train and test splits."""
+    from transfer_ensemble.features import Extractor, extract_split
+
+    run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        dataset = load_dataset(data)
+        extractor = Extractor(config)
+        bad = _check_images(dataset, run_dir)
+        if (bad["train"] or bad["test"]) and on_bad_image == "error":
+            raise _bad_image_error(bad)
+        bad_train = {it.id for it, _ in bad["train"]}
+        dataset.train = [it for it in dataset.train if it.id not in bad_train]
+        run_data = RunData(dataset, [it.id for it, _ in bad["test"]])
+        if bad["train"] or bad["test"]:
+            log.warning("--on-bad-image skip: left out %d bad training images; %d bad test images get "
+                        "the training class frequencies. Listed in %s.", len(bad["train"]),
+                        len(bad["test"]), run_dir / "bad_images.json")
+        write_json(run_dir / "bad_images.json",
+                   {split: [{"id": it.id, "path": str(it.path), "reason": r} for it, r in bad[split]]
+                    for split in bad})
+        write_json(run_dir / "dataset.json", {**dataset.to_json(), "bad_test_ids": run_data.bad_test_ids})
+        update_config(run_dir, data=str(dataset.root), extract=config.to_json(), on_bad_image=on_bad_image,
+                      classes=dataset.classes)
+        splits = {"train": dataset.train, "test": run_data.good_test}
+        return [extract_split(extractor, run_dir / "features", name, items, dataset.root)
+                for name, items in splits.items()]
+
+
+def _feature_identity(run_dir: Path, backbones: list[str]) -> dict:
+    return {name: {k: v for k, v in read_json(run_dir / "features" / "train" / name / "meta.json").items()
+                   if k != "ids"} for name in backbones}
+
+
+def train(run_dir: str | Path, config: TrainConfig) -> dict:
+    """Train 2 x K heads (skipping finished ones), write OOF predictions and metrics.json."""
+    run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        run_config = read_config(run_dir)
+        run_data = load_run_data(run_dir)
+        dataset = run_data.dataset
+        _check_folds(dataset, config.folds)
+        names = run_config["extract"]["backbones"]
+        labels = np.array([it.label for it in dataset.train], dtype=np.int64)
+        good_test = run_data.good_test
+        features = {view: {"train": load_features(run_dir / "features", "train", names, view,
+                                                  [it.id for it in dataset.train]),
+                           "test": load_features(run_dir / "features", "test", names, view,
+                                                 [it.id for it in good_test])}
+                    for view in VIEWS}
+        update_config(run_dir, train=config.to_json())
+        heads_dir = run_dir / "heads"
+        oof = train_all(heads_dir, features, labels, len(dataset.classes), config,
+                        _feature_identity(run_dir, names))
+        metrics = {"oof": oof_metrics(heads_dir, oof, labels, config.folds)}
+        if dataset.test_is_labelled:
+            metrics["holdout"] = _holdout_metrics(run_data, heads_dir, config.folds)
+        write_json(run_dir / "metrics.json", metrics)
+        return metrics
+
+
+def _check_folds(dataset: Dataset, folds: int) -> None:
+    if folds < 2:
+        raise UserError(f"--folds must be at least 2, not {folds}.")
+    counts = Counter(it.label for it in dataset.train)
+    small = [(dataset.classes[c], counts.get(c, 0)) for c in range(len(dataset.classes))
+             if counts.get(c, 0) < folds]
+    if small:
+        fewest = min(n for _, n in small)
+        fix = f"--folds {fewest} or lower would work" if fewest >= 2 else "each class needs 2 or more images"
+        listed = ", ".join(f"{name!r} ({n} images)" for name, n in small[:8])
+        raise UserError(f"Stratified {folds}-fold cross-validation needs at least {folds} training "
+                        f"images per class; these have fewer: {listed}. Add images, or {fix}.")
+
+
+def _class_frequencies(run_data: RunData) -> np.ndarray:
+    counts = np.bincount([it.label for it in run_data.dataset.train],
+                         minlength=len(run_data.dataset.classes)).astype(np.float64)
+    return counts / counts.sum()
+
+
+def test_probabilities(run_data: RunData, heads_dir: Path, folds: int) -> tuple[np.ndarray, dict]:
+    """The ensemble's probabilities for every test id, and each view's average on its own."""
+    per_view = test_predictions(heads_dir, folds)
+    views = {view: ensemble.average(preds) for view, preds in per_view.items()}
+    good = ensemble.average([p for preds in per_view.values() for p in preds])
+    full = np.tile(_class_frequencies(run_data), (len(run_data.dataset.test), 1))
+    good_rows = [i for i, it in enumerate(run_data.dataset.test) if it.id not in set(run_data.bad_test_ids)]
+    full[good_rows] = good
+    return full, views
+
+
+def _holdout_metrics(run_data: RunData, heads_dir: Path, folds: int) -> dict:
+    full, views = test_probabilities(run_data, heads_dir, folds)
+    labels = np.array([it.label for it in run_data.dataset.test])
+    good_labels = np.array([it.label for it in run_data.good_test])
+    out = {view: ensemble.score(good_labels, p) for view, p in views.items()}
+    out["ensemble"] = ensemble.score(labels, full)
+    return out
+
+
+def submit(run_dir: str | Path, out: str | Path) -> dict:
+    """Average the 2 x K test predictions into a validated submission CSV at `out`."""
+    run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        run_config = read_config(run_dir)
+        if "train" not in run_config or not (run_dir / "metrics.json").exists():
+            raise UserError(f"{run_dir} has no trained heads. Run `transfer-ensemble train --run {run_dir}` first.")
+        run_data = load_run_data(run_dir)
+        folds = run_config["train"]["folds"]
+        probabilities, _ = test_probabilities(run_data, run_dir / "heads", folds)
+        dataset = run_data.dataset
+        ids = [it.id for it in dataset.test]
+        frame = submission.build(ids, dataset.classes, probabilities)
+        path = submission.write(frame, out, ids, dataset.classes)
+        result = {"submission": str(path), "rows": len(ids), "classes": len(dataset.classes),
+                  "models": 2 * folds}
+        if dataset.test_is_labelled:
+            result["holdout"] = ensemble.score(np.array([it.label for it in dataset.test]), probabilities)
+        return result
