@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny generated data sets in both layouts, and ways to call the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+SHARED_DOGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogs3"
+TINY = 75  # the smallest input InceptionV3 accepts; Xception needs 71
+FAST_EXTRACT = ["--weights", "random", "--image-size", str(TINY), "--batch-size", "8"]
+FAST_TRAIN = ["--folds", "2", "--epochs", "3", "--patience", "2"]
+
+COLORS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30)]
+
+
+def draw(class_index: int, rng: np.random.Generator, size: int = 48) -> np.ndarray:
+    """A small RGB image whose colour says its class, with noise so no two are equal."""
+    image = rng.integers(0, 60, size=(size, size, 3)).astype(np.uint8)
+    image[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = COLORS[class_index % len(COLORS)]
+    return image
+
+
+def save_rgb(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, data = cv2.imencode(path.suffix or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    path.write_bytes(data.tobytes())
+
+
+def make_kaggle(root: Path, n_classes: int = 3, per_class: int = 4, n_test: int = 5, seed: int = 0,
+                ext: str = ".png") -> Path:
+    """labels.csv, train/<id>, test/<id>, sample_submission.csv with classes in reverse name order."""
+    rng = np.random.default_rng(seed)
+    classes = [f"class_{c}" for c in range(n_classes)]
+    rows = []
+    for c in range(n_classes):
+        for i in range(per_class):
+            image_id = f"tr{c}_{i}"
+            save_rgb(root / "train" / f"{image_id}{ext}", draw(c, rng))
+            rows.append((image_id, classes[c]))
+    pd.DataFrame(rows, columns=["id", "breed"]).to_csv(root / "labels.csv", index=False)
+    test_ids = [f"te{i:02d}" for i in range(n_test)]
+    for i, image_id in enumerate(test_ids):
+        save_rgb(root / "test" / f"{image_id}{ext}", draw(i % n_classes, rng))
+    order = list(reversed(classes))
+    sample = pd.DataFrame({"id": list(reversed(test_ids)), **{c: 1 / n_classes for c in order}})
+    sample.to_csv(root / "sample_submission.csv", index=False)
+    return root
+
+
+def make_folders(root: Path, n_classes: int = 3, per_class: int = 4, n_valid: int = 1, n_test: int = 2,
+                 labelled_test: bool = True, seed: int = 0) -> Path:
+    """train/<class>/, validation/<class>/ and test/ (class folders when `labelled_test`)."""
+    rng = np.random.default_rng(seed)
+    for c in range(n_classes):
+        name = f"kind {c}"
+        for i in range(per_class):
+            save_rgb(root / "train" / name / f"a{i}.jpg", draw(c, rng))
+        for i in range(n_valid):
+            save_rgb(root / "validation" / name / f"v{i}.jpg", draw(c, rng))
+        for i in range(n_test):
+            folder = root / "test" / name if labelled_test else root / "test"
+            save_rgb(folder / f"t{c}_{i}.jpg", draw(c, rng))
+    return root
+
+
+@pytest.fixture
+def kaggle_data(tmp_path: Path) -> Path:
+    return make_kaggle(tmp_path / "data")
+
+
+@pytest.fixture
+def folder_data(tmp_path: Path) -> Path:
+    return make_folders(tmp_path / "data")
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m transfer_ensemble ARGS` in a subprocess, as a user would."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "transfer_ensemble", *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def dogs3() -> Path:
+    if not SHARED_DOGS.is_dir():
+        pytest.skip(f"real photos not available: {SHARED_DOGS} is missing (../shared is not checked out)")
+    return SHARED_DOGS
