@@ -160,10 +160,7 @@ def build(spec: BackboneSpec, source: WeightsSource, image_size: int, seed: int 
         keras.utils.set_random_seed(seed)
         model = constructor(weights=None, **kwargs)
     elif source.kind == "imagenet" and source.path is None:
-        try:
-            model = constructor(weights="imagenet", **kwargs)
-        except Exception as exc:  # Keras raises plain Exception on a failed download.
-            raise UserError(offline_message([spec], exc)) from None
+        model = constructor(weights="imagenet", **kwargs)
     else:
         model = constructor(weights=str(source.path), **kwargs)
     model.trainable = False

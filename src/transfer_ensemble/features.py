@@ -210,9 +210,12 @@ class Extractor:
 
     def ensure_weights_known(self) -> None:
         """Build (and so download) ImageNet backbones whose weight file is not cached yet."""
-        for spec in self.specs:
-            if self.sources[spec.name].identity == "imagenet:download":
+        missing = [s for s in self.specs if self.sources[s.name].identity == "imagenet:download"]
+        for spec in missing:
+            try:
                 self.model(spec)
+            except Exception as exc:  # Keras raises a plain Exception when a download fails.
+                raise UserError(backbones.offline_message(missing, exc)) from None
 
     def forward(self, spec: backbones.BackboneSpec, pixels: np.ndarray) -> np.ndarray:
         """Pooled features of uint8 RGB `pixels` (batch, h, w, 3), as float32."""

@@ -1,0 +1,100 @@
+"""The whole workflow through the CLI on generated images, as a competition entrant runs it."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import FAST_EXTRACT, make_kaggle, run_cli
+from transfer_ensemble import submission
+from transfer_ensemble.dataset import load_dataset
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    data = make_kaggle(base / "data", n_classes=3, per_class=4, n_test=5)
+    run, out = base / "run", base / "submissions" / "sub.csv"
+    result = run_cli("run", "--data", str(data), "--run", str(run), "--out", str(out), *FAST_EXTRACT,
+                     "--folds", "2", "--epochs", "4", "--patience", "2", "--seed", "7")
+    assert result.returncode == 0, result.stderr
+    return data, run, out, result
+
+
+def test_run_writes_every_artefact_with_the_right_shapes(finished_run):
+    data, run, out, result = finished_run
+    config = json.loads((run / "config.json").read_text())
+    assert config["extract"]["backbones"] == ["xception", "inception_v3"]
+    assert config["extract"]["image_size"] == 75 and config["train"]["folds"] == 2
+    assert config["classes"] == ["class_2", "class_1", "class_0"]
+    assert config["versions"]["tensorflow"]
+
+    for split, n in (("train", 12), ("test", 5)):
+        for backbone in ("xception", "inception_v3"):
+            folder = run / "features" / split / backbone
+            meta = json.loads((folder / "meta.json").read_text())
+            assert len(meta["ids"]) == n
+            for view in ("original", "flipped"):
+                features = np.load(folder / f"{view}.npy")
+                assert features.shape == (n, 2048) and features.dtype == np.float32
+                assert np.isfinite(features).all()
+    assert json.loads((run / "features/test/xception/meta.json").read_text())["ids"] == \
+        ["te04", "te03", "te02", "te01", "te00"]
+
+    for view in ("original", "flipped"):
+        assert np.load(run / "heads" / f"oof_{view}.npy").shape == (12, 3)
+        for fold in range(2):
+            folder = run / "heads" / view / f"fold{fold}"
+            assert (folder / "model.keras").stat().st_size > 0
+            test_pred = np.load(folder / "test_pred.npy")
+            assert test_pred.shape == (5, 3)
+            np.testing.assert_allclose(test_pred.sum(axis=1), 1, atol=1e-5)
+
+    metrics = json.loads((run / "metrics.json").read_text())["oof"]
+    assert {(r["view"], r["fold"]) for r in metrics["per_fold"]} == {(v, f) for v in ("original", "flipped")
+                                                                    for f in range(2)}
+    assert set(metrics["per_view"]) == {"original", "flipped"}
+    assert 0 <= metrics["ensemble"]["accuracy"] <= 1 and metrics["ensemble"]["log_loss"] > 0
+    assert "both views" in result.stdout and "log loss" in result.stdout
+
+
+def test_submission_is_valid_and_is_the_average_of_the_ten_models(finished_run):
+    data, run, out, _ = finished_run
+    dataset = load_dataset(data)
+    frame = pd.read_csv(out, dtype={"id": str})
+    submission.validate(frame, [it.id for it in dataset.test], dataset.classes)
+    preds = [np.load(run / "heads" / v / f"fold{k}" / "test_pred.npy") for v in ("original", "flipped")
+             for k in range(2)]
+    np.testing.assert_allclose(frame[dataset.classes].to_numpy(), np.mean(preds, axis=0), atol=1e-6)
+
+
+def test_submit_alone_rewrites_the_same_submission(finished_run, tmp_path):
+    _, run, out, _ = finished_run
+    again = tmp_path / "again.csv"
+    result = run_cli("submit", "--run", str(run), "--out", str(again))
+    assert result.returncode == 0, result.stderr
+    assert again.read_bytes() == out.read_bytes()
+    assert "5 rows x 3 classes" in result.stdout
+
+
+def test_folder_layout_reports_hold_out_scores(folder_data, tmp_path):
+    out = tmp_path / "sub.csv"
+    result = run_cli("run", "--data", str(folder_data), "--run", str(tmp_path / "run"), "--out", str(out),
+                     *FAST_EXTRACT, "--folds", "2", "--epochs", "2")
+    assert result.returncode == 0, result.stderr
+    assert "hold-out test" in result.stdout
+    holdout = json.loads((tmp_path / "run" / "metrics.json").read_text())["holdout"]
+    assert holdout["ensemble"]["n"] == 6
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == ["id", "kind 0", "kind 1", "kind 2"] and len(frame) == 6
+
+
+def test_help_and_submit_do_not_import_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys; from transfer_ensemble import cli, workflow, submission;"
+            "print('tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr

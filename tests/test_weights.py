@@ -1,0 +1,59 @@
+"""--weights: a folder of Keras's published .h5 files, and the offline ImageNet failure."""
+
+import h5py
+import numpy as np
+
+from conftest import TINY, draw, make_kaggle, run_cli
+from transfer_ensemble import backbones
+from transfer_ensemble.features import ExtractConfig, Extractor
+
+
+def test_weights_dir_loads_legacy_h5_under_the_standard_name(tmp_path):
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+
+    spec = backbones.get_spec("xception")
+    keras.utils.set_random_seed(123)
+    reference = keras.applications.Xception(include_top=False, pooling="avg", weights=None,
+                                            input_shape=(TINY, TINY, 3))
+    weights_dir = tmp_path / "weights"
+    weights_dir.mkdir()
+    with h5py.File(weights_dir / spec.weights_file, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, reference)
+    assert spec.weights_file == "xception_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+    extractor = Extractor(ExtractConfig(backbones=("xception",), weights=str(weights_dir), image_size=TINY))
+    assert extractor.sources["xception"].identity.startswith("sha256:")
+    rng = np.random.default_rng(0)
+    pixels = np.stack([draw(i, rng, size=TINY) for i in range(3)])
+    expected = reference.predict_on_batch(backbones.preprocess_fn(spec)(pixels))
+    np.testing.assert_allclose(extractor.forward(spec, pixels), expected, rtol=1e-5, atol=1e-7)
+
+    keras.utils.set_random_seed(456)
+    other = Extractor(ExtractConfig(backbones=("xception",), weights="random", seed=456, image_size=TINY))
+    assert not np.allclose(other.forward(spec, pixels), expected, rtol=1e-3)
+
+
+def test_weights_dir_without_the_file_names_it(tmp_path):
+    data = make_kaggle(tmp_path / "data", per_class=2, n_test=2)
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    result = run_cli("extract", "--data", str(data), "--run", str(tmp_path / "run"), "--weights", str(empty))
+    assert result.returncode == 2
+    assert "xception_weights_tf_dim_ordering_tf_kernels_notop.h5" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_offline_imagenet_failure_is_one_clear_message(tmp_path):
+    data = make_kaggle(tmp_path / "data", per_class=2, n_test=2)
+    keras_home = tmp_path / "keras_home"
+    keras_home.mkdir()
+    result = run_cli("extract", "--data", str(data), "--run", str(tmp_path / "run"), "--image-size", str(TINY),
+                     env={"KERAS_HOME": str(keras_home)}, timeout=300)
+    assert result.returncode == 2, result.stderr
+    message = result.stderr
+    assert "Traceback" not in message
+    assert "xception_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert str(keras_home / "models") in message
+    assert "--weights WEIGHTS_DIR" in message
