@@ -138,6 +138,10 @@ def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsS
     return WeightsSource("file", path, f"sha256:{file_sha256(path)}")
 
 
+class WeightsUnavailableError(UserError):
+    """ImageNet weights are neither cached nor downloadable (typically: no internet)."""
+
+
 def offline_message(specs: list[BackboneSpec], cause: BaseException | None = None) -> str:
     files = ", ".join(s.weights_file for s in specs)
     why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""

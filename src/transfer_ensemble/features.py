@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 VIEWS = ("original", "flipped")
 PREPROCESS = "opencv-imdecode-rgb;area-or-linear-resize;keras-preprocess_input;flip=lr"
 PRECISIONS = ("float32", "bfloat16")
+COPY_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -65,17 +66,25 @@ def image_key(root: Path, path: Path) -> list:
 
 @dataclass
 class Store:
-    """One split's features for one backbone, as memory-mapped arrays plus a done mask."""
+    """One split's features for one backbone: ``.npy`` files on disk plus the in-memory done mask.
+
+    The feature files are mapped only while a batch is written, so resident memory does not grow
+    with the number of images as it would with pages of a long-lived memory map.
+    """
 
     folder: Path
     done: np.ndarray
-    arrays: dict[str, np.ndarray]
 
-    def commit(self, rows: np.ndarray) -> None:
-        for array in self.arrays.values():
-            array.flush()
-        self.done[rows] = True
-        write_npy(self.folder / "done.npy", self.done)
+    def write(self, rows: np.ndarray, values: dict[str, np.ndarray], commit: bool = True) -> None:
+        """Write each view's rows and flush them to disk; then, if `commit`, mark the rows done."""
+        for view, array in values.items():
+            target = np.load(self.folder / f"{view}.npy", mmap_mode="r+")
+            target[rows] = array
+            target.flush()
+            del target
+        if commit:
+            self.done[rows] = True
+            write_npy(self.folder / "done.npy", self.done)
 
 
 def _open_store(folder: Path, meta: dict, keys: list, width: int) -> Store:
@@ -88,7 +97,7 @@ def _open_store(folder: Path, meta: dict, keys: list, width: int) -> Store:
         if old_keys == keys:
             if old_meta.get("ids") != meta.get("ids"):
                 write_json(folder / "meta.json", meta)
-            return _map_store(folder, "r+")
+            return _map_store(folder)
         return _rebuild_with_reuse(folder, meta, keys, width, old_keys)
     if folder.exists():
         shutil.rmtree(folder)
@@ -102,41 +111,50 @@ def _read_optional(path: Path):
         return None
 
 
-def _new_store(folder: Path, meta: dict, keys: list, width: int) -> Store:
+def _new_store(folder: Path, meta: dict, keys: list, width: int,
+               reuse: tuple[np.ndarray, np.ndarray] | None = None) -> Store:
+    """Write a fresh store beside `folder` and swap it in with one rename.
+
+    `reuse` = (new rows, old rows) copies finished rows from the store being replaced, in chunks
+    so that memory stays flat.
+    """
     staging = folder.with_name(folder.name + ".new")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
+    done = np.zeros(len(keys), dtype=bool)
     for view in VIEWS:
         np.lib.format.open_memmap(staging / f"{view}.npy", mode="w+", dtype=np.float32,
                                   shape=(len(keys), width)).flush()
-    write_npy(staging / "done.npy", np.zeros(len(keys), dtype=bool))
+    if reuse is not None:
+        new_rows, old_rows = reuse
+        for start in range(0, len(new_rows), COPY_CHUNK):
+            part = slice(start, start + COPY_CHUNK)
+            rows = {view: np.array(np.load(folder / f"{view}.npy", mmap_mode="r")[old_rows[part]])
+                    for view in VIEWS}
+            Store(staging, done).write(new_rows[part], rows, commit=False)
+        done[new_rows] = True
+    write_npy(staging / "done.npy", done)
     write_json(staging / "keys.json", keys)
     write_json(staging / "meta.json", meta)
     if folder.exists():
         shutil.rmtree(folder)
     staging.rename(folder)
-    return _map_store(folder, "r+")
+    return _map_store(folder)
 
 
-def _map_store(folder: Path, mode: str) -> Store:
-    arrays = {view: np.load(folder / f"{view}.npy", mmap_mode=mode) for view in VIEWS}
-    return Store(folder, np.load(folder / "done.npy").copy(), arrays)
+def _map_store(folder: Path) -> Store:
+    return Store(folder, np.load(folder / "done.npy").copy())
 
 
 def _rebuild_with_reuse(folder: Path, meta: dict, keys: list, width: int, old_keys: list) -> Store:
-    old = _map_store(folder, "r")
-    old_row = {tuple(k): i for i, k in enumerate(old_keys) if old.done[i]}
+    """The image list changed: keep the rows of images seen before, in their new order."""
+    old_done = np.load(folder / "done.npy")
+    old_row = {tuple(k): i for i, k in enumerate(old_keys) if old_done[i]}
     pairs = [(new, old_row[tuple(k)]) for new, k in enumerate(keys) if tuple(k) in old_row]
     new_rows = np.array([p[0] for p in pairs], dtype=np.int64)
     old_rows = np.array([p[1] for p in pairs], dtype=np.int64)
-    copied = {view: np.asarray(old.arrays[view][old_rows]) for view in VIEWS}
-    del old
-    store = _new_store(folder, meta, keys, width)
-    if len(new_rows):
-        for view in VIEWS:
-            store.arrays[view][new_rows] = copied[view]
-        store.commit(new_rows)
+    store = _new_store(folder, meta, keys, width, reuse=(new_rows, old_rows))
     log.info("%s: the image list changed; reused %d of %d rows, %d to compute",
              folder, len(new_rows), len(keys), len(keys) - len(new_rows))
     return store
@@ -208,6 +226,16 @@ class Extractor:
                 self.sources[spec.name] = backbones.resolve_weights(spec, "imagenet")
         return self._models[spec.name]
 
+    def prepare(self, specs: Sequence[backbones.BackboneSpec]) -> None:
+        """Build the models of `specs` now, and log how long that took."""
+        missing = [s for s in specs if s.name not in self._models]
+        if not missing:
+            return
+        start = time.perf_counter()
+        for spec in missing:
+            self.model(spec)
+        log.info("built %s in %.1f s", ", ".join(s.name for s in missing), time.perf_counter() - start)
+
     def ensure_weights_known(self) -> None:
         """Build (and so download) ImageNet backbones whose weight file is not cached yet."""
         missing = [s for s in self.specs if self.sources[s.name].identity == "imagenet:download"]
@@ -215,7 +243,7 @@ class Extractor:
             try:
                 self.model(spec)
             except Exception as exc:  # Keras raises a plain Exception when a download fails.
-                raise UserError(backbones.offline_message(missing, exc)) from None
+                raise backbones.WeightsUnavailableError(backbones.offline_message(missing, exc)) from None
 
     def forward(self, spec: backbones.BackboneSpec, pixels: np.ndarray) -> np.ndarray:
         """Pooled features of uint8 RGB `pixels` (batch, h, w, 3), as float32."""
@@ -226,7 +254,11 @@ class Extractor:
 
 def extract_split(extractor: Extractor, features_dir: Path, split: str, items: Sequence[Item],
                   root: Path) -> dict:
-    """Compute the missing features of one split; returns counts and timing for the summary."""
+    """Compute the missing features of one split; returns counts and timing for the summary.
+
+    The models are built before the clock starts, so ``seconds`` (and the bar's rate and ETA)
+    measure extraction alone: reading, decoding, the forward passes and the writes.
+    """
     extractor.ensure_weights_known()
     keys = [image_key(root, it.path) for it in items]
     ids = [it.id for it in items]
@@ -235,24 +267,23 @@ def extract_split(extractor: Extractor, features_dir: Path, split: str, items: S
     for spec in extractor.specs:
         meta = _store_meta(spec, extractor.sources[spec.name], config, ids)
         stores[spec.name] = _open_store(features_dir / split / spec.name, meta, keys, spec.width)
+    cached = {name: int(store.done.sum()) for name, store in stores.items()}
+    _log_reuse(split, len(items), cached)
+    extractor.prepare([s for s in extractor.specs if cached[s.name] < len(items)])
 
     start = time.perf_counter()
     computed = 0
+    paths = [it.path for it in items]
     by_size: dict[int, list[backbones.BackboneSpec]] = {}
     for spec in extractor.specs:
-        by_size.setdefault(config.size_of(spec), []).append(spec)
+        if cached[spec.name] < len(items):
+            by_size.setdefault(config.size_of(spec), []).append(spec)
     for size, specs in by_size.items():
         todo = np.zeros(len(items), dtype=bool)
         for spec in specs:
             todo |= ~stores[spec.name].done
         rows = np.flatnonzero(todo)
-        if len(rows) == 0:
-            continue
-        names = ",".join(s.name for s in specs)
-        desc = f"extract {split} [{names} @{size}px]"
-        if len(rows) < len(items):
-            log.info("%s: resuming, %d of %d images already done", desc, len(items) - len(rows), len(items))
-        paths = [it.path for it in items]
+        desc = f"extract {split} [{','.join(s.name for s in specs)} @{size}px]"
         with tqdm(total=len(rows), desc=desc, unit="img", dynamic_ncols=True) as bar:
             for batch in _batches(paths, rows, size, config.batch_size):
                 both = np.concatenate([batch.pixels, batch.pixels[:, :, ::-1]])
@@ -263,14 +294,26 @@ def extract_split(extractor: Extractor, features_dir: Path, split: str, items: S
                     if not need.any():
                         continue
                     out = extractor.forward(spec, both)
-                    store.arrays["original"][batch.rows[need]] = out[:n][need]
-                    store.arrays["flipped"][batch.rows[need]] = out[n:][need]
-                    store.commit(batch.rows[need])
+                    store.write(batch.rows[need], {"original": out[:n][need], "flipped": out[n:][need]})
                 bar.update(n)
         computed += len(rows)
     seconds = time.perf_counter() - start
     return {"split": split, "images": len(items), "computed": computed,
-            "reused": len(items) - computed, "seconds": seconds}
+            "reused": len(items) - computed, "seconds": seconds,
+            "backbones": {name: {"computed": len(items) - cached[name], "reused": cached[name]}
+                          for name in stores}}
+
+
+def _log_reuse(split: str, images: int, cached: dict[str, int]) -> None:
+    """One line saying which cached features this split reuses, when it reuses any."""
+    if not any(cached.values()):
+        return
+    if all(n == images for n in cached.values()):
+        log.info("%s: all %d images' features are cached and match (%s): nothing to compute",
+                 split, images, ", ".join(cached))
+        return
+    parts = [f"{name} {n}/{images}" for name, n in cached.items()]
+    log.info("%s: reusing cached features that match (%s); computing the rest", split, ", ".join(parts))
 
 
 def _batches(paths: list[Path], rows: np.ndarray, size: int, batch_size: int):
