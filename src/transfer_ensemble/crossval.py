@@ -103,6 +103,8 @@ def train_all(heads_dir: Path, features: dict[str, dict[str, np.ndarray]], label
 def _train_fold(heads_dir: Path, view: str, fold: int, data: dict[str, np.ndarray], labels: np.ndarray,
                 assignment: np.ndarray, n_classes: int, config: TrainConfig) -> None:
     folder = fold_dir(heads_dir, view, fold)
+    if folder.exists():
+        shutil.rmtree(folder)  # what a killed attempt left: partial files and temporary names
     train_idx = np.flatnonzero(assignment != fold)
     val_idx = np.flatnonzero(assignment == fold)
     x = data["train"]
@@ -117,7 +119,9 @@ def _train_fold(heads_dir: Path, view: str, fold: int, data: dict[str, np.ndarra
         model.save(tmp)
     write_npy(folder / "val_index.npy", val_idx)
     write_npy(folder / "val_pred.npy", val_pred)
-    write_npy(folder / "test_pred.npy", heads.predict(model, data["test"]))
+    test_pred = (heads.predict(model, data["test"]) if len(data["test"])
+                 else np.zeros((0, n_classes), dtype=np.float32))
+    write_npy(folder / "test_pred.npy", test_pred)
     write_json(folder / "history.json", history)
     write_json(folder / "done.json", {"fold": fold, "view": view})
     log.info("%s fold %d: val log loss %.4f, accuracy %.3f, best epoch %d of %d", view, fold,

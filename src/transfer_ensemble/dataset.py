@@ -95,6 +95,12 @@ def load_dataset(root: str | Path, min_per_class: int = 1) -> Dataset:
         dataset = _load_kaggle(root)
     elif (root / "train").is_dir() and any(p.is_dir() for p in (root / "train").iterdir()):
         dataset = _load_folders(root)
+    elif (root / "sample_submission.csv").exists() or ((root / "train").is_dir() and list_images(root / "train")):
+        raise UserError(
+            f"{root / 'labels.csv'} is missing. {root} looks like the Kaggle layout (a "
+            f"sample_submission.csv or images directly in train/), which needs labels.csv with a "
+            f"header 'id,<label column>' and one row per training image train/<id>.jpg."
+        )
     else:
         raise UserError(
             f"{root} is not a data folder this tool reads: it has no labels.csv, and no "
@@ -157,6 +163,9 @@ def _load_kaggle(root: Path) -> Dataset:
         raise UserError(f"{root / 'labels.csv'} has an id column but no label column after it. "
                         f"Add the class of each image as a second column, e.g. 'id,breed'.")
     label_column = label_columns[0]
+    if labels.empty:
+        raise UserError(f"The train set of {root} is empty: {root / 'labels.csv'} has a header but no "
+                        f"rows. Add one row 'id,<class>' per training image in {root / 'train'}.")
     dupes = _duplicates(labels["id"])
     if dupes:
         raise UserError(f"{root / 'labels.csv'} names the same id more than once: {_first_few(dupes)}. "
@@ -285,6 +294,11 @@ def _check_class_counts(dataset: Dataset, min_per_class: int) -> None:
     counts = Counter(item.label for item in dataset.train)
     small = [(dataset.classes[i], counts.get(i, 0)) for i in range(len(dataset.classes))
              if counts.get(i, 0) < min_per_class]
+    if small and min_per_class <= 1:
+        raise UserError(
+            f"Some classes of {dataset.root} have no training image: "
+            f"{', '.join(repr(c) for c, _ in small[:8])}. Add images to them or remove those classes."
+        )
     if small:
         fewest = min(n for _, n in small)
         listed = ", ".join(f"{c!r} ({n})" for c, n in small[:8])

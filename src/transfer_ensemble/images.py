@@ -1,8 +1,20 @@
 """Read images with OpenCV into RGB uint8 arrays of one size, check them, and stream batches.
 
 Decoding uses ``cv2.imdecode`` on the file's bytes, so paths with spaces or non-ASCII letters
-work. EXIF orientation is applied (OpenCV's default) for training, test and prediction alike;
-grayscale and palette images become 3 channels, alpha is dropped, 16-bit is scaled to 8-bit.
+work. What every image becomes, the same for training, test and prediction:
+
+* EXIF orientation is applied: a JPEG whose EXIF Orientation tag says "rotate 90" is decoded
+  already rotated, as photo viewers show it (OpenCV's default for ``IMREAD_COLOR_RGB``; the
+  ``IMREAD_IGNORE_ORIENTATION`` flag is never used). A portrait phone photo is therefore taller
+  than wide, in training and at test time alike.
+* Grayscale and palette images become 3 identical or looked-up RGB channels; alpha is dropped
+  (the colour channels are kept as stored, not blended onto a background).
+* 16-bit images are scaled to 8 bits (the value divided by 256); CMYK JPEGs are converted to RGB.
+* Any size from 1x1 up to OpenCV's limit (2^30 pixels) is read; large images cost their full
+  decode once (10000 x 10000 pixels: about 300 MB while decoding) and are then area-resized.
+
+A file that does not decode (empty, truncated, not an image, a format OpenCV cannot read)
+raises ImageReadError whose message says which of these it is.
 """
 
 from __future__ import annotations
@@ -18,9 +30,33 @@ import cv2
 import numpy as np
 
 cv2.setNumThreads(1)
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 JPEG_MAGIC = b"\xff\xd8"
 JPEG_END = b"\xff\xd9"
+JPEG_SOS = 0xDA
+
+# Signatures of formats OpenCV decodes: a file that starts with one yet fails is corrupt.
+DECODABLE_SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+# Signatures of files OpenCV cannot decode, with what they are.
+UNSUPPORTED_SIGNATURES = {
+    b"%PDF": "a PDF document",
+    b"\x00\x00\x01\x00": "an ICO icon",
+    b"8BPS": "a Photoshop PSD file",
+    b"PK\x03\x04": "a ZIP archive",
+    b"\x1f\x8b": "a gzip archive",
+    b"<svg": "an SVG drawing",
+    b"<?xml": "an XML (possibly SVG) file",
+    b"<!DOCTYPE html": "an HTML page",
+    b"<html": "an HTML page",
+}
 
 
 class ImageReadError(ValueError):
@@ -37,12 +73,69 @@ def decode(path: str | Path) -> np.ndarray:
     if data.size == 0:
         raise ImageReadError("is empty (0 bytes)")
     raw = data.tobytes()
-    if raw[:2] == JPEG_MAGIC and JPEG_END not in raw[-64 * 1024:]:
-        raise ImageReadError("is a truncated JPEG (no end-of-image marker)")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB)
+    if raw[:2] == JPEG_MAGIC and _jpeg_truncated(raw):
+        raise ImageReadError("is a truncated JPEG (the image data stops before its end-of-image marker)")
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB)
+    except cv2.error as exc:
+        raise ImageReadError(f"cannot be decoded by OpenCV ({str(exc).strip().splitlines()[-1]})") from None
     if image is None or image.size == 0:
-        raise ImageReadError("is not an image OpenCV can decode (unknown format or corrupt data)")
+        raise ImageReadError(_why_undecodable(raw))
     return image
+
+
+def _jpeg_truncated(raw: bytes) -> bool:
+    """True when no end-of-image marker follows the first start-of-scan.
+
+    Walking the marker segments to the scan skips an EXIF thumbnail, whose own end-of-image
+    marker would otherwise hide a truncated main image. Inside the scan 0xFF is always followed
+    by 0x00 or a restart marker, so the first 0xFFD9 after it is the real end.
+    """
+    pos = 2
+    while pos + 4 <= len(raw):
+        if raw[pos] != 0xFF:
+            return False  # not a marker where one must be: leave the verdict to the decoder
+        marker = raw[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == JPEG_SOS:
+            return raw.find(JPEG_END, pos) == -1
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(raw[pos + 2:pos + 4], "big")
+    return True
+
+
+def _why_undecodable(raw: bytes) -> str:
+    head = raw[:64]
+    if raw[:2] == JPEG_MAGIC:
+        return "is a corrupt JPEG (OpenCV cannot decode its data)"
+    for signature, name in DECODABLE_SIGNATURES.items():
+        if head.startswith(signature):
+            return f"is a corrupt or truncated {name} file (OpenCV cannot decode its data)"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "is a corrupt or truncated WebP file (OpenCV cannot decode its data)"
+    if head[4:8] == b"ftyp":
+        return (f"is a {head[8:12].decode('ascii', 'replace')!r} ISO media file (HEIC/AVIF or video), "
+                f"which this OpenCV build does not decode: convert it to JPEG or PNG")
+    stripped = head.lstrip()
+    for signature, name in UNSUPPORTED_SIGNATURES.items():
+        if stripped.startswith(signature):
+            return f"is {name}, not an image OpenCV can decode"
+    if _looks_like_text(raw[:4096]):
+        start = raw[:40].decode("utf-8", "replace").strip().splitlines()[0] if raw.strip() else ""
+        return f"is a text file, not an image (it starts with {start!r})"
+    return "is not in an image format OpenCV can decode (unknown format or corrupt data)"
+
+
+def _looks_like_text(sample: bytes) -> bool:
+    try:
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\r\n\t" for c in text)
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

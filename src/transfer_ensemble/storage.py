@@ -16,13 +16,26 @@ import numpy as np
 from transfer_ensemble.errors import UserError
 
 
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+NOT_WRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+NOT_A_FOLDER_ERRNOS = frozenset({errno.ENOTDIR, errno.EEXIST})
+WRITE_ERRNOS = FULL_DISK_ERRNOS | NOT_WRITABLE_ERRNOS | NOT_A_FOLDER_ERRNOS
+
+
 def _disk_error(path: Path, exc: OSError) -> UserError:
-    if exc.errno == errno.ENOSPC:
-        why = "the disk is full"
+    """The clear message for an OSError raised while writing `path`."""
+    if exc.errno in FULL_DISK_ERRNOS:
+        why = "the disk is full" if exc.errno == errno.ENOSPC else f"the disk quota or file size limit is reached ({exc.strerror})"
         fix = "free some space (or point --run at another disk) and run the same command again"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why = "the folder is not writable"
-        fix = "choose a writable --run folder or fix its permissions"
+    elif exc.errno == errno.EROFS:
+        why = "the file system is read-only"
+        fix = "choose a --run (or --out) folder on a writable disk"
+    elif exc.errno in NOT_WRITABLE_ERRNOS:
+        why = "the folder is not writable (permission denied)"
+        fix = "choose a writable --run (or --out) folder or fix its permissions"
+    elif exc.errno in NOT_A_FOLDER_ERRNOS:
+        why = "a part of that path is an existing file, not a folder"
+        fix = "choose a --run (or --out) path whose parents are folders, or move that file away"
     else:
         why = exc.strerror or str(exc)
         fix = "check the disk and run the same command again"
@@ -30,6 +43,20 @@ def _disk_error(path: Path, exc: OSError) -> UserError:
         f"Could not write {path}: {why}. Nothing was corrupted: files are written to a temporary "
         f"name and renamed only when complete, and finished work is kept. Fix: {fix}."
     )
+
+
+@contextlib.contextmanager
+def disk_errors(default_path: str | os.PathLike) -> Iterator[None]:
+    """Turn an OSError that writing can raise (full disk, read-only...) into a UserError.
+
+    The message names the file in the error, else `default_path`. Other OSErrors pass through.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise _disk_error(Path(exc.filename or default_path), exc) from None
 
 
 @contextlib.contextmanager
@@ -49,11 +76,27 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except OSError as exc:
-        tmp_path.unlink(missing_ok=True)
+        _remove_quietly(tmp_path)
         raise _disk_error(path, exc) from None
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        _remove_quietly(tmp_path)
         raise
+    _fsync_folder(path.parent)
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable; best effort (some file systems refuse)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], Any], suffix: str = "") -> None:

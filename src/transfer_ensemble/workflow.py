@@ -22,7 +22,7 @@ from transfer_ensemble.crossval import TrainConfig, oof_metrics, test_prediction
 from transfer_ensemble.dataset import Dataset, Item, load_dataset
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.features import VIEWS, ExtractConfig, image_key, load_features
-from transfer_ensemble.storage import read_json, run_lock, write_json
+from transfer_ensemble.storage import disk_errors, read_json, run_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,15 @@ def read_config(run_dir: Path) -> dict:
     return read_json(path)
 
 
+def _existing_run_dir(run_dir: str | Path, command: str) -> Path:
+    """The run folder of `train` or `submit`: it must exist (the lock must not create it)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"The run folder {run_dir} does not exist, so there is nothing to {command}. "
+                        f"Check --run, or run `transfer-ensemble extract --data DIR --run {run_dir}` first.")
+    return run_dir
+
+
 def load_run_data(run_dir: Path) -> RunData:
     path = run_dir / "dataset.json"
     if not path.exists():
@@ -113,8 +122,10 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig,
     """Check every image, then compute the features of the train and test splits."""
     from transfer_ensemble.features import Extractor, extract_split
 
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise UserError(f"--on-bad-image must be one of {', '.join(BAD_IMAGE_POLICIES)}, not {on_bad_image!r}.")
     run_dir = Path(run_dir)
-    with run_lock(run_dir):
+    with run_lock(run_dir), disk_errors(run_dir):
         dataset = load_dataset(data)
         extractor = Extractor(config)
         bad = _check_images(dataset, run_dir)
@@ -122,11 +133,13 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig,
             raise _bad_image_error(bad)
         bad_train = {it.id for it, _ in bad["train"]}
         dataset.train = [it for it in dataset.train if it.id not in bad_train]
+        _check_classes_left(dataset, bad["train"])
         run_data = RunData(dataset, [it.id for it, _ in bad["test"]])
         if bad["train"] or bad["test"]:
-            log.warning("--on-bad-image skip: left out %d bad training images; %d bad test images get "
-                        "the training class frequencies. Listed in %s.", len(bad["train"]),
-                        len(bad["test"]), run_dir / "bad_images.json")
+            log.warning("--on-bad-image skip: left out %d bad training images%s; %d bad test images "
+                        "get the training class frequencies in the submission%s. All are listed with "
+                        "their reasons in %s.", len(bad["train"]), _named(bad["train"]),
+                        len(bad["test"]), _named(bad["test"]), run_dir / "bad_images.json")
         write_json(run_dir / "bad_images.json",
                    {split: [{"id": it.id, "path": str(it.path), "reason": r} for it, r in bad[split]]
                     for split in bad})
@@ -138,6 +151,25 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig,
                 for name, items in splits.items()]
 
 
+def _named(bad: list[tuple[Item, str]], n: int = 5) -> str:
+    if not bad:
+        return ""
+    names = ", ".join(it.path.name for it, _ in bad[:n])
+    return f" ({names}{f' and {len(bad) - n} more' if len(bad) > n else ''})"
+
+
+def _check_classes_left(dataset: Dataset, bad_train: list[tuple[Item, str]]) -> None:
+    """After leaving bad training images out, every class must still have an image."""
+    left = Counter(it.label for it in dataset.train)
+    empty = [c for i, c in enumerate(dataset.classes) if left.get(i, 0) == 0]
+    if empty:
+        raise UserError(
+            f"After leaving out the {len(bad_train)} undecodable training images, these classes "
+            f"of {dataset.root} have no training image left: {', '.join(map(repr, empty[:8]))}. "
+            f"Fix or replace their images (the bad ones are listed above with the reason)."
+        )
+
+
 def _feature_identity(run_dir: Path, backbones: list[str]) -> dict:
     return {name: {k: v for k, v in read_json(run_dir / "features" / "train" / name / "meta.json").items()
                    if k != "ids"} for name in backbones}
@@ -145,8 +177,8 @@ def _feature_identity(run_dir: Path, backbones: list[str]) -> dict:
 
 def train(run_dir: str | Path, config: TrainConfig) -> dict:
     """Train 2 x K heads (skipping finished ones), write OOF predictions and metrics.json."""
-    run_dir = Path(run_dir)
-    with run_lock(run_dir):
+    run_dir = _existing_run_dir(run_dir, "train")
+    with run_lock(run_dir), disk_errors(run_dir):
         run_config = read_config(run_dir)
         run_data = load_run_data(run_dir)
         dataset = run_data.dataset
@@ -181,7 +213,8 @@ def _check_folds(dataset: Dataset, folds: int) -> None:
         fix = f"--folds {fewest} or lower would work" if fewest >= 2 else "each class needs 2 or more images"
         listed = ", ".join(f"{name!r} ({n} images)" for name, n in small[:8])
         raise UserError(f"Stratified {folds}-fold cross-validation needs at least {folds} training "
-                        f"images per class; these have fewer: {listed}. Add images, or {fix}.")
+                        f"images per class; these classes of {dataset.root} have fewer: {listed}. "
+                        f"Add images, or {fix}.")
 
 
 def _class_frequencies(run_data: RunData) -> np.ndarray:
@@ -196,7 +229,8 @@ def test_probabilities(run_data: RunData, heads_dir: Path, folds: int) -> tuple[
     views = {view: ensemble.average(preds) for view, preds in per_view.items()}
     good = ensemble.average([p for preds in per_view.values() for p in preds])
     full = np.tile(_class_frequencies(run_data), (len(run_data.dataset.test), 1))
-    good_rows = [i for i, it in enumerate(run_data.dataset.test) if it.id not in set(run_data.bad_test_ids)]
+    bad = set(run_data.bad_test_ids)
+    good_rows = [i for i, it in enumerate(run_data.dataset.test) if it.id not in bad]
     full[good_rows] = good
     return full, views
 
@@ -212,8 +246,8 @@ def _holdout_metrics(run_data: RunData, heads_dir: Path, folds: int) -> dict:
 
 def submit(run_dir: str | Path, out: str | Path) -> dict:
     """Average the 2 x K test predictions into a validated submission CSV at `out`."""
-    run_dir = Path(run_dir)
-    with run_lock(run_dir):
+    run_dir = _existing_run_dir(run_dir, "submit")
+    with run_lock(run_dir), disk_errors(out):
         run_config = read_config(run_dir)
         if "train" not in run_config or not (run_dir / "metrics.json").exists():
             raise UserError(f"{run_dir} has no trained heads. Run `transfer-ensemble train --run {run_dir}` first.")
@@ -222,6 +256,11 @@ def submit(run_dir: str | Path, out: str | Path) -> dict:
         probabilities, _ = test_probabilities(run_data, run_dir / "heads", folds)
         dataset = run_data.dataset
         ids = [it.id for it in dataset.test]
+        if run_data.bad_test_ids:
+            log.warning("%d test rows could not be predicted (their images do not decode) and get the "
+                        "training class frequencies: %s. See %s.", len(run_data.bad_test_ids),
+                        ", ".join(run_data.bad_test_ids[:5]) + (" ..." if len(run_data.bad_test_ids) > 5 else ""),
+                        run_dir / "bad_images.json")
         frame = submission.build(ids, dataset.classes, probabilities)
         path = submission.write(frame, out, ids, dataset.classes)
         result = {"submission": str(path), "rows": len(ids), "classes": len(dataset.classes),
