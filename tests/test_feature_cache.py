@@ -1,0 +1,181 @@
+"""The feature cache: resume after SIGKILL, exact invalidation, cache hits that build nothing.
+
+Every extraction here runs in a subprocess, as a user would, with random weights at 75 px.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import TINY, draw, make_kaggle, run_cli, save_rgb
+
+BATCH = 4
+EXTRACT = ["--weights", "random", "--image-size", str(TINY), "--batch-size", str(BATCH)]
+BACKBONES = ("xception", "inception_v3")
+FILES = ("original.npy", "flipped.npy", "done.npy", "meta.json", "keys.json")
+
+
+def extract(data: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = run_cli("extract", "--data", str(data), "--run", str(run), *EXTRACT, *extra)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def features(run: Path, split: str, backbone: str) -> dict[str, np.ndarray]:
+    folder = run / "features" / split / backbone
+    return {view: np.load(folder / f"{view}.npy") for view in ("original", "flipped")}
+
+
+def ids(run: Path, split: str, backbone: str) -> list[str]:
+    return json.loads((run / "features" / split / backbone / "meta.json").read_text())["ids"]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {name: ((folder / name).stat().st_mtime_ns, (folder / name).read_bytes()) for name in FILES}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Path]:
+    """A data set of 18 training and 5 test images, and an uninterrupted extraction of it."""
+    root = tmp_path_factory.mktemp("cache")
+    data = make_kaggle(root / "data", per_class=6)
+    run = root / "run"
+    extract(data, run)
+    return data, run
+
+
+@pytest.fixture
+def copied(reference, tmp_path) -> tuple[Path, Path]:
+    """The reference data and run folder, copied with their modification times."""
+    data, run = reference
+    shutil.copytree(data, tmp_path / "data")
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "data", tmp_path / "run"
+
+
+def test_resume_after_sigkill_gives_identical_features(reference, tmp_path):
+    data, ref_run = reference
+    run = tmp_path / "run"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    process = subprocess.Popen([sys.executable, "-m", "transfer_ensemble", "extract", "--data", str(data),
+                                "--run", str(run), *EXTRACT], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=env)
+    done_file = run / "features" / "train" / "inception_v3" / "done.npy"
+    deadline = time.monotonic() + 120
+    killed_at = None
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if np.load(done_file).any():
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                killed_at = [np.load(run / "features" / "train" / b / "done.npy") for b in BACKBONES]
+                break
+        except (FileNotFoundError, ValueError, EOFError, OSError):
+            pass
+        time.sleep(0.005)
+    stderr = process.communicate()[1].decode()
+    assert killed_at is not None, f"the extraction ended before a batch was committed:\n{stderr}"
+    assert process.returncode == -signal.SIGKILL
+    assert not all(d.all() for d in killed_at), "killed too late: nothing was left to resume"
+    assert not (run / "features" / "test").exists() or not all(
+        np.load(run / "features" / "test" / b / "done.npy").all() for b in BACKBONES)
+
+    resumed = extract(data, run)
+    assert "reusing cached features" in resumed.stderr
+    for split in ("train", "test"):
+        for backbone in BACKBONES:
+            assert ids(run, split, backbone) == ids(ref_run, split, backbone)
+            got, want = features(run, split, backbone), features(ref_run, split, backbone)
+            for view in want:
+                assert np.array_equal(got[view], want[view]), (split, backbone, view)
+            assert np.load(run / "features" / split / backbone / "done.npy").all()
+
+
+def test_changed_image_list_recomputes_only_changed_rows(copied, reference):
+    data, run = copied
+    old = {b: (ids(run, "train", b), features(run, "train", b)) for b in BACKBONES}
+    test_before = {b: snapshot(run / "features" / "test" / b) for b in BACKBONES}
+    labels = pd.read_csv(data / "labels.csv")
+    removed = labels.iloc[3]["id"]
+    (data / "train" / f"{removed}.png").unlink()
+    save_rgb(data / "train" / "added.png", draw(1, np.random.default_rng(7)))
+    labels = pd.concat([labels.drop(index=3), pd.DataFrame([{"id": "added", "breed": labels.iloc[0]["breed"]}])])
+    labels.to_csv(data / "labels.csv", index=False)
+
+    result = extract(data, run)
+    n = len(labels)
+    for backbone in BACKBONES:
+        assert f"train/{backbone}: the image list changed; reused {n - 1} of {n} rows, 1 to compute" in result.stderr
+        new_ids = ids(run, "train", backbone)
+        assert "added" in new_ids and removed not in new_ids
+        old_ids, old_features = old[backbone]
+        new_features = features(run, "train", backbone)
+        for row, image_id in enumerate(new_ids):
+            if image_id == "added":
+                continue
+            for view in old_features:
+                assert new_features[view][row].tobytes() == old_features[view][old_ids.index(image_id)].tobytes()
+        assert snapshot(run / "features" / "test" / backbone) == test_before[backbone]
+    assert re.search(r"^train\s+18\s+1\s+17\b", result.stdout, re.M), result.stdout
+    assert re.search(r"^test\s+5\s+0\s+5\b", result.stdout, re.M), result.stdout
+
+
+def test_changed_backbones_compute_only_the_new_backbone(copied):
+    data, run = copied
+    before = {split: snapshot(run / "features" / split / "xception") for split in ("train", "test")}
+    result = extract(data, run, "--backbones", "xception,mobilenet_v3_small")
+    assert "reusing cached features that match (xception 18/18, mobilenet_v3_small 0/18)" in result.stderr
+    assert "built mobilenet_v3_small in" in result.stderr and "built xception" not in result.stderr
+    for split in ("train", "test"):
+        assert snapshot(run / "features" / split / "xception") == before[split]
+        folder = run / "features" / split / "mobilenet_v3_small"
+        assert np.load(folder / "done.npy").all()
+        assert np.load(folder / "original.npy").shape[1] == 576
+
+
+CACHE_HIT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from transfer_ensemble import backbones, workflow
+    from transfer_ensemble.crossval import TrainConfig
+    from transfer_ensemble.features import ExtractConfig
+    from transfer_ensemble.heads import HeadConfig
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("a backbone was built")
+
+    backbones.build = no_backbone
+    data, run, out = sys.argv[1:]
+    config = ExtractConfig(weights="random", image_size=75, batch_size=4)
+    results = workflow.extract(data, run, config)
+    tensorflow_after_extract = "tensorflow" in sys.modules or "keras" in sys.modules
+    workflow.train(run, TrainConfig(folds=2, head=HeadConfig(epochs=2, patience=1)))
+    workflow.submit(run, out)
+    print(json.dumps({"computed": sum(r["computed"] for r in results),
+                      "reused": sum(r["reused"] for r in results),
+                      "tensorflow_after_extract": tensorflow_after_extract}))
+""")
+
+
+def test_cache_hit_and_train_and_submit_build_no_backbone(copied, tmp_path):
+    data, run = copied
+    before = {(s, b): snapshot(run / "features" / s / b) for s in ("train", "test") for b in BACKBONES}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-c", CACHE_HIT_SCRIPT, str(data), str(run), str(tmp_path / "s.csv")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary == {"computed": 0, "reused": 23, "tensorflow_after_extract": False}
+    assert (tmp_path / "s.csv").exists()
+    assert {(s, b): snapshot(run / "features" / s / b) for s in ("train", "test") for b in BACKBONES} == before
