@@ -120,6 +120,8 @@ def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, shape: tu
 def test_exif_orientation_choice_is_documented() -> None:
     doc = images.__doc__
     assert "EXIF orientation is applied" in doc and "IMREAD_IGNORE_ORIENTATION" in doc
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "EXIF orientation applied (the same for training, test and prediction)" in readme
 
 
 def test_palette_png_is_looked_up(tmp_path: Path) -> None:
