@@ -95,6 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-data", help="write the small synthetic demo data set (Kaggle layout)")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
+
+    p = sub.add_parser("predict", help="score a folder or CSV of new images with a trained run")
+    p.add_argument("--run", required=True, help="trained run folder")
+    p.add_argument("--images", required=True,
+                   help="a folder of images (searched recursively) or a CSV with a column of image paths "
+                        "(path, image, file or filepath, else the first; relative to the CSV's folder)")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--format", choices=["probabilities", "top-k"], default="probabilities",
+                   help="probabilities (default): image, then one column per class; top-k: image, then "
+                        "label_1, prob_1, ... for the k most likely classes")
+    p.add_argument("--k", type=_positive_int, default=5, help="classes per image for --format top-k (default 5)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="average the original and flipped views' models, as the submission does "
+                        "(default); --no-tta uses the original view's models only")
+    p.add_argument("--batch-size", type=_positive_int, help="images per forward batch (default: the run's)")
+    p.add_argument("--weights", help="backbone weights (default: the run's); refused unless they are the "
+                                     "ones the run was trained on")
+
+    p = sub.add_parser("report", help="rebuild RUN/report.html: curves, metrics, calibration, errors")
+    p.add_argument("--run", required=True, help="trained run folder")
     return parser
 
 
@@ -225,8 +245,33 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
           f"test images, {len(summary['classes'])} classes ({', '.join(summary['classes'])})")
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from transfer_ensemble import predict
+
+    result = predict.predict_to_csv(args.run, args.images, args.out, fmt=args.format, k=args.k,
+                                    tta=args.tta, batch_size=args.batch_size, weights=args.weights)
+    what = "class probabilities" if result["format"] == "probabilities" else f"top {result['k']} classes"
+    views = "original + flipped views" if result["tta"] else "original view only (--no-tta)"
+    print(f"wrote {result['out']}: {result['images']} images, {what} of {result['classes']}, the average "
+          f"of {result['models']} models ({views})")
+    rate = f" ({result['computed'] / result['extract_seconds']:.1f} images/s)" \
+        if result["computed"] and result["extract_seconds"] > 0 else ""
+    print(f"features: {result['computed']} computed in {result['extract_seconds']:.1f} s{rate}, "
+          f"{result['reused']} reused from {result['cache']}")
+    shown = ", ".join(f"{name} {n}" for name, n in list(result["predicted"].items())[:10])
+    more = f", and {len(result['predicted']) - 10} more classes" if len(result["predicted"]) > 10 else ""
+    print(f"most likely class: {shown}{more}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from transfer_ensemble import report
+
+    path = report.rebuild(args.run)
+    print(f"wrote {path} and its images in {path.parent / report.PNG_DIR}")
+
+
 COMMANDS = {"extract": cmd_extract, "train": cmd_train, "submit": cmd_submit, "run": cmd_run,
-            "demo-data": cmd_demo_data}
+            "demo-data": cmd_demo_data, "predict": cmd_predict, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -199,6 +199,9 @@ def train(run_dir: str | Path, config: TrainConfig) -> dict:
         if dataset.test_is_labelled:
             metrics["holdout"] = _holdout_metrics(run_data, heads_dir, config.folds)
         write_json(run_dir / "metrics.json", metrics)
+        from transfer_ensemble.report import write_report
+
+        write_report(run_dir)
         return metrics
 
 

@@ -1,0 +1,430 @@
+"""A report a person can read: ``RUN/report.html`` (self-contained) and its PNGs in ``RUN/report/``.
+
+Built from what ``train`` leaves in the run folder (config.json, dataset.json, metrics.json, the
+fold histories and the out-of-fold predictions), with matplotlib's Agg canvas and no pyplot
+state. Sections: loss curves of every fold model, the out-of-fold scores, a reliability diagram
+of the OOF ensemble, the most confused class pairs, per-class accuracy, and the most
+confidently wrong training images.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import textwrap
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from transfer_ensemble import ensemble, images
+from transfer_ensemble.errors import UserError
+from transfer_ensemble.features import VIEWS
+from transfer_ensemble.storage import read_json, run_lock, write_atomic
+
+log = logging.getLogger(__name__)
+
+HTML_NAME = "report.html"
+PNG_DIR = "report"
+TOP_PAIRS = 20
+WRONG_IMAGES = 24
+WRONG_COLUMNS = 6
+CALIBRATION_BINS = 10
+THUMBNAIL = 200
+DPI = 100
+TRAIN_COLOR = "#1f77b4"
+VAL_COLOR = "#d62728"
+
+
+@dataclass
+class RunRecord:
+    """Everything the report shows, read from a trained run folder."""
+
+    run_dir: Path
+    config: dict
+    metrics: dict
+    classes: list[str]
+    data_root: Path
+    train_paths: list[Path]
+    labels: np.ndarray
+    histories: dict[str, list[dict]]
+    oof: np.ndarray
+    n_test: int
+
+
+def load_record(run_dir: str | Path) -> RunRecord:
+    run_dir = Path(run_dir)
+    missing = [name for name in ("config.json", "dataset.json", "metrics.json") if not (run_dir / name).exists()]
+    if missing:
+        raise UserError(f"{run_dir} has no trained heads ({', '.join(missing)} missing). Run "
+                        f"`transfer-ensemble train --run {run_dir}` first; it writes the report itself.")
+    config = read_json(run_dir / "config.json")
+    dataset = read_json(run_dir / "dataset.json")
+    folds = int(config["train"]["folds"])
+    histories: dict[str, list[dict]] = {}
+    for view in VIEWS:
+        histories[view] = []
+        for fold in range(folds):
+            path = run_dir / "heads" / view / f"fold{fold}" / "history.json"
+            if not path.exists():
+                raise UserError(f"{path} is missing: the run's training is unfinished. Run "
+                                f"`transfer-ensemble train --run {run_dir}` to finish it.")
+            histories[view].append(read_json(path))
+    oof = ensemble.average([np.load(run_dir / "heads" / f"oof_{view}.npy") for view in VIEWS])
+    root = Path(dataset["root"])
+    return RunRecord(run_dir, config, read_json(run_dir / "metrics.json"), list(dataset["classes"]), root,
+                     [root / row["path"] for row in dataset["train"]],
+                     np.array([row["label"] for row in dataset["train"]], dtype=np.int64),
+                     histories, oof, len(dataset["test"]))
+
+
+def rebuild(run_dir: str | Path) -> Path:
+    """`transfer-ensemble report`: rebuild the report while holding the run folder's lock."""
+    with run_lock(run_dir):
+        return write_report(run_dir)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN/report/*.png and RUN/report.html; returns the HTML path."""
+    record = load_record(run_dir)
+    sections = [
+        _loss_section(record),
+        _scores_section(record),
+        _calibration_section(record),
+        *_confusion_sections(record),
+        _wrong_images_section(record),
+    ]
+    folder = record.run_dir / PNG_DIR
+    for section in sections:
+        for name, png in section.images:
+            write_atomic(folder / name, lambda tmp, png=png: tmp.write_bytes(png), suffix=".png")
+    path = record.run_dir / HTML_NAME
+    page = _page(record, sections)
+    write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"), suffix=".html")
+    log.info("wrote the report %s", path)
+    return path
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    body: str
+    images: list[tuple[str, bytes]]
+
+
+def _figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _img(name: str, png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" data-file="{html.escape(name)}">'
+
+
+def _short(name: str, width: int = 32) -> str:
+    return name if len(name) <= width else name[:width - 1] + "\u2026"
+
+
+def _loss_section(record: RunRecord) -> Section:
+    folds = len(record.histories[VIEWS[0]])
+    columns = min(folds, 5)
+    blocks = -(-folds // columns)
+    rows = blocks * len(VIEWS)
+    figure = _figure(10.5 if columns >= 3 else 3.6 * columns + 0.6, 2.4 * rows + 0.5)
+    axes = figure.subplots(rows, columns, squeeze=False, sharey=True)
+    for v, view in enumerate(VIEWS):
+        for fold, history in enumerate(record.histories[view]):
+            ax = axes[v * blocks + fold // columns][fold % columns]
+            epochs = np.arange(1, len(history["loss"]) + 1)
+            ax.plot(epochs, history["loss"], color=TRAIN_COLOR, label="training loss")
+            ax.plot(epochs, history["val_loss"], color=VAL_COLOR, label="validation loss")
+            best = int(history["best_epoch"])
+            ax.axvline(best, color="0.4", linestyle="--", linewidth=1, label="early-stopping epoch")
+            ax.plot([best], [history["val_loss"][best - 1]], "o", color=VAL_COLOR)
+            ax.set_title(f"{view}, fold {fold}: best epoch {best}", fontsize=9)
+            ax.tick_params(labelsize=8)
+            ax.ticklabel_format(axis="y", useOffset=False)
+            ax.grid(alpha=0.3)
+            if len(epochs) <= 12:
+                ax.set_xticks(epochs)
+        for fold in range(folds, blocks * columns):
+            axes[v * blocks + fold // columns][fold % columns].set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("log loss", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside upper center", ncols=3, fontsize=9, frameon=False)
+    png = _png(figure)
+    body = (f"<p>Training loss (with dropout active) and validation-fold loss per epoch for each of the "
+            f"{len(VIEWS) * folds} fold models. The dashed line marks the epoch whose weights early "
+            f"stopping kept (lowest validation loss).</p>\n" + _img("loss_curves.png", png, "loss curves"))
+    return Section("loss", "Training and validation loss", body, [("loss_curves.png", png)])
+
+
+def _table(header: list[str], rows: list[list], numeric_from: int = 1) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    lines = []
+    for row in rows:
+        cells = []
+        for i, value in enumerate(row):
+            text = f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
+            cells.append(f'<td class="num">{text}</td>' if i >= numeric_from else f"<td>{text}</td>")
+        lines.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(lines) + "\n</tbody></table>"
+
+
+def _scores_section(record: RunRecord) -> Section:
+    oof = record.metrics["oof"]
+    rows = [[f"{r['view']}, fold {r['fold']}", r["n"], r["best_epoch"], r["log_loss"], r["accuracy"]]
+            for r in oof["per_fold"]]
+    rows += [[f"{view}, all folds (OOF)", s["n"], "", s["log_loss"], s["accuracy"]]
+             for view, s in oof["per_view"].items()]
+    e = oof["ensemble"]
+    rows.append(["ensemble of both views (OOF)", e["n"], "", e["log_loss"], e["accuracy"]])
+    table = _table(["model", "images", "best epoch", "log loss", "accuracy"], rows)
+    body = ("<p>Each fold model scored on its own validation fold; then each view's out-of-fold (OOF) "
+            "predictions over all training images, and the average of both views, which is how the "
+            "submission combines them. Lower log loss is better.</p>\n" + table)
+    holdout = record.metrics.get("holdout")
+    if holdout:
+        hold_rows = [[f"{name} (test)", s["n"], s["log_loss"], s["accuracy"]] for name, s in holdout.items()]
+        body += ("\n<p>The test images are labelled (a hold-out set): the same scores on them.</p>\n"
+                 + _table(["model", "images", "log loss", "accuracy"], hold_rows))
+    return Section("scores", "Out-of-fold scores", body, [])
+
+
+def calibration(probabilities: np.ndarray, labels: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
+    """Per confidence bin: mean confidence, accuracy and count; and the expected calibration error."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    count = np.bincount(index, minlength=bins)
+    safe = np.maximum(count, 1)
+    mean_conf = np.bincount(index, weights=confidence, minlength=bins) / safe
+    accuracy = np.bincount(index, weights=correct.astype(float), minlength=bins) / safe
+    ece = float(np.sum(count / max(len(labels), 1) * np.abs(accuracy - mean_conf)))
+    return {"edges": edges, "count": count, "confidence": mean_conf, "accuracy": accuracy, "ece": ece}
+
+
+def _calibration_section(record: RunRecord) -> Section:
+    cal = calibration(record.oof, record.labels)
+    figure = _figure(7.5, 6.2)
+    top, bottom = figure.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    used = cal["count"] > 0
+    centers = (cal["edges"][:-1] + cal["edges"][1:]) / 2
+    width = cal["edges"][1] - cal["edges"][0]
+    top.plot([0, 1], [0, 1], color="0.5", linestyle="--", label="perfect calibration")
+    top.bar(centers[used], cal["accuracy"][used], width=width * 0.9, color=TRAIN_COLOR, alpha=0.75,
+            edgecolor="white", label="accuracy in the bin")
+    top.plot(cal["confidence"][used], cal["accuracy"][used], "o-", color=VAL_COLOR,
+             label="mean confidence vs accuracy")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.set_title(f"OOF ensemble, {len(record.labels)} training images: expected calibration error "
+                  f"{cal['ece']:.3f}", fontsize=10)
+    top.legend(loc="upper left", fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.bar(centers, cal["count"], width=width * 0.9, color="0.55", edgecolor="white")
+    bottom.set_xlabel("confidence (probability of the predicted class)")
+    bottom.set_ylabel("images")
+    bottom.grid(alpha=0.3)
+    png = _png(figure)
+    body = (f"<p>The out-of-fold ensemble's predictions grouped by confidence in {CALIBRATION_BINS} bins. "
+            f"Bars on the diagonal mean the probabilities can be taken at face value; bars below it, "
+            f"over-confidence; above it, under-confidence. Expected calibration error: "
+            f"<b>{cal['ece']:.3f}</b>. Below: how many images fall in each bin.</p>\n"
+            + _img("calibration.png", png, "reliability diagram"))
+    return Section("calibration", "Calibration (reliability diagram)", body, [("calibration.png", png)])
+
+
+def confusion(probabilities: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, probabilities.argmax(axis=1)), 1)
+    return matrix
+
+
+def confused_pairs(matrix: np.ndarray, top: int = TOP_PAIRS) -> list[tuple[int, int, int]]:
+    """(true class, predicted class, count) of the most frequent errors, most first."""
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    pairs = [(int(t), int(p), int(off[t, p])) for t, p in zip(*np.nonzero(off))]
+    pairs.sort(key=lambda x: (-x[2], x[0], x[1]))
+    return pairs[:top]
+
+
+def _confusion_sections(record: RunRecord) -> list[Section]:
+    matrix = confusion(record.oof, record.labels, len(record.classes))
+    per_class = matrix.sum(axis=1)
+    pairs = confused_pairs(matrix)
+    names = record.classes
+    if pairs:
+        figure = _figure(9, max(2.6, 0.32 * len(pairs) + 1.2))
+        ax = figure.subplots()
+        y = np.arange(len(pairs))
+        ax.barh(y, [n for _, _, n in pairs], color=VAL_COLOR, alpha=0.8)
+        ax.set_yticks(y, [f"{_short(names[t])} \u2192 {_short(names[p])}" for t, p, _ in pairs], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("training images (out-of-fold)")
+        ax.set_title(f"The {len(pairs)} most frequent errors: true class \u2192 predicted class", fontsize=10)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(axis="x", alpha=0.3)
+        png = _png(figure)
+        rows = [[names[t], names[p], n, f"{100 * n / per_class[t]:.1f}%"] for t, p, n in pairs]
+        body = (f"<p>Where the out-of-fold ensemble goes wrong most often (of {int(matrix.sum())} training "
+                f"images, {int(matrix.sum() - np.trace(matrix))} are misclassified).</p>\n"
+                + _img("confused_pairs.png", png, "most confused class pairs")
+                + _table(["true class", "predicted as", "images", "share of the true class"], rows, 2))
+        pair_section = Section("confused", f"The {len(pairs)} most confused class pairs", body,
+                               [("confused_pairs.png", png)])
+    else:
+        pair_section = Section("confused", "Most confused class pairs",
+                               "<p>The out-of-fold ensemble classifies every training image correctly: "
+                               "no class is confused with another.</p>", [])
+
+    accuracy = np.diag(matrix) / np.maximum(per_class, 1)
+    order = np.argsort(accuracy, kind="stable")
+    figure = _figure(9, max(2.6, 0.22 * len(order) + 1.2))
+    ax = figure.subplots()
+    y = np.arange(len(order))
+    ax.barh(y, accuracy[order], color=TRAIN_COLOR, alpha=0.8)
+    ax.set_yticks(y, [f"{_short(names[c])} ({per_class[c]})" for c in order],
+                  fontsize=8 if len(order) <= 60 else 6)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.axvline(float(np.trace(matrix) / max(matrix.sum(), 1)), color="0.3", linestyle="--", linewidth=1,
+               label="overall accuracy")
+    ax.set_xlabel("accuracy (out-of-fold)")
+    ax.set_title("Per-class accuracy, worst first (training images per class in brackets)", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    png = _png(figure)
+    worst = ", ".join(f"{html.escape(names[c])} ({accuracy[c]:.0%})" for c in order[:5])
+    body = (f"<p>The share of each class's training images that the out-of-fold ensemble gets right. "
+            f"Worst: {worst}.</p>\n" + _img("per_class_accuracy.png", png, "per-class accuracy"))
+    class_section = Section("per-class", "Per-class accuracy, worst first", body,
+                            [("per_class_accuracy.png", png)])
+    return [pair_section, class_section]
+
+
+def _thumbnail(path: Path) -> np.ndarray | None:
+    try:
+        image = images.decode(path)
+    except images.ImageReadError:
+        return None
+    h, w = image.shape[:2]
+    scale = THUMBNAIL / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+def _wrong_images_section(record: RunRecord) -> Section:
+    predicted = record.oof.argmax(axis=1)
+    confidence = record.oof[np.arange(len(predicted)), predicted]
+    wrong = np.flatnonzero(predicted != record.labels)
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:WRONG_IMAGES]
+    if not len(wrong):
+        return Section("wrong", "Most confidently wrong training images",
+                       "<p>No training image is misclassified out of fold.</p>", [])
+    columns = min(WRONG_COLUMNS, len(wrong))
+    rows = -(-len(wrong) // columns)
+    figure = _figure(1.85 * columns, 2.45 * rows)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    names = record.classes
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, i in zip(axes.flat, wrong):
+        thumb = _thumbnail(record.train_paths[i])
+        if thumb is None:
+            ax.text(0.5, 0.5, "image not readable", ha="center", va="center", fontsize=8, color="0.4")
+        else:
+            ax.imshow(thumb)
+        true_name = textwrap.shorten(names[record.labels[i]].replace("_", " "), 26, placeholder="\u2026")
+        pred_name = textwrap.shorten(names[predicted[i]].replace("_", " "), 26, placeholder="\u2026")
+        ax.set_title(f"true: {true_name}\npred: {pred_name} ({confidence[i]:.2f})", fontsize=8.5,
+                     color="#8b0000")
+    png = _png(figure)
+    rows_html = [[record.train_paths[i].relative_to(record.data_root)
+                  if record.train_paths[i].is_relative_to(record.data_root) else record.train_paths[i],
+                  names[record.labels[i]], names[predicted[i]], float(confidence[i]),
+                  float(record.oof[i, record.labels[i]])] for i in wrong]
+    body = (f"<p>The {len(wrong)} training images the out-of-fold ensemble gets wrong with the highest "
+            f"confidence, true and predicted class (with its probability). Often a mislabelled image, "
+            f"or two classes that are hard to tell apart.</p>\n"
+            + _img("confidently_wrong.png", png, "most confidently wrong training images")
+            + _table(["image", "true class", "predicted", "p(predicted)", "p(true)"],
+                     [[str(r[0]), *r[1:]] for r in rows_html], 3))
+    return Section("wrong", "Most confidently wrong training images", body, [("confidently_wrong.png", png)])
+
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
+       margin: 0 auto; max-width: 1100px; padding: 1.5em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
+.sub { color: #666; margin-top: 0; }
+.warn { background: #fff4e5; border-left: 4px solid #f0a020; padding: 0.6em 1em; }
+nav a { margin-right: 1em; }
+img { max-width: 100%; height: auto; display: block; margin: 0.8em 0; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ddd; padding: 0.3em 0.7em; text-align: left; }
+th { background: #f4f4f4; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1.2em; }
+dt { color: #666; } dd { margin: 0; }
+"""
+
+
+def _summary(record: RunRecord) -> str:
+    extract = record.config.get("extract", {})
+    train = record.config.get("train", {})
+    versions = record.config.get("versions", {})
+    size = extract.get("image_size") or "native"
+    e = record.metrics["oof"]["ensemble"]
+    items = [
+        ("run folder", str(record.run_dir)),
+        ("data", f"{record.data_root} ({len(record.labels)} training images, {record.n_test} test images, "
+                 f"{len(record.classes)} classes)"),
+        ("backbones", f"{', '.join(extract.get('backbones', []))} at {size} px, "
+                      f"{extract.get('precision', 'float32')}, weights {extract.get('weights')}"),
+        ("heads", f"{train.get('folds')} folds x {len(VIEWS)} views, at most {train.get('epochs')} epochs, "
+                  f"patience {train.get('patience')}, dropout {train.get('dropout')}, "
+                  f"learning rate {train.get('learning_rate')}"),
+        ("OOF ensemble", f"log loss {e['log_loss']:.4f}, accuracy {e['accuracy']:.4f}"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)),
+    ]
+    rows = "\n".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items)
+    warn = ""
+    if extract.get("weights") == "random":
+        warn = ('<p class="warn">This run used <b>--weights random</b>: the backbones are untrained, so '
+                'its features and scores mean nothing. Use it only as a smoke test.</p>\n')
+    return warn + f"<dl>\n{rows}\n</dl>"
+
+
+def _page(record: RunRecord, sections: list[Section]) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    nav = " ".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in sections)
+    parts = [f'<section id="{s.id}">\n<h2>{html.escape(s.title)}</h2>\n{s.body}\n</section>' for s in sections]
+    title = f"transfer-ensemble report: {record.run_dir.name}"
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+            f"<h1>{html.escape(title)}</h1>\n<p class=\"sub\">Written {stamp}.</p>\n"
+            f"{_summary(record)}\n<nav>{nav}</nav>\n" + "\n".join(parts) + "\n</body>\n</html>\n")
