@@ -140,7 +140,7 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock_file = open(run_dir / ".lock", "a+")
+        lock_file = _open_lock_file(run_dir / ".lock")
     except OSError as exc:
         raise _disk_error(run_dir, exc) from None
     try:
@@ -154,10 +154,25 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
                 f"(pid {owner}). Two processes writing one run folder would corrupt it. Wait for "
                 f"that process to finish, or use another --run folder."
             ) from None
-        lock_file.seek(0)
-        lock_file.truncate()
-        lock_file.write(str(os.getpid()))
-        lock_file.flush()
+        if lock_file.writable():
+            lock_file.seek(0)
+            lock_file.truncate()
+            lock_file.write(str(os.getpid()))
+            lock_file.flush()
         yield
     finally:
         lock_file.close()
+
+
+def _open_lock_file(path: Path):
+    """Open the lock file for writing our pid; read-only when the folder is (flock works on both).
+
+    A read-only run folder can still be read by `submit`; a step that writes fails at its first
+    write with a clear message.
+    """
+    try:
+        return open(path, "a+")
+    except OSError as exc:
+        if exc.errno not in NOT_WRITABLE_ERRNOS or not path.exists():
+            raise
+        return open(path, "r")

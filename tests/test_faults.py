@@ -1,0 +1,281 @@
+"""Faults: SIGKILL during `train` and `submit`, a full disk, an unwritable folder, two processes.
+
+`extract` killed and resumed is covered in tests/test_feature_cache.py. One extracted run folder
+is shared by the module and copied (cheaply) for each test that changes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import FAST_TRAIN, TINY, make_kaggle, run_cli
+from transfer_ensemble import cli, storage
+from transfer_ensemble.crossval import fold_dir
+from transfer_ensemble.features import VIEWS
+
+FOLDS = 2
+JOBS = [(view, fold) for view in VIEWS for fold in range(FOLDS)]
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("faults")
+    data = make_kaggle(base / "data", n_classes=3, per_class=4, n_test=5)
+    run = base / "extracted"
+    result = run_cli("extract", "--data", str(data), "--run", str(run), "--backbones", "xception",
+                     "--weights", "random", "--image-size", str(TINY), "--batch-size", "8")
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(extracted: Path) -> dict:
+    """An uninterrupted train + submit: what every interrupted run must end up equal to."""
+    run = extracted.with_name("reference")
+    shutil.copytree(extracted, run)
+    assert run_cli("train", "--run", str(run), *FAST_TRAIN).returncode == 0
+    out = run.parent / "reference.csv"
+    start = time.perf_counter()
+    assert run_cli("submit", "--run", str(run), "--out", str(out)).returncode == 0
+    return {"run": run, "submit_seconds": time.perf_counter() - start, "metrics": json.loads((run / "metrics.json").read_text()), "csv": out.read_bytes(),
+            "test_pred": {job: np.load(fold_dir(run / "heads", *job) / "test_pred.npy") for job in JOBS},
+            "oof": {view: np.load(run / "heads" / f"oof_{view}.npy") for view in VIEWS}}
+
+
+def copy_run(source: Path, tmp_path: Path, name: str = "run") -> Path:
+    return Path(shutil.copytree(source, tmp_path / name))
+
+
+def assert_same_results(run: Path, reference: dict) -> None:
+    assert json.loads((run / "metrics.json").read_text()) == reference["metrics"]
+    for job in JOBS:
+        np.testing.assert_array_equal(np.load(fold_dir(run / "heads", *job) / "test_pred.npy"),
+                                      reference["test_pred"][job])
+    for view in VIEWS:
+        np.testing.assert_array_equal(np.load(run / "heads" / f"oof_{view}.npy"), reference["oof"][view])
+
+
+def temporary_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob(".*") if ".tmp" in p.name]
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+# ---- SIGKILL ---------------------------------------------------------------------------------
+
+def test_train_killed_after_a_fold_resumes_without_retraining_it(extracted: Path, reference: dict,
+                                                                 tmp_path: Path) -> None:
+    run = copy_run(extracted, tmp_path)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "transfer_ensemble", "train", "--run", str(run), *FAST_TRAIN],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "original fold 0: val log loss" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+
+    first = fold_dir(run / "heads", "original", 0)
+    assert (first / "done.json").exists()
+    unfinished = [job for job in JOBS if not (fold_dir(run / "heads", *job) / "done.json").exists()]
+    assert unfinished, "the kill came too late: every fold had finished"
+    assert not (run / "metrics.json").exists()
+    finished_files = mtimes(first)
+
+    result = run_cli("train", "--run", str(run), *FAST_TRAIN)
+    assert result.returncode == 0, result.stderr
+    assert f"reusing {len(JOBS) - len(unfinished)} finished fold models; training {len(unfinished)}" in result.stderr
+    assert "original fold 0: val log loss" not in result.stderr
+    assert mtimes(first) == finished_files, "a finished fold was written again"
+    assert_same_results(run, reference)
+    assert temporary_files(run / "heads") == []
+
+
+SUBMIT_DIES_WHILE_WRITING = """
+import os, signal, sys
+import pandas as pd
+real_to_csv = pd.DataFrame.to_csv
+
+def to_csv_then_die(self, path, *args, **kwargs):
+    real_to_csv(self, path, *args, **kwargs)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+pd.DataFrame.to_csv = to_csv_then_die
+from transfer_ensemble.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_submit_killed_while_writing_leaves_no_csv_or_the_old_complete_one(reference: dict,
+                                                                           tmp_path: Path) -> None:
+    out = tmp_path / "subs" / "sub.csv"
+    killed = subprocess.run([sys.executable, "-c", SUBMIT_DIES_WHILE_WRITING, "submit", "--run",
+                             str(reference["run"]), "--out", str(out)], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists(), "a half-written submission is visible under its final name"
+
+    old = b"id,a,b\nx,0.5,0.5\n"
+    out.write_bytes(old)
+    killed = subprocess.run([sys.executable, "-c", SUBMIT_DIES_WHILE_WRITING, "submit", "--run",
+                             str(reference["run"]), "--out", str(out)], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert out.read_bytes() == old
+    leftovers = [p.name for p in out.parent.iterdir() if p != out]
+    assert leftovers and all(name.startswith(".sub.csv.") for name in leftovers), leftovers
+
+    assert run_cli("submit", "--run", str(reference["run"]), "--out", str(out)).returncode == 0
+    assert out.read_bytes() == reference["csv"]
+
+
+@pytest.mark.parametrize("fraction", [0.7, 0.85, 0.95, 1.0])
+def test_submit_killed_at_any_moment_leaves_no_csv_or_a_complete_one(reference: dict, tmp_path: Path,
+                                                                      fraction: float) -> None:
+    """Killed late in its run (most of a submit is starting Python): the CSV is absent or whole."""
+    out = tmp_path / "sub.csv"
+    delay = fraction * reference["submit_seconds"]
+    proc = subprocess.Popen([sys.executable, "-m", "transfer_ensemble", "submit", "--run", str(reference["run"]),
+                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not out.exists() or out.read_bytes() == reference["csv"]
+
+
+# ---- full disk, unwritable folders -----------------------------------------------------------
+
+def test_full_disk_while_writing_the_submission_keeps_the_old_file(reference: dict, tmp_path: Path,
+                                                                   monkeypatch, capsys) -> None:
+    out = tmp_path / "sub.csv"
+    out.write_bytes(reference["csv"][:40] + b"... an older submission\n")
+    old = out.read_bytes()
+
+    def half_then_full(self, path, *args, **kwargs):
+        Path(path).write_text("id,class_2,class_1,class_0\nte04,0.3")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", half_then_full)
+    code = cli.main(["submit", "--run", str(reference["run"]), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"Could not write {out}: the disk is full." in err and "run the same command again" in err
+    assert out.read_bytes() == old
+    assert sorted(tmp_path.iterdir()) == [out], "the temporary file must be removed"
+
+
+def test_full_disk_during_train_then_rerun_gives_the_same_result(extracted: Path, reference: dict,
+                                                                 tmp_path: Path, monkeypatch, capsys) -> None:
+    run = copy_run(extracted, tmp_path)
+    real_save = np.save
+    calls = []
+
+    def save_until_full(file, array, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second array of the first fold: val_index.npy is done, val_pred.npy is not
+            file.write(b"\x93NUMPY half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(file, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", save_until_full)
+    code = cli.main(["train", "--run", str(run), *FAST_TRAIN])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    first = fold_dir(run / "heads", "original", 0)
+    assert f"Could not write {first / 'val_pred.npy'}: the disk is full" in err
+    assert not (first / "val_pred.npy").exists() and not (first / "done.json").exists()
+    assert temporary_files(run) == []
+
+    monkeypatch.setattr(np, "save", real_save)
+    assert cli.main(["train", "--run", str(run), *FAST_TRAIN]) == 0
+    assert_same_results(run, reference)
+
+
+def test_run_folder_under_a_file_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("a file, not a folder")
+    data = make_kaggle(tmp_path / "data")
+    code = cli.main(["extract", "--data", str(data), "--run", str(blocker / "run"), "--weights", "random"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert f"Could not write {blocker / 'run'}: a part of that path is an existing file, not a folder." in err
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def test_submission_path_under_a_file_is_a_clear_error(reference: dict, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "subs"
+    blocker.write_text("")
+    code = cli.main(["submit", "--run", str(reference["run"]), "--out", str(blocker / "sub.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"Could not write {blocker / 'sub.csv'}: a part of that path is an existing file" in err
+
+
+@pytest.mark.parametrize("err_no, why", [(errno.EROFS, "the file system is read-only"),
+                                         (errno.EACCES, "the folder is not writable (permission denied)")])
+def test_unwritable_run_folder_is_a_clear_error(reference: dict, tmp_path: Path, monkeypatch, capsys,
+                                                err_no: int, why: str) -> None:
+    """As root, chmod does not stop writes: the OS refusal is simulated where files are created."""
+    run = copy_run(reference["run"], tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    def refuse(*args, **kwargs):
+        raise OSError(err_no, os.strerror(err_no), kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    code = cli.main(["train", "--run", str(run), *FAST_TRAIN, "--epochs", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"Could not write {run / 'config.json'}: {why}." in err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+# ---- two processes on one run folder ---------------------------------------------------------
+
+def test_second_process_on_a_locked_run_folder_refuses(reference: dict, tmp_path: Path) -> None:
+    run = reference["run"]
+    with storage.run_lock(run):
+        for args in (["train", "--run", str(run), *FAST_TRAIN], ["submit", "--run", str(run), "--out",
+                                                                  str(tmp_path / "s.csv")]):
+            result = run_cli(*args)
+            assert result.returncode == 2 and "Traceback" not in result.stderr
+            assert (f"The run folder {run} is in use by another transfer-ensemble process "
+                    f"(pid {os.getpid()})") in result.stderr
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_dead_holder_does_not_keep_the_lock(reference: dict, tmp_path: Path) -> None:
+    run = copy_run(reference["run"], tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from transfer_ensemble import storage\n"
+                               "with storage.run_lock(sys.argv[1]):\n print('locked', flush=True); time.sleep(120)",
+                               str(run)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    assert run_cli("submit", "--run", str(run), "--out", str(tmp_path / "s.csv")).returncode == 2
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    holder.stdout.close()
+    assert (run / ".lock").read_text() == str(holder.pid), "the dead pid is still written there"
+    result = run_cli("submit", "--run", str(run), "--out", str(tmp_path / "s.csv"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "s.csv").read_bytes() == reference["csv"]
