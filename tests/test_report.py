@@ -1,0 +1,182 @@
+"""The run report: every section, valid embedded PNGs, and the numbers behind the plots.
+
+The run folder here is written by hand in the format `train` leaves (no TensorFlow, so these
+tests take seconds); tests/test_predict.py checks that a real `train` writes the report.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import draw, run_cli, save_rgb
+from transfer_ensemble import ensemble, report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SECTIONS = {"loss": "Training and validation loss", "scores": "Out-of-fold scores",
+            "calibration": "Calibration", "confused": "most confused class pairs",
+            "per-class": "Per-class accuracy, worst first", "wrong": "Most confidently wrong training images"}
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def make_run(base: Path, n_classes: int = 25, per_class: int = 8, folds: int = 3, accuracy: float = 0.6,
+             seed: int = 0) -> Path:
+    """A trained run folder as `train` writes it, with made-up predictions of a given accuracy."""
+    rng = np.random.default_rng(seed)
+    data, run = base / "data", base / "run"
+    classes = [f"breed_{c:02d}_with_a_long_name" for c in range(n_classes)]
+    rows = []
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            rel = f"train/{name}/img{i}.png"
+            save_rgb(data / rel, draw(c, rng))
+            rows.append({"id": f"train/{name}/img{i}", "path": rel, "label": c})
+    labels = np.array([r["label"] for r in rows])
+    _write(run / "dataset.json", {"root": str(data), "layout": "folders", "classes": classes, "train": rows,
+                                  "test": [{"id": "t0", "path": "test/t0.png", "label": None}],
+                                  "bad_test_ids": []})
+    _write(run / "config.json", {"extract": {"backbones": ["xception", "inception_v3"], "weights": "random",
+                                             "image_size": 75, "batch_size": 8, "precision": "float32",
+                                             "seed": 0},
+                                 "train": {"folds": folds, "seed": 0, "epochs": 12, "patience": 3,
+                                           "dropout": 0.5, "batch_size": 128, "learning_rate": 0.001},
+                                 "classes": classes, "versions": {"python": "3.11"}})
+    assignment = np.arange(len(labels)) % folds
+    per_fold = []
+    for view in ("original", "flipped"):
+        logits = rng.normal(size=(len(labels), n_classes))
+        right = rng.random(len(labels)) < accuracy
+        logits[np.arange(len(labels)), np.where(right, labels, (labels + 1 + labels % 3) % n_classes)] += 4
+        oof = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        (run / "heads").mkdir(exist_ok=True)
+        np.save(run / "heads" / f"oof_{view}.npy", oof.astype(np.float32))
+        for fold in range(folds):
+            epochs = int(rng.integers(5, 13))
+            best = int(rng.integers(1, epochs + 1))
+            val = assignment == fold
+            score = ensemble.score(labels[val], oof[val])
+            _write(run / "heads" / view / f"fold{fold}" / "history.json",
+                   {"loss": list(np.linspace(2, 0.5, epochs)), "val_loss": list(np.linspace(2.1, 0.8, epochs)),
+                    "accuracy": [0.5] * epochs, "val_accuracy": [0.5] * epochs, "best_epoch": best,
+                    "epochs_run": epochs, "fold": fold, "view": view, "val_log_loss": score["log_loss"],
+                    "val_accuracy": score["accuracy"], "val_n": score["n"]})
+            per_fold.append({"view": view, "fold": fold, "log_loss": score["log_loss"],
+                             "accuracy": score["accuracy"], "n": score["n"], "best_epoch": best})
+    oofs = [np.load(run / "heads" / f"oof_{v}.npy") for v in ("original", "flipped")]
+    _write(run / "metrics.json", {"oof": {"per_fold": per_fold,
+                                          "per_view": {v: ensemble.score(labels, p)
+                                                       for v, p in zip(("original", "flipped"), oofs)},
+                                          "ensemble": ensemble.score(labels, ensemble.average(oofs))}})
+    return run
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("report"))
+    path = report.write_report(run)
+    return run, path.read_text(encoding="utf-8")
+
+
+def _embedded(page: str) -> dict[str, bytes]:
+    found = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="[^"]*" data-file="([^"]+)">',
+                       page)
+    return {name: base64.b64decode(data) for data, name in found}
+
+
+def test_the_report_has_every_section(built):
+    run, page = built
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    for section, title in SECTIONS.items():
+        assert f'<section id="{section}">' in page and f'href="#{section}"' in page
+        assert title in page
+    assert "--weights random" in page
+    assert "ensemble of both views (OOF)" in page
+
+
+def test_embedded_images_are_valid_pngs_and_match_the_files(built):
+    run, page = built
+    embedded = _embedded(page)
+    assert set(embedded) == {"loss_curves.png", "calibration.png", "confused_pairs.png",
+                             "per_class_accuracy.png", "confidently_wrong.png"}
+    assert page.count("<img ") == len(embedded)
+    for name, png in embedded.items():
+        assert png.startswith(PNG_SIGNATURE), name
+        image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert image is not None and image.ndim == 3 and image.shape[2] in (3, 4), name
+        assert 150 <= image.shape[0] <= 8000 and 300 <= image.shape[1] <= 2000, (name, image.shape)
+        assert image.std() > 0, f"{name} is blank"
+        assert (run / "report" / name).read_bytes() == png
+    assert not re.search(r'(src|href)="(?!data:|#)', page), "the report must not link to outside files"
+
+
+def test_tables_hold_the_scores_pairs_and_wrong_images(built):
+    run, page = built
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert f"{metrics['oof']['ensemble']['log_loss']:.4f}" in page
+    for row in metrics["oof"]["per_fold"]:
+        assert f"{row['view']}, fold {row['fold']}" in page
+    confused = page.split('<section id="confused">')[1].split("</section>")[0]
+    assert confused.count("<tr><td>") == 20
+    wrong = page.split('<section id="wrong">')[1].split("</section>")[0]
+    assert wrong.count("<tr><td>") == report.WRONG_IMAGES
+    assert "train/breed_" in wrong
+
+
+def test_confused_pairs_and_per_class_numbers():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    predicted = np.array([1, 1, 0, 1, 2, 0, 2, 2])
+    probabilities = np.eye(3)[predicted]
+    matrix = report.confusion(probabilities, labels, 3)
+    assert matrix.tolist() == [[1, 2, 0], [0, 1, 1], [1, 0, 2]]
+    assert report.confused_pairs(matrix) == [(0, 1, 2), (1, 2, 1), (2, 0, 1)]
+    assert report.confused_pairs(matrix, top=1) == [(0, 1, 2)]
+
+
+def test_calibration_bins_and_error():
+    probabilities = np.array([[0.95, 0.05], [0.95, 0.05], [0.55, 0.45], [0.45, 0.55]])
+    labels = np.array([0, 1, 0, 0])
+    cal = report.calibration(probabilities, labels)
+    assert cal["count"].tolist() == [0, 0, 0, 0, 0, 2, 0, 0, 0, 2]
+    np.testing.assert_allclose(cal["accuracy"][[5, 9]], [0.5, 0.5])
+    np.testing.assert_allclose(cal["confidence"][[5, 9]], [0.55, 0.95])
+    assert cal["ece"] == pytest.approx(0.5 * 0.05 + 0.5 * 0.45)
+
+
+def test_a_perfect_run_says_so_instead_of_empty_plots(tmp_path):
+    run = make_run(tmp_path, n_classes=3, per_class=4, folds=2, accuracy=1.0)
+    page = report.write_report(run).read_text()
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page
+    assert "no class is confused" in page and "No training image is misclassified" in page
+    assert set(_embedded(page)) == {"loss_curves.png", "calibration.png", "per_class_accuracy.png"}
+
+
+def test_report_command_rebuilds_it_and_refuses_an_untrained_folder(tmp_path):
+    run = make_run(tmp_path, n_classes=4, per_class=4, folds=2)
+    result = run_cli("report", "--run", str(run))
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {run / 'report.html'}" in result.stdout
+    assert (run / "report.html").exists() and (run / "report" / "loss_curves.png").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("report", "--run", str(empty))
+    assert result.returncode == 2
+    assert "has no trained heads" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_cli_predict_and_report_modules_do_not_import_tensorflow():
+    code = ("import sys, transfer_ensemble.cli, transfer_ensemble.predict, transfer_ensemble.report; "
+            "sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
