@@ -16,12 +16,13 @@ when only the image list changed, rows of images seen before are copied, not rec
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -188,15 +189,42 @@ def _precision_policy(precision: str):
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _distribution_scope():
-    """All GPUs through MirroredStrategy when there are several; otherwise the default."""
+def _multi_gpu_strategy():
+    """MirroredStrategy over all GPUs when there are several; None with one GPU or none."""
     import tensorflow as tf
 
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
         log.info("extracting on %d GPUs with MirroredStrategy", len(gpus))
-        return tf.distribute.MirroredStrategy().scope()
-    return contextlib.nullcontext()
+        return tf.distribute.MirroredStrategy()
+    return None
+
+
+@dataclass
+class Backbone:
+    """A built model, its preprocessing, and the function that runs it on a float32 batch."""
+
+    model: object
+    preprocess: Callable[[np.ndarray], np.ndarray]
+    run: Callable[[np.ndarray], np.ndarray]
+
+
+def _single_device_runner(model, size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The model as one graph traced now for any batch size, so no batch shape retraces it."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    def run(batch):
+        return tf.cast(model(batch, training=False), tf.float32)
+
+    run.get_concrete_function()
+    return lambda batch: run(batch).numpy()
+
+
+def _multi_device_runner(model) -> Callable[[np.ndarray], np.ndarray]:
+    """``predict`` splits each batch across the strategy's replicas (``predict_on_batch`` would
+    give every replica the whole batch and return each replica's copy)."""
+    return lambda batch: model.predict(batch, batch_size=len(batch), verbose=0)
 
 
 @dataclass
@@ -216,12 +244,20 @@ class Extractor:
         if self.config.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.config.precision!r}.")
 
-    def model(self, spec: backbones.BackboneSpec):
+    @functools.cached_property
+    def strategy(self):
+        """MirroredStrategy when there are several GPUs, else None; looked up at the first build."""
+        return _multi_gpu_strategy()
+
+    def model(self, spec: backbones.BackboneSpec) -> Backbone:
         if spec.name not in self._models:
-            with _precision_policy(self.config.precision), _distribution_scope():
-                model = backbones.build(spec, self.sources[spec.name], self.config.size_of(spec),
-                                        self.config.seed)
-            self._models[spec.name] = (model, backbones.preprocess_fn(spec))
+            strategy = self.strategy
+            size = self.config.size_of(spec)
+            scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+            with _precision_policy(self.config.precision), scope:
+                model = backbones.build(spec, self.sources[spec.name], size, self.config.seed)
+            run = _multi_device_runner(model) if strategy is not None else _single_device_runner(model, size)
+            self._models[spec.name] = Backbone(model, backbones.preprocess_fn(spec), run)
             if self.sources[spec.name].path is None and self.config.weights == "imagenet":
                 self.sources[spec.name] = backbones.resolve_weights(spec, "imagenet")
         return self._models[spec.name]
@@ -247,9 +283,8 @@ class Extractor:
 
     def forward(self, spec: backbones.BackboneSpec, pixels: np.ndarray) -> np.ndarray:
         """Pooled features of uint8 RGB `pixels` (batch, h, w, 3), as float32."""
-        model, preprocess = self.model(spec)
-        out = model.predict_on_batch(preprocess(pixels))
-        return np.asarray(out, dtype=np.float32)
+        backbone = self.model(spec)
+        return np.asarray(backbone.run(backbone.preprocess(pixels)), dtype=np.float32)
 
 
 def extract_split(extractor: Extractor, features_dir: Path, split: str, items: Sequence[Item],
