@@ -61,6 +61,11 @@ class Run:
         run_dir = Path(run_dir)
         config = _read_run_config(run_dir)
         saved = config["extract"]
+        if weights is None and saved["weights"] not in ("imagenet", "random") \
+                and not Path(saved["weights"]).expanduser().is_dir():
+            raise UserError(f"The run {run_dir} was extracted with the weights in {saved['weights']}, which "
+                            f"is no longer a folder. Pass --weights with a folder holding the same weight "
+                            f"files (they are checked against the run's).")
         extract_config = features.ExtractConfig(
             backbones=tuple(saved["backbones"]), weights=weights or saved["weights"],
             image_size=saved.get("image_size"), batch_size=saved.get("batch_size", 32),

@@ -335,6 +335,14 @@ def _thumbnail(path: Path) -> np.ndarray | None:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
+def _caption(text: str, width: int = 24) -> str:
+    """At most two lines of `width` characters, so captions of neighbouring images do not overlap."""
+    lines = textwrap.wrap(text.replace("_", " "), width, break_long_words=True)
+    if len(lines) > 2:
+        lines = [lines[0], textwrap.shorten(" ".join(lines[1:]), width, placeholder="\u2026")]
+    return "\n".join(lines)
+
+
 def _wrong_images_section(record: RunRecord) -> Section:
     predicted = record.oof.argmax(axis=1)
     confidence = record.oof[np.arange(len(predicted)), predicted]
@@ -345,7 +353,7 @@ def _wrong_images_section(record: RunRecord) -> Section:
                        "<p>No training image is misclassified out of fold.</p>", [])
     columns = min(WRONG_COLUMNS, len(wrong))
     rows = -(-len(wrong) // columns)
-    figure = _figure(1.85 * columns, 2.45 * rows)
+    figure = _figure(1.85 * columns, 2.7 * rows)
     axes = figure.subplots(rows, columns, squeeze=False)
     names = record.classes
     for ax in axes.flat:
@@ -356,10 +364,9 @@ def _wrong_images_section(record: RunRecord) -> Section:
             ax.text(0.5, 0.5, "image not readable", ha="center", va="center", fontsize=8, color="0.4")
         else:
             ax.imshow(thumb)
-        true_name = textwrap.shorten(names[record.labels[i]].replace("_", " "), 26, placeholder="\u2026")
-        pred_name = textwrap.shorten(names[predicted[i]].replace("_", " "), 26, placeholder="\u2026")
-        ax.set_title(f"true: {true_name}\npred: {pred_name} ({confidence[i]:.2f})", fontsize=8.5,
-                     color="#8b0000")
+        title = _caption(f"true: {names[record.labels[i]]}") + "\n" + \
+            _caption(f"pred: {names[predicted[i]]} ({confidence[i]:.2f})")
+        ax.set_title(title, fontsize=8, color="#8b0000", loc="left")
     png = _png(figure)
     rows_html = [[record.train_paths[i].relative_to(record.data_root)
                   if record.train_paths[i].is_relative_to(record.data_root) else record.train_paths[i],
