@@ -251,7 +251,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     result = predict.predict_to_csv(args.run, args.images, args.out, fmt=args.format, k=args.k,
                                     tta=args.tta, batch_size=args.batch_size, weights=args.weights)
     what = "class probabilities" if result["format"] == "probabilities" else f"top {result['k']} classes"
-    views = "original + flipped views" if result["tta"] else "original view only (--no-tta)"
+    views = "original + flipped views" if result["tta"] else "original view only, --no-tta"
     print(f"wrote {result['out']}: {result['images']} images, {what} of {result['classes']}, the average "
           f"of {result['models']} models ({views})")
     rate = f" ({result['computed'] / result['extract_seconds']:.1f} images/s)" \

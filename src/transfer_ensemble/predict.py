@@ -343,6 +343,7 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
     """Score the images of a folder or CSV with a trained run and write `out` atomically."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
+    _read_run_config(Path(run_dir))
     paths, names = find_images(source)
     bad = check_images(paths)
     if bad:
