@@ -7,6 +7,7 @@ is shared by the module and copied (cheaply) for each test that changes it.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -279,3 +280,38 @@ def test_a_dead_holder_does_not_keep_the_lock(reference: dict, tmp_path: Path) -
     result = run_cli("submit", "--run", str(run), "--out", str(tmp_path / "s.csv"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "s.csv").read_bytes() == reference["csv"]
+
+
+# ---- data changed after training -------------------------------------------------------------
+
+def test_new_test_images_after_training_are_predicted_without_retraining(reference: dict,
+                                                                        tmp_path: Path) -> None:
+    """Stale heads are never used silently: submit waits for train, which only re-predicts."""
+    old_data = Path(json.loads((reference["run"] / "dataset.json").read_text())["root"])
+    data = Path(shutil.copytree(old_data, tmp_path / "data"))
+    shutil.copy2(data / "test" / "te00.png", data / "test" / "te_new.png")
+    sample = pd.read_csv(data / "sample_submission.csv")
+    pd.concat([sample, sample.iloc[:1].assign(id="te_new")]).to_csv(data / "sample_submission.csv", index=False)
+    run = copy_run(reference["run"], tmp_path)
+    models = {job: (fold_dir(run / "heads", *job) / "model.keras").stat().st_mtime_ns for job in JOBS}
+
+    result = run_cli("extract", "--data", str(data), "--run", str(run), "--backbones", "xception",
+                     "--weights", "random", "--image-size", str(TINY), "--batch-size", "8")
+    assert result.returncode == 0, result.stderr
+    stale = run_cli("submit", "--run", str(run), "--out", str(tmp_path / "stale.csv"))
+    assert stale.returncode == 2 and "has no trained heads" in stale.stderr
+    assert not (tmp_path / "stale.csv").exists()
+
+    result = run_cli("train", "--run", str(run), *FAST_TRAIN)
+    assert result.returncode == 0, result.stderr
+    assert f"predicting them again with {len(JOBS)} finished fold models" in result.stderr
+    assert {job: (fold_dir(run / "heads", *job) / "model.keras").stat().st_mtime_ns for job in JOBS} == models
+    assert json.loads((run / "metrics.json").read_text()) == reference["metrics"]
+
+    out = tmp_path / "sub.csv"
+    assert run_cli("submit", "--run", str(run), "--out", str(out)).returncode == 0
+    new = pd.read_csv(out).set_index("id")
+    before = pd.read_csv(io.BytesIO(reference["csv"])).set_index("id")
+    assert list(new.index) == [*before.index, "te_new"]
+    pd.testing.assert_frame_equal(new.loc[before.index], before)
+    pd.testing.assert_series_equal(new.loc["te_new"], new.loc["te00"], check_names=False)

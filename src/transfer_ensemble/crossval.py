@@ -2,8 +2,10 @@
 
 ``heads/<view>/fold<k>/`` holds ``model.keras``, ``val_index.npy``, ``val_pred.npy``,
 ``test_pred.npy`` and ``history.json``; ``done.json`` is written last, so a fold with it is
-complete and is never retrained while ``heads/fingerprint.json`` (options, features, labels)
-still matches.
+complete and is never retrained while ``heads/fingerprint.json`` (options, the training
+features' identity and content, labels) still matches. ``done.json`` also records a digest of the
+test features its ``test_pred.npy`` was computed from: when the test images change, finished
+folds only predict the new test set again.
 """
 
 from __future__ import annotations
@@ -54,11 +56,22 @@ def fold_dir(heads_dir: Path, view: str, fold: int) -> Path:
     return heads_dir / view / f"fold{fold}"
 
 
-def _fingerprint(config: TrainConfig, labels: np.ndarray, feature_identity: dict) -> str:
+def _fingerprint(config: TrainConfig, labels: np.ndarray, feature_identity: dict, train_digest: str) -> str:
     payload = json.dumps({"train": config.to_json(), "features": feature_identity,
+                          "train_features": train_digest,
                           "labels": hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest()},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def features_digest(features: dict[str, dict[str, np.ndarray]], split: str) -> str:
+    """SHA-256 of one split's feature matrices (both views), shapes included."""
+    digest = hashlib.sha256()
+    for view in VIEWS:
+        array = np.ascontiguousarray(features[view][split], dtype=np.float32)
+        digest.update(repr(array.shape).encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
 
 
 def _prepare_heads_dir(heads_dir: Path, fingerprint: str) -> None:
@@ -80,14 +93,22 @@ def train_all(heads_dir: Path, features: dict[str, dict[str, np.ndarray]], label
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()
-    _prepare_heads_dir(heads_dir, _fingerprint(config, labels, feature_identity))
+    train_digest = features_digest(features, "train")
+    test_digest = features_digest(features, "test")
+    _prepare_heads_dir(heads_dir, _fingerprint(config, labels, feature_identity, train_digest))
     assignment = fold_assignment(labels, config.folds, config.seed)
     jobs = [(v, k) for v in VIEWS for k in range(config.folds)]
     todo = [(v, k) for v, k in jobs if not (fold_dir(heads_dir, v, k) / "done.json").exists()]
     if len(todo) < len(jobs):
         log.info("reusing %d finished fold models; training %d", len(jobs) - len(todo), len(todo))
+    stale = [(v, k) for v, k in jobs if (v, k) not in todo
+             and read_json(fold_dir(heads_dir, v, k) / "done.json").get("test_features") != test_digest]
+    if stale:
+        log.info("the test features changed: predicting them again with %d finished fold models", len(stale))
+    for view, fold in stale:
+        _predict_test_again(heads_dir, view, fold, features[view]["test"], n_classes, test_digest)
     for view, fold in tqdm(todo, desc="train heads", unit="model", dynamic_ncols=True):
-        _train_fold(heads_dir, view, fold, features[view], labels, assignment, n_classes, config)
+        _train_fold(heads_dir, view, fold, features[view], labels, assignment, n_classes, config, test_digest)
 
     oof = {}
     for view in VIEWS:
@@ -100,8 +121,24 @@ def train_all(heads_dir: Path, features: dict[str, dict[str, np.ndarray]], label
     return oof
 
 
+def _test_prediction(model, x: np.ndarray, n_classes: int) -> np.ndarray:
+    if len(x) == 0:
+        return np.zeros((0, n_classes), dtype=np.float32)
+    return heads.predict(model, x)
+
+
+def _predict_test_again(heads_dir: Path, view: str, fold: int, x_test: np.ndarray, n_classes: int,
+                        test_digest: str) -> None:
+    import keras
+
+    folder = fold_dir(heads_dir, view, fold)
+    model = keras.saving.load_model(folder / "model.keras")
+    write_npy(folder / "test_pred.npy", _test_prediction(model, x_test, n_classes))
+    write_json(folder / "done.json", {"fold": fold, "view": view, "test_features": test_digest})
+
+
 def _train_fold(heads_dir: Path, view: str, fold: int, data: dict[str, np.ndarray], labels: np.ndarray,
-                assignment: np.ndarray, n_classes: int, config: TrainConfig) -> None:
+                assignment: np.ndarray, n_classes: int, config: TrainConfig, test_digest: str) -> None:
     folder = fold_dir(heads_dir, view, fold)
     if folder.exists():
         shutil.rmtree(folder)  # what a killed attempt left: partial files and temporary names
@@ -119,11 +156,9 @@ def _train_fold(heads_dir: Path, view: str, fold: int, data: dict[str, np.ndarra
         model.save(tmp)
     write_npy(folder / "val_index.npy", val_idx)
     write_npy(folder / "val_pred.npy", val_pred)
-    test_pred = (heads.predict(model, data["test"]) if len(data["test"])
-                 else np.zeros((0, n_classes), dtype=np.float32))
-    write_npy(folder / "test_pred.npy", test_pred)
+    write_npy(folder / "test_pred.npy", _test_prediction(model, data["test"], n_classes))
     write_json(folder / "history.json", history)
-    write_json(folder / "done.json", {"fold": fold, "view": view})
+    write_json(folder / "done.json", {"fold": fold, "view": view, "test_features": test_digest})
     log.info("%s fold %d: val log loss %.4f, accuracy %.3f, best epoch %d of %d", view, fold,
              history["val_log_loss"], history["val_accuracy"], history["best_epoch"], history["epochs_run"])
 

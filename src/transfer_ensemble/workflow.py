@@ -143,12 +143,30 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig,
         write_json(run_dir / "bad_images.json",
                    {split: [{"id": it.id, "path": str(it.path), "reason": r} for it, r in bad[split]]
                     for split in bad})
-        write_json(run_dir / "dataset.json", {**dataset.to_json(), "bad_test_ids": run_data.bad_test_ids})
+        dataset_record = {**dataset.to_json(), "bad_test_ids": run_data.bad_test_ids}
+        if _read_optional(run_dir / "dataset.json") != dataset_record:
+            _forget_training(run_dir)
+        write_json(run_dir / "dataset.json", dataset_record)
         update_config(run_dir, data=str(dataset.root), extract=config.to_json(), on_bad_image=on_bad_image,
                       classes=dataset.classes)
         splits = {"train": dataset.train, "test": run_data.good_test}
         return [extract_split(extractor, run_dir / "features", name, items, dataset.root)
                 for name, items in splits.items()]
+
+
+def _read_optional(path: Path):
+    try:
+        return read_json(path)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _forget_training(run_dir: Path) -> None:
+    """The data changed: `submit` must wait for `train` (which reuses what still fits)."""
+    metrics = run_dir / "metrics.json"
+    if metrics.exists():
+        log.info("the data set changed since the last training: run `transfer-ensemble train` again")
+        metrics.unlink()
 
 
 def _named(bad: list[tuple[Item, str]], n: int = 5) -> str:
@@ -192,6 +210,7 @@ def train(run_dir: str | Path, config: TrainConfig) -> dict:
                                                  [it.id for it in good_test])}
                     for view in VIEWS}
         update_config(run_dir, train=config.to_json())
+        (run_dir / "metrics.json").unlink(missing_ok=True)  # until these heads are all trained
         heads_dir = run_dir / "heads"
         oof = train_all(heads_dir, features, labels, len(dataset.classes), config,
                         _feature_identity(run_dir, names))
@@ -228,7 +247,16 @@ def _class_frequencies(run_data: RunData) -> np.ndarray:
 
 def test_probabilities(run_data: RunData, heads_dir: Path, folds: int) -> tuple[np.ndarray, dict]:
     """The ensemble's probabilities for every test id, and each view's average on its own."""
-    per_view = test_predictions(heads_dir, folds)
+    try:
+        per_view = test_predictions(heads_dir, folds)
+    except FileNotFoundError as exc:
+        raise UserError(f"The fold predictions {exc.filename} are missing: training did not finish. Run "
+                        f"`transfer-ensemble train --run {heads_dir.parent}` again.") from None
+    n_good = len(run_data.good_test)
+    if any(len(p) != n_good for preds in per_view.values() for p in preds):
+        raise UserError(f"The heads in {heads_dir} predicted another test set than the {n_good} test images "
+                        f"of {heads_dir.parent / 'dataset.json'}. Run `transfer-ensemble train --run "
+                        f"{heads_dir.parent}` again: it reuses the fold models and predicts the new test set.")
     views = {view: ensemble.average(preds) for view, preds in per_view.items()}
     good = ensemble.average([p for preds in per_view.values() for p in preds])
     full = np.tile(_class_frequencies(run_data), (len(run_data.dataset.test), 1))
