@@ -80,7 +80,6 @@ class Run:
     def n_models(self) -> int:
         return sum(len(m) for m in self.models.values())
 
-
     def predict(self, images_or_paths: Sequence[str | os.PathLike | np.ndarray] | np.ndarray,
                 tta: bool = True, batch_size: int | None = None,
                 cache_dir: str | Path | None = None) -> np.ndarray:
