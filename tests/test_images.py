@@ -19,7 +19,7 @@ import pytest
 from PIL import Image  # a dependency of matplotlib, which requirements.txt names
 
 from conftest import FAST_TRAIN, TINY, draw, make_kaggle, run_cli, save_rgb
-from transfer_ensemble import images
+from transfer_ensemble import cli, images
 
 RED = (230, 20, 10)
 
@@ -318,3 +318,16 @@ def test_skip_leaves_bad_train_images_out_and_gives_bad_test_rows_class_frequenc
     assert not np.allclose(good[classes].to_numpy(), [frequencies[c] for c in classes], atol=1e-7)
     np.testing.assert_allclose(frame[classes].sum(axis=1), 1, atol=1e-6)
     assert odd_name in set(frame["id"])
+
+
+def test_skip_refuses_when_a_class_has_no_good_image_left(tmp_path: Path, capsys) -> None:
+    data = make_kaggle(tmp_path / "data", per_class=2)
+    for i in range(2):
+        (data / "train" / f"tr1_{i}.png").write_bytes(b"")
+    code = cli.main(["extract", "--data", str(data), "--run", str(tmp_path / "run"), "--on-bad-image", "skip",
+                     "--weights", "random", "--image-size", str(TINY)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert (f"After leaving out the 2 undecodable training images, these classes of {data} have no "
+            f"training image left: 'class_1'.") in err
+    assert not (tmp_path / "run" / "features").exists()
