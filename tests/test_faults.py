@@ -101,6 +101,13 @@ def test_train_killed_after_a_fold_resumes_without_retraining_it(extracted: Path
     assert unfinished, "the kill came too late: every fold had finished"
     assert not (run / "metrics.json").exists()
     finished_files = mtimes(first)
+    # What a kill during a write leaves (this one may have landed between writes): temporary files.
+    planted = [run / ".config.json.k1ll3d.tmp", run / "heads" / "flipped" / ".oof_x.npy.k1ll3d.tmp"]
+    for path in planted:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    not_ours = run / ".notes.k1ll3d.tmp"
+    not_ours.write_text("a user's file")
 
     result = run_cli("train", "--run", str(run), *FAST_TRAIN)
     assert result.returncode == 0, result.stderr
@@ -108,7 +115,8 @@ def test_train_killed_after_a_fold_resumes_without_retraining_it(extracted: Path
     assert "original fold 0: val log loss" not in result.stderr
     assert mtimes(first) == finished_files, "a finished fold was written again"
     assert_same_results(run, reference)
-    assert temporary_files(run / "heads") == []
+    assert temporary_files(run / "heads") == [] and not planted[0].exists()
+    assert not_ours.read_text() == "a user's file"
 
 
 SUBMIT_DIES_WHILE_WRITING = """

@@ -52,6 +52,27 @@ def package_versions() -> dict:
     return versions
 
 
+RUN_FILES = ("config.json", "dataset.json", "metrics.json", "bad_images.json", "image_check.json")
+LOCKED_FOLDERS = ("features", "heads")
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files a killed step left in the run folder; returns them.
+
+    Only called while holding the run folder's lock, and only where the locked steps write (their
+    own files at the top, features/ and heads/), so no other process can be writing them.
+    """
+    candidates = [p for name in RUN_FILES for p in run_dir.glob(f".{name}.*.tmp*")]
+    for folder in LOCKED_FOLDERS:
+        if (run_dir / folder).is_dir():
+            candidates += [p for p in (run_dir / folder).rglob(".*.tmp*") if p.is_file()]
+    for path in candidates:
+        path.unlink(missing_ok=True)
+    if candidates:
+        log.info("removed %d temporary files left by an interrupted run in %s", len(candidates), run_dir)
+    return candidates
+
+
 def update_config(run_dir: Path, **sections) -> dict:
     path = run_dir / "config.json"
     config = read_json(path) if path.exists() else {}
@@ -126,6 +147,7 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig,
         raise UserError(f"--on-bad-image must be one of {', '.join(BAD_IMAGE_POLICIES)}, not {on_bad_image!r}.")
     run_dir = Path(run_dir)
     with run_lock(run_dir), disk_errors(run_dir):
+        remove_stale_temporaries(run_dir)
         dataset = load_dataset(data)
         extractor = Extractor(config)
         bad = _check_images(dataset, run_dir)
@@ -197,6 +219,7 @@ def train(run_dir: str | Path, config: TrainConfig) -> dict:
     """Train 2 x K heads (skipping finished ones), write OOF predictions and metrics.json."""
     run_dir = _existing_run_dir(run_dir, "train")
     with run_lock(run_dir), disk_errors(run_dir):
+        remove_stale_temporaries(run_dir)
         run_config = read_config(run_dir)
         run_data = load_run_data(run_dir)
         dataset = run_data.dataset
