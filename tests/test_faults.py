@@ -221,6 +221,24 @@ def test_full_disk_during_train_then_rerun_gives_the_same_result(extracted: Path
     assert_same_results(run, reference)
 
 
+def test_full_disk_outside_the_atomic_writers_is_still_a_clear_error(tmp_path: Path, monkeypatch,
+                                                                      capsys) -> None:
+    """Feature arrays are memory maps, not atomic writes: their OSError is caught around the step."""
+    data = make_kaggle(tmp_path / "data")
+    run = tmp_path / "run"
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", no_space)
+    code = cli.main(["extract", "--data", str(data), "--run", str(run), "--backbones", "xception",
+                     "--weights", "random", "--image-size", str(TINY)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    message = err.split("error: ", 1)[1]
+    assert message.count("\n") == 1 and message.startswith(f"Could not read or write {run}: the disk is full.")
+
+
 def test_run_folder_under_a_file_is_a_clear_error(tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "results.txt"
     blocker.write_text("a file, not a folder")

@@ -22,16 +22,18 @@ NOT_A_FOLDER_ERRNOS = frozenset({errno.ENOTDIR, errno.EEXIST})
 WRITE_ERRNOS = FULL_DISK_ERRNOS | NOT_WRITABLE_ERRNOS | NOT_A_FOLDER_ERRNOS
 
 
-def _disk_error(path: Path, exc: OSError) -> UserError:
-    """The clear message for an OSError raised while writing `path`."""
+def _disk_error(path: Path, exc: OSError, action: str = "write") -> UserError:
+    """The clear message for an OSError raised while trying to `action` `path`."""
     if exc.errno in FULL_DISK_ERRNOS:
-        why = "the disk is full" if exc.errno == errno.ENOSPC else f"the disk quota or file size limit is reached ({exc.strerror})"
+        why = ("the disk is full" if exc.errno == errno.ENOSPC
+               else f"the disk quota or file size limit is reached ({exc.strerror})")
         fix = "free some space (or point --run at another disk) and run the same command again"
     elif exc.errno == errno.EROFS:
         why = "the file system is read-only"
         fix = "choose a --run (or --out) folder on a writable disk"
     elif exc.errno in NOT_WRITABLE_ERRNOS:
-        why = "the folder is not writable (permission denied)"
+        why = ("the folder is not writable (permission denied)" if action == "write"
+               else "permission denied")
         fix = "choose a writable --run (or --out) folder or fix its permissions"
     elif exc.errno in NOT_A_FOLDER_ERRNOS:
         why = "a part of that path is an existing file, not a folder"
@@ -40,7 +42,7 @@ def _disk_error(path: Path, exc: OSError) -> UserError:
         why = exc.strerror or str(exc)
         fix = "check the disk and run the same command again"
     return UserError(
-        f"Could not write {path}: {why}. Nothing was corrupted: files are written to a temporary "
+        f"Could not {action} {path}: {why}. Nothing was corrupted: files are written to a temporary "
         f"name and renamed only when complete, and finished work is kept. Fix: {fix}."
     )
 
@@ -56,7 +58,7 @@ def disk_errors(default_path: str | os.PathLike) -> Iterator[None]:
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:
             raise
-        raise _disk_error(Path(exc.filename or default_path), exc) from None
+        raise _disk_error(Path(exc.filename or default_path), exc, "read or write") from None
 
 
 @contextlib.contextmanager
