@@ -111,6 +111,8 @@ class Run:
         extractor = self._extractor(batch_size)
         items = [Item(str(i), p) for i, p in enumerate(paths)]
         with run_lock(cache):
+            for stale in cache.rglob(".*.tmp*"):
+                stale.unlink(missing_ok=True)
             write_json(cache / "images.json", [str(p) for p in paths])
             stats = features.extract_split(extractor, cache / "features", SPLIT, items, Path("/"))
         return [cache / "features" / SPLIT / spec.name for spec in extractor.specs], stats

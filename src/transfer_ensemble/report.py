@@ -91,7 +91,10 @@ def rebuild(run_dir: str | Path) -> Path:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write RUN/report/*.png and RUN/report.html; returns the HTML path."""
+    """Write RUN/report/*.png and RUN/report.html; returns the HTML path.
+
+    Call it holding the run folder's lock: it removes temporary files a killed report left.
+    """
     record = load_record(run_dir)
     sections = [
         _loss_section(record),
@@ -101,6 +104,8 @@ def write_report(run_dir: str | Path) -> Path:
         _wrong_images_section(record),
     ]
     folder = record.run_dir / PNG_DIR
+    for stale in [*folder.glob(".*.tmp*"), *record.run_dir.glob(f".{HTML_NAME}.*.tmp*")]:
+        stale.unlink(missing_ok=True)
     for section in sections:
         for name, png in section.images:
             write_atomic(folder / name, lambda tmp, png=png: tmp.write_bytes(png), suffix=".png")
