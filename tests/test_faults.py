@@ -51,7 +51,8 @@ def reference(extracted: Path) -> dict:
     out = run.parent / "reference.csv"
     start = time.perf_counter()
     assert run_cli("submit", "--run", str(run), "--out", str(out)).returncode == 0
-    return {"run": run, "submit_seconds": time.perf_counter() - start, "metrics": json.loads((run / "metrics.json").read_text()), "csv": out.read_bytes(),
+    return {"run": run, "submit_seconds": time.perf_counter() - start,
+            "metrics": json.loads((run / "metrics.json").read_text()), "csv": out.read_bytes(),
             "test_pred": {job: np.load(fold_dir(run / "heads", *job) / "test_pred.npy") for job in JOBS},
             "oof": {view: np.load(run / "heads" / f"oof_{view}.npy") for view in VIEWS}}
 
@@ -83,8 +84,8 @@ def test_train_killed_after_a_fold_resumes_without_retraining_it(extracted: Path
                                                                  tmp_path: Path) -> None:
     run = copy_run(extracted, tmp_path)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen([sys.executable, "-m", "transfer_ensemble", "train", "--run", str(run), *FAST_TRAIN],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    command = [sys.executable, "-m", "transfer_ensemble", "train", "--run", str(run), *FAST_TRAIN]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     seen = []
     for line in proc.stderr:
         seen.append(line)
@@ -111,7 +112,8 @@ def test_train_killed_after_a_fold_resumes_without_retraining_it(extracted: Path
 
     result = run_cli("train", "--run", str(run), *FAST_TRAIN)
     assert result.returncode == 0, result.stderr
-    assert f"reusing {len(JOBS) - len(unfinished)} finished fold models; training {len(unfinished)}" in result.stderr
+    reused = len(JOBS) - len(unfinished)
+    assert f"reusing {reused} finished fold models; training {len(unfinished)}" in result.stderr
     assert "original fold 0: val log loss" not in result.stderr
     assert mtimes(first) == finished_files, "a finished fold was written again"
     assert_same_results(run, reference)

@@ -275,7 +275,8 @@ def test_extract_lists_every_bad_image_before_building_a_model(tmp_path: Path) -
     assert "tensorflow imported: False" in result.stdout
     assert f"{len(expected)} images cannot be decoded" in result.stderr
     for name, reason in expected.items():
-        line = next(line for line in result.stderr.splitlines() if line.strip().startswith(str(data)) and name in line)
+        line = next(line for line in result.stderr.splitlines()
+                    if line.strip().startswith(str(data)) and name in line)
         assert reason in line
     assert "--on-bad-image skip" in result.stderr
     assert not (run / "features").exists()

@@ -95,7 +95,8 @@ def load_dataset(root: str | Path, min_per_class: int = 1) -> Dataset:
         dataset = _load_kaggle(root)
     elif (root / "train").is_dir() and any(p.is_dir() for p in (root / "train").iterdir()):
         dataset = _load_folders(root)
-    elif (root / "sample_submission.csv").exists() or ((root / "train").is_dir() and list_images(root / "train")):
+    elif (root / "sample_submission.csv").exists() or \
+            ((root / "train").is_dir() and list_images(root / "train")):
         raise UserError(
             f"{root / 'labels.csv'} is missing. {root} looks like the Kaggle layout (a "
             f"sample_submission.csv or images directly in train/), which needs labels.csv with a "
