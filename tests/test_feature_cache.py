@@ -21,6 +21,8 @@ import pandas as pd
 import pytest
 from conftest import TINY, draw, make_kaggle, run_cli, save_rgb
 
+from transfer_ensemble import images
+
 BATCH = 4
 EXTRACT = ["--weights", "random", "--image-size", str(TINY), "--batch-size", str(BATCH)]
 BACKBONES = ("xception", "inception_v3")
@@ -179,3 +181,17 @@ def test_cache_hit_and_train_and_submit_build_no_backbone(copied, tmp_path):
     assert summary == {"computed": 0, "reused": 23, "tensorflow_after_extract": False}
     assert (tmp_path / "s.csv").exists()
     assert {(s, b): snapshot(run / "features" / s / b) for s in ("train", "test") for b in BACKBONES} == before
+
+
+def test_batches_carry_each_image_then_its_mirror(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        save_rgb(paths[-1], draw(i, rng, size=TINY))
+    batches = list(images.iter_batches(paths, [4, 0, 2], TINY, batch_size=2, mirrored=True))
+    assert [b.rows.tolist() for b in batches] == [[4, 0], [2]]
+    first = batches[0].pixels
+    assert first.shape == (4, TINY, TINY, 3)
+    assert np.array_equal(first[0], images.load(paths[4], TINY))
+    assert np.array_equal(first[2], first[0][:, ::-1]) and np.array_equal(first[3], first[1][:, ::-1])

@@ -170,11 +170,13 @@ class Batch:
 
 
 def iter_batches(paths: Sequence[Path], rows: Sequence[int], size: int, batch_size: int,
-                 workers: int = 2, prefetch: int = 4) -> Iterator[Batch]:
+                 workers: int = 2, prefetch: int = 4, mirrored: bool = False) -> Iterator[Batch]:
     """Decode ``paths[r]`` for each row r in `rows`, in order, in background threads.
 
     At most `prefetch` batches wait in memory, so memory is flat whatever the number of images.
-    OpenCV releases the GIL, so decoding runs alongside the model's forward pass.
+    OpenCV releases the GIL, so decoding runs alongside the model's forward pass. With
+    `mirrored`, a batch's pixels are its images followed by their left-right mirrors (2 x rows),
+    flipped in the background too, ready for one forward pass over both views.
     """
     rows = np.asarray(rows, dtype=np.int64)
     chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
@@ -187,7 +189,10 @@ def iter_batches(paths: Sequence[Path], rows: Sequence[int], size: int, batch_si
                 for chunk in chunks:
                     if stop.is_set():
                         return
-                    pixels = np.stack(list(pool.map(lambda r: load(paths[r], size), chunk)))
+                    loaded = list(pool.map(lambda r: load(paths[r], size), chunk))
+                    if mirrored:
+                        loaded += [cv2.flip(image, 1) for image in loaded]
+                    pixels = np.stack(loaded)
                     _put(Batch(chunk, pixels))
         except BaseException as exc:
             _put(exc)
