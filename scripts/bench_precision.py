@@ -45,16 +45,23 @@ def forward_all(extractor: Extractor, spec: backbones.BackboneSpec, pixels: np.n
     return np.concatenate(out)
 
 
-def timed(extractor: Extractor, spec: backbones.BackboneSpec, pixels: np.ndarray, batch_size: int,
-          repeats: int) -> tuple[np.ndarray, float]:
-    """The features and the median seconds per source image (two views) over `repeats` passes."""
-    extractor.forward(spec, np.concatenate([pixels[:batch_size]] * 2))
-    times, features = [], None
+def timed(extractors: dict[str, Extractor], spec: backbones.BackboneSpec, pixels: np.ndarray,
+          batch_size: int, repeats: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Each precision's features, and its median seconds per source image (two views).
+
+    The precisions take turns, pass after pass, so that load from other processes on a shared
+    machine falls on both alike.
+    """
+    for extractor in extractors.values():
+        extractor.forward(spec, np.concatenate([pixels[:batch_size]] * 2))
+    times: dict[str, list[float]] = {name: [] for name in extractors}
+    features: dict[str, np.ndarray] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        features = forward_all(extractor, spec, pixels, batch_size)
-        times.append((time.perf_counter() - start) / len(pixels))
-    return features, statistics.median(times)
+        for name, extractor in extractors.items():
+            start = time.perf_counter()
+            features[name] = forward_all(extractor, spec, pixels, batch_size)
+            times[name].append((time.perf_counter() - start) / len(pixels))
+    return features, {name: statistics.median(t) for name, t in times.items()}
 
 
 def fidelity(reference: np.ndarray, other: np.ndarray) -> dict:
@@ -93,8 +100,8 @@ def main() -> None:
         size = fp32.config.size_of(spec)
         pixels = photos(opts.images, size)
         bf16.model(spec).model.set_weights(fp32.model(spec).model.get_weights())
-        ref, t32 = timed(fp32, spec, pixels, opts.batch_size, opts.repeats)
-        got, t16 = timed(bf16, spec, pixels, opts.batch_size, opts.repeats)
+        features, seconds = timed({"float32": fp32, "bfloat16": bf16}, spec, pixels, opts.batch_size, opts.repeats)
+        ref, got, t32, t16 = features["float32"], features["bfloat16"], seconds["float32"], seconds["bfloat16"]
         total["float32"] += t32
         total["bfloat16"] += t16
         results[spec.name] = {"ms_per_image_float32": t32 * 1000, "ms_per_image_bfloat16": t16 * 1000,
