@@ -210,10 +210,15 @@ class Backbone:
 
 
 def _single_device_runner(model, size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """The model as one graph traced now for any batch size, so no batch shape retraces it."""
+    """The model as one graph traced now for any batch size, so no batch shape retraces it.
+
+    XLA is used where Keras would use it for ``predict`` (``jit_compile`` resolves to a GPU
+    being present and every layer supporting it); never on a CPU-only machine.
+    """
     import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)],
+                 jit_compile=bool(model.jit_compile))
     def run(batch):
         return tf.cast(model(batch, training=False), tf.float32)
 
