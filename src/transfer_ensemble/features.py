@@ -250,7 +250,7 @@ class Extractor:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.config.precision!r}.")
 
     @functools.cached_property
-    def strategy(self):
+    def strategy(self) -> object | None:
         """MirroredStrategy when there are several GPUs, else None; looked up at the first build."""
         return _multi_gpu_strategy()
 
