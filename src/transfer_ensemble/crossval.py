@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
 from transfer_ensemble import ensemble, heads
@@ -45,6 +44,8 @@ class TrainConfig:
 
 def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Fold index of every training example: stratified by class, fixed by `seed`."""
+    from sklearn.model_selection import StratifiedKFold
+
     assignment = np.empty(len(labels), dtype=np.int64)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (_, val) in enumerate(splitter.split(np.zeros(len(labels)), labels)):

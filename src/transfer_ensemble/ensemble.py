@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, log_loss
 
 
 def average(predictions: Sequence[np.ndarray]) -> np.ndarray:
@@ -16,6 +15,8 @@ def average(predictions: Sequence[np.ndarray]) -> np.ndarray:
 
 def score(y_true: np.ndarray, probabilities: np.ndarray) -> dict:
     """Multi-class log loss (as Kaggle computes it, probabilities clipped) and accuracy."""
+    from sklearn.metrics import accuracy_score, log_loss
+
     p = np.asarray(probabilities, dtype=np.float64)
     p = np.clip(p, 1e-15, 1 - 1e-15)
     p /= p.sum(axis=1, keepdims=True)
