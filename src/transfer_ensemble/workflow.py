@@ -139,8 +139,12 @@ def _bad_image_error(bad: dict[str, list[tuple[Item, str]]]) -> UserError:
 
 
 def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig,
-            on_bad_image: str = "error") -> list[dict]:
-    """Check every image, then compute the features of the train and test splits."""
+            on_bad_image: str = "error", folds: int | None = None) -> list[dict]:
+    """Check every image, then compute the features of the train and test splits.
+
+    `folds`, when training will follow (`run`), is checked against the class counts first, so a
+    class too small for the folds stops the run before the long extraction rather than after.
+    """
     from transfer_ensemble.features import Extractor, extract_split
 
     if on_bad_image not in BAD_IMAGE_POLICIES:
@@ -156,6 +160,8 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig,
         bad_train = {it.id for it, _ in bad["train"]}
         dataset.train = [it for it in dataset.train if it.id not in bad_train]
         _check_classes_left(dataset, bad["train"])
+        if folds is not None:
+            _check_folds(dataset, folds)
         run_data = RunData(dataset, [it.id for it, _ in bad["test"]])
         if bad["train"] or bad["test"]:
             log.warning("--on-bad-image skip: left out %d bad training images%s; %d bad test images "
