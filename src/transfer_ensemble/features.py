@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -127,6 +128,7 @@ def _new_store(folder: Path, meta: dict, keys: list, width: int,
     for view in VIEWS:
         np.lib.format.open_memmap(staging / f"{view}.npy", mode="w+", dtype=np.float32,
                                   shape=(len(keys), width)).flush()
+        _reserve(staging / f"{view}.npy")
     if reuse is not None:
         new_rows, old_rows = reuse
         for start in range(0, len(new_rows), COPY_CHUNK):
@@ -142,6 +144,14 @@ def _new_store(folder: Path, meta: dict, keys: list, width: int,
         shutil.rmtree(folder)
     staging.rename(folder)
     return _map_store(folder)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the file's blocks now: a full disk then fails here with ENOSPC, a clear error,
+    instead of killing the process with SIGBUS when a memory-mapped page is first written."""
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "rb+") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
 
 
 def _map_store(folder: Path) -> Store:

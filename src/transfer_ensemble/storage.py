@@ -21,6 +21,11 @@ NOT_WRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 NOT_A_FOLDER_ERRNOS = frozenset({errno.ENOTDIR, errno.EEXIST})
 WRITE_ERRNOS = FULL_DISK_ERRNOS | NOT_WRITABLE_ERRNOS | NOT_A_FOLDER_ERRNOS
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+"""Permissions of written files: what a plain open() would give (mkstemp's own are 0600)."""
+
 
 def _disk_error(path: Path, exc: OSError, action: str = "write") -> UserError:
     """The clear message for an OSError raised while trying to `action` `path`."""
@@ -68,6 +73,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        os.fchmod(fd, FILE_MODE)
         os.close(fd)
     except OSError as exc:
         raise _disk_error(path, exc) from None
