@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from transfer_ensemble import __version__
 from transfer_ensemble.errors import UserError
 
@@ -158,7 +160,7 @@ def _print_table(rows: list[list], header: list[str]) -> None:
 
 
 def print_extract_summary(results: list[dict]) -> None:
-    rows = [[r["split"], r["images"], r["computed"], r["reused"], round(r["seconds"], 1),
+    rows = [[r["split"], r["images"], r["computed"], r["reused"], f"{r['seconds']:.1f}",
              f"{r['computed'] / r['seconds']:.1f}" if r["computed"] and r["seconds"] > 0 else "-"]
             for r in results]
     _print_table(rows, ["split", "images", "computed", "reused", "seconds", "images/s"])
@@ -226,10 +228,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     missing = [flag for flag, v in (("--data", data), ("--run", run_dir), ("--out", out)) if not v]
     if missing:
         raise UserError(f"`run` needs {', '.join(missing)} (or --config with a run's config.json that has them).")
-    extract = extract_config(args, {**saved.get("extract", {}), "on_bad_image": saved.get("on_bad_image")})
+    extract = extract_config(args, saved.get("extract", {}))
     train = train_config(args, saved.get("train", {}))
     on_bad = args.on_bad_image or saved.get("on_bad_image") or "error"
-    print_extract_summary(workflow.extract(data, run_dir, extract, on_bad))
+    print_extract_summary(workflow.extract(data, run_dir, extract, on_bad, folds=train.folds))
     metrics = workflow.train(run_dir, train)
     result = workflow.submit(run_dir, out)
     workflow.update_config(Path(run_dir), out=str(out))
@@ -281,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
-        COMMANDS[args.command](args)
+        with logging_redirect_tqdm():
+            COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
