@@ -2,8 +2,9 @@
 
 In one run, on the same backbones, batch size, image size and precision, it measures:
 
-(a) forward: images/s of the backbones alone on in-memory batches (original + flipped, already
-    preprocessed) through the same traced model function `extract` uses, after a warm-up batch;
+(a) forward: images/s of the backbones alone on in-memory uint8 batches (original + flipped)
+    through the same traced function `extract` uses (cast, preprocess_input, model), after a
+    warm-up batch;
     measured before and after the extractions and averaged, since the CPU may be shared;
 (b) extract: images/s of `extract` on N and on 10N JPEGs of about 500x375 written to a
     temporary folder, over its extraction phase (read, decode, resize, flip, preprocess, forward,
@@ -88,8 +89,8 @@ def run_child(args: list[str]) -> tuple[dict, float, float]:
 
 
 def child_forward(opts: argparse.Namespace) -> dict:
-    """Seconds per forward batch of 2 x batch_size preprocessed images, per backbone, through the
-    same traced model function that `extract` runs."""
+    """Seconds per forward batch of 2 x batch_size uint8 images, per backbone, through the same
+    traced function that `extract` runs (cast, preprocess_input and the model, in one graph)."""
     from transfer_ensemble import backbones
     from transfer_ensemble.features import ExtractConfig, Extractor
 
@@ -101,7 +102,7 @@ def child_forward(opts: argparse.Namespace) -> dict:
     for spec in extractor.specs:
         size = extractor.config.size_of(spec)
         backbone = extractor.model(spec)
-        batch = backbone.preprocess(rng.integers(0, 256, (2 * opts.batch_size, size, size, 3), dtype=np.uint8))
+        batch = rng.integers(0, 256, (2 * opts.batch_size, size, size, 3), dtype=np.uint8)
         backbone.run(batch)
         times, cpu_times = [], []
         for _ in range(opts.repeats):

@@ -171,9 +171,14 @@ def build(spec: BackboneSpec, source: WeightsSource, image_size: int, seed: int 
     return model
 
 
-def preprocess_fn(spec: BackboneSpec) -> Callable[[np.ndarray], np.ndarray]:
-    """The backbone's own ``preprocess_input``, applied to float32 RGB pixels in [0, 255]."""
+def preprocess_input(spec: BackboneSpec) -> Callable:
+    """The backbone's own ``preprocess_input``, for float32 RGB pixels in [0, 255] (array or tensor)."""
     import keras
 
-    module = getattr(keras.applications, spec.module)
-    return lambda pixels: np.asarray(module.preprocess_input(pixels.astype(np.float32)))
+    return getattr(keras.applications, spec.module).preprocess_input
+
+
+def preprocess_fn(spec: BackboneSpec) -> Callable[[np.ndarray], np.ndarray]:
+    """``preprocess_input`` on a NumPy batch of RGB pixels in [0, 255], as float32."""
+    preprocess = preprocess_input(spec)
+    return lambda pixels: np.asarray(preprocess(pixels.astype(np.float32)))
