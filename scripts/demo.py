@@ -14,9 +14,28 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from transfer_ensemble import cli, demo, workflow
 from transfer_ensemble.backbones import WeightsUnavailableError
 from transfer_ensemble.errors import UserError
+
+
+def run_workflow(run_args: list[str]) -> tuple[list[dict], dict, dict]:
+    """extract (falling back to random weights when ImageNet's cannot be had), train, submit."""
+    options = lambda: cli.build_parser().parse_args(["run", *run_args])
+    args = options()
+    try:
+        results = workflow.extract(args.data, args.run, cli.extract_config(args))
+    except WeightsUnavailableError as exc:
+        print(f"\nImageNet weights are not available here, so the demo goes on with RANDOM weights: "
+              f"the workflow runs end to end, but its scores mean nothing (expect a log loss near "
+              f"ln(4) = 1.386).\n({exc})\n", file=sys.stderr)
+        run_args += ["--weights", "random"]
+        args = options()
+        results = workflow.extract(args.data, args.run, cli.extract_config(args))
+    metrics = workflow.train(args.run, cli.train_config(args))
+    return results, metrics, workflow.submit(args.run, args.out)
 
 
 def main() -> int:
@@ -37,18 +56,8 @@ def main() -> int:
     if args.image_size:
         run_args += ["--image-size", str(args.image_size)]
     try:
-        try:
-            results = workflow.extract(args.data, args.run, cli.extract_config(cli.build_parser().parse_args(
-                ["run", *run_args])))
-        except WeightsUnavailableError as exc:
-            print(f"\nImageNet weights are not available here, so the demo goes on with RANDOM weights: "
-                  f"the workflow runs end to end, but its scores mean nothing.\n({exc})\n", file=sys.stderr)
-            run_args += ["--weights", "random"]
-            results = workflow.extract(args.data, args.run, cli.extract_config(cli.build_parser().parse_args(
-                ["run", *run_args])))
-        train_args = cli.build_parser().parse_args(["run", *run_args])
-        metrics = workflow.train(args.run, cli.train_config(train_args))
-        result = workflow.submit(args.run, args.out)
+        with logging_redirect_tqdm():
+            results, metrics, result = run_workflow(run_args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -57,7 +66,7 @@ def main() -> int:
     cli.print_metrics(metrics)
     print()
     cli.print_submit(result)
-    print(f"\nthe demo submission is at {Path(args.out).resolve()}")
+    print(f"\nthe demo submission is at {Path(args.out).resolve()} (report: {Path(args.run) / 'report.html'})")
     return 0
 
 
