@@ -85,8 +85,8 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     return sorted(p for p in folder.glob(pattern) if is_image(p))
 
 
-def load_dataset(root: str | Path, min_per_class: int = 1) -> Dataset:
-    """Read either layout; `min_per_class` (the number of folds) is checked for every class."""
+def load_dataset(root: str | Path) -> Dataset:
+    """Read either layout and check it: ids, images and classes agree, no split or class is empty."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"The data folder {root} does not exist. Pass --data with the folder that "
@@ -110,7 +110,7 @@ def load_dataset(root: str | Path, min_per_class: int = 1) -> Dataset:
             f"(train/<class>/<image>, and a test/ folder)."
         )
     _check_non_empty(dataset)
-    _check_class_counts(dataset, min_per_class)
+    _check_every_class_has_images(dataset)
     for message in dataset.warnings:
         log.warning(message)
     return dataset
@@ -291,22 +291,32 @@ def _check_non_empty(dataset: Dataset) -> None:
             )
 
 
-def _check_class_counts(dataset: Dataset, min_per_class: int) -> None:
+def empty_classes(dataset: Dataset) -> list[str]:
+    """The classes with no training image."""
     counts = Counter(item.label for item in dataset.train)
-    small = [(dataset.classes[i], counts.get(i, 0)) for i in range(len(dataset.classes))
-             if counts.get(i, 0) < min_per_class]
-    if small and min_per_class <= 1:
+    return [c for i, c in enumerate(dataset.classes) if counts.get(i, 0) == 0]
+
+
+def _check_every_class_has_images(dataset: Dataset) -> None:
+    empty = empty_classes(dataset)
+    if empty:
         raise UserError(
             f"Some classes of {dataset.root} have no training image: "
-            f"{', '.join(repr(c) for c, _ in small[:8])}. Add images to them or remove those classes."
+            f"{', '.join(repr(c) for c in empty[:8])}. Add images to them or remove those classes."
         )
+
+
+def check_folds(dataset: Dataset, folds: int) -> None:
+    """Stratified K-fold needs every class in every fold: at least `folds` images per class."""
+    if folds < 2:
+        raise UserError(f"--folds must be at least 2, not {folds}.")
+    counts = Counter(it.label for it in dataset.train)
+    small = [(dataset.classes[c], counts.get(c, 0)) for c in range(len(dataset.classes))
+             if counts.get(c, 0) < folds]
     if small:
         fewest = min(n for _, n in small)
-        listed = ", ".join(f"{c!r} ({n})" for c, n in small[:8])
-        fix = (f"--folds {fewest} or lower would work" if fewest >= 2
-               else "every class needs at least 2 training images")
-        raise UserError(
-            f"Some classes of {dataset.root} have fewer training images than the {min_per_class} "
-            f"cross-validation folds: {listed}. Stratified folds need every class in every fold: "
-            f"add images, or {fix}."
-        )
+        fix = f"--folds {fewest} or lower would work" if fewest >= 2 else "each class needs 2 or more images"
+        listed = ", ".join(f"{name!r} ({n} images)" for name, n in small[:8])
+        raise UserError(f"Stratified {folds}-fold cross-validation needs at least {folds} training "
+                        f"images per class; these classes of {dataset.root} have fewer: {listed}. "
+                        f"Add images, or {fix}.")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import platform
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from transfer_ensemble import __version__, ensemble, images, submission
 from transfer_ensemble.crossval import TrainConfig, oof_metrics, test_predictions, train_all
-from transfer_ensemble.dataset import Dataset, Item, load_dataset
+from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.features import VIEWS, ExtractConfig, image_key, load_features
 from transfer_ensemble.storage import disk_errors, read_json, run_lock, write_json
@@ -161,7 +160,7 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig,
         dataset.train = [it for it in dataset.train if it.id not in bad_train]
         _check_classes_left(dataset, bad["train"])
         if folds is not None:
-            _check_folds(dataset, folds)
+            check_folds(dataset, folds)
         run_data = RunData(dataset, [it.id for it, _ in bad["test"]])
         if bad["train"] or bad["test"]:
             log.warning("--on-bad-image skip: left out %d bad training images%s; %d bad test images "
@@ -206,8 +205,7 @@ def _named(bad: list[tuple[Item, str]], n: int = 5) -> str:
 
 def _check_classes_left(dataset: Dataset, bad_train: list[tuple[Item, str]]) -> None:
     """After leaving bad training images out, every class must still have an image."""
-    left = Counter(it.label for it in dataset.train)
-    empty = [c for i, c in enumerate(dataset.classes) if left.get(i, 0) == 0]
+    empty = empty_classes(dataset)
     if empty:
         raise UserError(
             f"After leaving out the {len(bad_train)} undecodable training images, these classes "
@@ -229,7 +227,7 @@ def train(run_dir: str | Path, config: TrainConfig) -> dict:
         run_config = read_config(run_dir)
         run_data = load_run_data(run_dir)
         dataset = run_data.dataset
-        _check_folds(dataset, config.folds)
+        check_folds(dataset, config.folds)
         names = run_config["extract"]["backbones"]
         labels = np.array([it.label for it in dataset.train], dtype=np.int64)
         good_test = run_data.good_test
@@ -251,21 +249,6 @@ def train(run_dir: str | Path, config: TrainConfig) -> dict:
 
         write_report(run_dir)
         return metrics
-
-
-def _check_folds(dataset: Dataset, folds: int) -> None:
-    if folds < 2:
-        raise UserError(f"--folds must be at least 2, not {folds}.")
-    counts = Counter(it.label for it in dataset.train)
-    small = [(dataset.classes[c], counts.get(c, 0)) for c in range(len(dataset.classes))
-             if counts.get(c, 0) < folds]
-    if small:
-        fewest = min(n for _, n in small)
-        fix = f"--folds {fewest} or lower would work" if fewest >= 2 else "each class needs 2 or more images"
-        listed = ", ".join(f"{name!r} ({n} images)" for name, n in small[:8])
-        raise UserError(f"Stratified {folds}-fold cross-validation needs at least {folds} training "
-                        f"images per class; these classes of {dataset.root} have fewer: {listed}. "
-                        f"Add images, or {fix}.")
 
 
 def _class_frequencies(run_data: RunData) -> np.ndarray:
