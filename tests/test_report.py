@@ -70,8 +70,7 @@ def make_run(base: Path, n_classes: int = 25, per_class: int = 8, folds: int = 3
             _write(run / "heads" / view / f"fold{fold}" / "history.json",
                    {"loss": list(np.linspace(2, 0.5, epochs)), "val_loss": list(np.linspace(2.1, 0.8, epochs)),
                     "accuracy": [0.5] * epochs, "val_accuracy": [0.5] * epochs, "best_epoch": best,
-                    "epochs_run": epochs, "fold": fold, "view": view, "val_log_loss": score["log_loss"],
-                    "val_accuracy": score["accuracy"], "val_n": score["n"]})
+                    "epochs_run": epochs, "fold": fold, "view": view, "fold_score": score})
             per_fold.append({"view": view, "fold": fold, "log_loss": score["log_loss"],
                              "accuracy": score["accuracy"], "n": score["n"], "best_epoch": best})
     oofs = [np.load(run / "heads" / f"oof_{v}.npy") for v in ("original", "flipped")]

@@ -152,7 +152,7 @@ def _train_fold(heads_dir: Path, view: str, fold: int, data: dict[str, np.ndarra
     val_pred = heads.predict(model, x[val_idx])
     history["fold"] = fold
     history["view"] = view
-    history.update({f"val_{k}": v for k, v in ensemble.score(labels[val_idx], val_pred).items()})
+    history["fold_score"] = ensemble.score(labels[val_idx], val_pred)
     with atomic_path(folder / "model.keras", suffix=".keras") as tmp:
         model.save(tmp)
     write_npy(folder / "val_index.npy", val_idx)
@@ -161,7 +161,7 @@ def _train_fold(heads_dir: Path, view: str, fold: int, data: dict[str, np.ndarra
     write_json(folder / "history.json", history)
     write_json(folder / "done.json", {"fold": fold, "view": view, "test_features": test_digest})
     log.info("%s fold %d: val log loss %.4f, accuracy %.3f, best epoch %d of %d", view, fold,
-             history["val_log_loss"], history["val_accuracy"], history["best_epoch"], history["epochs_run"])
+             history["fold_score"]["log_loss"], history["fold_score"]["accuracy"], history["best_epoch"], history["epochs_run"])
 
 
 def test_predictions(heads_dir: Path, folds: int) -> dict[str, list[np.ndarray]]:
@@ -181,8 +181,7 @@ def oof_metrics(heads_dir: Path, oof: dict[str, np.ndarray], labels: np.ndarray,
     for view in VIEWS:
         for fold in range(folds):
             history = read_json(fold_dir(heads_dir, view, fold) / "history.json")
-            table["per_fold"].append({"view": view, "fold": fold, "log_loss": history["val_log_loss"],
-                                      "accuracy": history["val_accuracy"], "n": history["val_n"],
+            table["per_fold"].append({"view": view, "fold": fold, **history["fold_score"],
                                       "best_epoch": history["best_epoch"]})
         table["per_view"][view] = ensemble.score(labels, oof[view])
     table["ensemble"] = ensemble.score(labels, ensemble.average([oof[v] for v in VIEWS]))
