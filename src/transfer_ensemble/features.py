@@ -31,7 +31,7 @@ from tqdm import tqdm
 from transfer_ensemble import backbones, images
 from transfer_ensemble.dataset import Item
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.storage import read_json, write_json, write_npy
+from transfer_ensemble.storage import read_json, read_json_optional, write_json, write_npy
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Store:
 
 def _open_store(folder: Path, meta: dict, keys: list, width: int) -> Store:
     """Open or create the store so that it matches `meta` and `keys`, reusing what it can."""
-    old_meta = _read_optional(folder / "meta.json")
+    old_meta = read_json_optional(folder / "meta.json")
     same_meta = old_meta is not None and {k: v for k, v in old_meta.items() if k != "ids"} == \
         {k: v for k, v in meta.items() if k != "ids"}
     if same_meta and (folder / "done.npy").exists():
@@ -104,13 +104,6 @@ def _open_store(folder: Path, meta: dict, keys: list, width: int) -> Store:
     if folder.exists():
         shutil.rmtree(folder)
     return _new_store(folder, meta, keys, width)
-
-
-def _read_optional(path: Path):
-    try:
-        return read_json(path)
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def _new_store(folder: Path, meta: dict, keys: list, width: int,

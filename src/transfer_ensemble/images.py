@@ -161,6 +161,19 @@ def check(path: str | Path) -> str | None:
     return None
 
 
+def check_all(paths: Sequence[Path]) -> list[str | None]:
+    """`check` every path on two threads, with a progress bar; the reasons in `paths`' order."""
+    from tqdm import tqdm
+
+    reasons = []
+    with ThreadPoolExecutor(max_workers=2) as pool, \
+            tqdm(total=len(paths), desc="check images", unit="img", dynamic_ncols=True) as bar:
+        for reason in pool.map(check, paths):
+            reasons.append(reason)
+            bar.update()
+    return reasons
+
+
 @dataclass
 class Batch:
     """A batch of decoded images and the row each one goes to."""

@@ -19,14 +19,12 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence, TextIO
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from transfer_ensemble import ensemble, features, images
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, Item, list_images
@@ -293,14 +291,7 @@ def _images_from_csv(path: Path) -> tuple[list[Path], list[str]]:
 
 def check_images(paths: Sequence[Path]) -> list[tuple[Path, str]]:
     """Decode every image once; the ones that fail, with the reason."""
-    bad = []
-    with ThreadPoolExecutor(max_workers=2) as pool, \
-            tqdm(total=len(paths), desc="check images", unit="img", dynamic_ncols=True) as bar:
-        for path, reason in zip(paths, pool.map(images.check, paths)):
-            if reason is not None:
-                bad.append((path, reason))
-            bar.update()
-    return bad
+    return [(path, reason) for path, reason in zip(paths, images.check_all(paths)) if reason is not None]
 
 
 def _bad_images_error(bad: list[tuple[Path, str]]) -> UserError:

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import logging
 import platform
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from transfer_ensemble import __version__, ensemble, images, submission
 from transfer_ensemble.crossval import TrainConfig, oof_metrics, test_predictions, train_all
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.features import VIEWS, ExtractConfig, image_key, load_features
-from transfer_ensemble.storage import disk_errors, read_json, run_lock, write_json
+from transfer_ensemble.storage import disk_errors, read_json, read_json_optional, run_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +112,8 @@ def _check_images(dataset: Dataset, run_dir: Path) -> dict[str, list[tuple[Item,
     keys = ["|".join(map(str, image_key(dataset.root, it.path))) for _, it in items]
     unknown = [i for i, k in enumerate(keys) if k not in cache]
     if unknown:
-        with ThreadPoolExecutor(max_workers=2) as pool, \
-                tqdm(total=len(unknown), desc="check images", unit="img", dynamic_ncols=True) as bar:
-            for i, reason in zip(unknown, pool.map(lambda i: images.check(items[i][1].path), unknown)):
-                cache[keys[i]] = reason
-                bar.update()
+        for i, reason in zip(unknown, images.check_all([items[i][1].path for i in unknown])):
+            cache[keys[i]] = reason
         write_json(cache_path, {k: cache[k] for k in keys})
     bad: dict[str, list[tuple[Item, str]]] = {"train": [], "test": []}
     for (split, it), key in zip(items, keys):
@@ -171,7 +166,7 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig,
                    {split: [{"id": it.id, "path": str(it.path), "reason": r} for it, r in bad[split]]
                     for split in bad})
         dataset_record = {**dataset.to_json(), "bad_test_ids": run_data.bad_test_ids}
-        if _read_optional(run_dir / "dataset.json") != dataset_record:
+        if read_json_optional(run_dir / "dataset.json") != dataset_record:
             _forget_training(run_dir)
         write_json(run_dir / "dataset.json", dataset_record)
         update_config(run_dir, data=str(dataset.root), extract=config.to_json(), on_bad_image=on_bad_image,
@@ -179,13 +174,6 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig,
         splits = {"train": dataset.train, "test": run_data.good_test}
         return [extract_split(extractor, run_dir / "features", name, items, dataset.root)
                 for name, items in splits.items()]
-
-
-def _read_optional(path: Path):
-    try:
-        return read_json(path)
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def _forget_training(run_dir: Path) -> None:
