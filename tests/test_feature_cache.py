@@ -194,3 +194,73 @@ def test_batches_carry_each_image_then_its_mirror(tmp_path):
     assert first.shape == (4, TINY, TINY, 3)
     assert np.array_equal(first[0], images.load(paths[4], TINY))
     assert np.array_equal(first[2], first[0][:, ::-1]) and np.array_equal(first[3], first[1][:, ::-1])
+
+
+def fake_load(started: list[int]):
+    """A stand-in for images.load: an image whose pixels are its path's number; records each call."""
+    def load(path, size):
+        started.append(int(Path(path).stem))
+        return np.full((size, size, 3), int(Path(path).stem) % 256, dtype=np.uint8)
+    return load
+
+
+def test_stream_decodes_ahead_across_batches_in_order_and_bounded(monkeypatch):
+    started: list[int] = []
+    monkeypatch.setattr(images, "load", fake_load(started))
+    paths = [Path(f"{i}.png") for i in range(200)]
+    rows = list(range(199, -1, -1))
+    stream = images.iter_batches(paths, rows, 2, batch_size=8, workers=6, prefetch=2)
+    first = next(stream)
+    assert first.rows.tolist() == rows[:8]
+    time.sleep(0.5)
+    ahead = len(started)
+    assert 8 < ahead <= (2 * 2 + 2) * 8, ahead
+    rest = list(stream)
+    got = np.concatenate([first.rows] + [b.rows for b in rest])
+    assert got.tolist() == rows
+    for batch in [first, *rest]:
+        assert np.array_equal(batch.pixels[:, 0, 0, 0], batch.rows % 256)
+    assert sorted(started) == list(range(200))
+
+
+def test_stream_raises_a_bad_image_in_order_and_stops_early_without_waiting(monkeypatch):
+    started: list[int] = []
+    good = fake_load(started)
+
+    def load(path, size):
+        if Path(path).stem == "37":
+            raise images.ImageReadError(f"{path}: not an image")
+        return good(path, size)
+
+    monkeypatch.setattr(images, "load", load)
+    paths = [Path(f"{i}.png") for i in range(100)]
+    seen = []
+    with pytest.raises(images.ImageReadError, match="37.png"):
+        for batch in images.iter_batches(paths, range(100), 2, batch_size=10, workers=4):
+            seen += batch.rows.tolist()
+    assert seen == list(range(30))
+
+    started.clear()
+    stream = images.iter_batches([Path(f"{i}.png") for i in range(100_000)], range(100_000), 2, batch_size=10)
+    next(stream)
+    stream.close()
+    assert len(started) < 1000
+
+
+def test_stream_keeps_decoding_later_batches_while_one_image_is_slow(monkeypatch):
+    started: list[int] = []
+    fast = fake_load(started)
+    seen_while_slow = []
+
+    def load(path, size):
+        image = fast(path, size)
+        if Path(path).stem == "0":
+            time.sleep(0.5)
+            seen_while_slow.append(len(started))
+        return image
+
+    monkeypatch.setattr(images, "load", load)
+    paths = [Path(f"{i}.png") for i in range(64)]
+    batches = list(images.iter_batches(paths, range(64), 2, batch_size=8, workers=4, prefetch=2))
+    assert [b.rows.tolist() for b in batches] == [list(range(i, i + 8)) for i in range(0, 64, 8)]
+    assert seen_while_slow == [16]

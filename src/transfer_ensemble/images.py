@@ -19,9 +19,12 @@ raises ImageReadError whose message says which of these it is.
 
 from __future__ import annotations
 
+import itertools
+import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -161,12 +164,23 @@ def check(path: str | Path) -> str | None:
     return None
 
 
+def default_workers() -> int:
+    """Decoding threads: one per CPU core this process may use, at least 2.
+
+    A GPU runs both backbones at over a thousand images a second, far more than two cores
+    decode, so decoding must use every core there; on a CPU the bounded prefetch queue keeps
+    the extra threads idle once the model falls behind.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(2, cores)
+
+
 def check_all(paths: Sequence[Path]) -> list[str | None]:
-    """`check` every path on two threads, with a progress bar; the reasons in `paths`' order."""
+    """`check` every path on all cores, with a progress bar; the reasons in `paths`' order."""
     from tqdm import tqdm
 
     reasons = []
-    with ThreadPoolExecutor(max_workers=2) as pool, \
+    with ThreadPoolExecutor(max_workers=default_workers()) as pool, \
             tqdm(total=len(paths), desc="check images", unit="img", dynamic_ncols=True) as bar:
         for reason in pool.map(check, paths):
             reasons.append(reason)
@@ -183,13 +197,14 @@ class Batch:
 
 
 def iter_batches(paths: Sequence[Path], rows: Sequence[int], size: int, batch_size: int,
-                 workers: int = 2, prefetch: int = 4, mirrored: bool = False) -> Iterator[Batch]:
+                 workers: int | None = None, prefetch: int = 4, mirrored: bool = False) -> Iterator[Batch]:
     """Decode ``paths[r]`` for each row r in `rows`, in order, in background threads.
 
-    At most `prefetch` batches wait in memory, so memory is flat whatever the number of images.
-    OpenCV releases the GIL, so decoding runs alongside the model's forward pass. With
-    `mirrored`, a batch's pixels are its images followed by their left-right mirrors (2 x rows),
-    flipped in the background too, ready for one forward pass over both views.
+    `workers` threads (default: `default_workers()`) decode up to `prefetch` batches ahead,
+    across batch boundaries, and at most `prefetch` finished batches wait in memory, so memory
+    is flat whatever the number of images. OpenCV releases the GIL, so decoding runs alongside
+    the model's forward pass. With `mirrored`, a batch's pixels are its images followed by their
+    left-right mirrors (2 x rows), flipped in the background too, ready for one forward pass.
     """
     rows = np.asarray(rows, dtype=np.int64)
     chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
@@ -198,15 +213,22 @@ def iter_batches(paths: Sequence[Path], rows: Sequence[int], size: int, batch_si
 
     def produce() -> None:
         try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for chunk in chunks:
-                    if stop.is_set():
-                        return
-                    loaded = list(pool.map(lambda r: load(paths[r], size), chunk))
-                    if mirrored:
-                        loaded += [cv2.flip(image, 1) for image in loaded]
-                    pixels = np.stack(loaded)
-                    _put(Batch(chunk, pixels))
+            with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+                ahead = iter(rows)
+                pending: deque[Future] = deque()
+                try:
+                    for chunk in chunks:
+                        if stop.is_set():
+                            return
+                        for row in itertools.islice(ahead, prefetch * batch_size - len(pending)):
+                            pending.append(pool.submit(load, paths[row], size))
+                        loaded = [pending.popleft().result() for _ in chunk]
+                        if mirrored:
+                            loaded += [cv2.flip(image, 1) for image in loaded]
+                        _put(Batch(chunk, np.stack(loaded)))
+                finally:
+                    for future in pending:
+                        future.cancel()
         except BaseException as exc:
             _put(exc)
         _put(None)
