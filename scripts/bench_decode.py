@@ -22,9 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from bench_precision import SHARED_DOGS, photo_paths  # noqa: E402
 from transfer_ensemble import images  # noqa: E402
-
-SHARED_DOGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogs3"
 
 
 def stream_rate(paths: list[Path], n: int, size: int, batch_size: int, workers: int) -> float:
@@ -45,9 +44,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     opts = parser.parse_args()
 
-    paths = sorted(p for p in opts.photos.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-    if not paths:
-        raise SystemExit(f"no photos under {opts.photos}")
+    paths = photo_paths(opts.photos)
     sizes = [images.decode(p).shape[:2] for p in paths[:50]]
     cores = images.default_workers()
     counts = sorted({1, *[2 ** k for k in range(1, 8) if 2 ** k < cores], cores})

@@ -27,11 +27,16 @@ from transfer_ensemble.features import ExtractConfig, Extractor
 SHARED_DOGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogs3"
 
 
-def photos(count: int, size: int) -> np.ndarray:
-    paths = sorted(SHARED_DOGS.rglob("*.jpg"))[:count]
-    if len(paths) < count:
-        raise SystemExit(f"need {count} photos under {SHARED_DOGS}, found {len(paths)}")
-    return np.stack([images.load(p, size) for p in paths])
+def photo_paths(folder: Path, count: int | None = None) -> list[Path]:
+    """The first `count` (default: all) photos under `folder`, searched recursively, sorted."""
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    if not paths or (count is not None and len(paths) < count):
+        raise SystemExit(f"need {count or 1} photos under {folder}, found {len(paths)}")
+    return paths[:count]
+
+
+def photos(count: int, size: int, folder: Path = SHARED_DOGS) -> np.ndarray:
+    return np.stack([images.load(p, size) for p in photo_paths(folder, count)])
 
 
 def forward_all(extractor: Extractor, spec: backbones.BackboneSpec, pixels: np.ndarray,

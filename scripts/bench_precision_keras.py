@@ -24,17 +24,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from transfer_ensemble import backbones, images  # noqa: E402
-
-SHARED_DOGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogs3"
+from bench_precision import SHARED_DOGS, fidelity, photos  # noqa: E402
+from transfer_ensemble import backbones  # noqa: E402
 
 
 def photo_views(folder: Path, count: int, size: int) -> np.ndarray:
     """`count` photos of `folder` at `size` px, each followed by its left-right mirror (uint8)."""
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[:count]
-    if len(paths) < count:
-        raise SystemExit(f"need {count} photos under {folder}, found {len(paths)}")
-    pixels = np.stack([images.load(p, size) for p in paths])
+    pixels = photos(count, size, folder)
     return np.stack([pixels, pixels[:, :, ::-1]], axis=1).reshape(-1, size, size, 3)
 
 
@@ -70,20 +66,6 @@ def seconds_per_view(model, batch: np.ndarray, repeats: int) -> float:
     return statistics.median(times) / len(batch)
 
 
-def fidelity(reference: np.ndarray, other: np.ndarray) -> dict:
-    def rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-        return np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-30), np.linalg.norm(a - b, axis=1) / np.maximum(na, 1e-30)
-
-    cosine, rel = rows(reference, other)
-    mean = reference.mean(axis=0)
-    c_cosine, c_rel = rows(reference - mean, other - mean)
-    return {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
-            "rel_error_mean": float(rel.mean()), "rel_error_max": float(rel.max()),
-            "centred_cosine_mean": float(c_cosine.mean()), "centred_rel_error_mean": float(c_rel.mean()),
-            "centred_rel_error_max": float(c_rel.max())}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=Path, default=SHARED_DOGS, help="folder of photos (searched recursively)")
@@ -108,10 +90,8 @@ def main() -> None:
         views = photo_views(opts.photos, opts.images, size)
         fp32, weights = uint8_model(spec, size, "float32", None)
         bf16, _ = uint8_model(spec, size, "mixed_bfloat16", weights)
-        ref = np.concatenate([fp32.predict_on_batch(views[i:i + opts.batch_size])
-                              for i in range(0, len(views), opts.batch_size)])
-        got = np.concatenate([bf16.predict_on_batch(views[i:i + opts.batch_size])
-                              for i in range(0, len(views), opts.batch_size)])
+        ref, got = (np.concatenate([model.predict_on_batch(views[i:i + opts.batch_size])
+                                    for i in range(0, len(views), opts.batch_size)]) for model in (fp32, bf16))
         batch = np.resize(views, (opts.batch_size, *views.shape[1:]))
         t32 = seconds_per_view(fp32, batch, opts.repeats)
         t16 = seconds_per_view(bf16, batch, opts.repeats)

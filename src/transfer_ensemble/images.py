@@ -213,22 +213,21 @@ def iter_batches(paths: Sequence[Path], rows: Sequence[int], size: int, batch_si
 
     def produce() -> None:
         try:
-            with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-                ahead = iter(rows)
-                pending: deque[Future] = deque()
-                try:
-                    for chunk in chunks:
-                        if stop.is_set():
-                            return
-                        for row in itertools.islice(ahead, prefetch * batch_size - len(pending)):
-                            pending.append(pool.submit(load, paths[row], size))
-                        loaded = [pending.popleft().result() for _ in chunk]
-                        if mirrored:
-                            loaded += [cv2.flip(image, 1) for image in loaded]
-                        _put(Batch(chunk, np.stack(loaded)))
-                finally:
-                    for future in pending:
-                        future.cancel()
+            pool = ThreadPoolExecutor(max_workers=workers or default_workers())
+            ahead = iter(rows)
+            pending: deque[Future] = deque()
+            try:
+                for chunk in chunks:
+                    if stop.is_set():
+                        return
+                    for row in itertools.islice(ahead, prefetch * batch_size - len(pending)):
+                        pending.append(pool.submit(load, paths[row], size))
+                    loaded = [pending.popleft().result() for _ in chunk]
+                    if mirrored:
+                        loaded += [cv2.flip(image, 1) for image in loaded]
+                    _put(Batch(chunk, np.stack(loaded)))
+            finally:
+                pool.shutdown(cancel_futures=True)
         except BaseException as exc:
             _put(exc)
         _put(None)
