@@ -92,7 +92,8 @@ def child_forward(opts: argparse.Namespace) -> dict:
     """Seconds per forward batch of 2 x batch_size uint8 images, per backbone, through the same
     traced function that `extract` runs (cast, preprocess_input and the model, in one graph)."""
     from transfer_ensemble import backbones
-    from transfer_ensemble.features import ExtractConfig, Extractor
+    from transfer_ensemble.config import ExtractConfig
+    from transfer_ensemble.features import Extractor
 
     extractor = Extractor(ExtractConfig(backbones=backbones.parse_backbones(opts.backbones),
                                         weights=opts.weights, image_size=opts.image_size,
@@ -117,7 +118,7 @@ def child_forward(opts: argparse.Namespace) -> dict:
 
 def child_extract(opts: argparse.Namespace) -> dict:
     from transfer_ensemble import backbones, workflow
-    from transfer_ensemble.features import ExtractConfig
+    from transfer_ensemble.config import ExtractConfig
 
     config = ExtractConfig(backbones=backbones.parse_backbones(opts.backbones), weights=opts.weights,
                            image_size=opts.image_size, batch_size=opts.batch_size, precision=opts.precision)

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from transfer_ensemble import backbones, images
-from transfer_ensemble.features import ExtractConfig, Extractor
+from transfer_ensemble.config import ExtractConfig
+from transfer_ensemble.features import Extractor
 
 SHARED_DOGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogs3"
 

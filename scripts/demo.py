@@ -34,8 +34,8 @@ def run_workflow(run_args: list[str]) -> tuple[list[dict], dict, dict]:
         run_args += ["--weights", "random"]
         args = options()
         results = workflow.extract(args.data, args.run, cli.extract_config(args))
-    metrics = workflow.train(args.run, cli.train_config(args))
-    return results, metrics, workflow.submit(args.run, args.out)
+    trained = workflow.train(args.run, cli.train_overrides(args))
+    return results, trained, workflow.submit(args.run, args.out, heads=trained["recipe"])
 
 
 def main() -> int:
@@ -57,13 +57,13 @@ def main() -> int:
         run_args += ["--image-size", str(args.image_size)]
     try:
         with logging_redirect_tqdm():
-            results, metrics, result = run_workflow(run_args)
+            results, trained, result = run_workflow(run_args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cli.print_extract_summary(results)
     print()
-    cli.print_metrics(metrics)
+    cli.print_train(trained)
     print()
     cli.print_submit(result)
     print(f"\nthe demo submission is at {Path(args.out).resolve()} (report: {Path(args.run) / 'report.html'})")

@@ -13,7 +13,8 @@ from conftest import TINY, run_cli
 
 from transfer_ensemble import backbones
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.features import ExtractConfig, Extractor
+from transfer_ensemble.config import ExtractConfig
+from transfer_ensemble.features import Extractor
 
 # One backbone per keras.applications family in the registry. Every entry's width was also
 # checked by building it at 32 px (71 and 75 px for Xception and the Inceptions).
@@ -66,7 +67,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from transfer_ensemble import features
-    config = features.ExtractConfig(backbones=("mobilenet_v3_small",), weights="random", image_size=64)
+    from transfer_ensemble.config import ExtractConfig
+    config = ExtractConfig(backbones=("mobilenet_v3_small",), weights="random", image_size=64)
     pixels = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
     single = features.Extractor(config)
     expected = single.forward(single.specs[0], pixels)

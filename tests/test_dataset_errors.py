@@ -156,8 +156,9 @@ def test_class_with_fewer_images_than_folds(capsys, monkeypatch, tmp_path: Path)
         (data / "train" / f"{image_id}.png").unlink()
     labels[~labels["id"].isin(["tr1_0", "tr1_1"])].to_csv(data / "labels.csv", index=False)
     run = tmp_path / "run"
-    monkeypatch.setattr(features, "extract_split", lambda *a, **k: {"split": a[2], "images": len(a[3]),
-                                                                     "computed": 0, "reused": 0, "seconds": 1})
+    monkeypatch.setattr(features, "extract_split",
+                        lambda extractor, split, paths, *a, **k: {"split": split, "images": len(paths),
+                                                                  "computed": 0, "reused": 0, "seconds": 1})
     assert cli.main(["extract", "--data", str(data), "--run", str(run), *EXTRACT]) == 0
     capsys.readouterr()
     code = cli.main(["train", "--run", str(run), "--folds", "5"])

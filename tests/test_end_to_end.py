@@ -9,6 +9,7 @@ import pytest
 from conftest import FAST_EXTRACT, make_kaggle, run_cli
 from transfer_ensemble import submission
 from transfer_ensemble.dataset import load_dataset
+from transfer_ensemble.runfolder import RunFolder
 
 
 @pytest.fixture(scope="module")
@@ -30,28 +31,32 @@ def test_run_writes_every_artefact_with_the_right_shapes(finished_run):
     assert config["classes"] == ["class_2", "class_1", "class_0"]
     assert config["versions"]["tensorflow"]
 
+    folder = RunFolder(run)
     for split, n in (("train", 12), ("test", 5)):
         for backbone in ("xception", "inception_v3"):
-            folder = run / "features" / split / backbone
-            meta = json.loads((folder / "meta.json").read_text())
+            store = folder.store(split, backbone)
+            meta = json.loads(store.meta.read_text())
             assert len(meta["ids"]) == n
             for view in ("original", "flipped"):
-                features = np.load(folder / f"{view}.npy")
+                features = np.load(store.view(view))
                 assert features.shape == (n, 2048) and features.dtype == np.float32
                 assert np.isfinite(features).all()
-    assert json.loads((run / "features/test/xception/meta.json").read_text())["ids"] == \
+    assert json.loads(folder.store("test", "xception").meta.read_text())["ids"] == \
         ["te04", "te03", "te02", "te01", "te00"]
 
+    recipe = folder.select_recipe()
+    assert recipe.name == "seed-folds2-seed7-epochs4-patience2"
+    assert recipe.folder == run / "heads" / recipe.name
     for view in ("original", "flipped"):
-        assert np.load(run / "heads" / f"oof_{view}.npy").shape == (12, 3)
+        assert np.load(recipe.oof(view)).shape == (12, 3)
         for fold in range(2):
-            folder = run / "heads" / view / f"fold{fold}"
-            assert (folder / "model.keras").stat().st_size > 0
-            test_pred = np.load(folder / "test_pred.npy")
+            files = recipe.fold(view, fold)
+            assert files.model(".keras").stat().st_size > 0
+            test_pred = np.load(files.test_pred)
             assert test_pred.shape == (5, 3)
             np.testing.assert_allclose(test_pred.sum(axis=1), 1, atol=1e-5)
 
-    metrics = json.loads((run / "metrics.json").read_text())["oof"]
+    metrics = json.loads(recipe.metrics_path.read_text())["oof"]
     assert {(r["view"], r["fold"]) for r in metrics["per_fold"]} == {(v, f) for v in ("original", "flipped")
                                                                     for f in range(2)}
     assert set(metrics["per_view"]) == {"original", "flipped"}
@@ -64,8 +69,8 @@ def test_submission_is_valid_and_is_the_average_of_the_ten_models(finished_run):
     dataset = load_dataset(data)
     frame = pd.read_csv(out, dtype={"id": str})
     submission.validate(frame, [it.id for it in dataset.test], dataset.classes)
-    preds = [np.load(run / "heads" / v / f"fold{k}" / "test_pred.npy") for v in ("original", "flipped")
-             for k in range(2)]
+    recipe = RunFolder(run).select_recipe()
+    preds = [np.load(recipe.fold(v, k).test_pred) for v in ("original", "flipped") for k in range(2)]
     np.testing.assert_allclose(frame[dataset.classes].to_numpy(), np.mean(preds, axis=0), atol=1e-6)
 
 
@@ -84,7 +89,7 @@ def test_folder_layout_reports_hold_out_scores(folder_data, tmp_path):
                      *FAST_EXTRACT, "--folds", "2", "--epochs", "2")
     assert result.returncode == 0, result.stderr
     assert "hold-out test" in result.stdout
-    holdout = json.loads((tmp_path / "run" / "metrics.json").read_text())["holdout"]
+    holdout = RunFolder(tmp_path / "run").select_recipe().metrics()["holdout"]
     assert holdout["ensemble"]["n"] == 6
     frame = pd.read_csv(out)
     assert list(frame.columns) == ["id", "kind 0", "kind 1", "kind 2"] and len(frame) == 6

@@ -24,11 +24,20 @@ import pytest
 
 from conftest import FAST_TRAIN, TINY, make_kaggle, run_cli
 from transfer_ensemble import cli, storage
-from transfer_ensemble.crossval import fold_dir
-from transfer_ensemble.features import VIEWS
+from transfer_ensemble.config import HeadOptions, TrainConfig
+from transfer_ensemble.runfolder import VIEWS, FoldFiles, Recipe, RunFolder
 
 FOLDS = 2
 JOBS = [(view, fold) for view in VIEWS for fold in range(FOLDS)]
+FAST_CONFIG = TrainConfig(folds=FOLDS, options=HeadOptions(epochs=3, patience=2))  # what FAST_TRAIN trains
+
+
+def recipe(run: Path) -> Recipe:
+    return RunFolder(run).recipe(FAST_CONFIG)
+
+
+def fold(run: Path, view: str, k: int) -> FoldFiles:
+    return recipe(run).fold(view, k)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +61,9 @@ def reference(extracted: Path) -> dict:
     start = time.perf_counter()
     assert run_cli("submit", "--run", str(run), "--out", str(out)).returncode == 0
     return {"run": run, "submit_seconds": time.perf_counter() - start,
-            "metrics": json.loads((run / "metrics.json").read_text()), "csv": out.read_bytes(),
-            "test_pred": {job: np.load(fold_dir(run / "heads", *job) / "test_pred.npy") for job in JOBS},
-            "oof": {view: np.load(run / "heads" / f"oof_{view}.npy") for view in VIEWS}}
+            "metrics": recipe(run).metrics(), "csv": out.read_bytes(),
+            "test_pred": {job: np.load(fold(run, *job).test_pred) for job in JOBS},
+            "oof": {view: np.load(recipe(run).oof(view)) for view in VIEWS}}
 
 
 def copy_run(source: Path, tmp_path: Path, name: str = "run") -> Path:
@@ -62,12 +71,11 @@ def copy_run(source: Path, tmp_path: Path, name: str = "run") -> Path:
 
 
 def assert_same_results(run: Path, reference: dict) -> None:
-    assert json.loads((run / "metrics.json").read_text()) == reference["metrics"]
+    assert recipe(run).metrics() == reference["metrics"]
     for job in JOBS:
-        np.testing.assert_array_equal(np.load(fold_dir(run / "heads", *job) / "test_pred.npy"),
-                                      reference["test_pred"][job])
+        np.testing.assert_array_equal(np.load(fold(run, *job).test_pred), reference["test_pred"][job])
     for view in VIEWS:
-        np.testing.assert_array_equal(np.load(run / "heads" / f"oof_{view}.npy"), reference["oof"][view])
+        np.testing.assert_array_equal(np.load(recipe(run).oof(view)), reference["oof"][view])
 
 
 def temporary_files(folder: Path) -> list[Path]:
@@ -96,14 +104,14 @@ def test_train_killed_after_a_fold_resumes_without_retraining_it(extracted: Path
     proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
 
-    first = fold_dir(run / "heads", "original", 0)
-    assert (first / "done.json").exists()
-    unfinished = [job for job in JOBS if not (fold_dir(run / "heads", *job) / "done.json").exists()]
+    first = fold(run, "original", 0).folder
+    assert fold(run, "original", 0).done.exists()
+    unfinished = [job for job in JOBS if not fold(run, *job).done.exists()]
     assert unfinished, "the kill came too late: every fold had finished"
-    assert not (run / "metrics.json").exists()
+    assert not recipe(run).metrics_path.exists()
     finished_files = mtimes(first)
     # What a kill during a write leaves (this one may have landed between writes): temporary files.
-    planted = [run / ".config.json.k1ll3d.tmp", run / "heads" / "flipped" / ".oof_x.npy.k1ll3d.tmp"]
+    planted = [run / ".config.json.k1ll3d.tmp", recipe(run).folder / "flipped" / ".oof_x.npy.k1ll3d.tmp"]
     for path in planted:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")
@@ -213,9 +221,9 @@ def test_full_disk_during_train_then_rerun_gives_the_same_result(extracted: Path
     code = cli.main(["train", "--run", str(run), *FAST_TRAIN])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    first = fold_dir(run / "heads", "original", 0)
-    assert f"Could not write {first / 'val_pred.npy'}: the disk is full" in err
-    assert not (first / "val_pred.npy").exists() and not (first / "done.json").exists()
+    first = fold(run, "original", 0)
+    assert f"Could not write {first.val_pred}: the disk is full" in err
+    assert not first.val_pred.exists() and not first.done.exists()
     assert temporary_files(run) == []
 
     monkeypatch.setattr(np, "save", real_save)
@@ -276,7 +284,8 @@ def test_unwritable_run_folder_is_a_clear_error(reference: dict, tmp_path: Path,
     code = cli.main(["train", "--run", str(run), *FAST_TRAIN, "--epochs", "4"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert f"Could not write {run / 'config.json'}: {why}." in err
+    other = RunFolder(run).recipe(TrainConfig(folds=FOLDS, options=HeadOptions(epochs=4, patience=2)))
+    assert f"Could not write {other.record_path}: {why}." in err
     assert {p: p.read_bytes() for p in before} == before
 
 
@@ -321,20 +330,21 @@ def test_new_test_images_after_training_are_predicted_without_retraining(referen
     sample = pd.read_csv(data / "sample_submission.csv")
     pd.concat([sample, sample.iloc[:1].assign(id="te_new")]).to_csv(data / "sample_submission.csv", index=False)
     run = copy_run(reference["run"], tmp_path)
-    models = {job: (fold_dir(run / "heads", *job) / "model.keras").stat().st_mtime_ns for job in JOBS}
+    models = {job: fold(run, *job).model(".keras").stat().st_mtime_ns for job in JOBS}
 
     result = run_cli("extract", "--data", str(data), "--run", str(run), "--backbones", "xception",
                      "--weights", "random", "--image-size", str(TINY), "--batch-size", "8")
     assert result.returncode == 0, result.stderr
     stale = run_cli("submit", "--run", str(run), "--out", str(tmp_path / "stale.csv"))
-    assert stale.returncode == 2 and "has no trained heads" in stale.stderr
+    assert stale.returncode == 2 and "The test features of" in stale.stderr
+    assert f"changed after the head recipe '{recipe(run).name}' predicted them" in stale.stderr
     assert not (tmp_path / "stale.csv").exists()
 
     result = run_cli("train", "--run", str(run), *FAST_TRAIN)
     assert result.returncode == 0, result.stderr
     assert f"predicting them again with {len(JOBS)} finished fold models" in result.stderr
-    assert {job: (fold_dir(run / "heads", *job) / "model.keras").stat().st_mtime_ns for job in JOBS} == models
-    assert json.loads((run / "metrics.json").read_text()) == reference["metrics"]
+    assert {job: fold(run, *job).model(".keras").stat().st_mtime_ns for job in JOBS} == models
+    assert recipe(run).metrics() == reference["metrics"]
 
     out = tmp_path / "sub.csv"
     assert run_cli("submit", "--run", str(run), "--out", str(out)).returncode == 0

@@ -22,6 +22,7 @@ import pytest
 from conftest import TINY, draw, make_kaggle, run_cli, save_rgb
 
 from transfer_ensemble import images
+from transfer_ensemble.runfolder import RunFolder, StoreFiles
 
 BATCH = 4
 EXTRACT = ["--weights", "random", "--image-size", str(TINY), "--batch-size", str(BATCH)]
@@ -35,13 +36,16 @@ def extract(data: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
     return result
 
 
+def store(run: Path, split: str, backbone: str) -> StoreFiles:
+    return RunFolder(run).store(split, backbone)
+
+
 def features(run: Path, split: str, backbone: str) -> dict[str, np.ndarray]:
-    folder = run / "features" / split / backbone
-    return {view: np.load(folder / f"{view}.npy") for view in ("original", "flipped")}
+    return {view: np.load(store(run, split, backbone).view(view)) for view in ("original", "flipped")}
 
 
 def ids(run: Path, split: str, backbone: str) -> list[str]:
-    return json.loads((run / "features" / split / backbone / "meta.json").read_text())["ids"]
+    return json.loads(store(run, split, backbone).meta.read_text())["ids"]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
@@ -74,7 +78,7 @@ def test_resume_after_sigkill_gives_identical_features(reference, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "transfer_ensemble", "extract", "--data", str(data),
                                 "--run", str(run), *EXTRACT], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, env=env)
-    done_file = run / "features" / "train" / "inception_v3" / "done.npy"
+    done_file = store(run, "train", "inception_v3").done
     deadline = time.monotonic() + 120
     killed_at = None
     while process.poll() is None and time.monotonic() < deadline:
@@ -101,13 +105,13 @@ def test_resume_after_sigkill_gives_identical_features(reference, tmp_path):
             got, want = features(run, split, backbone), features(ref_run, split, backbone)
             for view in want:
                 assert np.array_equal(got[view], want[view]), (split, backbone, view)
-            assert np.load(run / "features" / split / backbone / "done.npy").all()
+            assert np.load(store(run, split, backbone).done).all()
 
 
 def test_changed_image_list_recomputes_only_changed_rows(copied, reference):
     data, run = copied
     old = {b: (ids(run, "train", b), features(run, "train", b)) for b in BACKBONES}
-    test_before = {b: snapshot(run / "features" / "test" / b) for b in BACKBONES}
+    test_before = {b: snapshot(store(run, "test", b).folder) for b in BACKBONES}
     labels = pd.read_csv(data / "labels.csv")
     removed = labels.iloc[3]["id"]
     (data / "train" / f"{removed}.png").unlink()
@@ -118,7 +122,8 @@ def test_changed_image_list_recomputes_only_changed_rows(copied, reference):
     result = extract(data, run)
     n = len(labels)
     for backbone in BACKBONES:
-        assert f"train/{backbone}: the image list changed; reused {n - 1} of {n} rows, 1 to compute" in result.stderr
+        folder = store(run, "train", backbone).folder
+        assert f"{folder}: reused {n - 1} of {n} rows from earlier features, 1 to compute" in result.stderr
         new_ids = ids(run, "train", backbone)
         assert "added" in new_ids and removed not in new_ids
         old_ids, old_features = old[backbone]
@@ -128,30 +133,28 @@ def test_changed_image_list_recomputes_only_changed_rows(copied, reference):
                 continue
             for view in old_features:
                 assert new_features[view][row].tobytes() == old_features[view][old_ids.index(image_id)].tobytes()
-        assert snapshot(run / "features" / "test" / backbone) == test_before[backbone]
+        assert snapshot(store(run, "test", backbone).folder) == test_before[backbone]
     assert re.search(r"^train\s+18\s+1\s+17\b", result.stdout, re.M), result.stdout
     assert re.search(r"^test\s+5\s+0\s+5\b", result.stdout, re.M), result.stdout
 
 
 def test_changed_backbones_compute_only_the_new_backbone(copied):
     data, run = copied
-    before = {split: snapshot(run / "features" / split / "xception") for split in ("train", "test")}
+    before = {split: snapshot(store(run, split, "xception").folder) for split in ("train", "test")}
     result = extract(data, run, "--backbones", "xception,mobilenet_v3_small")
     assert "reusing cached features that match (xception 18/18, mobilenet_v3_small 0/18)" in result.stderr
     assert "built mobilenet_v3_small in" in result.stderr and "built xception" not in result.stderr
     for split in ("train", "test"):
-        assert snapshot(run / "features" / split / "xception") == before[split]
-        folder = run / "features" / split / "mobilenet_v3_small"
-        assert np.load(folder / "done.npy").all()
-        assert np.load(folder / "original.npy").shape[1] == 576
+        assert snapshot(store(run, split, "xception").folder) == before[split]
+        added = store(run, split, "mobilenet_v3_small")
+        assert np.load(added.done).all()
+        assert np.load(added.view("original")).shape[1] == 576
 
 
 CACHE_HIT_SCRIPT = textwrap.dedent("""
     import json, sys
     from transfer_ensemble import backbones, workflow
-    from transfer_ensemble.crossval import TrainConfig
-    from transfer_ensemble.features import ExtractConfig
-    from transfer_ensemble.heads import HeadConfig
+    from transfer_ensemble.config import ExtractConfig
 
     def no_backbone(*args, **kwargs):
         raise AssertionError("a backbone was built")
@@ -161,7 +164,7 @@ CACHE_HIT_SCRIPT = textwrap.dedent("""
     config = ExtractConfig(weights="random", image_size=75, batch_size=4)
     results = workflow.extract(data, run, config)
     tensorflow_after_extract = "tensorflow" in sys.modules or "keras" in sys.modules
-    workflow.train(run, TrainConfig(folds=2, head=HeadConfig(epochs=2, patience=1)))
+    workflow.train(run, {"folds": 2, "epochs": 2, "patience": 1})
     workflow.submit(run, out)
     print(json.dumps({"computed": sum(r["computed"] for r in results),
                       "reused": sum(r["reused"] for r in results),
@@ -171,7 +174,7 @@ CACHE_HIT_SCRIPT = textwrap.dedent("""
 
 def test_cache_hit_and_train_and_submit_build_no_backbone(copied, tmp_path):
     data, run = copied
-    before = {(s, b): snapshot(run / "features" / s / b) for s in ("train", "test") for b in BACKBONES}
+    before = {(s, b): snapshot(store(run, s, b).folder) for s in ("train", "test") for b in BACKBONES}
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run([sys.executable, "-c", CACHE_HIT_SCRIPT, str(data), str(run), str(tmp_path / "s.csv")],
                             capture_output=True, text=True, env=env, timeout=300)
@@ -179,7 +182,7 @@ def test_cache_hit_and_train_and_submit_build_no_backbone(copied, tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary == {"computed": 0, "reused": 23, "tensorflow_after_extract": False}
     assert (tmp_path / "s.csv").exists()
-    assert {(s, b): snapshot(run / "features" / s / b) for s in ("train", "test") for b in BACKBONES} == before
+    assert {(s, b): snapshot(store(run, s, b).folder) for s in ("train", "test") for b in BACKBONES} == before
 
 
 def test_batches_carry_each_image_then_its_mirror(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import FAST_EXTRACT, FAST_TRAIN, draw, make_kaggle, run_cli, save_rgb
 from transfer_ensemble import ensemble, images, predict
+from transfer_ensemble.runfolder import RunFolder
 
 SECTIONS = ("loss", "scores", "calibration", "confused", "per-class", "wrong")
 
@@ -65,8 +66,8 @@ def test_python_api_equals_the_cli(trained, cli_preds, tmp_path):
     np.testing.assert_allclose(from_paths, expected, rtol=0, atol=1e-6)
     from_arrays = model.predict([images.decode(p) for p in paths])
     np.testing.assert_allclose(from_arrays, expected, rtol=0, atol=1e-5)
-    original = ensemble.average([np.load(run / "heads" / "original" / f"fold{k}" / "test_pred.npy")
-                                 for k in range(2)])
+    recipe = RunFolder(run).select_recipe()
+    original = ensemble.average([np.load(recipe.fold("original", k).test_pred) for k in range(2)])
     sub_order = pd.read_csv(run.parent / "sub.csv")["id"]
     by_id = dict(zip(sub_order, original))
     no_tta = model.predict([str(p) for p in paths], tta=False)
@@ -135,11 +136,11 @@ def test_a_killed_predict_resumes_and_gives_the_uninterrupted_output(trained, tm
     out = tmp_path / "many.csv"
     args = ["predict", "--run", str(run), "--images", str(folder), "--out", str(out), "--batch-size", "1"]
     paths, _ = predict.find_images(folder)
-    stores = predict.cache_folder(run, paths) / "features" / "predict"
+    cache = RunFolder(run).predict_cache(predict.check_images(paths))
 
     def committed() -> np.ndarray:
         """Rows whose features both backbones have committed."""
-        return np.load(stores / "xception" / "done.npy") & np.load(stores / "inception_v3" / "done.npy")
+        return np.load(cache.store("xception").done) & np.load(cache.store("inception_v3").done)
 
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     process = subprocess.Popen([sys.executable, "-m", "transfer_ensemble", *args], env=env,

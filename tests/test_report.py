@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,11 @@ import pytest
 
 from conftest import draw, run_cli, save_rgb
 from transfer_ensemble import ensemble, report
+from transfer_ensemble.config import HeadOptions, TrainConfig
+from transfer_ensemble.runfolder import RunFolder, labels_digest
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SECTIONS = {"loss": "Training and validation loss", "scores": "Out-of-fold scores",
+SECTIONS = {"recipes": "Head recipes tried on this run", "loss": "Training and validation loss", "scores": "Out-of-fold scores",
             "calibration": "Calibration", "confused": "most confused class pairs",
             "per-class": "Per-class accuracy, worst first", "wrong": "Most confidently wrong training images"}
 
@@ -33,9 +36,12 @@ def _write(path: Path, obj) -> None:
 
 def make_run(base: Path, n_classes: int = 25, per_class: int = 8, folds: int = 3, accuracy: float = 0.6,
              seed: int = 0) -> Path:
-    """A trained run folder as `train` writes it, with made-up predictions of a given accuracy."""
+    """A trained run folder as `train` writes it, with made-up predictions of a given accuracy.
+
+    Feature stores hold their records only (the report reads no features).
+    """
     rng = np.random.default_rng(seed)
-    data, run = base / "data", base / "run"
+    data, run = base / "data", RunFolder(base / "run")
     classes = [f"breed_{c:02d}_with_a_long_name" for c in range(n_classes)]
     rows = []
     for c, name in enumerate(classes):
@@ -44,15 +50,22 @@ def make_run(base: Path, n_classes: int = 25, per_class: int = 8, folds: int = 3
             save_rgb(data / rel, draw(c, rng))
             rows.append({"id": f"train/{name}/img{i}", "path": rel, "label": c})
     labels = np.array([r["label"] for r in rows])
-    _write(run / "dataset.json", {"root": str(data), "layout": "folders", "classes": classes, "train": rows,
-                                  "test": [{"id": "t0", "path": "test/t0.png", "label": None}],
-                                  "bad_test_ids": []})
-    _write(run / "config.json", {"extract": {"backbones": ["xception", "inception_v3"], "weights": "random",
-                                             "image_size": 75, "batch_size": 8, "precision": "float32",
-                                             "seed": 0},
-                                 "train": {"folds": folds, "seed": 0, "epochs": 12, "patience": 3,
-                                           "dropout": 0.5, "batch_size": 128, "learning_rate": 0.001},
-                                 "classes": classes, "versions": {"python": "3.11"}})
+    _write(run.dataset_path, {"root": str(data), "layout": "folders", "classes": classes, "train": rows,
+                              "test": [{"id": "t0", "path": "test/t0.png", "label": None}],
+                              "bad_test_ids": []})
+    backbones = ["xception", "inception_v3"]
+    _write(run.config_path, {"extract": {"backbones": backbones, "weights": "random", "image_size": 75,
+                                         "batch_size": 8, "precision": "float32", "seed": 0},
+                             "classes": classes, "versions": {"python": "3.11"}})
+    for split, n in (("train", len(rows)), ("test", 1)):
+        for name in backbones:
+            _write(run.store(split, name).meta, {"backbone": name, "width": 2048, "weights": "random:seed=0"})
+            _write(run.store(split, name).keys, [f"{split}{i}" for i in range(n)])
+    inputs = run.feature_inputs(backbones)
+    recipe = run.recipe(TrainConfig(folds=folds, options=HeadOptions(epochs=12, patience=3)),
+                        {"features": inputs["features"], "train": inputs["train"],
+                         "labels": labels_digest(labels)})
+    run.write_recipe(recipe)
     assignment = np.arange(len(labels)) % folds
     per_fold = []
     for view in ("original", "flipped"):
@@ -60,31 +73,30 @@ def make_run(base: Path, n_classes: int = 25, per_class: int = 8, folds: int = 3
         right = rng.random(len(labels)) < accuracy
         logits[np.arange(len(labels)), np.where(right, labels, (labels + 1 + labels % 3) % n_classes)] += 4
         oof = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-        (run / "heads").mkdir(exist_ok=True)
-        np.save(run / "heads" / f"oof_{view}.npy", oof.astype(np.float32))
+        np.save(recipe.oof(view), oof.astype(np.float32))
         for fold in range(folds):
             epochs = int(rng.integers(5, 13))
             best = int(rng.integers(1, epochs + 1))
             val = assignment == fold
             score = ensemble.score(labels[val], oof[val])
-            _write(run / "heads" / view / f"fold{fold}" / "history.json",
+            _write(recipe.fold(view, fold).history,
                    {"loss": list(np.linspace(2, 0.5, epochs)), "val_loss": list(np.linspace(2.1, 0.8, epochs)),
                     "accuracy": [0.5] * epochs, "val_accuracy": [0.5] * epochs, "best_epoch": best,
                     "epochs_run": epochs, "fold": fold, "view": view, "fold_score": score})
             per_fold.append({"view": view, "fold": fold, "log_loss": score["log_loss"],
                              "accuracy": score["accuracy"], "n": score["n"], "best_epoch": best})
-    oofs = [np.load(run / "heads" / f"oof_{v}.npy") for v in ("original", "flipped")]
-    _write(run / "metrics.json", {"oof": {"per_fold": per_fold,
-                                          "per_view": {v: ensemble.score(labels, p)
-                                                       for v, p in zip(("original", "flipped"), oofs)},
-                                          "ensemble": ensemble.score(labels, ensemble.average(oofs))}})
-    return run
+    oofs = [np.load(recipe.oof(v)) for v in ("original", "flipped")]
+    _write(recipe.metrics_path, {"oof": {"per_fold": per_fold,
+                                         "per_view": {v: ensemble.score(labels, p)
+                                                      for v, p in zip(("original", "flipped"), oofs)},
+                                         "ensemble": ensemble.score(labels, ensemble.average(oofs))}})
+    return run.path
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     run = make_run(tmp_path_factory.mktemp("report"))
-    path = report.write_report(run)
+    path = report.write_report(RunFolder(run))
     return run, path.read_text(encoding="utf-8")
 
 
@@ -122,7 +134,7 @@ def test_embedded_images_are_valid_pngs_and_match_the_files(built):
 
 def test_tables_hold_the_scores_pairs_and_wrong_images(built):
     run, page = built
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = RunFolder(run).select_recipe().metrics()
     assert f"{metrics['oof']['ensemble']['log_loss']:.4f}" in page
     for row in metrics["oof"]["per_fold"]:
         assert f"{row['view']}, fold {row['fold']}" in page
@@ -155,7 +167,7 @@ def test_calibration_bins_and_error():
 
 def test_a_perfect_run_says_so_instead_of_empty_plots(tmp_path):
     run = make_run(tmp_path, n_classes=3, per_class=4, folds=2, accuracy=1.0)
-    page = report.write_report(run).read_text()
+    page = report.write_report(RunFolder(run)).read_text()
     for section in SECTIONS:
         assert f'<section id="{section}">' in page
     assert "no class is confused" in page and "No training image is misclassified" in page
@@ -171,6 +183,10 @@ def test_report_command_rebuilds_it_and_refuses_an_untrained_folder(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     result = run_cli("report", "--run", str(empty))
+    assert result.returncode == 2
+    assert "is not a run folder" in result.stderr and "Traceback" not in result.stderr
+    shutil.rmtree(RunFolder(run).heads_dir)
+    result = run_cli("report", "--run", str(run))
     assert result.returncode == 2
     assert "has no trained heads" in result.stderr and "Traceback" not in result.stderr
 

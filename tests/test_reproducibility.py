@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import FAST_TRAIN, TINY, make_kaggle, run_cli
-from transfer_ensemble.crossval import fold_assignment, fold_dir
-from transfer_ensemble.features import VIEWS
+from transfer_ensemble.crossval import fold_assignment
+from transfer_ensemble.runfolder import VIEWS, RunFolder
 
 SEED = "3"
 EXTRACT = ["--weights", "random", "--image-size", str(TINY), "--batch-size", "8"]
@@ -57,24 +57,27 @@ def test_identical_submission_csv(runs: dict[str, Path], other: str) -> None:
 
 @pytest.mark.parametrize("other", ["same", "again"])
 def test_identical_folds_features_and_predictions(runs: dict[str, Path], other: str) -> None:
+    first, second = RunFolder(runs["steps"]), RunFolder(runs[other])
+    recipes = first.select_recipe(), second.select_recipe()
+    assert recipes[0].name == recipes[1].name
     for view in VIEWS:
         for fold in range(FOLDS):
-            for name in ("val_index.npy", "val_pred.npy", "test_pred.npy"):
-                np.testing.assert_array_equal(np.load(fold_dir(runs[other] / "heads", view, fold) / name),
-                                              np.load(fold_dir(runs["steps"] / "heads", view, fold) / name))
+            a, b = recipes[0].fold(view, fold), recipes[1].fold(view, fold)
+            for name in ("val_index", "val_pred", "test_pred"):
+                np.testing.assert_array_equal(np.load(getattr(a, name)), np.load(getattr(b, name)))
     for backbone in ("xception", "inception_v3"):
         for split in ("train", "test"):
             for view in VIEWS:
-                path = Path("features", split, backbone, f"{view}.npy")
-                np.testing.assert_array_equal(np.load(runs[other] / path), np.load(runs["steps"] / path))
-    metrics = [json.loads((runs[name] / "metrics.json").read_text()) for name in ("steps", other)]
-    assert metrics[0] == metrics[1]
+                np.testing.assert_array_equal(np.load(first.store(split, backbone).view(view)),
+                                              np.load(second.store(split, backbone).view(view)))
+    assert recipes[0].metrics() == recipes[1].metrics()
 
 
 def test_config_json_holds_every_option_of_the_run(runs: dict[str, Path]) -> None:
     first, rerun = (json.loads((runs[name] / "config.json").read_text()) for name in ("steps", "again"))
-    for key in ("data", "extract", "train", "on_bad_image", "classes"):
+    for key in ("data", "extract", "train", "classes"):
         assert rerun[key] == first[key], key
     assert first["extract"]["seed"] == int(SEED) and first["train"]["seed"] == int(SEED)
     assert first["train"]["folds"] == FOLDS and first["extract"]["image_size"] == TINY
+    assert first["extract"]["on_bad_image"] == "error" and first["train"]["head"] == "seed"
     assert set(first["versions"]) >= {"python", "tensorflow", "keras", "numpy"}

@@ -5,7 +5,8 @@ import numpy as np
 
 from conftest import TINY, draw, make_kaggle, run_cli
 from transfer_ensemble import backbones
-from transfer_ensemble.features import ExtractConfig, Extractor
+from transfer_ensemble.config import ExtractConfig
+from transfer_ensemble.features import Extractor
 
 
 def test_weights_dir_loads_legacy_h5_under_the_standard_name(tmp_path):

@@ -29,10 +29,12 @@ class BackboneSpec:
     size: int
     width: int
     weights_file: str
+    min_size: int = 32
 
 
-def _spec(name: str, constructor: str, module: str, size: int, width: int, weights_file: str) -> BackboneSpec:
-    return BackboneSpec(name, constructor, module, size, width, weights_file)
+def _spec(name: str, constructor: str, module: str, size: int, width: int, weights_file: str,
+          min_size: int = 32) -> BackboneSpec:
+    return BackboneSpec(name, constructor, module, size, width, weights_file, min_size)
 
 
 _TF = "_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -40,10 +42,10 @@ _EFF = "efficientnet{}_notop.h5"
 _V2 = "efficientnetv2-{}_notop.h5"
 
 REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in [
-    _spec("xception", "Xception", "xception", 299, 2048, "xception" + _TF),
-    _spec("inception_v3", "InceptionV3", "inception_v3", 299, 2048, "inception_v3" + _TF),
+    _spec("xception", "Xception", "xception", 299, 2048, "xception" + _TF, min_size=71),
+    _spec("inception_v3", "InceptionV3", "inception_v3", 299, 2048, "inception_v3" + _TF, min_size=75),
     _spec("inception_resnet_v2", "InceptionResNetV2", "inception_resnet_v2", 299, 1536,
-          "inception_resnet_v2" + _TF),
+          "inception_resnet_v2" + _TF, min_size=75),
     _spec("resnet50_v2", "ResNet50V2", "resnet_v2", 224, 2048, "resnet50v2" + _TF),
     _spec("resnet101_v2", "ResNet101V2", "resnet_v2", 224, 2048, "resnet101v2" + _TF),
     _spec("resnet152_v2", "ResNet152V2", "resnet_v2", 224, 2048, "resnet152v2" + _TF),

@@ -20,10 +20,7 @@ from transfer_ensemble.errors import UserError
 
 log = logging.getLogger("transfer_ensemble")
 
-EXTRACT_DEFAULTS = {"backbones": "xception,inception_v3", "weights": "imagenet", "image_size": None,
-                    "batch_size": 32, "precision": "float32", "seed": 0, "on_bad_image": "error"}
-TRAIN_DEFAULTS = {"folds": 5, "epochs": 50, "patience": 5, "dropout": 0.5, "head_batch_size": 128,
-                  "learning_rate": 1e-3, "seed": 0}
+HEADS_HELP = "head recipe to use (default: the run's current recipe with the lowest OOF log loss)"
 
 
 def _positive_int(text: str) -> int:
@@ -33,33 +30,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), not {text}")
-    return value
-
-
 def _add_extract_options(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     p.add_argument("--data", required=data_required, help="data folder (Kaggle or folder layout)")
     p.add_argument("--backbones", help="comma-separated backbone names, concatenated in this order "
                                        "(default: xception,inception_v3)")
     p.add_argument("--weights", help="imagenet (default; Keras cache or download), random (tests only), "
                                      "or a folder of Keras .h5 weight files")
-    p.add_argument("--image-size", type=_positive_int, help="input size in pixels (default: each "
-                                                            "backbone's native size, 299 for both defaults)")
-    p.add_argument("--batch-size", type=_positive_int, help="images per forward batch (default 32)")
-    p.add_argument("--precision", choices=["float32", "bfloat16"], help="backbone precision (default float32)")
-    p.add_argument("--on-bad-image", choices=["error", "skip"],
-                   help="error (default): list undecodable images and stop; skip: leave them out")
+    p.add_argument("--image-size", type=int, help="input size in pixels (default: each backbone's native "
+                                                  "size, 299 for both defaults)")
+    p.add_argument("--batch-size", type=int, help="images per forward batch (default 32)")
+    p.add_argument("--precision", help="backbone precision: float32 (default) or bfloat16")
+    p.add_argument("--on-bad-image", help="error (default): list undecodable images and stop; "
+                                          "skip: leave them out")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--folds", type=_positive_int, help="cross-validation folds (default 5)")
-    p.add_argument("--epochs", type=_positive_int, help="most epochs per head (default 50)")
-    p.add_argument("--patience", type=_positive_int, help="early-stopping patience in epochs (default 5)")
-    p.add_argument("--dropout", type=_fraction, help="dropout before the softmax layer (default 0.5)")
-    p.add_argument("--head-batch-size", type=_positive_int, help="head training batch size (default 128)")
+    p.add_argument("--head", help="kind of head (default seed: the paper's dropout + softmax head)")
+    p.add_argument("--folds", type=int, help="cross-validation folds (default 5)")
+    p.add_argument("--epochs", type=int, help="most epochs per head (default 50)")
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 5)")
+    p.add_argument("--dropout", type=float, help="dropout before the softmax layer (default 0.5)")
+    p.add_argument("--head-batch-size", type=int, help="head training batch size (default 128)")
     p.add_argument("--learning-rate", type=float, help="Adam learning rate (default 0.001)")
 
 
@@ -77,14 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder (created if missing)")
     p.add_argument("--seed", type=int, help="seed for --weights random (default 0)")
 
-    p = sub.add_parser("train", help="train the 2 x K heads with cross-validation")
+    p = sub.add_parser("train", help="train a head recipe (2 x K heads) with cross-validation",
+                       description="Options not given are the ones the run's last training used (or "
+                                   "those of --heads NAME); other options add a recipe beside the earlier ones.")
     p.add_argument("--run", required=True, help="run folder that extract wrote")
     _add_train_options(p)
     p.add_argument("--seed", type=int, help="seed of the folds and of head training (default 0)")
+    p.add_argument("--heads", help="start from this recipe's options (retrain or finish it)")
 
-    p = sub.add_parser("submit", help="average the heads' test predictions into a submission CSV")
+    p = sub.add_parser("submit", help="combine a recipe's test predictions into a submission CSV")
     p.add_argument("--run", required=True, help="trained run folder")
     p.add_argument("--out", required=True, help="submission CSV to write, e.g. submissions/NAME.csv")
+    p.add_argument("--heads", help=HEADS_HELP)
 
     p = sub.add_parser("run", help="extract, train and submit in one go")
     _add_extract_options(p, data_required=False)
@@ -114,40 +109,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, help="images per forward batch (default: the run's)")
     p.add_argument("--weights", help="backbone weights (default: the run's); refused unless they are the "
                                      "ones the run was trained on")
+    p.add_argument("--heads", help=HEADS_HELP)
+    p.add_argument("--cache-dir", help="where to keep the images' features (default RUN/predict/); use it "
+                                       "when the run folder is read-only")
 
-    p = sub.add_parser("report", help="rebuild RUN/report.html: curves, metrics, calibration, errors")
+    p = sub.add_parser("report", help="rebuild RUN/report.html: recipes, curves, metrics, calibration, errors")
     p.add_argument("--run", required=True, help="trained run folder")
+    p.add_argument("--heads", help=HEADS_HELP)
     return parser
 
 
-def _pick(args: argparse.Namespace, key: str, saved: dict, defaults: dict, saved_key: str | None = None):
-    value = getattr(args, key, None)
-    if value is not None:
-        return value
-    saved_value = saved.get(saved_key or key)
-    return saved_value if saved_value is not None else defaults[key]
+def extract_overrides(args: argparse.Namespace) -> dict:
+    """The extraction options given as flags (None where not given)."""
+    keys = ("backbones", "weights", "image_size", "batch_size", "precision", "seed", "on_bad_image")
+    return {key: getattr(args, key, None) for key in keys}
 
 
-def extract_config(args: argparse.Namespace, saved: dict | None = None):
-    from transfer_ensemble.backbones import parse_backbones
-    from transfer_ensemble.features import ExtractConfig
-
-    saved = saved or {}
-    pick = lambda key: _pick(args, key, saved, EXTRACT_DEFAULTS)
-    return ExtractConfig(backbones=parse_backbones(pick("backbones")), weights=pick("weights"),
-                         image_size=pick("image_size"), batch_size=pick("batch_size"),
-                         precision=pick("precision"), seed=pick("seed"))
+def train_overrides(args: argparse.Namespace) -> dict:
+    """The training options given as flags (None where not given), under config.json's names."""
+    keys = ("head", "folds", "seed", "epochs", "patience", "dropout", "learning_rate")
+    return {**{key: getattr(args, key, None) for key in keys}, "batch_size": getattr(args, "head_batch_size", None)}
 
 
-def train_config(args: argparse.Namespace, saved: dict | None = None):
-    from transfer_ensemble.crossval import TrainConfig
-    from transfer_ensemble.heads import HeadConfig
+def extract_config(args: argparse.Namespace, saved: dict | None = None, source: str = "config.json"):
+    """The extraction options: flags over `saved` (a run's config) over the defaults."""
+    from transfer_ensemble.config import ExtractConfig, merged
 
-    saved = saved or {}
-    pick = lambda key, saved_key=None: _pick(args, key, saved, TRAIN_DEFAULTS, saved_key)
-    head = HeadConfig(epochs=pick("epochs"), patience=pick("patience"), dropout=pick("dropout"),
-                      batch_size=pick("head_batch_size", "batch_size"), learning_rate=pick("learning_rate"))
-    return TrainConfig(folds=pick("folds"), seed=pick("seed"), head=head)
+    return merged(ExtractConfig, saved, extract_overrides(args), source)
+
+
+def train_config(args: argparse.Namespace, saved: dict | None = None, source: str = "config.json"):
+    """The training options: flags over `saved` over the defaults."""
+    from transfer_ensemble.config import TrainConfig, merged
+
+    return merged(TrainConfig, saved, train_overrides(args), source)
 
 
 def _print_table(rows: list[list], header: list[str]) -> None:
@@ -174,18 +169,34 @@ def print_extract_summary(results: list[dict]) -> None:
 
 def print_metrics(metrics: dict) -> None:
     oof = metrics["oof"]
-    rows = [[r["view"], r["fold"], r["n"], r["best_epoch"], r["log_loss"], r["accuracy"]] for r in oof["per_fold"]]
+    rows = [[r["view"], r["fold"], r["n"], r["best_epoch"] or "", r["log_loss"], r["accuracy"]]
+            for r in oof["per_fold"]]
     rows += [[view, "all (OOF)", s["n"], "", s["log_loss"], s["accuracy"]] for view, s in oof["per_view"].items()]
     e = oof["ensemble"]
     rows.append(["both views", "all (OOF)", e["n"], "", e["log_loss"], e["accuracy"]])
     for name, s in metrics.get("holdout", {}).items():
         rows.append([name, "hold-out test", s["n"], "", s["log_loss"], s["accuracy"]])
-    _print_table(rows, ["view", "fold", "images", "best epoch", "log loss", "accuracy"])
+    _print_table(rows, ["view", "fold", "validation images", "best epoch", "log loss", "accuracy"])
+
+
+def print_recipes(statuses: list) -> None:
+    """Every head recipe of the run, best first: what `submit` picks is the first current one."""
+    from transfer_ensemble.report import RECIPE_HEADER, recipe_rows
+
+    rows = [[r[0], r[1], *r[3:]] for r in recipe_rows(statuses)]
+    _print_table(rows, [h for h in RECIPE_HEADER if h != "options"])
+
+
+def print_train(result: dict) -> None:
+    print(f"head recipe {result['recipe']}:")
+    print_metrics(result["metrics"])
+    print()
+    print_recipes(result["recipes"])
 
 
 def print_submit(result: dict) -> None:
     print(f"wrote {result['submission']}: {result['rows']} rows x {result['classes']} classes, "
-          f"the average of {result['models']} models")
+          f"the average of {result['models']} models of head recipe {result['recipe']}")
     if "holdout" in result:
         h = result["holdout"]
         print(f"hold-out test: log loss {h['log_loss']:.4f}, accuracy {h['accuracy']:.4f} ({h['n']} images)")
@@ -194,49 +205,58 @@ def print_submit(result: dict) -> None:
 def cmd_extract(args: argparse.Namespace) -> None:
     from transfer_ensemble import workflow
 
-    config = extract_config(args)
-    print_extract_summary(workflow.extract(args.data, args.run, config, args.on_bad_image or "error"))
+    print_extract_summary(workflow.extract(args.data, args.run, extract_config(args)))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from transfer_ensemble import workflow
 
-    print_metrics(workflow.train(args.run, train_config(args)))
+    print_train(workflow.train(args.run, train_overrides(args), heads=args.heads))
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
     from transfer_ensemble import workflow
 
-    print_submit(workflow.submit(args.run, args.out))
+    print_submit(workflow.submit(args.run, args.out, heads=args.heads))
+
+
+def _read_saved_config(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Cannot read the run configuration {path} ({exc}). Pass the config.json "
+                        f"of an earlier run folder.") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"The run configuration {path} holds a {type(saved).__name__}, not a JSON object. "
+                        f"Pass the config.json of an earlier run folder.")
+    return saved
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     from transfer_ensemble import workflow
 
-    saved = {}
+    saved, source = {}, "config.json"
     if args.config:
-        path = Path(args.config)
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"Cannot read the run configuration {path} ({exc}). Pass the config.json "
-                            f"of an earlier run folder.") from None
-        saved.setdefault("run", str(path.parent))
+        source = args.config
+        saved = _read_saved_config(Path(args.config))
+        saved.setdefault("run", str(Path(args.config).parent))
     data = args.data or saved.get("data")
     run_dir = args.run or saved.get("run")
     out = args.out or saved.get("out")
     missing = [flag for flag, v in (("--data", data), ("--run", run_dir), ("--out", out)) if not v]
     if missing:
         raise UserError(f"`run` needs {', '.join(missing)} (or --config with a run's config.json that has them).")
-    extract = extract_config(args, saved.get("extract", {}))
-    train = train_config(args, saved.get("train", {}))
-    on_bad = args.on_bad_image or saved.get("on_bad_image") or "error"
-    print_extract_summary(workflow.extract(data, run_dir, extract, on_bad, folds=train.folds))
-    metrics = workflow.train(run_dir, train)
-    result = workflow.submit(run_dir, out)
-    workflow.update_config(Path(run_dir), out=str(out))
-    print_metrics(metrics)
-    print_submit(result)
+    extract_saved = saved.get("extract")
+    if isinstance(extract_saved, dict) and "on_bad_image" in saved:
+        extract_saved = {"on_bad_image": saved["on_bad_image"], **extract_saved}
+    extract = extract_config(args, extract_saved, source)
+    train = train_config(args, saved.get("train"), source)
+    print_extract_summary(workflow.extract(data, run_dir, extract, folds=train.folds))
+    result = workflow.train(run_dir, train.to_json())
+    submitted = workflow.submit(run_dir, out, heads=result["recipe"], record_out=True)
+    print_train(result)
+    print()
+    print_submit(submitted)
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
@@ -251,11 +271,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from transfer_ensemble import predict
 
     result = predict.predict_to_csv(args.run, args.images, args.out, fmt=args.format, k=args.k,
-                                    tta=args.tta, batch_size=args.batch_size, weights=args.weights)
+                                    tta=args.tta, batch_size=args.batch_size, weights=args.weights,
+                                    heads_name=args.heads, cache_dir=args.cache_dir)
     what = "class probabilities" if result["format"] == "probabilities" else f"top {result['k']} classes"
     views = "original + flipped views" if result["tta"] else "original view only, --no-tta"
     print(f"wrote {result['out']}: {result['images']} images, {what} of {result['classes']}, the average "
-          f"of {result['models']} models ({views})")
+          f"of {result['models']} models of head recipe {result['recipe']} ({views})")
     rate = f" ({result['computed'] / result['extract_seconds']:.1f} images/s)" \
         if result["computed"] and result["extract_seconds"] > 0 else ""
     print(f"features: {result['computed']} computed in {result['extract_seconds']:.1f} s{rate}, "
@@ -268,8 +289,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from transfer_ensemble import report
 
-    path = report.rebuild(args.run)
-    print(f"wrote {path} and its images in {path.parent / report.PNG_DIR}")
+    from transfer_ensemble.runfolder import RunFolder
+
+    path = report.rebuild(args.run, args.heads)
+    print(f"wrote {path} and its images in {RunFolder(args.run).report_dir}")
 
 
 COMMANDS = {"extract": cmd_extract, "train": cmd_train, "submit": cmd_submit, "run": cmd_run,

@@ -1,45 +1,26 @@
-"""Stratified K-fold training of one head per view and fold, resumable fold by fold.
+"""Stratified K-fold training of one head per view and fold, for one recipe, resumable fold by fold.
 
-``heads/<view>/fold<k>/`` holds ``model.keras``, ``val_index.npy``, ``val_pred.npy``,
-``test_pred.npy`` and ``history.json``; ``done.json`` is written last, so a fold with it is
-complete and is never retrained while ``heads/fingerprint.json`` (options, the training
-features' identity and content, labels) still matches. ``done.json`` also records a digest of the
-test features its ``test_pred.npy`` was computed from: when the test images change, finished
-folds only predict the new test set again.
+A fold whose files are complete and whose recipe was trained on the current features and labels
+is never retrained. A fold whose test predictions were made from other test features only
+predicts the test set again; a damaged fold (any file missing, truncated or inconsistent) is
+said so and trained again. Paths and records come from `runfolder`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from transfer_ensemble import ensemble, heads
-from transfer_ensemble.features import VIEWS
-from transfer_ensemble.storage import atomic_path, read_json, write_json, write_npy
+from transfer_ensemble.runfolder import VIEWS, DamagedFile, FoldFiles, Recipe, RunFolder, load_json, load_npy
+from transfer_ensemble.storage import atomic_path, write_json, write_npy
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    folds: int = 5
-    seed: int = 0
-    head: heads.HeadConfig = heads.HeadConfig()
-
-    def to_json(self) -> dict:
-        return {"folds": self.folds, "seed": self.seed, **asdict(self.head)}
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "TrainConfig":
-        head_keys = heads.HeadConfig.__dataclass_fields__
-        return cls(obj["folds"], obj["seed"], heads.HeadConfig(**{k: obj[k] for k in head_keys if k in obj}))
+TEST_CHANGED = "the test features changed"
 
 
 def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -53,136 +34,128 @@ def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return assignment
 
 
-def fold_dir(heads_dir: Path, view: str, fold: int) -> Path:
-    return heads_dir / view / f"fold{fold}"
+def fold_seed(seed: int, view: str, fold: int) -> int:
+    """The seed of one fold model (config.MAX_SEED keeps it below 2**32)."""
+    return seed * 1000 + VIEWS.index(view) * 100 + fold
 
 
-def _fingerprint(config: TrainConfig, labels: np.ndarray, feature_identity: dict, train_digest: str) -> str:
-    payload = json.dumps({"train": config.to_json(), "features": feature_identity,
-                          "train_features": train_digest,
-                          "labels": hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest()},
-                         sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+def _prepare_recipe(run: RunFolder, recipe: Recipe) -> None:
+    """Start or resume `recipe`: discard its folds if they were trained on other inputs."""
+    if recipe.folder.exists():
+        try:
+            recorded = load_json(recipe.record_path)
+            same = recorded.get("inputs") == recipe.inputs and recorded.get("config") == recipe.config.to_json()
+            why = "the features or labels changed since it was trained"
+        except DamagedFile as exc:
+            same, why = False, str(exc)
+        if not same:
+            log.info("head recipe %s: %s; training it again", recipe.name, why)
+            shutil.rmtree(recipe.folder)
+    recipe.metrics_path.unlink(missing_ok=True)  # until every fold is done again
+    run.write_recipe(recipe)
 
 
-def features_digest(features: dict[str, dict[str, np.ndarray]], split: str) -> str:
-    """SHA-256 of one split's feature matrices (both views), shapes included."""
-    digest = hashlib.sha256()
-    for view in VIEWS:
-        array = np.ascontiguousarray(features[view][split], dtype=np.float32)
-        digest.update(repr(array.shape).encode())
-        digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()
+def _fold_state(files: FoldFiles, kind: heads.HeadKind, val_idx: np.ndarray, n_test: int, n_classes: int,
+                test_identity: str) -> tuple[str, str]:
+    """("done" | "predict" | "train", why): what a fold needs."""
+    if not files.done.exists():
+        return "train", "" if not files.folder.exists() else "an interrupted attempt"
+    try:
+        done = load_json(files.done)
+        if not files.model(kind.suffix).is_file():
+            raise DamagedFile(files.model(kind.suffix), "is missing")
+        if not np.array_equal(load_npy(files.val_index, (None,)), val_idx):
+            raise DamagedFile(files.val_index, "does not hold this fold's validation rows")
+        load_npy(files.val_pred, (len(val_idx), n_classes), np.float32)
+        load_json(files.history)
+    except DamagedFile as exc:
+        return "train", str(exc)
+    if done.get("test_features") != test_identity:
+        return "predict", TEST_CHANGED
+    try:
+        load_npy(files.test_pred, (n_test, n_classes), np.float32)
+    except DamagedFile as exc:
+        return "predict", str(exc)
+    return "done", ""
 
 
-def _prepare_heads_dir(heads_dir: Path, fingerprint: str) -> None:
-    marker = heads_dir / "fingerprint.json"
-    if marker.exists() and read_json(marker).get("fingerprint") == fingerprint:
-        return
-    if heads_dir.exists():
-        log.info("training options or features changed: discarding the previous fold models")
-        shutil.rmtree(heads_dir)
-    write_json(marker, {"fingerprint": fingerprint})
-
-
-def train_all(heads_dir: Path, features: dict[str, dict[str, np.ndarray]], labels: np.ndarray,
-              n_classes: int, config: TrainConfig, feature_identity: dict) -> dict:
-    """Train every (view, fold) head not already done; returns OOF predictions per view.
+def train_recipe(run: RunFolder, recipe: Recipe, features: dict[str, dict[str, np.ndarray]],
+                 labels: np.ndarray, n_classes: int, test_identity: str) -> dict[str, np.ndarray]:
+    """Train every (view, fold) head of `recipe` not already done; returns OOF predictions per view.
 
     `features[view]` holds the ``train`` and ``test`` matrices of that view.
     """
-    import tensorflow as tf
-
-    tf.config.experimental.enable_op_determinism()
-    train_digest = features_digest(features, "train")
-    test_digest = features_digest(features, "test")
-    _prepare_heads_dir(heads_dir, _fingerprint(config, labels, feature_identity, train_digest))
+    _prepare_recipe(run, recipe)
+    config = recipe.config
+    kind = heads.get(config.head)
     assignment = fold_assignment(labels, config.folds, config.seed)
-    jobs = [(v, k) for v in VIEWS for k in range(config.folds)]
-    todo = [(v, k) for v, k in jobs if not (fold_dir(heads_dir, v, k) / "done.json").exists()]
-    if len(todo) < len(jobs):
-        log.info("reusing %d finished fold models; training %d", len(jobs) - len(todo), len(todo))
-    stale = [(v, k) for v, k in jobs if (v, k) not in todo
-             and read_json(fold_dir(heads_dir, v, k) / "done.json").get("test_features") != test_digest]
-    if stale:
-        log.info("the test features changed: predicting them again with %d finished fold models", len(stale))
-    for view, fold in stale:
-        _predict_test_again(heads_dir, view, fold, features[view]["test"], n_classes, test_digest)
-    for view, fold in tqdm(todo, desc="train heads", unit="model", dynamic_ncols=True):
-        _train_fold(heads_dir, view, fold, features[view], labels, assignment, n_classes, config, test_digest)
+    n_test = len(features[VIEWS[0]]["test"])
+    states = {job: _fold_state(recipe.fold(*job), kind, np.flatnonzero(assignment == job[1]), n_test,
+                               n_classes, test_identity) for job in recipe.jobs}
+    for (view, fold), (state, why) in states.items():
+        if state != "done" and why and why != TEST_CHANGED:
+            verb = "training it again" if state == "train" else "predicting the test set again"
+            log.warning("%s: %s fold %d: %s; %s", recipe.name, view, fold, why, verb)
+    changed = sum(why == TEST_CHANGED for _, why in states.values())
+    if changed:
+        log.info("%s: %s: predicting them again with %d finished fold models", recipe.name, TEST_CHANGED, changed)
+    todo = [job for job, (state, _) in states.items() if state == "train"]
+    if len(todo) < len(states):
+        log.info("%s: reusing %d finished fold models; training %d", recipe.name, len(states) - len(todo),
+                 len(todo))
+    for view, fold in (job for job, (state, _) in states.items() if state == "predict"):
+        files = recipe.fold(view, fold)
+        model = kind.load(files.model(kind.suffix))
+        write_npy(files.test_pred, kind.predict(model, features[view]["test"]))
+        write_json(files.done, {"fold": fold, "view": view, "test_features": test_identity})
+    for view, fold in tqdm(todo, desc=f"train heads [{recipe.name}]", unit="model", dynamic_ncols=True):
+        _train_fold(recipe, kind, view, fold, features[view], labels, assignment, n_classes, test_identity)
 
     oof = {}
     for view in VIEWS:
         pred = np.zeros((len(labels), n_classes), dtype=np.float32)
         for fold in range(config.folds):
-            folder = fold_dir(heads_dir, view, fold)
-            pred[np.load(folder / "val_index.npy")] = np.load(folder / "val_pred.npy")
+            files = recipe.fold(view, fold)
+            pred[np.load(files.val_index)] = np.load(files.val_pred)
         oof[view] = pred
-        write_npy(heads_dir / f"oof_{view}.npy", pred)
+        write_npy(recipe.oof(view), pred)
     return oof
 
 
-def _test_prediction(model, x: np.ndarray, n_classes: int) -> np.ndarray:
-    if len(x) == 0:
-        return np.zeros((0, n_classes), dtype=np.float32)
-    return heads.predict(model, x)
-
-
-def _predict_test_again(heads_dir: Path, view: str, fold: int, x_test: np.ndarray, n_classes: int,
-                        test_digest: str) -> None:
-    import keras
-
-    folder = fold_dir(heads_dir, view, fold)
-    model = keras.saving.load_model(folder / "model.keras")
-    write_npy(folder / "test_pred.npy", _test_prediction(model, x_test, n_classes))
-    write_json(folder / "done.json", {"fold": fold, "view": view, "test_features": test_digest})
-
-
-def _train_fold(heads_dir: Path, view: str, fold: int, data: dict[str, np.ndarray], labels: np.ndarray,
-                assignment: np.ndarray, n_classes: int, config: TrainConfig, test_digest: str) -> None:
-    folder = fold_dir(heads_dir, view, fold)
-    if folder.exists():
-        shutil.rmtree(folder)  # what a killed attempt left: partial files and temporary names
+def _train_fold(recipe: Recipe, kind: heads.HeadKind, view: str, fold: int, data: dict[str, np.ndarray],
+                labels: np.ndarray, assignment: np.ndarray, n_classes: int, test_identity: str) -> None:
+    files = recipe.fold(view, fold)
+    if files.folder.exists():
+        shutil.rmtree(files.folder)  # what a killed or damaged attempt left
     train_idx = np.flatnonzero(assignment != fold)
     val_idx = np.flatnonzero(assignment == fold)
     x = data["train"]
-    seed = config.seed * 1000 + VIEWS.index(view) * 100 + fold
-    model, history = heads.fit_head(x[train_idx], labels[train_idx], x[val_idx], labels[val_idx],
-                                    n_classes, config.head, seed)
-    val_pred = heads.predict(model, x[val_idx])
+    model, history = kind.fit(x[train_idx], labels[train_idx], x[val_idx], labels[val_idx], n_classes,
+                              recipe.config.options, fold_seed(recipe.config.seed, view, fold))
+    val_pred = kind.predict(model, x[val_idx])
     history["fold"] = fold
     history["view"] = view
     history["fold_score"] = ensemble.score(labels[val_idx], val_pred)
-    with atomic_path(folder / "model.keras", suffix=".keras") as tmp:
-        model.save(tmp)
-    write_npy(folder / "val_index.npy", val_idx)
-    write_npy(folder / "val_pred.npy", val_pred)
-    write_npy(folder / "test_pred.npy", _test_prediction(model, data["test"], n_classes))
-    write_json(folder / "history.json", history)
-    write_json(folder / "done.json", {"fold": fold, "view": view, "test_features": test_digest})
-    log.info("%s fold %d: val log loss %.4f, accuracy %.3f, best epoch %d of %d", view, fold,
-             history["fold_score"]["log_loss"], history["fold_score"]["accuracy"], history["best_epoch"], history["epochs_run"])
+    with atomic_path(files.model(kind.suffix), suffix=kind.suffix) as tmp:
+        kind.save(model, tmp)
+    write_npy(files.val_index, val_idx)
+    write_npy(files.val_pred, val_pred)
+    write_npy(files.test_pred, kind.predict(model, data["test"]))
+    write_json(files.history, history)
+    write_json(files.done, {"fold": fold, "view": view, "test_features": test_identity})
+    log.info("%s fold %d: val log loss %.4f, accuracy %.3f, best epoch %s of %s", view, fold,
+             history["fold_score"]["log_loss"], history["fold_score"]["accuracy"],
+             history.get("best_epoch", "-"), history.get("epochs_run", "-"))
 
 
-def test_predictions(heads_dir: Path, folds: int) -> dict[str, list[np.ndarray]]:
-    """Each fold model's test predictions, per view."""
-    out = {}
-    for view in VIEWS:
-        out[view] = []
-        for fold in range(folds):
-            path = fold_dir(heads_dir, view, fold) / "test_pred.npy"
-            out[view].append(np.load(path))
-    return out
-
-
-def oof_metrics(heads_dir: Path, oof: dict[str, np.ndarray], labels: np.ndarray, folds: int) -> dict:
-    """Log loss and accuracy per fold and view, per view over all OOF rows, and of the view average."""
+def oof_metrics(recipe: Recipe, oof: dict[str, np.ndarray], labels: np.ndarray) -> dict:
+    """Log loss and accuracy per fold and view, per view over all OOF rows, and of the ensemble."""
     table = {"per_fold": [], "per_view": {}, "ensemble": None}
+    for view, fold in recipe.jobs:
+        history = load_json(recipe.fold(view, fold).history)
+        table["per_fold"].append({"view": view, "fold": fold, **history["fold_score"],
+                                  "best_epoch": history.get("best_epoch")})
     for view in VIEWS:
-        for fold in range(folds):
-            history = read_json(fold_dir(heads_dir, view, fold) / "history.json")
-            table["per_fold"].append({"view": view, "fold": fold, **history["fold_score"],
-                                      "best_epoch": history["best_epoch"]})
         table["per_view"][view] = ensemble.score(labels, oof[view])
-    table["ensemble"] = ensemble.score(labels, ensemble.average([oof[v] for v in VIEWS]))
+    table["ensemble"] = ensemble.score(labels, ensemble.combine({view: [oof[view]] for view in VIEWS}))
     return table

@@ -1,16 +1,10 @@
-"""Stream images through the frozen backbones into on-disk feature arrays, once per image.
+"""Stream images through the frozen backbones into on-disk feature stores, once per image.
 
-For each split and backbone the run folder holds ``features/<split>/<backbone>/``:
-
-* ``meta.json``: what the features depend on besides the images (backbone, weights identity,
-  image size, precision, preprocessing), and the image ids in row order;
-* ``keys.json``: each row's image as (relative path, size in bytes, mtime in ns);
-* ``original.npy`` and ``flipped.npy``: float32 (rows, width), written as memory maps;
-* ``done.npy``: which rows are complete, replaced atomically after each batch.
-
-A batch's rows are marked done only after their features are flushed to disk, so a process
-killed at any moment loses at most the batch in flight. Features whose meta matches are reused;
-when only the image list changed, rows of images seen before are copied, not recomputed.
+A store (``runfolder.StoreFiles``) holds one split's features of one backbone, rows keyed by
+the SHA-256 of each image file. A batch's rows are marked done only after their features are
+flushed to disk, so a process killed at any moment loses at most the batch in flight. A store
+whose settings match is reused; rows of images it (or a donor store with the same settings)
+already holds are copied, not recomputed; a damaged store is said so and rebuilt.
 """
 
 from __future__ import annotations
@@ -21,7 +15,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,114 +23,138 @@ import numpy as np
 from tqdm import tqdm
 
 from transfer_ensemble import backbones, images
-from transfer_ensemble.dataset import Item
+from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.storage import read_json, read_json_optional, write_json, write_npy
+from transfer_ensemble.runfolder import VIEWS, DamagedFile, StoreFiles, load_json, load_npy
+from transfer_ensemble.storage import write_json, write_npy
 
 log = logging.getLogger(__name__)
 
-VIEWS = ("original", "flipped")
 PREPROCESS = "opencv-imdecode-rgb;area-or-linear-resize;keras-preprocess_input-in-graph;flip=lr"
-PRECISIONS = ("float32", "bfloat16")
+STORE_VERSION = 2  # rows keyed by the SHA-256 of the image file
 COPY_CHUNK = 1024
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    backbones: tuple[str, ...] = backbones.DEFAULT_BACKBONES
-    weights: str = "imagenet"
-    image_size: int | None = None
-    batch_size: int = 32
-    precision: str = "float32"
-    seed: int = 0
-
-    def size_of(self, spec: backbones.BackboneSpec) -> int:
-        return self.image_size or spec.size
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "backbones": list(self.backbones)}
-
-
-def image_key(root: Path, path: Path) -> list:
-    stat = path.stat()
-    try:
-        rel = str(path.relative_to(root))
-    except ValueError:
-        rel = str(path)
-    return [rel, stat.st_size, stat.st_mtime_ns]
 
 
 @dataclass
 class Store:
-    """One split's features for one backbone: ``.npy`` files on disk plus the in-memory done mask.
+    """An open store: its files plus the in-memory done mask.
 
     The feature files are mapped only while a batch is written, so resident memory does not grow
     with the number of images as it would with pages of a long-lived memory map.
     """
 
-    folder: Path
+    files: StoreFiles
     done: np.ndarray
 
     def write(self, rows: np.ndarray, values: dict[str, np.ndarray], commit: bool = True) -> None:
         """Write each view's rows and flush them to disk; then, if `commit`, mark the rows done."""
         for view, array in values.items():
-            target = np.load(self.folder / f"{view}.npy", mmap_mode="r+")
+            target = np.load(self.files.view(view), mmap_mode="r+")
             target[rows] = array
             target.flush()
             del target
         if commit:
             self.done[rows] = True
-            write_npy(self.folder / "done.npy", self.done)
+            write_npy(self.files.done, self.done)
 
 
-def _open_store(folder: Path, meta: dict, keys: list, width: int) -> Store:
-    """Open or create the store so that it matches `meta` and `keys`, reusing what it can."""
-    old_meta = read_json_optional(folder / "meta.json")
-    same_meta = old_meta is not None and {k: v for k, v in old_meta.items() if k != "ids"} == \
-        {k: v for k, v in meta.items() if k != "ids"}
-    if same_meta and (folder / "done.npy").exists():
-        old_keys = read_json(folder / "keys.json")
-        if old_keys == keys:
-            if old_meta.get("ids") != meta.get("ids"):
-                write_json(folder / "meta.json", meta)
-            return _map_store(folder)
-        return _rebuild_with_reuse(folder, meta, keys, width, old_keys)
-    if folder.exists():
-        shutil.rmtree(folder)
-    return _new_store(folder, meta, keys, width)
+@dataclass
+class _Contents:
+    """A readable store's records: its settings, row keys and done mask."""
+
+    files: StoreFiles
+    meta: dict
+    keys: list
+    done: np.ndarray
 
 
-def _new_store(folder: Path, meta: dict, keys: list, width: int,
-               reuse: tuple[np.ndarray, np.ndarray] | None = None) -> Store:
-    """Write a fresh store beside `folder` and swap it in with one rename.
+def _settings(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "ids"}
 
-    `reuse` = (new rows, old rows) copies finished rows from the store being replaced, in chunks
-    so that memory stays flat.
+
+def _read_contents(files: StoreFiles) -> _Contents:
+    """Read and check a store's records and the shapes of its arrays; DamagedFile otherwise."""
+    meta = load_json(files.meta)
+    keys = load_json(files.keys, list)
+    done = load_npy(files.done, (len(keys),), bool)
+    width = meta.get("width")
+    for view in VIEWS:
+        load_npy(files.view(view), (len(keys), width), np.float32, mmap=True)
+    return _Contents(files, meta, keys, done)
+
+
+def _readable(files: StoreFiles, what: str) -> _Contents | None:
+    """The store's contents, or None when it does not exist or is damaged (said once, in the log)."""
+    if not files.folder.exists():
+        return None
+    try:
+        return _read_contents(files)
+    except DamagedFile as exc:
+        log.warning("%s: recomputing %s", exc, what)
+        return None
+
+
+def open_store(files: StoreFiles, meta: dict, keys: list[str], donors: Sequence[StoreFiles] = ()) -> Store:
+    """Open or create the store so that it matches `meta` and `keys`, reusing what it can.
+
+    Finished rows of images (by content) that this store or a `donor` with the same settings
+    already holds are copied into place; the rest are left to compute.
     """
-    staging = folder.with_name(folder.name + ".new")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    what = f"the {meta['backbone']} features in {files.folder}"
+    current = _readable(files, what)
+    if current is not None and _settings(current.meta) == _settings(meta) and current.keys == keys:
+        if current.meta.get("ids") != meta.get("ids"):
+            write_json(files.meta, meta)
+        return Store(files, current.done.copy())
+    sources = [current] if current is not None and _settings(current.meta) == _settings(meta) else []
+    for donor in donors:
+        if donor != files:
+            contents = _readable(donor, f"nothing from {donor.folder}")
+            if contents is not None and _settings(contents.meta) == _settings(meta):
+                sources.append(contents)
+    if current is not None and not sources:
+        log.info("%s were computed with other settings: computing them again", what)
+    return _new_store(files, meta, keys, sources)
+
+
+def _new_store(files: StoreFiles, meta: dict, keys: list[str], sources: Sequence[_Contents]) -> Store:
+    """Write a fresh store beside `files` and swap it in with one rename.
+
+    Rows found in `sources` are copied in chunks, so that memory stays flat.
+    """
+    staging = files.staging()
+    if staging.folder.exists():
+        shutil.rmtree(staging.folder)
+    staging.folder.mkdir(parents=True)
     done = np.zeros(len(keys), dtype=bool)
     for view in VIEWS:
-        np.lib.format.open_memmap(staging / f"{view}.npy", mode="w+", dtype=np.float32,
-                                  shape=(len(keys), width)).flush()
-        _reserve(staging / f"{view}.npy")
-    if reuse is not None:
-        new_rows, old_rows = reuse
+        np.lib.format.open_memmap(staging.view(view), mode="w+", dtype=np.float32,
+                                  shape=(len(keys), meta["width"])).flush()
+        _reserve(staging.view(view))
+    wanted = {key: row for row, key in enumerate(keys)}
+    reused = 0
+    for source in sources:
+        pairs = [(wanted.pop(key), old) for old, key in enumerate(source.keys)
+                 if source.done[old] and key in wanted]
+        new_rows = np.array([p[0] for p in pairs], dtype=np.int64)
+        old_rows = np.array([p[1] for p in pairs], dtype=np.int64)
         for start in range(0, len(new_rows), COPY_CHUNK):
             part = slice(start, start + COPY_CHUNK)
-            rows = {view: np.array(np.load(folder / f"{view}.npy", mmap_mode="r")[old_rows[part]])
+            rows = {view: np.array(np.load(source.files.view(view), mmap_mode="r")[old_rows[part]])
                     for view in VIEWS}
             Store(staging, done).write(new_rows[part], rows, commit=False)
         done[new_rows] = True
-    write_npy(staging / "done.npy", done)
-    write_json(staging / "keys.json", keys)
-    write_json(staging / "meta.json", meta)
-    if folder.exists():
-        shutil.rmtree(folder)
-    staging.rename(folder)
-    return _map_store(folder)
+        reused += len(new_rows)
+    write_npy(staging.done, done)
+    write_json(staging.keys, keys)
+    write_json(staging.meta, meta)
+    if files.folder.exists():
+        shutil.rmtree(files.folder)
+    staging.folder.rename(files.folder)
+    if sources:
+        log.info("%s: reused %d of %d rows from earlier features, %d to compute",
+                 files.folder, reused, len(keys), len(keys) - reused)
+    return Store(files, done)
 
 
 def _reserve(path: Path) -> None:
@@ -147,25 +165,9 @@ def _reserve(path: Path) -> None:
             os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
 
 
-def _map_store(folder: Path) -> Store:
-    return Store(folder, np.load(folder / "done.npy").copy())
-
-
-def _rebuild_with_reuse(folder: Path, meta: dict, keys: list, width: int, old_keys: list) -> Store:
-    """The image list changed: keep the rows of images seen before, in their new order."""
-    old_done = np.load(folder / "done.npy")
-    old_row = {tuple(k): i for i, k in enumerate(old_keys) if old_done[i]}
-    pairs = [(new, old_row[tuple(k)]) for new, k in enumerate(keys) if tuple(k) in old_row]
-    new_rows = np.array([p[0] for p in pairs], dtype=np.int64)
-    old_rows = np.array([p[1] for p in pairs], dtype=np.int64)
-    store = _new_store(folder, meta, keys, width, reuse=(new_rows, old_rows))
-    log.info("%s: the image list changed; reused %d of %d rows, %d to compute",
-             folder, len(new_rows), len(keys), len(keys) - len(new_rows))
-    return store
-
-
-def _store_meta(spec: backbones.BackboneSpec, source: backbones.WeightsSource, config: ExtractConfig,
-                ids: list[str]) -> dict:
+def store_meta(spec: backbones.BackboneSpec, source: backbones.WeightsSource, config: ExtractConfig,
+               ids: list[str]) -> dict:
+    """What a store's features depend on besides the images, and its ids in row order."""
     return {
         "backbone": spec.name,
         "width": spec.width,
@@ -173,6 +175,7 @@ def _store_meta(spec: backbones.BackboneSpec, source: backbones.WeightsSource, c
         "image_size": config.size_of(spec),
         "precision": config.precision,
         "preprocess": PREPROCESS,
+        "store_version": STORE_VERSION,
         "ids": ids,
     }
 
@@ -253,8 +256,6 @@ class Extractor:
         if self.config.weights == "random":
             log.warning("--weights random: the backbones are untrained, so features and scores mean "
                         "nothing. Use this only for tests and smoke runs.")
-        if self.config.precision not in PRECISIONS:
-            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.config.precision!r}.")
 
     @functools.cached_property
     def strategy(self) -> object | None:
@@ -299,55 +300,56 @@ class Extractor:
         return np.asarray(self.model(spec).run(pixels), dtype=np.float32)
 
 
-def extract_split(extractor: Extractor, features_dir: Path, split: str, items: Sequence[Item],
-                  root: Path) -> dict:
-    """Compute the missing features of one split; returns counts and timing for the summary.
+def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: Sequence[str],
+                  keys: Sequence[str], store_of: Callable[[str], StoreFiles],
+                  donors_of: Callable[[str], Sequence[StoreFiles]] = lambda name: ()) -> dict:
+    """Compute the missing features of one split's images; returns counts and timing for the summary.
 
+    `keys` are the images' content hashes (``images.inspect``); `store_of(backbone)` is where
+    each backbone's features go and `donors_of(backbone)` other stores to copy known rows from.
     The models are built before the clock starts, so ``seconds`` (and the bar's rate and ETA)
     measure extraction alone: reading, decoding, the forward passes and the writes.
     """
     extractor.ensure_weights_known()
-    keys = [image_key(root, it.path) for it in items]
-    ids = [it.id for it in items]
     config = extractor.config
     stores = {}
     for spec in extractor.specs:
-        meta = _store_meta(spec, extractor.sources[spec.name], config, ids)
-        stores[spec.name] = _open_store(features_dir / split / spec.name, meta, keys, spec.width)
+        meta = store_meta(spec, extractor.sources[spec.name], config, list(ids))
+        stores[spec.name] = open_store(store_of(spec.name), meta, list(keys), donors_of(spec.name))
+    n = len(paths)
     cached = {name: int(store.done.sum()) for name, store in stores.items()}
-    _log_reuse(split, len(items), cached)
-    extractor.prepare([s for s in extractor.specs if cached[s.name] < len(items)])
+    _log_reuse(split, n, cached)
+    extractor.prepare([s for s in extractor.specs if cached[s.name] < n])
 
     start, cpu_start = time.perf_counter(), time.process_time()
     computed = 0
-    paths = [it.path for it in items]
     by_size: dict[int, list[backbones.BackboneSpec]] = {}
     for spec in extractor.specs:
-        if cached[spec.name] < len(items):
+        if cached[spec.name] < n:
             by_size.setdefault(config.size_of(spec), []).append(spec)
     for size, specs in by_size.items():
-        todo = np.zeros(len(items), dtype=bool)
+        todo = np.zeros(n, dtype=bool)
         for spec in specs:
             todo |= ~stores[spec.name].done
         rows = np.flatnonzero(todo)
         desc = f"extract {split} [{','.join(s.name for s in specs)} @{size}px]"
         with tqdm(total=len(rows), desc=desc, unit="img", dynamic_ncols=True) as bar:
-            for batch in _batches(paths, rows, size, config.batch_size):
-                n = len(batch.rows)
+            for batch in _batches(list(paths), rows, size, config.batch_size):
+                b = len(batch.rows)
                 for spec in specs:
                     store = stores[spec.name]
                     need = ~store.done[batch.rows]
                     if not need.any():
                         continue
                     out = extractor.forward(spec, batch.pixels)
-                    store.write(batch.rows[need], {"original": out[:n][need], "flipped": out[n:][need]})
-                bar.update(n)
+                    store.write(batch.rows[need], {"original": out[:b][need], "flipped": out[b:][need]})
+                bar.update(b)
         computed += len(rows)
     seconds = time.perf_counter() - start
-    return {"split": split, "images": len(items), "computed": computed,
-            "reused": len(items) - computed, "seconds": seconds,
+    return {"split": split, "images": n, "computed": computed,
+            "reused": n - computed, "seconds": seconds,
             "cpu_seconds": time.process_time() - cpu_start,
-            "backbones": {name: {"computed": len(items) - cached[name], "reused": cached[name]}
+            "backbones": {name: {"computed": n - cached[name], "reused": cached[name]}
                           for name in stores}}
 
 
@@ -371,24 +373,19 @@ def _batches(paths: list[Path], rows: np.ndarray, size: int, batch_size: int):
                         f"again: the image check will list every bad image.") from None
 
 
-def load_features(features_dir: Path, split: str, backbone_names: Sequence[str], view: str,
-                  expected_ids: Sequence[str] | None = None) -> np.ndarray:
-    """The concatenated features of one split and view, in the backbones' order."""
+def load_features(stores: Sequence[StoreFiles], view: str, expected_ids: Sequence[str]) -> np.ndarray:
+    """The concatenated features of one view from `stores` (one per backbone, in order).
+
+    Raises DamagedFile when a store is damaged, incomplete or holds other images than
+    `expected_ids`.
+    """
     parts = []
-    for name in backbone_names:
-        folder = features_dir / split / name
-        try:
-            done = np.load(folder / "done.npy")
-            meta = read_json(folder / "meta.json")
-        except FileNotFoundError:
-            raise UserError(f"No {name} features for the {split} split in {folder}. "
-                            f"Run `transfer-ensemble extract` on this run folder first.") from None
-        if not done.all():
-            raise UserError(f"The {name} features of the {split} split in {folder} are incomplete "
-                            f"({int(done.sum())} of {len(done)} images). Run `transfer-ensemble "
-                            f"extract` again: it resumes where it stopped.")
-        if expected_ids is not None and meta["ids"] != list(expected_ids):
-            raise UserError(f"The features in {folder} are for other images than the run's data set. "
-                            f"Run `transfer-ensemble extract` again to bring them up to date.")
-        parts.append(np.load(folder / f"{view}.npy", mmap_mode="r"))
+    for files in stores:
+        contents = _read_contents(files)
+        if not contents.done.all():
+            raise DamagedFile(files.folder, f"is incomplete ({int(contents.done.sum())} of "
+                                            f"{len(contents.done)} images)")
+        if contents.meta.get("ids") != list(expected_ids):
+            raise DamagedFile(files.meta, "lists other images than the run's data set")
+        parts.append(np.load(files.view(view), mmap_mode="r"))
     return np.concatenate(parts, axis=1).astype(np.float32, copy=False)

@@ -19,6 +19,7 @@ raises ImageReadError whose message says which of these it is.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import queue
@@ -27,7 +28,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -66,13 +67,26 @@ class ImageReadError(ValueError):
     """An image file that cannot be decoded; the message says why."""
 
 
-def decode(path: str | Path) -> np.ndarray:
-    """Decode `path` to an RGB uint8 array of shape (height, width, 3)."""
-    path = Path(path)
+def read_bytes(path: str | Path) -> np.ndarray:
+    """The file's bytes as a uint8 array; ImageReadError when it cannot be read."""
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        return np.fromfile(Path(path), dtype=np.uint8)
     except OSError as exc:
         raise ImageReadError(f"cannot be read ({exc.strerror})") from None
+
+
+def content_hash(data: np.ndarray) -> str:
+    """SHA-256 of a file's bytes: what identifies an image everywhere features are cached."""
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def decode(path: str | Path) -> np.ndarray:
+    """Decode `path` to an RGB uint8 array of shape (height, width, 3)."""
+    return decode_bytes(read_bytes(path))
+
+
+def decode_bytes(data: np.ndarray) -> np.ndarray:
+    """Decode an image file's bytes (uint8 array) to RGB uint8 (height, width, 3)."""
     if data.size == 0:
         raise ImageReadError("is empty (0 bytes)")
     raw = data.tobytes()
@@ -155,13 +169,33 @@ def load(path: str | Path, size: int) -> np.ndarray:
     return resize(decode(path), size)
 
 
-def check(path: str | Path) -> str | None:
-    """None when the image decodes, else the reason it does not."""
+def mirror(image: np.ndarray) -> np.ndarray:
+    """The left-right mirror of an RGB image (height, width, 3): the flipped view."""
+    return cv2.flip(image, 1)
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """One image file: the SHA-256 of its bytes (None if unreadable) and why it does not decode."""
+
+    sha256: str | None
+    reason: str | None
+
+
+def inspect(path: str | Path, known: Mapping[str, str | None] | None = None) -> Inspection:
+    """Read `path` once: hash its bytes, and decode it unless `known` already has the verdict."""
     try:
-        decode(path)
+        data = read_bytes(path)
     except ImageReadError as exc:
-        return str(exc)
-    return None
+        return Inspection(None, str(exc))
+    digest = content_hash(data)
+    if known is not None and digest in known:
+        return Inspection(digest, known[digest])
+    try:
+        decode_bytes(data)
+    except ImageReadError as exc:
+        return Inspection(digest, str(exc))
+    return Inspection(digest, None)
 
 
 def default_workers() -> int:
@@ -175,17 +209,26 @@ def default_workers() -> int:
     return max(2, cores)
 
 
-def check_all(paths: Sequence[Path]) -> list[str | None]:
-    """`check` every path on all cores, with a progress bar; the reasons in `paths`' order."""
+def check(path: str | Path) -> str | None:
+    """None when the image decodes, else the reason it does not."""
+    return inspect(path).reason
+
+
+def inspect_all(paths: Sequence[Path], known: Mapping[str, str | None] | None = None) -> list[Inspection]:
+    """`inspect` every path on all cores, with a progress bar; results in `paths`' order.
+
+    `known` maps content hashes to verdicts from an earlier check: those images are hashed but not
+    decoded again, so a second check of unchanged images costs one read each.
+    """
     from tqdm import tqdm
 
-    reasons = []
+    results = []
     with ThreadPoolExecutor(max_workers=default_workers()) as pool, \
             tqdm(total=len(paths), desc="check images", unit="img", dynamic_ncols=True) as bar:
-        for reason in pool.map(check, paths):
-            reasons.append(reason)
+        for result in pool.map(lambda p: inspect(p, known), paths):
+            results.append(result)
             bar.update()
-    return reasons
+    return results
 
 
 @dataclass
@@ -224,7 +267,7 @@ def iter_batches(paths: Sequence[Path], rows: Sequence[int], size: int, batch_si
                         pending.append(pool.submit(load, paths[row], size))
                     loaded = [pending.popleft().result() for _ in chunk]
                     if mirrored:
-                        loaded += [cv2.flip(image, 1) for image in loaded]
+                        loaded += [mirror(image) for image in loaded]
                     _put(Batch(chunk, np.stack(loaded)))
             finally:
                 pool.shutdown(cancel_futures=True)

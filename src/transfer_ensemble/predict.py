@@ -1,21 +1,22 @@
-"""Score new images with a trained run: the run's backbones and fold heads, averaged as `submit` does.
+"""Score new images with a trained run: its backbones and one head recipe, combined as `submit` does.
 
-``Run.load(run_dir)`` reads the run's configuration, checks that the backbone weights found now
-are the ones its features were extracted with, and loads the 2 x K fold models once.
-``Run.predict(images)`` then scores image paths or RGB uint8 arrays.
+``Run.load(run_dir)`` reads the run, picks its head recipe (the best current one by OOF log loss,
+or the one named), checks that the backbone weights found now are the ones that recipe was
+trained on, and loads its 2 x K fold models once. ``Run.predict(images)`` then scores image paths
+or RGB uint8 arrays.
 
-Paths go through the same on-disk feature store as ``extract`` (``features.extract_split``), in
-``RUN/predict/<hash of the image list>/``: memory stays flat whatever the number of images, a
-progress bar shows, and a killed prediction resumes where it stopped. Scoring the same list
-again reuses the stored features.
+Paths go through the same on-disk feature stores as ``extract``, in a predict cache (default
+``RUN/predict/<key of the image list>/``, or any folder given as `cache_dir`, e.g. when the run
+is on read-only storage): memory stays flat whatever the number of images, a progress bar
+shows, and a killed prediction resumes where it stopped. Images whose features the run already
+holds (its train and test images, or images scored before in another list) are copied by
+content, not recomputed.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
-import hashlib
-import json
 import logging
 import os
 import time
@@ -26,53 +27,60 @@ from typing import Iterator, Sequence, TextIO
 import numpy as np
 import pandas as pd
 
-from transfer_ensemble import ensemble, features, images
-from transfer_ensemble.dataset import IMAGE_EXTENSIONS, Item, list_images
+from transfer_ensemble import ensemble, features, heads, images
+from transfer_ensemble.config import ExtractConfig
+from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.storage import atomic_path, read_json, run_lock, write_json
+from transfer_ensemble.runfolder import (PREDICT_SPLIT, SPLITS, VIEWS, PredictCache, Recipe, RunFolder,
+                                         StoreFiles)
+from transfer_ensemble.storage import atomic_path, run_lock, write_json
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("probabilities", "top-k")
 PATH_COLUMNS = ("path", "image", "file", "filepath")
 SCORE_CHUNK = 4096
-SPLIT = "predict"
 
 
 @dataclass
 class Run:
-    """A trained run folder, ready to score images: its backbones, classes and fold models."""
+    """A trained run folder, ready to score images: its backbones, classes and one recipe's fold models."""
 
-    run_dir: Path
+    folder: RunFolder
     classes: list[str]
-    folds: int
-    extract_config: features.ExtractConfig
+    recipe: Recipe
+    extract_config: ExtractConfig
     models: dict[str, list] = field(repr=False)
     extractor: features.Extractor = field(repr=False)
 
     @classmethod
-    def load(cls, run_dir: str | Path, weights: str | None = None) -> "Run":
-        """Read a trained run; `weights` (imagenet, random or a folder) defaults to the run's own.
+    def load(cls, run_dir: str | Path, weights: str | None = None, heads_name: str | None = None) -> "Run":
+        """Read a trained run; `weights` (imagenet, random or a folder) defaults to the run's own,
+        `heads_name` to its best current head recipe.
 
-        Raises UserError when the weights found now differ from those the run was trained on.
+        Raises UserError when the weights found now differ from those the recipe was trained on.
+        Reads the run folder only: it may be on read-only storage.
         """
-        run_dir = Path(run_dir)
-        config = _read_run_config(run_dir)
-        saved = config["extract"]
-        if weights is None and saved["weights"] not in ("imagenet", "random") \
-                and not Path(saved["weights"]).expanduser().is_dir():
-            raise UserError(f"The run {run_dir} was extracted with the weights in {saved['weights']}, which "
+        run = RunFolder.existing(run_dir, "predict with")
+        saved = run.extract_config()
+        recipe = run.select_recipe(heads_name, "predict")
+        if weights is None and saved.weights not in ("imagenet", "random") \
+                and not Path(saved.weights).expanduser().is_dir():
+            raise UserError(f"The run {run.path} was extracted with the weights in {saved.weights}, which "
                             f"is no longer a folder. Pass --weights with a folder holding the same weight "
                             f"files (they are checked against the run's).")
-        extract_config = features.ExtractConfig(
-            backbones=tuple(saved["backbones"]), weights=weights or saved["weights"],
-            image_size=saved.get("image_size"), batch_size=saved.get("batch_size", 32),
-            precision=saved.get("precision", "float32"), seed=saved.get("seed", 0))
+        extract_config = replace(saved, weights=weights or saved.weights)
         extractor = features.Extractor(extract_config)
-        _check_feature_identity(run_dir, extractor, weights_given=weights is not None)
-        folds = int(config["train"]["folds"])
-        classes = list(read_json(run_dir / "dataset.json")["classes"])
-        return cls(run_dir, classes, folds, extract_config, _load_models(run_dir, folds), extractor)
+        _check_feature_identity(run, recipe, extractor, weights_given=weights is not None)
+        classes = run.read_run_data().dataset.classes
+        kind = heads.get(recipe.config.head)
+        models = {view: [kind.load(recipe.fold(view, fold).model(kind.suffix)) for fold in range(recipe.config.folds)]
+                  for view in VIEWS}
+        return cls(run, classes, recipe, extract_config, models, extractor)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
 
     @property
     def n_models(self) -> int:
@@ -85,8 +93,8 @@ class Run:
 
         Each item is an image path or an RGB uint8 array (height, width, 3); a 4-d uint8 array
         is a batch of them. With `tta` (the default) the original and the flipped view's fold
-        models are averaged, as in the submission; without it, the original view's only.
-        Paths use the on-disk feature store (`cache_dir`, default RUN/predict/<hash>/), arrays
+        models are combined, as in the submission; without it, the original view's only.
+        Paths use the on-disk feature stores (under `cache_dir`, default RUN/predict/), arrays
         are scored in memory.
         """
         items = list(images_or_paths) if not isinstance(images_or_paths, np.ndarray) \
@@ -99,37 +107,49 @@ class Run:
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise UserError(f"{len(missing)} images do not exist: {_first_few(missing)}.")
-        stores, _ = self.extract(paths, batch_size, cache_dir)
+        keys = check_images(paths)
+        stores, _ = self.extract(paths, keys, batch_size, cache_dir)
         return np.concatenate([p for _, p in self.iter_probabilities(stores, len(paths), tta)])
 
-    def extract(self, paths: Sequence[Path], batch_size: int | None = None,
-                cache_dir: str | Path | None = None) -> tuple[list[Path], dict]:
-        """Compute the missing backbone features of `paths` (absolute); returns the store folders."""
-        cache = Path(cache_dir) if cache_dir is not None else cache_folder(self.run_dir, paths)
-        extractor = self._extractor(batch_size)
-        items = [Item(str(i), p) for i, p in enumerate(paths)]
-        with run_lock(cache):
-            for stale in cache.rglob(".*.tmp*"):
-                stale.unlink(missing_ok=True)
-            write_json(cache / "images.json", [str(p) for p in paths])
-            stats = features.extract_split(extractor, cache / "features", SPLIT, items, Path("/"))
-        return [cache / "features" / SPLIT / spec.name for spec in extractor.specs], stats
+    def extract(self, paths: Sequence[Path], keys: Sequence[str], batch_size: int | None = None,
+                cache_dir: str | Path | None = None) -> tuple[list[StoreFiles], dict]:
+        """Compute the missing backbone features of `paths` (absolute; `keys` their content hashes).
 
-    def iter_probabilities(self, stores: Sequence[Path], n: int, tta: bool = True,
+        Returns the stores, one per backbone, and the extraction's counts and timing.
+        """
+        root = Path(cache_dir).expanduser() if cache_dir is not None else None
+        cache = self.folder.predict_cache(keys, root)
+        others = [c for c in self.folder.predict_caches(root) if c != cache]
+        if root is not None:
+            others += self.folder.predict_caches()
+
+        def donors(name: str) -> list[StoreFiles]:
+            return [self.folder.store(split, name) for split in SPLITS] + [c.store(name) for c in others]
+
+        extractor = self._extractor(batch_size)
+        with _cache_lock(cache, root is None, self.run_dir):
+            for stale in cache.folder.rglob(".*.tmp*"):
+                stale.unlink(missing_ok=True)
+            write_json(cache.images, [str(p) for p in paths])
+            stats = features.extract_split(extractor, PREDICT_SPLIT, paths, [str(i) for i in range(len(paths))],
+                                           keys, cache.store, donors)
+        stats["cache"] = str(cache.folder)
+        return [cache.store(spec.name) for spec in extractor.specs], stats
+
+    def iter_probabilities(self, stores: Sequence[StoreFiles], n: int, tta: bool = True,
                            chunk: int = SCORE_CHUNK) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, probabilities) for consecutive chunks of the stored features."""
-        views = features.VIEWS if tta else features.VIEWS[:1]
+        views = VIEWS if tta else VIEWS[:1]
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
-            x = {view: np.concatenate([_read_rows(folder / f"{view}.npy", start, stop) for folder in stores],
-                                      axis=1) for view in views}
+            x = {view: np.concatenate([_read_rows(store.view(view), start, stop) for store in stores], axis=1)
+                 for view in views}
             yield start, self._score(x)
 
     def _score(self, x: dict[str, np.ndarray]) -> np.ndarray:
-        from transfer_ensemble import heads
-
-        predictions = [heads.predict(model, x[view]) for view in x for model in self.models[view]]
-        return ensemble.average(predictions)
+        kind = heads.get(self.recipe.config.head)
+        return ensemble.combine({view: [kind.predict(model, x[view]) for model in self.models[view]]
+                                 for view in x})
 
     def _extractor(self, batch_size: int | None) -> features.Extractor:
         if batch_size is None or batch_size == self.extract_config.batch_size:
@@ -142,15 +162,15 @@ class Run:
         extractor = self.extractor
         extractor.ensure_weights_known()
         batch_size = batch_size or self.extract_config.batch_size
-        views = features.VIEWS if tta else features.VIEWS[:1]
+        views = VIEWS if tta else VIEWS[:1]
         out = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             parts: dict[str, list[np.ndarray]] = {view: [] for view in views}
             for spec in extractor.specs:
                 size = self.extract_config.size_of(spec)
-                pixels = np.stack([_as_model_input(it, size, start + i) for i, it in enumerate(chunk)])
-                both = extractor.forward(spec, np.concatenate([pixels, pixels[:, :, ::-1]]))
+                pixels = [_as_model_input(it, size, start + i) for i, it in enumerate(chunk)]
+                both = extractor.forward(spec, np.stack(pixels + [images.mirror(p) for p in pixels]))
                 parts["original"].append(both[:len(chunk)])
                 if tta:
                     parts["flipped"].append(both[len(chunk):])
@@ -158,10 +178,17 @@ class Run:
         return np.concatenate(out)
 
 
-def cache_folder(run_dir: str | Path, paths: Sequence[Path]) -> Path:
-    """Where the features of this list of absolute image paths are kept: one folder per list."""
-    digest = hashlib.sha256(json.dumps([str(p) for p in paths]).encode()).hexdigest()[:16]
-    return Path(run_dir) / "predict" / digest
+def _cache_lock(cache: PredictCache, in_run: bool, run_dir: Path):
+    """The predict cache's own lock; a clear hint when the default cache (in the run) is not writable."""
+    try:
+        cache.folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        where = f"the run folder {run_dir}" if in_run else str(cache.folder.parent)
+        hint = (" Pass --cache-dir DIR (cache_dir= in Python) with a writable folder: the run "
+                "itself is only read." if in_run else " Pass a writable --cache-dir.")
+        raise UserError(f"Cannot create the feature cache {cache.folder} ({exc.strerror}): {where} is "
+                        f"not writable.{hint}") from None
+    return run_lock(cache.folder)
 
 
 def _read_rows(path: Path, start: int, stop: int) -> np.ndarray:
@@ -184,65 +211,33 @@ def _as_model_input(item, size: int, index: int) -> np.ndarray:
         raise UserError(f"The image {item} {exc}.") from None
 
 
-def _read_run_config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise UserError(f"{run_dir} is not a run folder (it has no config.json). Pass --run with the "
-                        f"folder that `transfer-ensemble train` (or `run`) wrote.")
-    config = read_json(path)
-    if "extract" not in config or "train" not in config or not (run_dir / "dataset.json").exists():
-        raise UserError(f"{run_dir} has no trained heads. Run `transfer-ensemble train --run {run_dir}` first.")
-    return config
-
-
-def _training_meta(run_dir: Path, name: str) -> dict:
-    for split in ("train", "test"):
-        path = run_dir / "features" / split / name / "meta.json"
-        if path.exists():
-            return {k: v for k, v in read_json(path).items() if k != "ids"}
-    raise UserError(f"{run_dir} has no record of the {name} features its heads were trained on "
-                    f"(features/train/{name}/meta.json is missing), so the weights cannot be checked. "
-                    f"Run `transfer-ensemble extract` on it again, or score with the run that has them.")
-
-
-def _check_feature_identity(run_dir: Path, extractor: features.Extractor, weights_given: bool) -> None:
-    """Refuse weights, image size, precision or preprocessing other than the training run's."""
-    trained = {spec.name: _training_meta(run_dir, spec.name) for spec in extractor.specs}
+def _check_feature_identity(run: RunFolder, recipe: Recipe, extractor: features.Extractor,
+                            weights_given: bool) -> None:
+    """Refuse weights, image size, precision or preprocessing other than the recipe was trained on."""
+    trained = recipe.inputs.get("features", {})
     extractor.ensure_weights_known()
     for spec in extractor.specs:
-        now = features._store_meta(spec, extractor.sources[spec.name], extractor.config, [])
+        now = features.store_meta(spec, extractor.sources[spec.name], extractor.config, [])
         now.pop("ids")
-        then = trained[spec.name]
+        then = trained.get(spec.name)
+        if then is None:
+            raise UserError(f"The head recipe {recipe.name!r} of {run.path} records no {spec.name} features, "
+                            f"so the weights cannot be checked. Train it again on this run.")
         if now["weights"] != then["weights"]:
             asked = (f"--weights {extractor.config.weights}" if weights_given
                      else f"the run's own --weights {extractor.config.weights}")
             raise UserError(
                 f"The {spec.name} weights found now ({asked}, identity {now['weights']}) are not the "
-                f"ones the run {run_dir} was trained on (identity {then['weights']}). Its heads only "
+                f"ones the run {run.path} was trained on (identity {then['weights']}). Its heads only "
                 f"make sense on features from those weights. Pass --weights with the weights the run "
-                f"was extracted with (see 'extract' in {run_dir / 'config.json'}), or train a new run "
+                f"was extracted with (see 'extract' in {run.config_path}), or train a new run "
                 f"with these weights.")
         differing = sorted(k for k in now if k in then and now[k] != then[k])
         if differing:
             detail = ", ".join(f"{k}: {then[k]!r} then, {now[k]!r} now" for k in differing)
-            raise UserError(f"The {spec.name} features would not be computed as in the run {run_dir} "
+            raise UserError(f"The {spec.name} features would not be computed as in the run {run.path} "
                             f"({detail}). Score with the transfer-ensemble version that trained the run, "
                             f"or train a new run.")
-
-
-def _load_models(run_dir: Path, folds: int) -> dict[str, list]:
-    import keras
-
-    models: dict[str, list] = {}
-    for view in features.VIEWS:
-        models[view] = []
-        for fold in range(folds):
-            path = run_dir / "heads" / view / f"fold{fold}" / "model.keras"
-            if not path.exists() or not (path.parent / "done.json").exists():
-                raise UserError(f"The fold model {path} is missing or unfinished. Run `transfer-ensemble "
-                                f"train --run {run_dir}` to finish training first.")
-            models[view].append(keras.saving.load_model(path))
-    return models
 
 
 def _first_few(values: Sequence[str], n: int = 5) -> str:
@@ -289,16 +284,16 @@ def _images_from_csv(path: Path) -> tuple[list[Path], list[str]]:
     return paths, names
 
 
-def check_images(paths: Sequence[Path]) -> list[tuple[Path, str]]:
-    """Decode every image once; the ones that fail, with the reason."""
-    return [(path, reason) for path, reason in zip(paths, images.check_all(paths)) if reason is not None]
-
-
-def _bad_images_error(bad: list[tuple[Path, str]]) -> UserError:
-    rows = [f"  {path}: {reason}" for path, reason in bad]
-    shown = "\n".join(rows[:50]) + (f"\n  ... and {len(rows) - 50} more" if len(rows) > 50 else "")
-    return UserError(f"{len(rows)} images cannot be decoded (nothing was scored):\n{shown}\n"
-                     f"Fix or remove them (or leave them out of the CSV) and run the same command again.")
+def check_images(paths: Sequence[Path]) -> list[str]:
+    """Read and decode every image once; their content hashes, or UserError listing every bad one."""
+    results = images.inspect_all(paths)
+    bad = [(path, r.reason) for path, r in zip(paths, results) if r.reason is not None]
+    if bad:
+        rows = [f"  {path}: {reason}" for path, reason in bad]
+        shown = "\n".join(rows[:50]) + (f"\n  ... and {len(rows) - 50} more" if len(rows) > 50 else "")
+        raise UserError(f"{len(rows)} images cannot be decoded (nothing was scored):\n{shown}\n"
+                        f"Fix or remove them (or leave them out of the CSV) and run the same command again.")
+    return [r.sha256 for r in results]
 
 
 def _header(fmt: str, classes: Sequence[str], k: int) -> list[str]:
@@ -331,27 +326,27 @@ def _write_csv(f: TextIO, fmt: str, names: Sequence[str], chunks: Iterator[tuple
 
 def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt: str = "probabilities",
                    k: int = 5, tta: bool = True, batch_size: int | None = None,
-                   weights: str | None = None) -> dict:
+                   weights: str | None = None, heads_name: str | None = None,
+                   cache_dir: str | Path | None = None) -> dict:
     """Score the images of a folder or CSV with a trained run and write `out` atomically."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
-    _read_run_config(Path(run_dir))
+    folder = RunFolder.existing(run_dir, "predict with")
+    folder.select_recipe(heads_name, "predict")
     paths, names = find_images(source)
-    bad = check_images(paths)
-    if bad:
-        raise _bad_images_error(bad)
-    run = Run.load(run_dir, weights=weights)
+    keys = check_images(paths)
+    run = Run.load(run_dir, weights=weights, heads_name=heads_name)
     if fmt == "top-k" and k > len(run.classes):
         log.info("--k %d is more than the %d classes: writing all %d", k, len(run.classes), len(run.classes))
         k = len(run.classes)
     start = time.perf_counter()
-    stores, stats = run.extract(paths, batch_size)
+    stores, stats = run.extract(paths, keys, batch_size, cache_dir)
     out = Path(out)
     with atomic_path(out, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         predicted = _write_csv(f, fmt, names, run.iter_probabilities(stores, len(paths), tta),
                                run.classes, k)
     return {"out": str(out), "images": len(paths), "classes": len(run.classes), "format": fmt, "k": k,
             "models": run.n_models if tta else len(run.models["original"]), "tta": tta,
-            "computed": stats["computed"], "reused": stats["reused"],
+            "recipe": run.recipe.name, "computed": stats["computed"], "reused": stats["reused"],
             "extract_seconds": stats["seconds"], "seconds": time.perf_counter() - start,
-            "cache": str(stores[0].parent.parent.parent), "predicted": predicted}
+            "cache": stats["cache"], "predicted": predicted}

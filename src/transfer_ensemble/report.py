@@ -25,13 +25,12 @@ from matplotlib.figure import Figure
 
 from transfer_ensemble import ensemble, images
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.features import VIEWS
-from transfer_ensemble.storage import read_json, run_lock, write_atomic
+from transfer_ensemble.runfolder import (VIEWS, DamagedFile, Recipe, RecipeStatus, RunFolder, load_json,
+                                         load_npy)
+from transfer_ensemble.storage import write_atomic
 
 log = logging.getLogger(__name__)
 
-HTML_NAME = "report.html"
-PNG_DIR = "report"
 TOP_PAIRS = 20
 WRONG_IMAGES = 24
 WRONG_COLUMNS = 6
@@ -44,9 +43,11 @@ VAL_COLOR = "#d62728"
 
 @dataclass
 class RunRecord:
-    """Everything the report shows, read from a trained run folder."""
+    """Everything the report shows, read from a trained run folder and one of its head recipes."""
 
-    run_dir: Path
+    run: RunFolder
+    recipe: Recipe
+    statuses: list[RecipeStatus]
     config: dict
     metrics: dict
     classes: list[str]
@@ -57,63 +58,55 @@ class RunRecord:
     oof: np.ndarray
     n_test: int
 
-
-def load_record(run_dir: str | Path) -> RunRecord:
-    run_dir = Path(run_dir)
-    missing = [name for name in ("config.json", "dataset.json", "metrics.json") if not (run_dir / name).exists()]
-    if missing:
-        raise UserError(f"{run_dir} has no trained heads ({', '.join(missing)} missing). Run "
-                        f"`transfer-ensemble train --run {run_dir}` first; it writes the report itself.")
-    config = read_json(run_dir / "config.json")
-    dataset = read_json(run_dir / "dataset.json")
-    folds = int(config["train"]["folds"])
-    histories: dict[str, list[dict]] = {}
-    for view in VIEWS:
-        histories[view] = []
-        for fold in range(folds):
-            path = run_dir / "heads" / view / f"fold{fold}" / "history.json"
-            if not path.exists():
-                raise UserError(f"{path} is missing: the run's training is unfinished. Run "
-                                f"`transfer-ensemble train --run {run_dir}` to finish it.")
-            histories[view].append(read_json(path))
-    oof = ensemble.average([np.load(run_dir / "heads" / f"oof_{view}.npy") for view in VIEWS])
-    root = Path(dataset["root"])
-    return RunRecord(run_dir, config, read_json(run_dir / "metrics.json"), list(dataset["classes"]), root,
-                     [root / row["path"] for row in dataset["train"]],
-                     np.array([row["label"] for row in dataset["train"]], dtype=np.int64),
-                     histories, oof, len(dataset["test"]))
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
 
 
-def rebuild(run_dir: str | Path) -> Path:
+def load_record(run: RunFolder, heads_name: str | None = None) -> RunRecord:
+    """Read the run and its recipe `heads_name` (default: the best current one)."""
+    config = run.read_config()
+    run_data = run.read_run_data()
+    recipe = run.select_recipe(heads_name, "report")
+    fix = f"Run `transfer-ensemble train --run {run.path} --heads {recipe.name}` to repair it"
+    try:
+        histories = {view: [load_json(recipe.fold(view, fold).history) for fold in range(recipe.config.folds)]
+                     for view in VIEWS}
+        n = len(run_data.dataset.train)
+        oof = ensemble.combine({view: [load_npy(recipe.oof(view), (n, len(run_data.dataset.classes)))]
+                                for view in VIEWS})
+    except DamagedFile as exc:
+        raise UserError(f"The run folder file {exc}. {fix}.") from None
+    dataset = run_data.dataset
+    return RunRecord(run, recipe, run.statuses(), config, recipe.metrics(), dataset.classes, dataset.root,
+                     [it.path for it in dataset.train], run_data.labels, histories, oof, len(dataset.test))
+
+
+def rebuild(run_dir: str | Path, heads_name: str | None = None) -> Path:
     """`transfer-ensemble report`: rebuild the report while holding the run folder's lock."""
-    with run_lock(run_dir):
-        return write_report(run_dir)
+    run = RunFolder.existing(run_dir, "report on")
+    with run.lock():
+        return write_report(run, heads_name)
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write RUN/report/*.png and RUN/report.html; returns the HTML path.
-
-    Call it holding the run folder's lock: it removes temporary files a killed report left.
-    """
-    record = load_record(run_dir)
+def write_report(run: RunFolder, heads_name: str | None = None) -> Path:
+    """Write RUN/report/*.png and RUN/report.html; returns the HTML path. Call it holding the lock."""
+    record = load_record(run, heads_name)
     sections = [
+        _recipes_section(record),
         _loss_section(record),
         _scores_section(record),
         _calibration_section(record),
         *_confusion_sections(record),
         _wrong_images_section(record),
     ]
-    folder = record.run_dir / PNG_DIR
-    for stale in [*folder.glob(".*.tmp*"), *record.run_dir.glob(f".{HTML_NAME}.*.tmp*")]:
-        stale.unlink(missing_ok=True)
     for section in sections:
         for name, png in section.images:
-            write_atomic(folder / name, lambda tmp, png=png: tmp.write_bytes(png), suffix=".png")
-    path = record.run_dir / HTML_NAME
+            write_atomic(run.report_dir / name, lambda tmp, png=png: tmp.write_bytes(png), suffix=".png")
     page = _page(record, sections)
-    write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"), suffix=".html")
-    log.info("wrote the report %s", path)
-    return path
+    write_atomic(run.report_html, lambda tmp: tmp.write_text(page, encoding="utf-8"), suffix=".html")
+    log.info("wrote the report %s", run.report_html)
+    return run.report_html
 
 
 @dataclass
@@ -192,6 +185,35 @@ def _table(header: list[str], rows: list[list], numeric_from: int = 1) -> str:
             cells.append(f'<td class="num">{text}</td>' if i >= numeric_from else f"<td>{text}</td>")
         lines.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(lines) + "\n</tbody></table>"
+
+
+def recipe_rows(statuses: list[RecipeStatus]) -> list[list]:
+    """One row per head recipe, best first: name, state, options, OOF (and hold-out) scores."""
+    rows = []
+    for status in statuses:
+        config = status.recipe.config.to_json()
+        options = ", ".join(f"{k} {v}" for k, v in config.items())
+        oof = status.metrics["oof"]["ensemble"] if status.metrics else None
+        hold = (status.metrics or {}).get("holdout", {}).get("ensemble")
+        rows.append([status.recipe.name, status.state, options,
+                     oof["log_loss"] if oof else "", oof["accuracy"] if oof else "",
+                     hold["log_loss"] if hold else "", hold["accuracy"] if hold else ""])
+    return rows
+
+
+RECIPE_HEADER = ["recipe", "state", "options", "OOF log loss", "OOF accuracy", "hold-out log loss",
+                 "hold-out accuracy"]
+
+
+def _recipes_section(record: RunRecord) -> Section:
+    table = _table(RECIPE_HEADER, recipe_rows(record.statuses), 3)
+    body = (f"<p>Every head recipe trained on this run, best out-of-fold (OOF) log loss first. "
+            f"<code>submit</code>, <code>predict</code> and this report use the best current one unless "
+            f"given <code>--heads NAME</code>; this report shows <b>{html.escape(record.recipe.name)}</b>. "
+            f"A stale recipe was trained on features or labels the run no longer has. Hold-out scores "
+            f"(labelled test images) are shown for information only: nothing is chosen by them.</p>\n"
+            + table)
+    return Section("recipes", "Head recipes tried on this run", body, [])
 
 
 def _scores_section(record: RunRecord) -> Section:
@@ -406,7 +428,7 @@ dt { color: #666; } dd { margin: 0; }
 
 def _summary(record: RunRecord) -> str:
     extract = record.config.get("extract", {})
-    train = record.config.get("train", {})
+    train = record.recipe.config.to_json()
     versions = record.config.get("versions", {})
     size = extract.get("image_size") or "native"
     e = record.metrics["oof"]["ensemble"]
@@ -416,7 +438,7 @@ def _summary(record: RunRecord) -> str:
                  f"{len(record.classes)} classes)"),
         ("backbones", f"{', '.join(extract.get('backbones', []))} at {size} px, "
                       f"{extract.get('precision', 'float32')}, weights {extract.get('weights')}"),
-        ("heads", f"{train.get('folds')} folds x {len(VIEWS)} views, at most {train.get('epochs')} epochs, "
+        ("heads", f"recipe {record.recipe.name}: {train.get('head')} head, {train.get('folds')} folds x {len(VIEWS)} views, at most {train.get('epochs')} epochs, "
                   f"patience {train.get('patience')}, dropout {train.get('dropout')}, "
                   f"learning rate {train.get('learning_rate')}"),
         ("OOF ensemble", f"log loss {e['log_loss']:.4f}, accuracy {e['accuracy']:.4f}"),

@@ -1,125 +1,51 @@
-"""The three steps over a run folder: extract features, train the heads, write the submission.
+"""The three steps over a run folder: extract features, train a head recipe, write the submission.
 
-Each step holds the run folder's lock, reads what earlier steps left there, and writes its own
-results atomically, so any step can be killed and run again.
+Each step holds the run folder's lock, reads what earlier steps recorded there (`runfolder`),
+and records its own results only once it has succeeded, so any step can be killed and run
+again, and a failed step leaves the run as it was.
 """
 
 from __future__ import annotations
 
 import logging
-import platform
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from transfer_ensemble import __version__, ensemble, images, submission
-from transfer_ensemble.crossval import TrainConfig, oof_metrics, test_predictions, train_all
+from transfer_ensemble import ensemble, images, submission
+from transfer_ensemble.config import ExtractConfig, TrainConfig
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.features import VIEWS, ExtractConfig, image_key, load_features
-from transfer_ensemble.storage import disk_errors, read_json, read_json_optional, run_lock, write_json
+from transfer_ensemble.runfolder import (SPLITS, VIEWS, DamagedFile, Recipe, RunData, RunFolder,
+                                         labels_digest)
+from transfer_ensemble.storage import disk_errors, write_json
 
 log = logging.getLogger(__name__)
 
-BAD_IMAGE_POLICIES = ("error", "skip")
 
+def _check_images(run: RunFolder, dataset: Dataset) -> tuple[dict[str, list[str]], dict[str, list[tuple[Item, str]]]]:
+    """Read every image once: its content hash, and whether it decodes (cached by content).
 
-@dataclass
-class RunData:
-    """What `extract` recorded about the data: the data set, and test images left out as bad."""
-
-    dataset: Dataset
-    bad_test_ids: list[str]
-
-    @property
-    def good_test(self) -> list[Item]:
-        bad = set(self.bad_test_ids)
-        return [it for it in self.dataset.test if it.id not in bad]
-
-
-def package_versions() -> dict:
-    versions = {"python": platform.python_version(), "transfer_ensemble": __version__}
-    for name in ("tensorflow", "keras", "numpy", "opencv-python-headless", "scikit-learn", "pandas"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-RUN_FILES = ("config.json", "dataset.json", "metrics.json", "bad_images.json", "image_check.json")
-LOCKED_FOLDERS = ("features", "heads")
-
-
-def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete the temporary files a killed step left in the run folder; returns them.
-
-    Only called while holding the run folder's lock, and only where the locked steps write (their
-    own files at the top, features/ and heads/), so no other process can be writing them.
+    Returns the content hashes and the bad images, per split.
     """
-    candidates = [p for name in RUN_FILES for p in run_dir.glob(f".{name}.*.tmp*")]
-    for folder in LOCKED_FOLDERS:
-        if (run_dir / folder).is_dir():
-            candidates += [p for p in (run_dir / folder).rglob(".*.tmp*") if p.is_file()]
-    for path in candidates:
-        path.unlink(missing_ok=True)
-    if candidates:
-        log.info("removed %d temporary files left by an interrupted run in %s", len(candidates), run_dir)
-    return candidates
-
-
-def update_config(run_dir: Path, **sections) -> dict:
-    path = run_dir / "config.json"
-    config = read_json(path) if path.exists() else {}
-    config.update(sections)
-    config["versions"] = package_versions()
-    write_json(path, config)
-    return config
-
-
-def read_config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise UserError(f"{run_dir} is not a run folder (it has no config.json). Run "
-                        f"`transfer-ensemble extract --data DIR --run {run_dir}` first.")
-    return read_json(path)
-
-
-def _existing_run_dir(run_dir: str | Path, command: str) -> Path:
-    """The run folder of `train` or `submit`: it must exist (the lock must not create it)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"The run folder {run_dir} does not exist, so there is nothing to {command}. "
-                        f"Check --run, or run `transfer-ensemble extract --data DIR --run {run_dir}` first.")
-    return run_dir
-
-
-def load_run_data(run_dir: Path) -> RunData:
-    path = run_dir / "dataset.json"
-    if not path.exists():
-        raise UserError(f"{run_dir} has no dataset.json: run `transfer-ensemble extract` on it first.")
-    obj = read_json(path)
-    return RunData(Dataset.from_json(obj), obj.get("bad_test_ids", []))
-
-
-def _check_images(dataset: Dataset, run_dir: Path) -> dict[str, list[tuple[Item, str]]]:
-    """Decode every image once (cached by path, size and mtime); return the bad ones per split."""
-    cache_path = run_dir / "image_check.json"
-    cache = read_json(cache_path) if cache_path.exists() else {}
-    items = [(split, it) for split in ("train", "test") for it in dataset.split(split)]
-    keys = ["|".join(map(str, image_key(dataset.root, it.path))) for _, it in items]
-    unknown = [i for i, k in enumerate(keys) if k not in cache]
-    if unknown:
-        for i, reason in zip(unknown, images.check_all([items[i][1].path for i in unknown])):
-            cache[keys[i]] = reason
-        write_json(cache_path, {k: cache[k] for k in keys})
-    bad: dict[str, list[tuple[Item, str]]] = {"train": [], "test": []}
-    for (split, it), key in zip(items, keys):
-        if cache[key] is not None:
-            bad[split].append((it, cache[key]))
-    return bad
+    items = {split: dataset.split(split) for split in SPLITS}
+    paths = [it.path for split in SPLITS for it in items[split]]
+    known = run.read_image_check()
+    results = iter(images.inspect_all(paths, known))
+    keys: dict[str, list[str]] = {split: [] for split in SPLITS}
+    bad: dict[str, list[tuple[Item, str]]] = {split: [] for split in SPLITS}
+    verdicts = {}
+    for split in SPLITS:
+        for item in items[split]:
+            result = next(results)
+            keys[split].append(result.sha256)
+            if result.sha256 is not None:
+                verdicts[result.sha256] = result.reason
+            if result.reason is not None:
+                bad[split].append((item, result.reason))
+    if verdicts != known:
+        run.write_image_check(verdicts)
+    return keys, bad
 
 
 def _bad_image_error(bad: dict[str, list[tuple[Item, str]]]) -> UserError:
@@ -132,56 +58,45 @@ def _bad_image_error(bad: dict[str, list[tuple[Item, str]]]) -> UserError:
     )
 
 
-def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig,
-            on_bad_image: str = "error", folds: int | None = None) -> list[dict]:
+def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds: int | None = None) -> list[dict]:
     """Check every image, then compute the features of the train and test splits.
 
     `folds`, when training will follow (`run`), is checked against the class counts first, so a
     class too small for the folds stops the run before the long extraction rather than after.
+    The run's records (config.json, dataset.json) change only once the features are complete.
     """
     from transfer_ensemble.features import Extractor, extract_split
 
-    if on_bad_image not in BAD_IMAGE_POLICIES:
-        raise UserError(f"--on-bad-image must be one of {', '.join(BAD_IMAGE_POLICIES)}, not {on_bad_image!r}.")
-    run_dir = Path(run_dir)
-    with run_lock(run_dir), disk_errors(run_dir):
-        remove_stale_temporaries(run_dir)
-        dataset = load_dataset(data)
+    run = RunFolder(run_dir)
+    dataset = load_dataset(data)
+    with run.lock(), disk_errors(run.path):
         extractor = Extractor(config)
-        bad = _check_images(dataset, run_dir)
-        if (bad["train"] or bad["test"]) and on_bad_image == "error":
+        keys, bad = _check_images(run, dataset)
+        if (bad["train"] or bad["test"]) and config.on_bad_image == "error":
             raise _bad_image_error(bad)
         bad_train = {it.id for it, _ in bad["train"]}
+        keys["train"] = [k for it, k in zip(dataset.train, keys["train"]) if it.id not in bad_train]
         dataset.train = [it for it in dataset.train if it.id not in bad_train]
         _check_classes_left(dataset, bad["train"])
         if folds is not None:
             check_folds(dataset, folds)
         run_data = RunData(dataset, [it.id for it, _ in bad["test"]])
+        bad_test = set(run_data.bad_test_ids)
+        keys["test"] = [k for it, k in zip(dataset.test, keys["test"]) if it.id not in bad_test]
         if bad["train"] or bad["test"]:
             log.warning("--on-bad-image skip: left out %d bad training images%s; %d bad test images "
                         "get the training class frequencies in the submission%s. All are listed with "
                         "their reasons in %s.", len(bad["train"]), _named(bad["train"]),
-                        len(bad["test"]), _named(bad["test"]), run_dir / "bad_images.json")
-        write_json(run_dir / "bad_images.json",
-                   {split: [{"id": it.id, "path": str(it.path), "reason": r} for it, r in bad[split]]
-                    for split in bad})
-        dataset_record = {**dataset.to_json(), "bad_test_ids": run_data.bad_test_ids}
-        if read_json_optional(run_dir / "dataset.json") != dataset_record:
-            _forget_training(run_dir)
-        write_json(run_dir / "dataset.json", dataset_record)
-        update_config(run_dir, data=str(dataset.root), extract=config.to_json(), on_bad_image=on_bad_image,
-                      classes=dataset.classes)
+                        len(bad["test"]), _named(bad["test"]), run.bad_images_path)
         splits = {"train": dataset.train, "test": run_data.good_test}
-        return [extract_split(extractor, run_dir / "features", name, items, dataset.root)
-                for name, items in splits.items()]
-
-
-def _forget_training(run_dir: Path) -> None:
-    """The data changed: `submit` must wait for `train` (which reuses what still fits)."""
-    metrics = run_dir / "metrics.json"
-    if metrics.exists():
-        log.info("the data set changed since the last training: run `transfer-ensemble train` again")
-        metrics.unlink()
+        results = [extract_split(extractor, split, [it.path for it in items], [it.id for it in items],
+                                 keys[split], lambda name, split=split: run.store(split, name))
+                   for split, items in splits.items()]
+        run.write_bad_images({split: [{"id": it.id, "path": str(it.path), "reason": r} for it, r in bad[split]]
+                              for split in bad})
+        run.write_run_data(run_data)
+        run.update_config(data=str(dataset.root), extract=config.to_json(), classes=dataset.classes)
+        return results
 
 
 def _named(bad: list[tuple[Item, str]], n: int = 5) -> str:
@@ -202,72 +117,86 @@ def _check_classes_left(dataset: Dataset, bad_train: list[tuple[Item, str]]) -> 
         )
 
 
-def _feature_identity(run_dir: Path, backbones: list[str]) -> dict:
-    return {name: {k: v for k, v in read_json(run_dir / "features" / "train" / name / "meta.json").items()
-                   if k != "ids"} for name in backbones}
+def train_config_for(run: RunFolder, overrides: dict | None = None, heads: str | None = None) -> TrainConfig:
+    """`train`'s options: the recipe `heads` (else the run's last), with the options given on top."""
+    if heads is None:
+        return run.train_config(overrides)
+    match = [r for r in run.recipes() if r.name == heads]
+    if not match:
+        known = ", ".join(r.name for r in run.recipes()) or "none yet"
+        raise UserError(f"--heads {heads!r}: the run {run.path} has no such head recipe (it has: {known}). "
+                        f"Pass one of those names, or give the head options themselves.")
+    from transfer_ensemble.config import merged
+
+    return merged(TrainConfig, match[0].config.to_json(), overrides or {}, source=str(match[0].record_path))
 
 
-def train(run_dir: str | Path, config: TrainConfig) -> dict:
-    """Train 2 x K heads (skipping finished ones), write OOF predictions and metrics.json."""
-    run_dir = _existing_run_dir(run_dir, "train")
-    with run_lock(run_dir), disk_errors(run_dir):
-        remove_stale_temporaries(run_dir)
-        run_config = read_config(run_dir)
-        run_data = load_run_data(run_dir)
+def train(run_dir: str | Path, overrides: dict | None = None, heads: str | None = None) -> dict:
+    """Train (or finish) one head recipe: the run's recorded options with `overrides` on top.
+
+    Other recipes trained on the run are kept beside it. Returns the recipe's name and metrics
+    and every recipe's status.
+    """
+    run = RunFolder.existing(run_dir, "train")
+    with run.lock(), disk_errors(run.path):
+        config = train_config_for(run, overrides, heads)
+        backbones = run.extract_config().backbones
+        run_data = run.read_run_data()
         dataset = run_data.dataset
         check_folds(dataset, config.folds)
-        names = run_config["extract"]["backbones"]
-        labels = np.array([it.label for it in dataset.train], dtype=np.int64)
-        good_test = run_data.good_test
-        features = {view: {"train": load_features(run_dir / "features", "train", names, view,
-                                                  [it.id for it in dataset.train]),
-                           "test": load_features(run_dir / "features", "test", names, view,
-                                                 [it.id for it in good_test])}
-                    for view in VIEWS}
-        update_config(run_dir, train=config.to_json())
-        (run_dir / "metrics.json").unlink(missing_ok=True)  # until these heads are all trained
-        heads_dir = run_dir / "heads"
-        oof = train_all(heads_dir, features, labels, len(dataset.classes), config,
-                        _feature_identity(run_dir, names))
-        metrics = {"oof": oof_metrics(heads_dir, oof, labels, config.folds)}
+        labels = run_data.labels
+        inputs = run.feature_inputs(backbones)
+        features = _load_features(run, run_data, backbones)
+        recipe = run.recipe(config, {"features": inputs["features"], "train": inputs["train"],
+                                     "labels": labels_digest(labels)})
+        from transfer_ensemble.crossval import oof_metrics, train_recipe
+
+        oof = train_recipe(run, recipe, features, labels, len(dataset.classes), inputs["test"])
+        metrics = {"oof": oof_metrics(recipe, oof, labels)}
         if dataset.test_is_labelled:
-            metrics["holdout"] = _holdout_metrics(run_data, heads_dir, config.folds)
-        write_json(run_dir / "metrics.json", metrics)
+            metrics["holdout"] = _holdout_metrics(run, recipe, run_data, inputs["test"])
+        write_json(recipe.metrics_path, metrics)
+        run.update_config(train=config.to_json())
         from transfer_ensemble.report import write_report
 
-        write_report(run_dir)
-        return metrics
+        write_report(run)
+        return {"recipe": recipe.name, "metrics": metrics, "recipes": run.statuses()}
+
+
+def _load_features(run: RunFolder, run_data: RunData, backbones: tuple[str, ...]) -> dict:
+    from transfer_ensemble.features import load_features
+
+    ids = {"train": [it.id for it in run_data.dataset.train], "test": [it.id for it in run_data.good_test]}
+    try:
+        return {view: {split: load_features(run.stores(split, backbones), view, ids[split]) for split in SPLITS}
+                for view in VIEWS}
+    except DamagedFile as exc:
+        raise UserError(f"The features in {exc.path.parent if exc.path.suffix else exc.path} are not usable: "
+                        f"{exc}. Run `transfer-ensemble extract --data DIR --run {run.path}` again: it "
+                        f"recomputes what is missing or damaged.") from None
 
 
 def _class_frequencies(run_data: RunData) -> np.ndarray:
-    counts = np.bincount([it.label for it in run_data.dataset.train],
-                         minlength=len(run_data.dataset.classes)).astype(np.float64)
+    counts = np.bincount(run_data.labels, minlength=len(run_data.dataset.classes)).astype(np.float64)
     return counts / counts.sum()
 
 
-def test_probabilities(run_data: RunData, heads_dir: Path, folds: int) -> tuple[np.ndarray, dict]:
-    """The ensemble's probabilities for every test id, and each view's average on its own."""
-    try:
-        per_view = test_predictions(heads_dir, folds)
-    except FileNotFoundError as exc:
-        raise UserError(f"The fold predictions {exc.filename} are missing: training did not finish. Run "
-                        f"`transfer-ensemble train --run {heads_dir.parent}` again.") from None
-    n_good = len(run_data.good_test)
-    if any(len(p) != n_good for preds in per_view.values() for p in preds):
-        raise UserError(f"The heads in {heads_dir} predicted another test set than the {n_good} test images "
-                        f"of {heads_dir.parent / 'dataset.json'}. Run `transfer-ensemble train --run "
-                        f"{heads_dir.parent}` again: it reuses the fold models and predicts the new test set.")
-    views = {view: ensemble.average(preds) for view, preds in per_view.items()}
-    good = ensemble.average([p for preds in per_view.values() for p in preds])
+def test_probabilities(run: RunFolder, recipe: Recipe, run_data: RunData, test_identity: str) -> tuple[np.ndarray, dict]:
+    """The ensemble's probabilities for every test id, and each view's models combined on their own.
+
+    Test images that did not decode get the training class frequencies.
+    """
+    per_view = run.fold_test_predictions(recipe, len(run_data.good_test), test_identity)
+    views = {view: ensemble.combine({view: preds}) for view, preds in per_view.items()}
     full = np.tile(_class_frequencies(run_data), (len(run_data.dataset.test), 1))
     bad = set(run_data.bad_test_ids)
     good_rows = [i for i, it in enumerate(run_data.dataset.test) if it.id not in bad]
-    full[good_rows] = good
+    full[good_rows] = ensemble.combine(per_view)
     return full, views
 
 
-def _holdout_metrics(run_data: RunData, heads_dir: Path, folds: int) -> dict:
-    full, views = test_probabilities(run_data, heads_dir, folds)
+def _holdout_metrics(run: RunFolder, recipe: Recipe, run_data: RunData, test_identity: str) -> dict:
+    full, views = test_probabilities(run, recipe, run_data, test_identity)
     labels = np.array([it.label for it in run_data.dataset.test])
     good_labels = np.array([it.label for it in run_data.good_test])
     out = {view: ensemble.score(good_labels, p) for view, p in views.items()}
@@ -275,27 +204,33 @@ def _holdout_metrics(run_data: RunData, heads_dir: Path, folds: int) -> dict:
     return out
 
 
-def submit(run_dir: str | Path, out: str | Path) -> dict:
-    """Average the 2 x K test predictions into a validated submission CSV at `out`."""
-    run_dir = _existing_run_dir(run_dir, "submit")
-    with run_lock(run_dir), disk_errors(out):
-        run_config = read_config(run_dir)
-        if "train" not in run_config or not (run_dir / "metrics.json").exists():
-            raise UserError(f"{run_dir} has no trained heads. Run `transfer-ensemble train --run {run_dir}` first.")
-        run_data = load_run_data(run_dir)
-        folds = run_config["train"]["folds"]
-        probabilities, _ = test_probabilities(run_data, run_dir / "heads", folds)
+def submit(run_dir: str | Path, out: str | Path, heads: str | None = None, record_out: bool = False) -> dict:
+    """Combine a recipe's 2 x K test predictions into a validated submission CSV at `out`.
+
+    The recipe is `heads`, else the run's current recipe with the lowest OOF log loss. With
+    `record_out` (the `run` command), `out` is recorded in config.json once it is written.
+    """
+    run = RunFolder.existing(run_dir, "submit")
+    with run.lock(), disk_errors(out):
+        config = run.read_config()
+        run_data = run.read_run_data()
+        recipe = run.select_recipe(heads)
+        test_identity = run.feature_inputs(config["extract"]["backbones"])["test"]
+        probabilities, _ = test_probabilities(run, recipe, run_data, test_identity)
         dataset = run_data.dataset
         ids = [it.id for it in dataset.test]
         if run_data.bad_test_ids:
             log.warning("%d test rows could not be predicted (their images do not decode) and get the "
                         "training class frequencies: %s. See %s.", len(run_data.bad_test_ids),
                         ", ".join(run_data.bad_test_ids[:5]) + (" ..." if len(run_data.bad_test_ids) > 5 else ""),
-                        run_dir / "bad_images.json")
+                        run.bad_images_path)
         frame = submission.build(ids, dataset.classes, probabilities)
         path = submission.write(frame, out, ids, dataset.classes)
         result = {"submission": str(path), "rows": len(ids), "classes": len(dataset.classes),
-                  "models": 2 * folds}
+                  "models": len(recipe.jobs), "recipe": recipe.name}
         if dataset.test_is_labelled:
             result["holdout"] = ensemble.score(np.array([it.label for it in dataset.test]), probabilities)
+        if record_out:
+            with disk_errors(run.path):
+                run.update_config(out=str(out))
         return result

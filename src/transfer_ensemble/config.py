@@ -1,0 +1,269 @@
+"""Every option's default and validation, shared by the CLI flags, a run's config.json and Python callers.
+
+The dataclasses check themselves when built, so a bad value is refused wherever it comes from;
+``from_json`` and ``merged`` also say which file (or the command line) gave it. Every refusal is
+a ``UserError`` naming the option by its CLI flag, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+from transfer_ensemble import backbones
+from transfer_ensemble.errors import UserError
+
+MAX_SEED: int = 2**32 // 1000 - 1  # per-fold seeds are seed*1000 + view*100 + fold and must stay < 2**32
+MAX_FOLDS: int = 100
+PRECISIONS = ("float32", "bfloat16")
+BAD_IMAGE_POLICIES = ("error", "skip")
+HEAD_KINDS = ("seed",)
+
+COMMAND_LINE = "the command line"
+
+_FLAGS = {
+    "backbones": "--backbones", "weights": "--weights", "image_size": "--image-size",
+    "precision": "--precision", "on_bad_image": "--on-bad-image", "folds": "--folds", "seed": "--seed",
+    "head": "--head", "epochs": "--epochs", "patience": "--patience", "dropout": "--dropout",
+    "learning_rate": "--learning-rate",
+}
+
+Where = Callable[[str], "str | None"]
+
+
+def _nowhere(key: str) -> None:
+    return None
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a true/false value"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+class _Checker:
+    """Builds the one-paragraph errors for one section, with the flag and origin of each key."""
+
+    def __init__(self, where: Where, flags: dict[str, str]):
+        self.where = where
+        self.flags = flags
+
+    def fail(self, key: str, value: Any, problem: str) -> UserError:
+        origin = self.where(key)
+        if origin is None:
+            at = ""
+        elif origin == COMMAND_LINE:
+            at = " (given on the command line)"
+        else:
+            at = f' (the "{key}" entry of {origin})'
+        return UserError(f"{self.flags[key]} {value!r}{at} {problem}.")
+
+    def whole(self, key: str, value: Any, low: int | None, high: int | None = None, why: str = "") -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            hint = ""
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                hint = f": write {value.strip()} without quotes"
+            raise self.fail(key, value, f"must be a whole number, not {value!r} ({_describe(value)}){hint}")
+        if low is not None and (value < low or (high is not None and value > high)):
+            allowed = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise self.fail(key, value, f"is out of range: it must be a whole number {allowed}{why}")
+        return value
+
+    def real(self, key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, value, f"must be a number, not {value!r} ({_describe(value)})")
+        if not math.isfinite(value):
+            raise self.fail(key, value, "must be a finite number, not NaN or infinity")
+        return value
+
+    def choice(self, key: str, value: Any, allowed: tuple[str, ...]) -> str:
+        if not isinstance(value, str) or value not in allowed:
+            raise self.fail(key, value, f"is not allowed: it must be one of {', '.join(map(repr, allowed))}")
+        return value
+
+
+def _check_seed(check: _Checker, seed: Any) -> None:
+    check.whole("seed", seed, 0, MAX_SEED,
+                " (each fold's seed is seed*1000 + view*100 + fold, and it must fit in 32 bits)")
+
+
+def _backbone_names(value: Any, where: Where) -> tuple[str, ...]:
+    """`value` (a comma-separated string or a list of names) as registry names, via parse_backbones."""
+    if not isinstance(value, (str, list, tuple)) or not all(isinstance(n, str) for n in value):
+        raise _Checker(where, _FLAGS).fail(
+            "backbones", value, 'must be a comma-separated string or a list of backbone names, '
+                                'e.g. "xception,inception_v3"')
+    try:
+        return backbones.parse_backbones(value)
+    except UserError as exc:
+        origin = where("backbones")
+        if origin is None:
+            raise
+        at = COMMAND_LINE if origin == COMMAND_LINE else f'the "backbones" entry of {origin}'
+        raise UserError(f"{exc} (The value {value!r} came from {at}.)") from None
+
+
+def _check_extract(v: dict, where: Where) -> dict:
+    """Check a complete set of ExtractConfig values; returns them with the backbones normalised."""
+    check = _Checker(where, {**_FLAGS, "batch_size": "--batch-size"})
+    v = {**v, "backbones": _backbone_names(v["backbones"], where)}
+    if not isinstance(v["weights"], str) or not v["weights"].strip():
+        raise check.fail("weights", v["weights"],
+                         "must be 'imagenet', 'random' or the path of a folder of Keras .h5 weight files")
+    if v["image_size"] is not None:
+        check.whole("image_size", v["image_size"], None)
+        for name in v["backbones"]:
+            minimum = backbones.REGISTRY[name].min_size
+            if v["image_size"] < minimum:
+                raise check.fail("image_size", v["image_size"],
+                                 f"is below {name}'s minimum input size of {minimum} px: use "
+                                 f"--image-size {minimum} or more, or leave it unset for each "
+                                 f"backbone's native size")
+    check.whole("batch_size", v["batch_size"], 1)
+    check.choice("precision", v["precision"], PRECISIONS)
+    _check_seed(check, v["seed"])
+    check.choice("on_bad_image", v["on_bad_image"], BAD_IMAGE_POLICIES)
+    return v
+
+
+def _check_head(v: dict, where: Where) -> None:
+    check = _Checker(where, {**_FLAGS, "batch_size": "--head-batch-size"})
+    check.whole("epochs", v["epochs"], 1)
+    check.whole("patience", v["patience"], 1)
+    if not 0 <= check.real("dropout", v["dropout"]) < 1:
+        raise check.fail("dropout", v["dropout"], "is out of range: it must be at least 0 and below 1 "
+                                                  "(the fraction of features dropped)")
+    check.whole("batch_size", v["batch_size"], 1)
+    if not 0 < check.real("learning_rate", v["learning_rate"]) <= 1:
+        raise check.fail("learning_rate", v["learning_rate"],
+                         "is out of range: it must be above 0 and at most 1 "
+                         "(Adam learning rates are typically 1e-4 to 1e-2)")
+
+
+def _check_train(v: dict, where: Where) -> None:
+    check = _Checker(where, _FLAGS)
+    check.whole("folds", v["folds"], 2, MAX_FOLDS)
+    _check_seed(check, v["seed"])
+    check.choice("head", v["head"], HEAD_KINDS)
+
+
+def _values(cls: type, obj: dict) -> dict:
+    """Every plain field of `cls`, from `obj` where it has the key, else the default."""
+    return {f.name: obj[f.name] if f.name in obj else f.default for f in fields(cls) if f.name != "options"}
+
+
+def _section(obj: Any, source: str) -> dict:
+    if not isinstance(obj, dict):
+        raise UserError(f"The options in {source} must be a JSON object of option names and values, "
+                        f"not {obj!r} ({_describe(obj)}). Fix or delete that file.")
+    return obj
+
+
+def _extract_from(obj: dict, where: Where) -> "ExtractConfig":
+    return ExtractConfig(**_check_extract(_values(ExtractConfig, obj), where))
+
+
+def _train_from(obj: dict, where: Where) -> "TrainConfig":
+    options = _values(HeadOptions, obj)
+    _check_head(options, where)
+    train = _values(TrainConfig, obj)
+    _check_train(train, where)
+    return TrainConfig(**train, options=HeadOptions(**options))
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How features are extracted: which backbones, their weights, input size, batching and precision."""
+
+    backbones: tuple[str, ...] = backbones.DEFAULT_BACKBONES
+    weights: str = "imagenet"
+    image_size: int | None = None
+    batch_size: int = 32
+    precision: str = "float32"
+    seed: int = 0
+    on_bad_image: str = "error"
+
+    def __post_init__(self) -> None:
+        checked = _check_extract({f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
+        object.__setattr__(self, "backbones", checked["backbones"])
+
+    def size_of(self, spec: backbones.BackboneSpec) -> int:
+        """The input size `spec` is run at: --image-size if given, else the backbone's native size."""
+        return self.image_size if self.image_size is not None else spec.size
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"backbones": list(self.backbones)}
+
+    @classmethod
+    def from_json(cls, obj: dict, source: str = "config.json") -> "ExtractConfig":
+        """Read and check a config.json "extract" section; missing keys take their defaults."""
+        return _extract_from(_section(obj, source), lambda key: source)
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """The `seed` head (the paper's): dropout and a dense softmax layer, trained with Adam and early stopping."""
+
+    epochs: int = 50
+    patience: int = 5
+    dropout: float = 0.5
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check_head({f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How heads are trained: the cross-validation folds, the seed, and the head kind with its options."""
+
+    folds: int = 5
+    seed: int = 0
+    head: str = "seed"
+    options: HeadOptions = field(default_factory=HeadOptions)
+
+    def __post_init__(self) -> None:
+        _check_train({"folds": self.folds, "seed": self.seed, "head": self.head}, _nowhere)
+        if not isinstance(self.options, HeadOptions):
+            raise UserError(f"TrainConfig options must be a HeadOptions, not {self.options!r}.")
+
+    def to_json(self) -> dict:
+        """A flat dict: folds, seed, head and the head's options."""
+        opts = {f.name: getattr(self.options, f.name) for f in fields(self.options)}
+        return {"folds": self.folds, "seed": self.seed, "head": self.head, **opts}
+
+    @classmethod
+    def from_json(cls, obj: dict, source: str = "config.json") -> "TrainConfig":
+        """Read and check a flat config.json "train" section; missing keys take their defaults."""
+        return _train_from(_section(obj, source), lambda key: source)
+
+
+def merged(cls, saved: dict | None, overrides: dict, source: str = "config.json"):
+    """`cls` from `overrides` (flags; None means not given) over `saved` (from `source`) over defaults.
+
+    A refused value is reported as coming from the command line when a flag gave it, else from `source`.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    saved = {} if saved is None else _section(saved, source)
+    values = {**saved, **given}
+
+    def where(key: str) -> str:
+        return COMMAND_LINE if key in given else source
+
+    if cls is ExtractConfig:
+        return _extract_from(values, where)
+    if cls is TrainConfig:
+        return _train_from(values, where)
+    raise TypeError(f"merged() builds ExtractConfig or TrainConfig, not {cls!r}")

@@ -1,0 +1,561 @@
+"""The run folder: where every result is stored, what it was computed from, and whether it is done.
+
+This is the one module that knows the layout below. Steps ask it for paths and records; no other
+module joins path pieces of a run folder. A run folder is this tool's database, passed from step
+to step like a training checkpoint::
+
+    RUN/config.json                 options of the features the run has (written when `extract`
+                                    succeeds), the last `train` options, classes, versions
+    RUN/dataset.json                images, ids and labels of each split, bad test ids
+    RUN/image_check.json            verdict of every image seen, by the SHA-256 of its bytes
+    RUN/bad_images.json             images left out by --on-bad-image skip, with reasons
+    RUN/features/<split>/<backbone>/    a feature store (see `StoreFiles`)
+    RUN/heads/<recipe>/recipe.json  a head recipe: kind, options, folds, seed, and the identity
+                                    of the features and labels it was trained on
+    RUN/heads/<recipe>/<view>/fold<k>/  one fold model and its predictions (see `FoldFiles`)
+    RUN/heads/<recipe>/oof_<view>.npy   out-of-fold predictions of each view
+    RUN/heads/<recipe>/metrics.json     OOF (and hold-out) scores; written last
+    RUN/report.html, RUN/report/    the run report
+    RUN/predict/<key>/              feature stores of images `predict` scored
+
+Every file is written to a temporary name and renamed when complete (`storage`); a step holds
+the folder's lock (`RunFolder.lock`), which also removes what a killed step left. Each result
+records the identity of its inputs, so one computed from features or labels that have changed
+since is never used: `train` recomputes it, `submit`, `predict` and `report` refuse it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import platform
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from transfer_ensemble import __version__
+from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
+from transfer_ensemble.dataset import Dataset, Item
+from transfer_ensemble.errors import UserError
+from transfer_ensemble.storage import read_json, run_lock, write_json
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("original", "flipped")
+SPLITS = ("train", "test")
+PREDICT_SPLIT = "predict"
+
+
+class DamagedFile(Exception):
+    """A run-folder file that is missing, truncated or not what it should be."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path} {why}")
+        self.path = path
+        self.why = why
+
+
+def load_json(path: Path, kind: type = dict) -> Any:
+    """The JSON in `path`, which must be a `kind`; DamagedFile (naming the file) otherwise."""
+    try:
+        obj = read_json(path)
+    except FileNotFoundError:
+        raise DamagedFile(path, "is missing") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DamagedFile(path, f"is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise DamagedFile(path, f"cannot be read ({exc.strerror})") from None
+    if not isinstance(obj, kind):
+        raise DamagedFile(path, f"holds a {type(obj).__name__}, not a {kind.__name__}")
+    return obj
+
+
+def load_npy(path: Path, shape: Sequence[int | None] | None = None, dtype: Any = None,
+             mmap: bool = False) -> np.ndarray:
+    """The array in `path`, checked against `shape` (None matches any length) and `dtype`."""
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise DamagedFile(path, "is missing") from None
+    except (ValueError, EOFError, OSError) as exc:
+        raise DamagedFile(path, f"is not a readable .npy array ({exc})") from None
+    if dtype is not None and array.dtype != np.dtype(dtype):
+        raise DamagedFile(path, f"holds {array.dtype} values, not {np.dtype(dtype)}")
+    if shape is not None and (array.ndim != len(shape)
+                              or any(s is not None and s != a for s, a in zip(shape, array.shape))):
+        want = "x".join("any" if s is None else str(s) for s in shape)
+        raise DamagedFile(path, f"has shape {array.shape}, not {want}")
+    return array
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 of a JSON-serialisable value (keys sorted): the identity of an input."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def labels_digest(labels: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version(), "transfer_ensemble": __version__}
+    for name in ("tensorflow", "keras", "numpy", "opencv-python-headless", "scikit-learn", "pandas"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+@dataclass(frozen=True)
+class StoreFiles:
+    """A feature store: one split's features of one backbone.
+
+    ``meta.json``: what the features depend on besides the images (backbone, width, weights
+    identity, image size, precision, preprocessing) and the ids in row order; ``keys.json``: the
+    SHA-256 of each row's image file; ``original.npy``, ``flipped.npy``: float32 (rows, width);
+    ``done.npy``: which rows are complete, replaced atomically after each batch.
+    """
+
+    folder: Path
+
+    @property
+    def meta(self) -> Path:
+        return self.folder / "meta.json"
+
+    @property
+    def keys(self) -> Path:
+        return self.folder / "keys.json"
+
+    @property
+    def done(self) -> Path:
+        return self.folder / "done.npy"
+
+    def view(self, view: str) -> Path:
+        return self.folder / f"{view}.npy"
+
+    def staging(self) -> "StoreFiles":
+        """Where a replacement store is built before it is renamed over this one."""
+        return StoreFiles(self.folder.with_name(self.folder.name + ".new"))
+
+    def identity(self) -> str:
+        """What the features were computed from: their settings and each row's image content."""
+        meta = {k: v for k, v in load_json(self.meta).items() if k != "ids"}
+        return digest({"meta": meta, "keys": load_json(self.keys, list)})
+
+
+@dataclass(frozen=True)
+class FoldFiles:
+    """One fold model of a recipe: the head (its own format), its predictions and history.
+
+    ``done.json`` is written last, with the identity of the test features ``test_pred.npy`` was
+    computed from: a fold without it is unfinished.
+    """
+
+    folder: Path
+
+    def model(self, suffix: str) -> Path:
+        return self.folder / f"model{suffix}"
+
+    @property
+    def val_index(self) -> Path:
+        return self.folder / "val_index.npy"
+
+    @property
+    def val_pred(self) -> Path:
+        return self.folder / "val_pred.npy"
+
+    @property
+    def test_pred(self) -> Path:
+        return self.folder / "test_pred.npy"
+
+    @property
+    def history(self) -> Path:
+        return self.folder / "history.json"
+
+    @property
+    def done(self) -> Path:
+        return self.folder / "done.json"
+
+
+@dataclass(frozen=True)
+class PredictCache:
+    """Features of one list of images that `predict` scored: a store per backbone, and the list."""
+
+    folder: Path
+
+    def store(self, backbone: str) -> StoreFiles:
+        return StoreFiles(self.folder / "features" / backbone)
+
+    @property
+    def images(self) -> Path:
+        return self.folder / "images.json"
+
+
+@dataclass
+class RunData:
+    """What `extract` recorded about the data: the data set, and test images left out as bad."""
+
+    dataset: Dataset
+    bad_test_ids: list[str]
+
+    @property
+    def good_test(self) -> list[Item]:
+        bad = set(self.bad_test_ids)
+        return [it for it in self.dataset.test if it.id not in bad]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([it.label for it in self.dataset.train], dtype=np.int64)
+
+    def to_json(self) -> dict:
+        return {**self.dataset.to_json(), "bad_test_ids": self.bad_test_ids}
+
+
+@dataclass
+class Recipe:
+    """A set of 2 x K fold heads trained with one kind of head and one set of options."""
+
+    name: str
+    config: TrainConfig
+    inputs: dict
+    folder: Path
+
+    def fold(self, view: str, fold: int) -> FoldFiles:
+        return FoldFiles(self.folder / view / f"fold{fold}")
+
+    def oof(self, view: str) -> Path:
+        return self.folder / f"oof_{view}.npy"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.folder / "metrics.json"
+
+    @property
+    def record_path(self) -> Path:
+        return self.folder / "recipe.json"
+
+    @property
+    def jobs(self) -> list[tuple[str, int]]:
+        return [(view, fold) for view in VIEWS for fold in range(self.config.folds)]
+
+    def metrics(self) -> dict | None:
+        """The recipe's scores, or None while it is unfinished or its metrics are damaged."""
+        try:
+            return load_json(self.metrics_path)
+        except DamagedFile:
+            return None
+
+
+def recipe_name(config: TrainConfig) -> str:
+    """A readable name that differs exactly when the options do: the head, then each non-default option."""
+    defaults = TrainConfig(head=config.head).to_json()
+    parts = [config.head] + [f"{k}{v}" for k, v in config.to_json().items() if k != "head" and v != defaults[k]]
+    return "-".join(parts)
+
+
+@dataclass
+class RecipeStatus:
+    """A recipe as `train`'s summary and the report list it."""
+
+    recipe: Recipe
+    state: str  # "current", "stale" (trained on other features or labels) or "unfinished"
+    metrics: dict | None
+
+    @property
+    def oof_log_loss(self) -> float:
+        return self.metrics["oof"]["ensemble"]["log_loss"] if self.metrics else float("inf")
+
+
+class RunFolder:
+    """One run folder: its paths, its lock, and its records, read with their defaults."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @classmethod
+    def existing(cls, path: str | Path, command: str) -> "RunFolder":
+        """A run folder that must already exist (reading commands must not create one)."""
+        run = cls(path)
+        if not run.path.is_dir():
+            raise UserError(f"The run folder {run.path} does not exist, so there is nothing to {command}. "
+                            f"Check --run, or run `transfer-ensemble extract --data DIR --run {run.path}` "
+                            f"first.")
+        return run
+
+    # Paths.
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def dataset_path(self) -> Path:
+        return self.path / "dataset.json"
+
+    @property
+    def image_check_path(self) -> Path:
+        return self.path / "image_check.json"
+
+    @property
+    def bad_images_path(self) -> Path:
+        return self.path / "bad_images.json"
+
+    @property
+    def heads_dir(self) -> Path:
+        return self.path / "heads"
+
+    @property
+    def report_html(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.path / "report"
+
+    @property
+    def predict_dir(self) -> Path:
+        return self.path / "predict"
+
+    def predict_caches(self, root: Path | None = None) -> list[PredictCache]:
+        """Every predict cache under `root` (default RUN/predict/)."""
+        root = self.predict_dir if root is None else Path(root)
+        return [PredictCache(p) for p in sorted(root.iterdir()) if p.is_dir()] if root.is_dir() else []
+
+    def predict_cache(self, keys: Sequence[str], root: Path | None = None) -> PredictCache:
+        """Where the features of this list of images (by content) are kept under `root`."""
+        root = self.predict_dir if root is None else Path(root)
+        return PredictCache(root / digest(list(keys))[:16])
+
+    def store(self, split: str, backbone: str) -> StoreFiles:
+        return StoreFiles(self.path / "features" / split / backbone)
+
+    def stores(self, split: str, backbones: Sequence[str]) -> list[StoreFiles]:
+        return [self.store(split, name) for name in backbones]
+
+    def recipe(self, config: TrainConfig, inputs: dict | None = None) -> Recipe:
+        name = recipe_name(config)
+        return Recipe(name, config, inputs or {}, self.heads_dir / name)
+
+    # The lock, and what a killed step left.
+    @contextlib.contextmanager
+    def lock(self) -> Iterator["RunFolder"]:
+        """Hold the run folder's lock (creating the folder) and remove stale temporary files."""
+        with run_lock(self.path):
+            self.remove_stale_temporaries()
+            yield self
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete temporary files a killed step left. Only while holding the lock.
+
+        Predict caches are left alone: each has a lock of its own.
+        """
+        own = (self.config_path, self.dataset_path, self.image_check_path, self.bad_images_path, self.report_html)
+        found = [p for path in own for p in self.path.glob(f".{path.name}.*.tmp*") if p.is_file()]
+        for folder in (self.path / "features", self.heads_dir, self.report_dir):
+            if folder.is_dir():
+                found += [p for p in folder.rglob(".*.tmp*") if p.is_file()]
+                found += [p for p in folder.rglob("*.new") if p.is_dir()]
+        for path in found:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if found:
+            log.info("removed %d temporary files left by an interrupted step in %s", len(found), self.path)
+        return found
+
+    # config.json
+    def read_config(self) -> dict:
+        """config.json; a clear error when it is missing or damaged (extract rewrites it)."""
+        if not self.config_path.exists():
+            raise UserError(f"{self.path} is not a run folder (it has no config.json). Run "
+                            f"`transfer-ensemble extract --data DIR --run {self.path}` first.")
+        try:
+            config = load_json(self.config_path)
+        except DamagedFile as exc:
+            raise self._damaged(exc, "Run `transfer-ensemble extract --data DIR --run "
+                                     f"{self.path}` again: it rewrites it and reuses the features") from None
+        if "extract" not in config:
+            raise UserError(f"{self.config_path} records no finished extraction. Run `transfer-ensemble "
+                            f"extract --data DIR --run {self.path}` first.")
+        return config
+
+    def read_config_optional(self) -> dict:
+        """config.json, or {} when it is missing or damaged (for steps that rewrite it)."""
+        try:
+            return load_json(self.config_path)
+        except DamagedFile as exc:
+            if self.config_path.exists():
+                log.warning("%s: it will be rewritten when this step succeeds", exc)
+            return {}
+
+    def update_config(self, **sections: Any) -> dict:
+        """Record `sections` in config.json. Call only once the step they describe has succeeded."""
+        config = self.read_config_optional()
+        config.update(sections)
+        config["versions"] = package_versions()
+        write_json(self.config_path, config)
+        return config
+
+    def extract_config(self) -> ExtractConfig:
+        """The options the run's features were extracted with."""
+        return ExtractConfig.from_json(self.read_config()["extract"], source=str(self.config_path))
+
+    def train_config(self, overrides: dict | None = None) -> TrainConfig:
+        """The last `train` options recorded, with `overrides` (None = not given) on top."""
+        saved = self.read_config().get("train") or {}
+        return merged(TrainConfig, saved, overrides or {}, source=str(self.config_path))
+
+    # dataset.json and the image check
+    def read_run_data(self) -> RunData:
+        try:
+            obj = load_json(self.dataset_path)
+            return RunData(Dataset.from_json(obj), list(obj.get("bad_test_ids", [])))
+        except DamagedFile as exc:
+            raise self._damaged(exc, f"Run `transfer-ensemble extract --data DIR --run {self.path}` "
+                                     f"again: it rewrites it and reuses the features") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._damaged(DamagedFile(self.dataset_path, f"lacks a field ({exc})"),
+                                f"Run `transfer-ensemble extract --data DIR --run {self.path}` "
+                                f"again: it rewrites it and reuses the features") from None
+
+    def read_run_data_optional(self) -> dict | None:
+        """dataset.json as recorded, or None when missing or damaged (extract compares it)."""
+        try:
+            return load_json(self.dataset_path)
+        except DamagedFile:
+            return None
+
+    def write_run_data(self, run_data: RunData) -> None:
+        write_json(self.dataset_path, run_data.to_json())
+
+    def read_image_check(self) -> dict[str, str | None]:
+        """Verdicts of images checked before, by content hash; {} when missing or damaged."""
+        try:
+            return load_json(self.image_check_path)
+        except DamagedFile as exc:
+            if self.image_check_path.exists():
+                log.warning("%s: checking every image again", exc)
+            return {}
+
+    def write_image_check(self, verdicts: dict[str, str | None]) -> None:
+        write_json(self.image_check_path, verdicts)
+
+    def write_bad_images(self, bad: dict[str, list[dict]]) -> None:
+        write_json(self.bad_images_path, bad)
+
+    # What results were computed from.
+    def feature_inputs(self, backbones: Sequence[str]) -> dict:
+        """The identity of the run's current features: settings per backbone, and each split's rows.
+
+        Raises UserError naming the file when a store is damaged.
+        """
+        try:
+            return {
+                "features": {name: {k: v for k, v in load_json(self.store("train", name).meta).items()
+                                    if k != "ids"} for name in backbones},
+                **{split: digest([store.identity() for store in self.stores(split, backbones)])
+                   for split in SPLITS},
+            }
+        except DamagedFile as exc:
+            raise self._damaged(exc, f"Run `transfer-ensemble extract --data DIR --run {self.path}` "
+                                     f"again: it recomputes what is damaged") from None
+
+    # Head recipes.
+    def recipes(self) -> list[Recipe]:
+        """Every recipe trained on this run, in name order (unreadable records are skipped, with a warning)."""
+        found = []
+        if not self.heads_dir.is_dir():
+            return found
+        for folder in sorted(p for p in self.heads_dir.iterdir() if p.is_dir()):
+            record = Recipe(folder.name, TrainConfig(), {}, folder).record_path
+            try:
+                obj = load_json(record)
+                config = TrainConfig.from_json(obj["config"], source=str(record))
+                found.append(Recipe(folder.name, config, obj["inputs"], folder))
+            except (DamagedFile, KeyError, TypeError, UserError) as exc:
+                log.warning("%s: the head recipe in %s is unreadable and is ignored (train it again "
+                            "to replace it)", exc, folder)
+        return found
+
+    def write_recipe(self, recipe: Recipe) -> None:
+        write_json(recipe.record_path, {"name": recipe.name, "config": recipe.config.to_json(),
+                                        "inputs": recipe.inputs})
+
+    def statuses(self) -> list[RecipeStatus]:
+        """Every recipe with its state and scores: current ones best first, then the others."""
+        try:
+            config = self.read_config()
+            current = self.feature_inputs(config["extract"]["backbones"])
+            labels = labels_digest(self.read_run_data().labels)
+        except UserError:
+            current, labels = None, None
+        out = []
+        for recipe in self.recipes():
+            metrics = recipe.metrics()
+            fresh = current is not None and recipe.inputs.get("features") == current["features"] \
+                and recipe.inputs.get("train") == current["train"] and recipe.inputs.get("labels") == labels
+            state = "stale" if not fresh else "current" if metrics is not None else "unfinished"
+            out.append(RecipeStatus(recipe, state, metrics))
+        out.sort(key=lambda s: (s.state != "current", s.oof_log_loss, s.recipe.name))
+        return out
+
+    def select_recipe(self, name: str | None = None, command: str = "submit") -> Recipe:
+        """The recipe `name`, else the current one with the lowest OOF log loss; UserError if none."""
+        statuses = self.statuses()
+        train = f"`transfer-ensemble train --run {self.path}`"
+        if name is not None:
+            match = [s for s in statuses if s.recipe.name == name]
+            if not match:
+                known = ", ".join(s.recipe.name for s in statuses) or "none yet"
+                raise UserError(f"--heads {name!r}: the run {self.path} has no such head recipe (it has: "
+                                f"{known}). Pass one of those names, or leave --heads out for the best.")
+            status = match[0]
+            if status.state == "stale":
+                raise UserError(f"The head recipe {name!r} of {self.path} was trained on other features "
+                                f"or labels than the run has now (it was extracted again since), so "
+                                f"its predictions would be stale. Run {train[:-1]} --heads {name}` "
+                                f"to retrain it on the current features, then {command} again.")
+            if status.state == "unfinished":
+                raise UserError(f"The head recipe {name!r} of {self.path} is unfinished. Run "
+                                f"{train[:-1]} --heads {name}` to finish it.")
+            return status.recipe
+        current = [s for s in statuses if s.state == "current"]
+        if not current:
+            stale = [s.recipe.name for s in statuses if s.state == "stale"]
+            why = (f" Its head recipes ({', '.join(stale)}) were trained on features or labels that "
+                   f"have changed since (the run was extracted again), so they would be stale."
+                   if stale else "")
+            raise UserError(f"{self.path} has no trained heads for its current features.{why} "
+                            f"Run {train} first.")
+        return current[0].recipe
+
+    def fold_test_predictions(self, recipe: Recipe, n_test: int, test_identity: str) -> dict[str, list[np.ndarray]]:
+        """Each fold model's test predictions per view, checked to be complete and current."""
+        fix = f"Run `transfer-ensemble train --run {self.path} --heads {recipe.name}` again"
+        out: dict[str, list[np.ndarray]] = {view: [] for view in VIEWS}
+        for view, fold in recipe.jobs:
+            files = recipe.fold(view, fold)
+            try:
+                done = load_json(files.done)
+                if done.get("test_features") != test_identity:
+                    raise UserError(f"The test features of {self.path} changed after the head recipe "
+                                    f"{recipe.name!r} predicted them (the test images or the extraction "
+                                    f"changed). {fix}: it reuses the fold models and predicts the new "
+                                    f"test set.")
+                out[view].append(load_npy(files.test_pred, (n_test, None)))
+            except DamagedFile as exc:
+                raise self._damaged(exc, f"{fix}: it retrains or re-predicts that fold") from None
+        return out
+
+    def _damaged(self, exc: DamagedFile, fix: str) -> UserError:
+        return UserError(f"The run folder file {exc.path} {exc.why}. {fix}.")
