@@ -8,8 +8,10 @@ said so and trained again. Paths and records come from `runfolder`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -21,6 +23,19 @@ from transfer_ensemble.storage import atomic_path, write_json, write_npy
 log = logging.getLogger(__name__)
 
 TEST_CHANGED = "the test features changed"
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _write_done(files: FoldFiles, view: str, fold: int, kind: heads.HeadKind, test_identity: str) -> None:
+    """Mark a fold complete: the model it saved (by hash) and the test features it predicted."""
+    write_json(files.done, {"fold": fold, "view": view, "test_features": test_identity,
+                            "model_sha256": _file_sha256(files.model(kind.suffix))})
 
 
 def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -62,8 +77,8 @@ def _fold_state(files: FoldFiles, kind: heads.HeadKind, val_idx: np.ndarray, n_t
         return "train", "" if not files.folder.exists() else "an interrupted attempt"
     try:
         done = load_json(files.done)
-        if not files.model(kind.suffix).is_file():
-            raise DamagedFile(files.model(kind.suffix), "is missing")
+        if done.get("model_sha256") != _file_sha256(files.model(kind.suffix)):
+            raise DamagedFile(files.model(kind.suffix), "is missing or not the model this fold saved")
         if not np.array_equal(load_npy(files.val_index, (None,)), val_idx):
             raise DamagedFile(files.val_index, "does not hold this fold's validation rows")
         load_npy(files.val_pred, (len(val_idx), n_classes), np.float32)
@@ -107,7 +122,7 @@ def train_recipe(run: RunFolder, recipe: Recipe, features: dict[str, dict[str, n
         files = recipe.fold(view, fold)
         model = kind.load(files.model(kind.suffix))
         write_npy(files.test_pred, kind.predict(model, features[view]["test"]))
-        write_json(files.done, {"fold": fold, "view": view, "test_features": test_identity})
+        _write_done(files, view, fold, kind, test_identity)
     for view, fold in tqdm(todo, desc=f"train heads [{recipe.name}]", unit="model", dynamic_ncols=True):
         _train_fold(recipe, kind, view, fold, features[view], labels, assignment, n_classes, test_identity)
 
@@ -142,7 +157,7 @@ def _train_fold(recipe: Recipe, kind: heads.HeadKind, view: str, fold: int, data
     write_npy(files.val_pred, val_pred)
     write_npy(files.test_pred, kind.predict(model, data["test"]))
     write_json(files.history, history)
-    write_json(files.done, {"fold": fold, "view": view, "test_features": test_identity})
+    _write_done(files, view, fold, kind, test_identity)
     log.info("%s fold %d: val log loss %.4f, accuracy %.3f, best epoch %s of %s", view, fold,
              history["fold_score"]["log_loss"], history["fold_score"]["accuracy"],
              history.get("best_epoch", "-"), history.get("epochs_run", "-"))

@@ -73,10 +73,7 @@ class Run:
         extractor = features.Extractor(extract_config)
         _check_feature_identity(run, recipe, extractor, weights_given=weights is not None)
         classes = run.read_run_data().dataset.classes
-        kind = heads.get(recipe.config.head)
-        models = {view: [kind.load(recipe.fold(view, fold).model(kind.suffix)) for fold in range(recipe.config.folds)]
-                  for view in VIEWS}
-        return cls(run, classes, recipe, extract_config, models, extractor)
+        return cls(run, classes, recipe, extract_config, _load_models(run, recipe), extractor)
 
     @property
     def run_dir(self) -> Path:
@@ -128,8 +125,7 @@ class Run:
 
         extractor = self._extractor(batch_size)
         with _cache_lock(cache, root is None, self.run_dir):
-            for stale in cache.folder.rglob(".*.tmp*"):
-                stale.unlink(missing_ok=True)
+            cache.remove_stale_temporaries()
             write_json(cache.images, [str(p) for p in paths])
             stats = features.extract_split(extractor, PREDICT_SPLIT, paths, [str(i) for i in range(len(paths))],
                                            keys, cache.store, donors)
@@ -176,6 +172,22 @@ class Run:
                     parts["flipped"].append(both[len(chunk):])
             out.append(self._score({view: np.concatenate(p, axis=1) for view, p in parts.items()}))
         return np.concatenate(out)
+
+
+def _load_models(run: RunFolder, recipe: Recipe) -> dict[str, list]:
+    """The recipe's fold models per view; a clear error naming a model file that does not load."""
+    kind = heads.get(recipe.config.head)
+    models: dict[str, list] = {view: [] for view in VIEWS}
+    for view, fold in recipe.jobs:
+        path = recipe.fold(view, fold).model(kind.suffix)
+        try:
+            models[view].append(kind.load(path))
+        except Exception as exc:  # Keras raises many types for a missing or corrupt file.
+            raise UserError(f"The fold model {path} cannot be loaded ({type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}). "
+                            f"Run `transfer-ensemble train --run {run.path} --heads {recipe.name}`: it "
+                            f"retrains damaged folds.") from None
+    return models
 
 
 def _cache_lock(cache: PredictCache, in_run: bool, run_dir: Path):

@@ -184,6 +184,23 @@ class FoldFiles:
         return self.folder / "done.json"
 
 
+def remove_temporaries(files: Sequence[Path], folders: Sequence[Path]) -> list[Path]:
+    """Delete `files` and the temporary files and staging folders (``*.new``) under `folders`."""
+    found = list(files)
+    for folder in folders:
+        if folder.is_dir():
+            found += [p for p in folder.rglob(".*.tmp*") if p.is_file()]
+            found += [p for p in folder.rglob("*.new") if p.is_dir()]
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if found:
+        log.info("removed %d temporary files left by an interrupted step", len(found))
+    return found
+
+
 @dataclass(frozen=True)
 class PredictCache:
     """Features of one list of images that `predict` scored: a store per backbone, and the list."""
@@ -196,6 +213,10 @@ class PredictCache:
     @property
     def images(self) -> Path:
         return self.folder / "images.json"
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete what a killed `predict` left. Only while holding the cache's lock."""
+        return remove_temporaries([], [self.folder])
 
 
 @dataclass
@@ -356,22 +377,12 @@ class RunFolder:
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete temporary files a killed step left. Only while holding the lock.
 
-        Predict caches are left alone: each has a lock of its own.
+        Only the run's own files and folders are looked at (a user's files beside them are
+        not); predict caches are left alone: each has a lock of its own.
         """
         own = (self.config_path, self.dataset_path, self.image_check_path, self.bad_images_path, self.report_html)
         found = [p for path in own for p in self.path.glob(f".{path.name}.*.tmp*") if p.is_file()]
-        for folder in (self.path / "features", self.heads_dir, self.report_dir):
-            if folder.is_dir():
-                found += [p for p in folder.rglob(".*.tmp*") if p.is_file()]
-                found += [p for p in folder.rglob("*.new") if p.is_dir()]
-        for path in found:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        if found:
-            log.info("removed %d temporary files left by an interrupted step in %s", len(found), self.path)
-        return found
+        return remove_temporaries(found, [self.path / "features", self.heads_dir, self.report_dir])
 
     # config.json
     def read_config(self) -> dict:
@@ -427,13 +438,6 @@ class RunFolder:
             raise self._damaged(DamagedFile(self.dataset_path, f"lacks a field ({exc})"),
                                 f"Run `transfer-ensemble extract --data DIR --run {self.path}` "
                                 f"again: it rewrites it and reuses the features") from None
-
-    def read_run_data_optional(self) -> dict | None:
-        """dataset.json as recorded, or None when missing or damaged (extract compares it)."""
-        try:
-            return load_json(self.dataset_path)
-        except DamagedFile:
-            return None
 
     def write_run_data(self, run_data: RunData) -> None:
         write_json(self.dataset_path, run_data.to_json())
@@ -492,17 +496,16 @@ class RunFolder:
                                         "inputs": recipe.inputs})
 
     def statuses(self) -> list[RecipeStatus]:
-        """Every recipe with its state and scores: current ones best first, then the others."""
-        try:
-            config = self.read_config()
-            current = self.feature_inputs(config["extract"]["backbones"])
-            labels = labels_digest(self.read_run_data().labels)
-        except UserError:
-            current, labels = None, None
+        """Every recipe with its state and scores: current ones best first, then the others.
+
+        Raises UserError naming the file when the run's records or features are damaged.
+        """
+        current = self.feature_inputs(self.read_config()["extract"]["backbones"])
+        labels = labels_digest(self.read_run_data().labels)
         out = []
         for recipe in self.recipes():
             metrics = recipe.metrics()
-            fresh = current is not None and recipe.inputs.get("features") == current["features"] \
+            fresh = recipe.inputs.get("features") == current["features"] \
                 and recipe.inputs.get("train") == current["train"] and recipe.inputs.get("labels") == labels
             state = "stale" if not fresh else "current" if metrics is not None else "unfinished"
             out.append(RecipeStatus(recipe, state, metrics))
@@ -532,9 +535,13 @@ class RunFolder:
         current = [s for s in statuses if s.state == "current"]
         if not current:
             stale = [s.recipe.name for s in statuses if s.state == "stale"]
-            why = (f" Its head recipes ({', '.join(stale)}) were trained on features or labels that "
+            unfinished = [s.recipe.name for s in statuses if s.state == "unfinished"]
+            why = (f" Its head recipes {', '.join(stale)} were trained on features or labels that "
                    f"have changed since (the run was extracted again), so they would be stale."
                    if stale else "")
+            if unfinished:
+                why += (f" Its head recipes {', '.join(unfinished)} are unfinished (or their "
+                        f"metrics.json is damaged): `train --heads NAME` finishes one.")
             raise UserError(f"{self.path} has no trained heads for its current features.{why} "
                             f"Run {train} first.")
         return current[0].recipe
