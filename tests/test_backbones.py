@@ -18,12 +18,12 @@ from transfer_ensemble.features import Extractor
 
 # One backbone per keras.applications family in the registry. Every entry's width was also
 # checked by building it at 32 px (71 and 75 px for Xception and the Inceptions).
-FAMILIES = ["xception", "inception_v3", pytest.param("inception_resnet_v2", marks=pytest.mark.slow),
-            "resnet50_v2", "densenet121",
+FAMILIES = ["xception", "inception_v3", "inception_resnet_v2", "resnet50_v2", "densenet121",
             "efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny", "mobilenet_v2", "mobilenet_v3_small",
-            pytest.param("nasnet_mobile", marks=pytest.mark.slow)]
+            "nasnet_mobile"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_builds_and_pools_to_its_registered_width(name):
     spec = backbones.get_spec(name)
@@ -55,6 +55,7 @@ def test_names_are_normalised_and_wrong_names_list_the_valid_ones():
         backbones.parse_backbones("xception,xception")
 
 
+@pytest.mark.slow
 def test_cli_rejects_a_wrong_backbone_before_building_anything(tmp_path):
     result = run_cli("extract", "--data", str(tmp_path), "--run", str(tmp_path / "run"),
                      "--backbones", "xceptoin")
@@ -82,6 +83,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_splits_batches_across_replicas():
     """Two logical CPUs stand in for two GPUs: each image gets exactly one feature row."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -44,6 +44,7 @@ def test_labels_csv_missing(capsys, data: Path, tmp_path: Path) -> None:
     assert f"{data / 'labels.csv'} is missing" in err and "header 'id,<label column>'" in err
 
 
+@pytest.mark.slow
 def test_labels_csv_missing_in_a_real_process(data: Path, tmp_path: Path) -> None:
     (data / "labels.csv").unlink()
     result = run_cli("extract", "--data", str(data), "--run", str(tmp_path / "run"), *EXTRACT)

@@ -23,6 +23,7 @@ def finished_run(tmp_path_factory):
     return data, run, out, result
 
 
+@pytest.mark.slow
 def test_run_writes_every_artefact_with_the_right_shapes(finished_run):
     data, run, out, result = finished_run
     config = json.loads((run / "config.json").read_text())
@@ -64,6 +65,7 @@ def test_run_writes_every_artefact_with_the_right_shapes(finished_run):
     assert "both views" in result.stdout and "log loss" in result.stdout
 
 
+@pytest.mark.slow
 def test_submission_is_valid_and_is_the_average_of_the_ten_models(finished_run):
     data, run, out, _ = finished_run
     dataset = load_dataset(data)
@@ -74,6 +76,7 @@ def test_submission_is_valid_and_is_the_average_of_the_ten_models(finished_run):
     np.testing.assert_allclose(frame[dataset.classes].to_numpy(), np.mean(preds, axis=0), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_submit_alone_rewrites_the_same_submission(finished_run, tmp_path):
     _, run, out, _ = finished_run
     again = tmp_path / "again.csv"
@@ -83,6 +86,7 @@ def test_submit_alone_rewrites_the_same_submission(finished_run, tmp_path):
     assert "5 rows x 3 classes" in result.stdout
 
 
+@pytest.mark.slow
 def test_folder_layout_reports_hold_out_scores(folder_data, tmp_path):
     out = tmp_path / "sub.csv"
     result = run_cli("run", "--data", str(folder_data), "--run", str(tmp_path / "run"), "--out", str(out),

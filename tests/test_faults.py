@@ -88,6 +88,7 @@ def mtimes(folder: Path) -> dict[str, int]:
 
 # ---- SIGKILL ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_killed_after_a_fold_resumes_without_retraining_it(extracted: Path, reference: dict,
                                                                  tmp_path: Path) -> None:
     run = copy_run(extracted, tmp_path)
@@ -146,6 +147,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_submit_killed_while_writing_leaves_no_csv_or_the_old_complete_one(reference: dict,
                                                                            tmp_path: Path) -> None:
     out = tmp_path / "subs" / "sub.csv"
@@ -167,6 +169,7 @@ def test_submit_killed_while_writing_leaves_no_csv_or_the_old_complete_one(refer
     assert out.read_bytes() == reference["csv"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.7, 0.85, 0.95, 1.0])
 def test_submit_killed_at_any_moment_leaves_no_csv_or_a_complete_one(reference: dict, tmp_path: Path,
                                                                       fraction: float) -> None:
@@ -185,6 +188,7 @@ def test_submit_killed_at_any_moment_leaves_no_csv_or_a_complete_one(reference: 
 
 # ---- full disk, unwritable folders -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_full_disk_while_writing_the_submission_keeps_the_old_file(reference: dict, tmp_path: Path,
                                                                    monkeypatch, capsys) -> None:
     out = tmp_path / "sub.csv"
@@ -204,6 +208,7 @@ def test_full_disk_while_writing_the_submission_keeps_the_old_file(reference: di
     assert sorted(tmp_path.iterdir()) == [out], "the temporary file must be removed"
 
 
+@pytest.mark.slow
 def test_full_disk_during_train_then_rerun_gives_the_same_result(extracted: Path, reference: dict,
                                                                  tmp_path: Path, monkeypatch, capsys) -> None:
     run = copy_run(extracted, tmp_path)
@@ -255,11 +260,12 @@ def test_run_folder_under_a_file_is_a_clear_error(tmp_path: Path, capsys) -> Non
     data = make_kaggle(tmp_path / "data")
     code = cli.main(["extract", "--data", str(data), "--run", str(blocker / "run"), "--weights", "random"])
     err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert code == 2 and "Traceback" not in err and err.split("error: ", 1)[1].count("\n") == 1
     assert f"Could not write {blocker / 'run'}: a part of that path is an existing file, not a folder." in err
     assert blocker.read_text() == "a file, not a folder"
 
 
+@pytest.mark.slow
 def test_submission_path_under_a_file_is_a_clear_error(reference: dict, tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "subs"
     blocker.write_text("")
@@ -269,6 +275,7 @@ def test_submission_path_under_a_file_is_a_clear_error(reference: dict, tmp_path
     assert f"Could not write {blocker / 'sub.csv'}: a part of that path is an existing file" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("err_no, why", [(errno.EROFS, "the file system is read-only"),
                                          (errno.EACCES, "the folder is not writable (permission denied)")])
 def test_unwritable_run_folder_is_a_clear_error(reference: dict, tmp_path: Path, monkeypatch, capsys,
@@ -291,6 +298,7 @@ def test_unwritable_run_folder_is_a_clear_error(reference: dict, tmp_path: Path,
 
 # ---- two processes on one run folder ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_second_process_on_a_locked_run_folder_refuses(reference: dict, tmp_path: Path) -> None:
     run = reference["run"]
     with storage.run_lock(run):
@@ -303,6 +311,7 @@ def test_second_process_on_a_locked_run_folder_refuses(reference: dict, tmp_path
     assert not (tmp_path / "s.csv").exists()
 
 
+@pytest.mark.slow
 def test_a_dead_holder_does_not_keep_the_lock(reference: dict, tmp_path: Path) -> None:
     run = copy_run(reference["run"], tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from transfer_ensemble import storage\n"
@@ -321,6 +330,7 @@ def test_a_dead_holder_does_not_keep_the_lock(reference: dict, tmp_path: Path) -
 
 # ---- data changed after training -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_new_test_images_after_training_are_predicted_without_retraining(reference: dict,
                                                                         tmp_path: Path) -> None:
     """Stale heads are never used silently: submit waits for train, which only re-predicts."""

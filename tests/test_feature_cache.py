@@ -71,6 +71,7 @@ def copied(reference, tmp_path) -> tuple[Path, Path]:
     return tmp_path / "data", tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_features(reference, tmp_path):
     data, ref_run = reference
     run = tmp_path / "run"
@@ -108,6 +109,7 @@ def test_resume_after_sigkill_gives_identical_features(reference, tmp_path):
             assert np.load(store(run, split, backbone).done).all()
 
 
+@pytest.mark.slow
 def test_changed_image_list_recomputes_only_changed_rows(copied, reference):
     data, run = copied
     old = {b: (ids(run, "train", b), features(run, "train", b)) for b in BACKBONES}
@@ -138,6 +140,7 @@ def test_changed_image_list_recomputes_only_changed_rows(copied, reference):
     assert re.search(r"^test\s+5\s+0\s+5\b", result.stdout, re.M), result.stdout
 
 
+@pytest.mark.slow
 def test_changed_backbones_compute_only_the_new_backbone(copied):
     data, run = copied
     before = {split: snapshot(store(run, split, "xception").folder) for split in ("train", "test")}
@@ -172,6 +175,7 @@ CACHE_HIT_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_cache_hit_and_train_and_submit_build_no_backbone(copied, tmp_path):
     data, run = copied
     before = {(s, b): snapshot(store(run, s, b).folder) for s in ("train", "test") for b in BACKBONES}

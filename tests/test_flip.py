@@ -1,6 +1,7 @@
 """The flipped view is the left-right mirror of the original, computed in the same pass."""
 
 import numpy as np
+import pytest
 
 from conftest import TINY, save_rgb
 from transfer_ensemble import images
@@ -9,6 +10,7 @@ from transfer_ensemble.features import Extractor, extract_split
 from transfer_ensemble.runfolder import StoreFiles
 
 
+@pytest.mark.slow
 def test_flipped_view_is_the_left_right_mirror(tmp_path):
     rng = np.random.default_rng(0)
     asym = rng.integers(0, 255, size=(TINY, TINY, 3), dtype=np.uint8)

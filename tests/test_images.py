@@ -117,13 +117,6 @@ def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, shape: tu
     assert images.load(path, TINY).shape == (TINY, TINY, 3)
 
 
-def test_exif_orientation_choice_is_documented() -> None:
-    doc = images.__doc__
-    assert "EXIF orientation is applied" in doc and "IMREAD_IGNORE_ORIENTATION" in doc
-    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
-    assert "EXIF orientation applied (the same for training, test and prediction)" in readme
-
-
 def test_palette_png_is_looked_up(tmp_path: Path) -> None:
     path = tmp_path / "palette.png"
     palette = Image.new("P", (6, 4), 1)
@@ -259,6 +252,7 @@ def add_bad_images(data: Path) -> dict[str, str]:
             "te03.png": "is an ICO icon"}
 
 
+@pytest.mark.slow
 def test_extract_lists_every_bad_image_before_building_a_model(tmp_path: Path) -> None:
     data = make_kaggle(tmp_path / "data")
     expected = add_bad_images(data)
@@ -283,6 +277,7 @@ def test_extract_lists_every_bad_image_before_building_a_model(tmp_path: Path) -
     assert seconds < 30, f"the check took {seconds:.1f} s; it must not wait for a model"
 
 
+@pytest.mark.slow
 def test_skip_leaves_bad_train_images_out_and_gives_bad_test_rows_class_frequencies(tmp_path: Path) -> None:
     data = make_kaggle(tmp_path / "data", per_class=4, n_test=5)
     expected = add_bad_images(data)

@@ -17,6 +17,8 @@ from conftest import FAST_EXTRACT, FAST_TRAIN, draw, make_kaggle, run_cli, save_
 from transfer_ensemble import ensemble, images, predict
 from transfer_ensemble.runfolder import RunFolder
 
+pytestmark = pytest.mark.slow  # every test uses the module's trained run (the CLI in a subprocess)
+
 SECTIONS = ("loss", "scores", "calibration", "confused", "per-class", "wrong")
 
 

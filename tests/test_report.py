@@ -174,6 +174,7 @@ def test_a_perfect_run_says_so_instead_of_empty_plots(tmp_path):
     assert set(_embedded(page)) == {"loss_curves.png", "calibration.png", "per_class_accuracy.png"}
 
 
+@pytest.mark.slow
 def test_report_command_rebuilds_it_and_refuses_an_untrained_folder(tmp_path):
     run = make_run(tmp_path, n_classes=4, per_class=4, folds=2)
     result = run_cli("report", "--run", str(run))

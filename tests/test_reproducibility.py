@@ -48,6 +48,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"steps": steps, "same": same, "again": again}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("other", ["same", "again"])
 def test_identical_submission_csv(runs: dict[str, Path], other: str) -> None:
     first = (runs["steps"].parent / "steps.csv").read_bytes()
@@ -55,6 +56,7 @@ def test_identical_submission_csv(runs: dict[str, Path], other: str) -> None:
     assert (runs[other].parent / f"{other}.csv").read_bytes() == first
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("other", ["same", "again"])
 def test_identical_folds_features_and_predictions(runs: dict[str, Path], other: str) -> None:
     first, second = RunFolder(runs["steps"]), RunFolder(runs[other])
@@ -73,6 +75,7 @@ def test_identical_folds_features_and_predictions(runs: dict[str, Path], other: 
     assert recipes[0].metrics() == recipes[1].metrics()
 
 
+@pytest.mark.slow
 def test_config_json_holds_every_option_of_the_run(runs: dict[str, Path]) -> None:
     first, rerun = (json.loads((runs[name] / "config.json").read_text()) for name in ("steps", "again"))
     for key in ("data", "extract", "train", "classes"):

@@ -80,6 +80,7 @@ def assert_clear_error(code: int, err: str, *needles: str) -> None:
 
 # ---- defect 1: a failed step changes nothing ----------------------------------------------------
 
+@pytest.mark.slow
 def test_a_failed_extract_leaves_the_recorded_run_as_it_was(copied, tmp_path):
     data, run = copied
     before = {name: (run / name).read_bytes() for name in ("config.json", "dataset.json", "bad_images.json")}
@@ -109,6 +110,7 @@ def rewrite_same_size_same_mtime(path: Path, image: np.ndarray) -> None:
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
+@pytest.mark.slow
 def test_a_changed_test_image_is_recomputed_and_never_submitted_stale(copied, reference, call, tmp_path):
     data, run = copied
     image = data / "test" / "te00.png"
@@ -139,6 +141,7 @@ def test_a_changed_test_image_is_recomputed_and_never_submitted_stale(copied, re
     pd.testing.assert_frame_equal(new.drop(index="te00"), old.drop(index="te00"))
 
 
+@pytest.mark.slow
 def test_features_of_another_size_or_backbone_make_the_heads_stale(copied, call, tmp_path):
     data, run = copied
     name = recipe_name(FAST_CONFIG)
@@ -171,6 +174,7 @@ def test_features_of_another_size_or_backbone_make_the_heads_stale(copied, call,
     assert RunFolder(run).select_recipe().inputs["features"].keys() == {"mobilenet_v3_small"}
 
 
+@pytest.mark.slow
 def test_a_same_size_rewrite_with_its_mtime_restored_is_recomputed(copied, call):
     data, run = copied
     store = RunFolder(run).store("train", "xception")
@@ -224,6 +228,7 @@ DAMAGE = {
 REWRITTEN_UNREAD = {"dataset.json", "metrics.json", "oof_flipped.npy"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(DAMAGE))
 def test_a_damaged_file_is_named_and_repaired_by_rerunning(copied, reference, call, tmp_path, case):
     data, run = copied
@@ -255,6 +260,7 @@ def test_a_damaged_file_is_named_and_repaired_by_rerunning(copied, reference, ca
 
 # ---- defect 5: predict reuses features per image, and can leave the run untouched ---------------
 
+@pytest.mark.slow
 def test_predict_reuses_features_per_image_and_writes_only_to_its_cache_dir(copied, call, tmp_path):
     data, run = copied
     batch = tmp_path / "batch"
@@ -289,6 +295,7 @@ def test_predict_reuses_features_per_image_and_writes_only_to_its_cache_dir(copi
 
 # ---- recipes side by side --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_other_options_add_a_recipe_beside_the_first_and_the_best_is_used(copied, reference, call, tmp_path):
     data, run = copied
     folder = RunFolder(run)
@@ -328,6 +335,7 @@ def test_other_options_add_a_recipe_beside_the_first_and_the_best_is_used(copied
     assert "Head recipes tried on this run" in page and first.name in page and second.name in page
 
 
+@pytest.mark.slow
 def test_a_bare_train_reuses_the_recorded_options(copied, call):
     _, run = copied
     folder = RunFolder(run)

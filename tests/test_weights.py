@@ -2,11 +2,14 @@
 
 import h5py
 import numpy as np
+import pytest
 
 from conftest import TINY, draw, make_kaggle, run_cli
 from transfer_ensemble import backbones
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.features import Extractor
+
+pytestmark = pytest.mark.slow  # every test builds a backbone or runs the CLI in a subprocess
 
 
 def test_weights_dir_loads_legacy_h5_under_the_standard_name(tmp_path):

@@ -500,7 +500,7 @@ class RunFolder:
 
         Raises UserError naming the file when the run's records or features are damaged.
         """
-        current = self.feature_inputs(self.read_config()["extract"]["backbones"])
+        current = self.feature_inputs(self.extract_config().backbones)
         labels = labels_digest(self.read_run_data().labels)
         out = []
         for recipe in self.recipes():

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from transfer_ensemble import ensemble, images, submission
-from transfer_ensemble.config import ExtractConfig, TrainConfig
+from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import (SPLITS, VIEWS, DamagedFile, Recipe, RunData, RunFolder,
@@ -69,8 +69,8 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
 
     run = RunFolder(run_dir)
     dataset = load_dataset(data)
+    extractor = Extractor(config)
     with run.lock(), disk_errors(run.path):
-        extractor = Extractor(config)
         keys, bad = _check_images(run, dataset)
         if (bad["train"] or bad["test"]) and config.on_bad_image == "error":
             raise _bad_image_error(bad)
@@ -126,8 +126,6 @@ def train_config_for(run: RunFolder, overrides: dict | None = None, heads: str |
         known = ", ".join(r.name for r in run.recipes()) or "none yet"
         raise UserError(f"--heads {heads!r}: the run {run.path} has no such head recipe (it has: {known}). "
                         f"Pass one of those names, or give the head options themselves.")
-    from transfer_ensemble.config import merged
-
     return merged(TrainConfig, match[0].config.to_json(), overrides or {}, source=str(match[0].record_path))
 
 
@@ -212,10 +210,9 @@ def submit(run_dir: str | Path, out: str | Path, heads: str | None = None, recor
     """
     run = RunFolder.existing(run_dir, "submit")
     with run.lock(), disk_errors(out):
-        config = run.read_config()
         run_data = run.read_run_data()
         recipe = run.select_recipe(heads)
-        test_identity = run.feature_inputs(config["extract"]["backbones"])["test"]
+        test_identity = run.feature_inputs(run.extract_config().backbones)["test"]
         probabilities, _ = test_probabilities(run, recipe, run_data, test_identity)
         dataset = run_data.dataset
         ids = [it.id for it in dataset.test]
