@@ -7,9 +7,11 @@ TensorFlow is imported only when a backbone is built.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -166,7 +168,8 @@ def build(spec: BackboneSpec, source: WeightsSource, image_size: int, seed: int 
         keras.utils.set_random_seed(seed)
         model = constructor(weights=None, **kwargs)
     elif source.kind == "imagenet" and source.path is None:
-        model = constructor(weights="imagenet", **kwargs)
+        with contextlib.redirect_stdout(sys.stderr):  # Keras prints "Downloading data from ..."
+            model = constructor(weights="imagenet", **kwargs)
     else:
         model = constructor(weights=str(source.path), **kwargs)
     model.trainable = False

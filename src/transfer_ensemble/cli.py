@@ -15,7 +15,7 @@ from typing import Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from transfer_ensemble import __version__
+from transfer_ensemble import __version__, progress
 from transfer_ensemble.errors import UserError
 
 log = logging.getLogger("transfer_ensemble")
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Frozen ImageNet backbones (Xception + InceptionV3), original and flipped views, "
                     "a K-fold ensemble of softmax heads, and a Kaggle submission.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="log warnings and errors only, and show no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("extract", help="compute backbone features of the train and test images")
@@ -302,6 +303,7 @@ COMMANDS = {"extract": cmd_extract, "train": cmd_train, "submit": cmd_submit, "r
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    progress.show(not args.quiet)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)

@@ -14,9 +14,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
-from transfer_ensemble import ensemble, heads
+from transfer_ensemble import ensemble, heads, progress
 from transfer_ensemble.runfolder import VIEWS, DamagedFile, FoldFiles, Recipe, RunFolder, load_json, load_npy
 from transfer_ensemble.storage import atomic_path, write_json, write_npy
 
@@ -123,7 +121,7 @@ def train_recipe(run: RunFolder, recipe: Recipe, features: dict[str, dict[str, n
         model = kind.load(files.model(kind.suffix))
         write_npy(files.test_pred, kind.predict(model, features[view]["test"]))
         _write_done(files, view, fold, kind, test_identity)
-    for view, fold in tqdm(todo, desc=f"train heads [{recipe.name}]", unit="model", dynamic_ncols=True):
+    for view, fold in progress.bar(todo, desc=f"train heads [{recipe.name}]", unit="model"):
         _train_fold(recipe, kind, view, fold, features[view], labels, assignment, n_classes, test_identity)
 
     oof = {}

@@ -11,7 +11,10 @@ Two layouts are read:
 
 from __future__ import annotations
 
+import csv
+import errno
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,9 @@ from transfer_ensemble.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff", ".gif",
+                              ".avif", ".jp2", ".pbm", ".pgm", ".ppm", ".pnm", ".sr", ".ras"})
+"""The extensions of the formats this OpenCV build decodes; other files are listed as not used."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class Dataset:
     train: list[Item]
     test: list[Item]
     warnings: list[str] = field(default_factory=list)
+    id_column: str = "id"  # the sample submission's id header, as written there
 
     @property
     def test_is_labelled(self) -> bool:
@@ -60,6 +66,7 @@ class Dataset:
         return {
             "root": str(self.root),
             "layout": self.layout,
+            "id_column": self.id_column,
             "classes": self.classes,
             "train": rows(self.train),
             "test": rows(self.test),
@@ -72,7 +79,8 @@ class Dataset:
         def items(rows: list[dict]) -> list[Item]:
             return [Item(r["id"], root / r["path"], r["label"]) for r in rows]
 
-        return cls(root, obj["layout"], list(obj["classes"]), items(obj["train"]), items(obj["test"]))
+        return cls(root, obj["layout"], list(obj["classes"]), items(obj["train"]), items(obj["test"]),
+                   id_column=obj.get("id_column", "id"))
 
 
 def is_image(path: Path) -> bool:
@@ -83,6 +91,48 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files in `folder`, sorted by path."""
     pattern = "**/*" if recursive else "*"
     return sorted(p for p in folder.glob(pattern) if is_image(p))
+
+
+def why_not_used(path: Path) -> str | None:
+    """Why a file found where images are read is not used; None for an image that is."""
+    if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "is a symbolic link that loops"
+        return f"is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+    if path.name.startswith("."):
+        return "is hidden (its name starts with a dot)"
+    if path.is_dir():
+        return "is a folder"
+    if not path.is_file():
+        return "is not a regular file"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return (f"has an extension ({path.suffix or 'none'}) of no image format OpenCV reads "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return None
+
+
+def unused_files(folder: Path, folders_used: bool = False) -> list[tuple[Path, str]]:
+    """Entries of `folder` that are not read as images, with the reason; subfolders only when
+    they are not read themselves (`folders_used` false)."""
+    out = []
+    for path in sorted(folder.iterdir()):
+        if folders_used and path.is_dir() and not path.is_symlink():
+            continue
+        why = why_not_used(path)
+        if why is not None:
+            out.append((path, why))
+    return out
+
+
+def _unused_warning(folder: Path, unused: list[tuple[Path, str]], n: int = 10) -> list[str]:
+    if not unused:
+        return []
+    listed = "; ".join(f"{path.name} {why}" for path, why in unused[:n])
+    more = f"; and {len(unused) - n} more" if len(unused) > n else ""
+    return [f"{len(unused)} files in {folder} are not used: {listed}{more}."]
 
 
 def load_dataset(root: str | Path) -> Dataset:
@@ -137,20 +187,27 @@ def _first_few(values, n: int = 5) -> str:
     return shown + (f" and {len(values) - n} more" if len(values) > n else "")
 
 
-def _read_csv(path: Path, what: str) -> pd.DataFrame:
+def _read_csv(path: Path, what: str) -> tuple[pd.DataFrame, str]:
+    """The CSV with its id column renamed to ``id``, and that column's header as written."""
     if not path.exists():
         raise UserError(f"{path} is missing. The Kaggle layout needs {what}.")
     try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path} is not a readable CSV file ({exc}). Fix: {what}.") from None
+    dupes = _duplicates(header)
+    if dupes:
+        raise UserError(f"The header of {path} names the same column more than once: {_first_few(dupes)}. "
+                        f"Each column must appear once: remove or rename the duplicates.")
     id_columns = [c for c in frame.columns if c.strip().lower() == "id"]
     if not id_columns:
         raise UserError(
             f"{path} has no 'id' column (its columns are {list(frame.columns)[:6]}). Its first "
             f"line must be a header starting with id: {what}."
         )
-    return frame.rename(columns={id_columns[0]: "id"})
+    return frame.rename(columns={id_columns[0]: "id"}), id_columns[0]
 
 
 def _duplicates(values) -> list[str]:
@@ -158,12 +215,14 @@ def _duplicates(values) -> list[str]:
 
 
 def _load_kaggle(root: Path) -> Dataset:
-    labels = _read_csv(root / "labels.csv", "a header 'id,<label column>' and one row per training image")
+    labels, _ = _read_csv(root / "labels.csv", "a header 'id,<label column>' and one row per training image")
     label_columns = [c for c in labels.columns if c != "id"]
     if not label_columns:
         raise UserError(f"{root / 'labels.csv'} has an id column but no label column after it. "
                         f"Add the class of each image as a second column, e.g. 'id,breed'.")
     label_column = label_columns[0]
+    ignored = f" (the other columns, {_first_few(label_columns[1:])}, are ignored)" if label_columns[1:] else ""
+    log.info("labels: the %r column of %s%s", label_column, root / "labels.csv", ignored)
     if labels.empty:
         raise UserError(f"The train set of {root} is empty: {root / 'labels.csv'} has a header but no "
                         f"rows. Add one row 'id,<class>' per training image in {root / 'train'}.")
@@ -173,7 +232,7 @@ def _load_kaggle(root: Path) -> Dataset:
                         f"Each training image must appear once: remove the duplicate rows.")
 
     sample_path = root / "sample_submission.csv"
-    sample = _read_csv(sample_path, "a header 'id,<class 1>,<class 2>,...' and one row per test image")
+    sample, id_column = _read_csv(sample_path, "a header 'id,<class 1>,<class 2>,...' and one row per test image")
     classes = [c for c in sample.columns if c != "id"]
     if not classes:
         raise UserError(f"{sample_path} has no class columns after id; the class list and order come from it.")
@@ -228,7 +287,10 @@ def _load_kaggle(root: Path) -> Dataset:
             + ". The submission needs one row per test image: make the two match."
         )
     test = [Item(i, test_images[_strip_ext(i)]) for i in sample_ids]
-    return Dataset(root, "kaggle", classes, train, test, warnings)
+    for folder in (root / "train", root / "test"):
+        if folder.is_dir():
+            warnings += _unused_warning(folder, unused_files(folder))
+    return Dataset(root, "kaggle", classes, train, test, warnings, id_column=id_column)
 
 
 def _strip_ext(image_id: str) -> str:
@@ -255,23 +317,33 @@ def _load_folders(root: Path) -> Dataset:
                 raise UserError(f"{class_dir} is a class that {train_dir} does not have. The classes "
                                 f"come from train/: add a train/{class_dir.name}/ folder or remove this one.")
             for path in list_images(class_dir):
-                rel = path.relative_to(root)
-                train.append(Item(str(rel.with_suffix("")), path, class_index[class_dir.name]))
+                train.append(Item(str(path.relative_to(root)), path, class_index[class_dir.name]))
+            warnings += _unused_warning(class_dir, unused_files(class_dir))
         stray = list_images(folder)
         if stray:
             warnings.append(f"{len(stray)} images lie directly in {folder} rather than in a class "
                             f"folder and are not used: {_first_few(p.name for p in stray)}.")
+        warnings += _unused_warning(folder, [(p, why) for p, why in unused_files(folder, folders_used=True)])
 
     test_dir = root / "test"
     test: list[Item] = []
     if test_dir.is_dir():
-        test_classes = _class_folders(test_dir)
+        flat = list_images(test_dir)
+        test_classes = [d for d in _class_folders(test_dir) if not flat or list_images(d)]
+        if test_classes and flat:
+            raise UserError(
+                f"{test_dir} holds both images ({_first_few(p.name for p in flat)}) and folders of "
+                f"images ({_first_few(p.name for p in test_classes)}). A flat test/ holds only images "
+                f"(the submission rows); a labelled test/ holds only class folders. Move the images "
+                f"into their class folders, or the folders' images up into {test_dir}."
+            )
         if test_classes:
             for class_dir in test_classes:
                 if class_dir.name not in class_index:
                     raise UserError(f"{class_dir} is a class that {train_dir} does not have. A labelled "
                                     f"test/ must use the training classes.")
                 test += [Item(p.stem, p, class_index[class_dir.name]) for p in list_images(class_dir)]
+                warnings += _unused_warning(class_dir, unused_files(class_dir))
             dupes = _duplicates(it.id for it in test)
             if dupes:
                 raise UserError(f"Test images in different class folders of {test_dir} share a file name "
@@ -279,6 +351,7 @@ def _load_folders(root: Path) -> Dataset:
             test.sort(key=lambda it: it.id)
         else:
             test = [Item(stem, path) for stem, path in sorted(_images_by_stem(test_dir).items())]
+            warnings += _unused_warning(test_dir, unused_files(test_dir))
     return Dataset(root, "folders", classes, train, test, warnings)
 
 
@@ -286,8 +359,9 @@ def _check_non_empty(dataset: Dataset) -> None:
     for name in ("train", "test"):
         if not dataset.split(name):
             raise UserError(
-                f"The {name} set of {dataset.root} is empty: no .jpg, .jpeg, .png, .bmp or .webp "
-                f"images were found in {dataset.root / name}. Check the --data folder and its layout."
+                f"The {name} set of {dataset.root} is empty: no images "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))}) were found in {dataset.root / name}. Check the "
+                f"--data folder and its layout."
             )
 
 

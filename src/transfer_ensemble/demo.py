@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from transfer_ensemble.errors import UserError
 from transfer_ensemble.storage import write_atomic
 
 CLASSES = ("blue_triangle", "green_square", "red_circle", "yellow_stripes")
@@ -44,8 +45,15 @@ def _save_jpeg(path: Path, rgb: np.ndarray) -> None:
 
 def write_demo_data(out: str | Path, train_per_class: int = 30, test_per_class: int = 10,
                     seed: int = 0) -> dict:
-    """Write labels.csv, train/, test/ and sample_submission.csv (uniform probabilities) to `out`."""
+    """Write labels.csv, train/, test/ and sample_submission.csv (uniform probabilities) to `out`.
+
+    `out` must not exist or be empty: the demo never mixes its images into other data.
+    """
     out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "is not empty" if out.is_dir() else "is a file"
+        raise UserError(f"{out} {what}: the demo data set is written only to a new or empty folder, so that "
+                        f"it never overwrites or mixes into other data. Pass --out with a new folder.")
     rng = np.random.default_rng(seed)
     labels, test_ids = [], []
     for name in CLASSES:

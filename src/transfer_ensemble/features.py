@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from tqdm import tqdm
-
-from transfer_ensemble import backbones, images
+from transfer_ensemble import backbones, images, progress
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import VIEWS, DamagedFile, StoreFiles, load_json, load_npy
@@ -283,6 +281,8 @@ class Extractor:
             return
         start = time.perf_counter()
         for spec in missing:
+            log.info("building %s (%s weights) at %d px: this takes a few seconds", spec.name,
+                     self.sources[spec.name].kind, self.config.size_of(spec))
             self.model(spec)
         log.info("built %s in %.1f s", ", ".join(s.name for s in missing), time.perf_counter() - start)
 
@@ -333,7 +333,7 @@ def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: 
             todo |= ~stores[spec.name].done
         rows = np.flatnonzero(todo)
         desc = f"extract {split} [{','.join(s.name for s in specs)} @{size}px]"
-        with tqdm(total=len(rows), desc=desc, unit="img", dynamic_ncols=True) as bar:
+        with progress.bar(total=len(rows), desc=desc, unit="img") as bar:
             for batch in _batches(list(paths), rows, size, config.batch_size):
                 b = len(batch.rows)
                 for spec in specs:

@@ -220,11 +220,11 @@ def inspect_all(paths: Sequence[Path], known: Mapping[str, str | None] | None = 
     `known` maps content hashes to verdicts from an earlier check: those images are hashed but not
     decoded again, so a second check of unchanged images costs one read each.
     """
-    from tqdm import tqdm
+    from transfer_ensemble import progress
 
     results = []
     with ThreadPoolExecutor(max_workers=default_workers()) as pool, \
-            tqdm(total=len(paths), desc="check images", unit="img", dynamic_ncols=True) as bar:
+            progress.bar(total=len(paths), desc="check images", unit="img") as bar:
         for result in pool.map(lambda p: inspect(p, known), paths):
             results.append(result)
             bar.update()

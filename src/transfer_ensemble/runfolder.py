@@ -184,6 +184,16 @@ class FoldFiles:
         return self.folder / "done.json"
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (None if `path` exists)."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
 def remove_temporaries(files: Sequence[Path], folders: Sequence[Path]) -> list[Path]:
     """Delete `files` and the temporary files and staging folders (``*.new``) under `folders`."""
     found = list(files)
@@ -369,10 +379,20 @@ class RunFolder:
     # The lock, and what a killed step left.
     @contextlib.contextmanager
     def lock(self) -> Iterator["RunFolder"]:
-        """Hold the run folder's lock (creating the folder) and remove stale temporary files."""
-        with run_lock(self.path):
-            self.remove_stale_temporaries()
-            yield self
+        """Hold the run folder's lock (creating the folder) and remove stale temporary files.
+
+        A folder this call created is removed again when the step is refused (UserError) before
+        it computed any features: bad input leaves no empty run folder behind.
+        """
+        created = _first_missing(self.path)
+        try:
+            with run_lock(self.path):
+                self.remove_stale_temporaries()
+                yield self
+        except UserError:
+            if created is not None and not (self.path / "features").exists():
+                shutil.rmtree(created, ignore_errors=True)
+            raise
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete temporary files a killed step left. Only while holding the lock.

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,7 +20,7 @@ from transfer_ensemble.errors import UserError
 FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 NOT_WRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 NOT_A_FOLDER_ERRNOS = frozenset({errno.ENOTDIR, errno.EEXIST})
-WRITE_ERRNOS = FULL_DISK_ERRNOS | NOT_WRITABLE_ERRNOS | NOT_A_FOLDER_ERRNOS
+WRITE_ERRNOS = FULL_DISK_ERRNOS | NOT_WRITABLE_ERRNOS | NOT_A_FOLDER_ERRNOS | {errno.EISDIR}
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -40,6 +41,9 @@ def _disk_error(path: Path, exc: OSError, action: str = "write") -> UserError:
         why = ("the folder is not writable (permission denied)" if action == "write"
                else "permission denied")
         fix = "choose a writable --run (or --out) folder or fix its permissions"
+    elif exc.errno == errno.EISDIR:
+        why = "it is a folder, not a file"
+        fix = "pass the path of a file to write (e.g. --out submissions/NAME.csv), not a folder"
     elif exc.errno in NOT_A_FOLDER_ERRNOS:
         why = "a part of that path is an existing file, not a folder"
         fix = "choose a --run (or --out) path whose parents are folders, or move that file away"
@@ -68,8 +72,20 @@ def disk_errors(default_path: str | os.PathLike) -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+
+    A symbolic link is written through (its target is replaced, the link stays). A FIFO or a
+    device is never replaced by a regular file: what the block wrote is copied into it.
+    """
     path = Path(path)
+    target = Path(os.path.realpath(path))
+    if target.is_dir():
+        raise _disk_error(path, OSError(errno.EISDIR, os.strerror(errno.EISDIR), str(path)))
+    if target.exists() and not target.is_file():
+        with _into_special_file(path, target, suffix) as tmp:
+            yield tmp
+        return
+    path = target
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
@@ -90,6 +106,22 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         _remove_quietly(tmp_path)
         raise
     _fsync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def _into_special_file(path: Path, target: Path, suffix: str) -> Iterator[Path]:
+    """Write to a temporary file, then copy it into a FIFO or device `target` (opened as a file)."""
+    fd, tmp = tempfile.mkstemp(prefix=".transfer-ensemble.", suffix=f".tmp{suffix}")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as source, open(target, "wb") as sink:
+            shutil.copyfileobj(source, sink)
+    except OSError as exc:
+        raise _disk_error(path, exc) from None
+    finally:
+        _remove_quietly(tmp_path)
 
 
 def _remove_quietly(path: Path) -> None:

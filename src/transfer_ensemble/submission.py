@@ -1,4 +1,4 @@
-"""Build, validate and write the Kaggle submission CSV: ``id`` then one probability per class."""
+"""Build, validate and write the Kaggle submission CSV: the id column, then one probability per class."""
 
 from __future__ import annotations
 
@@ -18,16 +18,19 @@ class SubmissionError(UserError):
     """A submission that Kaggle would reject or score wrongly; the message lists every problem."""
 
 
-def build(ids: Sequence[str], classes: Sequence[str], probabilities: np.ndarray) -> pd.DataFrame:
+def build(ids: Sequence[str], classes: Sequence[str], probabilities: np.ndarray,
+          id_column: str = "id") -> pd.DataFrame:
+    """The submission table; `id_column` is the sample submission's id header, as written there."""
     frame = pd.DataFrame(np.asarray(probabilities, dtype=np.float64), columns=list(classes))
-    frame.insert(0, "id", list(ids))
+    frame.insert(0, id_column, list(ids))
     return frame
 
 
-def validate(frame: pd.DataFrame, ids: Sequence[str], classes: Sequence[str], name: str = "submission") -> None:
+def validate(frame: pd.DataFrame, ids: Sequence[str], classes: Sequence[str], name: str = "submission",
+             id_column: str = "id") -> None:
     """Raise SubmissionError unless `frame` has exactly `ids` in order and valid probability rows."""
     problems = []
-    expected_columns = ["id", *classes]
+    expected_columns = [id_column, *classes]
     if list(frame.columns) != expected_columns:
         if set(frame.columns) == set(expected_columns):
             problems.append("the class columns are not in the sample submission's order")
@@ -35,13 +38,13 @@ def validate(frame: pd.DataFrame, ids: Sequence[str], classes: Sequence[str], na
             missing = [c for c in expected_columns if c not in frame.columns]
             extra = [c for c in frame.columns if c not in expected_columns]
             problems.append(f"columns differ (missing: {missing[:5]}, unexpected: {extra[:5]})")
-    if "id" in frame.columns:
-        got = [str(i) for i in frame["id"]]
+    if id_column in frame.columns:
+        got = [str(i) for i in frame[id_column]]
         want = [str(i) for i in ids]
         if got != want:
             missing = [i for i in want if i not in set(got)]
             extra = [i for i in got if i not in set(want)]
-            dupes = frame["id"][frame["id"].duplicated()].tolist()
+            dupes = frame[id_column][frame[id_column].duplicated()].tolist()
             if missing:
                 problems.append(f"{len(missing)} test ids are missing (e.g. {missing[:3]})")
             if extra:
@@ -50,7 +53,7 @@ def validate(frame: pd.DataFrame, ids: Sequence[str], classes: Sequence[str], na
                 problems.append(f"{len(dupes)} ids appear twice (e.g. {dupes[:3]})")
             if not (missing or extra or dupes):
                 problems.append("the rows are not in the sample submission's order")
-    value_columns = [c for c in frame.columns if c != "id"]
+    value_columns = [c for c in frame.columns if c != id_column]
     if value_columns:
         values = frame[value_columns].to_numpy(dtype=np.float64, na_value=np.nan)
         bad_rows = lambda mask: f"{int(mask.sum())} rows (first: row {int(np.argmax(mask))})"
@@ -69,9 +72,10 @@ def validate(frame: pd.DataFrame, ids: Sequence[str], classes: Sequence[str], na
                               f"this is a bug in how it was produced, or a changed sample submission.")
 
 
-def write(frame: pd.DataFrame, path: str | Path, ids: Sequence[str], classes: Sequence[str]) -> Path:
+def write(frame: pd.DataFrame, path: str | Path, ids: Sequence[str], classes: Sequence[str],
+          id_column: str = "id") -> Path:
     """Validate, then write atomically: the file is either complete or absent."""
-    validate(frame, ids, classes, name=f"submission for {path}")
+    validate(frame, ids, classes, name=f"submission for {path}", id_column=id_column)
     path = Path(path)
     write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.8g"), suffix=".csv")
     return path

@@ -74,9 +74,9 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
         keys, bad = _check_images(run, dataset)
         if (bad["train"] or bad["test"]) and config.on_bad_image == "error":
             raise _bad_image_error(bad)
-        bad_train = {it.id for it, _ in bad["train"]}
-        keys["train"] = [k for it, k in zip(dataset.train, keys["train"]) if it.id not in bad_train]
-        dataset.train = [it for it in dataset.train if it.id not in bad_train]
+        bad_train = {it.path for it, _ in bad["train"]}
+        keys["train"] = [k for it, k in zip(dataset.train, keys["train"]) if it.path not in bad_train]
+        dataset.train = [it for it in dataset.train if it.path not in bad_train]
         _check_classes_left(dataset, bad["train"])
         if folds is not None:
             check_folds(dataset, folds)
@@ -221,8 +221,8 @@ def submit(run_dir: str | Path, out: str | Path, heads: str | None = None, recor
                         "training class frequencies: %s. See %s.", len(run_data.bad_test_ids),
                         ", ".join(run_data.bad_test_ids[:5]) + (" ..." if len(run_data.bad_test_ids) > 5 else ""),
                         run.bad_images_path)
-        frame = submission.build(ids, dataset.classes, probabilities)
-        path = submission.write(frame, out, ids, dataset.classes)
+        frame = submission.build(ids, dataset.classes, probabilities, dataset.id_column)
+        path = submission.write(frame, out, ids, dataset.classes, dataset.id_column)
         result = {"submission": str(path), "rows": len(ids), "classes": len(dataset.classes),
                   "models": len(recipe.jobs), "recipe": recipe.name}
         if dataset.test_is_labelled:
