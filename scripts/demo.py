@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from transfer_ensemble import cli, demo, workflow
+from transfer_ensemble import cli, demo, noise, workflow
 from transfer_ensemble.backbones import WeightsUnavailableError
 from transfer_ensemble.errors import UserError
 
@@ -56,7 +56,7 @@ def main() -> int:
     if args.image_size:
         run_args += ["--image-size", str(args.image_size)]
     try:
-        with logging_redirect_tqdm():
+        with noise.filtered_stderr(), logging_redirect_tqdm():
             results, trained, result = run_workflow(run_args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

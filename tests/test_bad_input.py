@@ -277,3 +277,42 @@ def test_quiet_hides_progress_bars(capsys, tmp_path, no_extraction):
         assert "check images" not in capsys.readouterr().err
     finally:
         cli.progress.show(True)
+
+
+# ---- messages ------------------------------------------------------------------------------------
+
+def test_heads_that_learn_nothing_or_hit_the_epoch_cap_are_warned_about():
+    from transfer_ensemble.crossval import training_warnings
+
+    capped = [{"epochs_run": 20, "best_epoch": 20}] * 4
+    stopped = capped[:3] + [{"epochs_run": 12, "best_epoch": 7}]
+    assert training_warnings("r", 0.30, 10, stopped, 20) == []
+    nothing = training_warnings("r", 0.99 * math.log(10), 10, stopped, 20)
+    assert len(nothing) == 1 and "learned almost nothing" in nothing[0] and "ln(10) = 2.3026" in nothing[0]
+    cap = training_warnings("r", 0.30, 10, capped, 20)
+    assert len(cap) == 1 and "ran all 20 epochs" in cap[0] and "Raise --epochs" in cap[0]
+
+
+NOISY = r"""
+import os, sys
+from transfer_ensemble import noise
+with noise.filtered_stderr():
+    os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
+    os.write(2, b"I0000 00:00:1795750640.276283    7483 cudart_stub.cc:31] Could not find cuda drivers\n")
+    os.write(2, b"our own line\n")
+    os.write(2, b"Corrupt JPEG data: 2 extraneous bytes before marker 0xd9\n")
+    sys.stderr.write("\rbar 50%")
+    sys.stderr.flush()
+    os.write(2, b"I0000 00:00:17.2 1 port.cc:153] oneDNN custom operations are on\n")
+    os.write(2, b"E0000 00:00:17.2 1 x.cc:1] a real error stays\n")
+print("done", file=sys.stderr)
+"""
+
+
+def test_c_library_noise_is_dropped_from_stderr_and_the_rest_kept():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", NOISY], capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b"our own line\n\rbar 50%E0000 00:00:17.2 1 x.cc:1] a real error stays\ndone\n"

@@ -63,6 +63,10 @@ def test_run_writes_every_artefact_with_the_right_shapes(finished_run):
     assert set(metrics["per_view"]) == {"original", "flipped"}
     assert 0 <= metrics["ensemble"]["accuracy"] <= 1 and metrics["ensemble"]["log_loss"] > 0
     assert "both views" in result.stdout and "log loss" in result.stdout
+    assert f"The heads of recipe {recipe.name} learned almost nothing" in result.stderr  # random weights
+    assert "learned almost nothing" in (run / "report.html").read_text()
+    assert "building xception (random weights) at 75 px" in result.stderr
+    assert "absl" not in result.stderr and "I0000" not in result.stderr and "oneDNN" not in result.stderr
 
 
 @pytest.mark.slow
@@ -93,6 +97,8 @@ def test_folder_layout_reports_hold_out_scores(folder_data, tmp_path):
                      *FAST_EXTRACT, "--folds", "2", "--epochs", "2")
     assert result.returncode == 0, result.stderr
     assert "hold-out test" in result.stdout
+    rows = [line.split("  ")[0] for line in result.stdout.splitlines() if "hold-out test" in line]
+    assert rows == ["original", "flipped", "both views"], "hold-out rows are named as the OOF rows are"
     holdout = RunFolder(tmp_path / "run").select_recipe().metrics()["holdout"]
     assert holdout["ensemble"]["n"] == 6
     frame = pd.read_csv(out)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from transfer_ensemble import __version__, progress
+from transfer_ensemble import __version__, noise, progress
 from transfer_ensemble.errors import UserError
 
 log = logging.getLogger("transfer_ensemble")
@@ -176,7 +176,8 @@ def print_metrics(metrics: dict) -> None:
     e = oof["ensemble"]
     rows.append(["both views", "all (OOF)", e["n"], "", e["log_loss"], e["accuracy"]])
     for name, s in metrics.get("holdout", {}).items():
-        rows.append([name, "hold-out test", s["n"], "", s["log_loss"], s["accuracy"]])
+        rows.append([name if name in oof["per_view"] else "both views", "hold-out test", s["n"], "",
+                     s["log_loss"], s["accuracy"]])
     _print_table(rows, ["view", "fold", "validation images", "best epoch", "log loss", "accuracy"])
 
 
@@ -308,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
-        with logging_redirect_tqdm():
+        with noise.filtered_stderr(), logging_redirect_tqdm():
             COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -172,3 +173,20 @@ def oof_metrics(recipe: Recipe, oof: dict[str, np.ndarray], labels: np.ndarray) 
         table["per_view"][view] = ensemble.score(labels, oof[view])
     table["ensemble"] = ensemble.score(labels, ensemble.combine({view: [oof[view]] for view in VIEWS}))
     return table
+
+
+def training_warnings(name: str, oof_log_loss: float, n_classes: int, histories: list[dict],
+                      epochs: int) -> list[str]:
+    """What a user should know about a finished recipe: heads that learned nothing, or that every
+    fold model was stopped by the epoch cap rather than by early stopping."""
+    out = []
+    chance = math.log(n_classes) if n_classes > 1 else 0.0
+    if n_classes > 1 and oof_log_loss >= 0.95 * chance:
+        out.append(f"The heads of recipe {name} learned almost nothing: their out-of-fold log loss "
+                   f"{oof_log_loss:.4f} is near ln({n_classes}) = {chance:.4f}, what predicting the class "
+                   f"frequencies scores. Check the labels and the features (--weights random gives "
+                   f"meaningless ones), or train longer (--epochs) or faster (--learning-rate).")
+    if histories and all(h.get("epochs_run") == epochs for h in histories):
+        out.append(f"Every fold model of recipe {name} ran all {epochs} epochs: early stopping never "
+                   f"stopped one, so the validation loss may still have been falling. Raise --epochs.")
+    return out

@@ -230,7 +230,8 @@ def _scores_section(record: RunRecord) -> Section:
             "submission combines them. Lower log loss is better.</p>\n" + table)
     holdout = record.metrics.get("holdout")
     if holdout:
-        hold_rows = [[f"{name} (test)", s["n"], s["log_loss"], s["accuracy"]] for name, s in holdout.items()]
+        hold_rows = [[f"{name if name in oof['per_view'] else 'ensemble of both views'} (test)", s["n"],
+                      s["log_loss"], s["accuracy"]] for name, s in holdout.items()]
         body += ("\n<p>The test images are labelled (a hold-out set): the same scores on them.</p>\n"
                  + _table(["model", "images", "log loss", "accuracy"], hold_rows))
     return Section("scores", "Out-of-fold scores", body, [])
@@ -449,6 +450,9 @@ def _summary(record: RunRecord) -> str:
     if extract.get("weights") == "random":
         warn = ('<p class="warn">This run used <b>--weights random</b>: the backbones are untrained, so '
                 'its features and scores mean nothing. Use it only as a smoke test.</p>\n')
+    for warning in record.metrics.get("warnings", []):
+        warn += f'<p class="warn">{html.escape(warning)}</p>\n'
+
     return warn + f"<dl>\n{rows}\n</dl>"
 
 

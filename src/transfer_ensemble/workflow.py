@@ -17,7 +17,7 @@ from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import (SPLITS, VIEWS, DamagedFile, Recipe, RunData, RunFolder,
-                                         labels_digest)
+                                         labels_digest, load_json)
 from transfer_ensemble.storage import disk_errors, write_json
 
 log = logging.getLogger(__name__)
@@ -147,12 +147,17 @@ def train(run_dir: str | Path, overrides: dict | None = None, heads: str | None 
         features = _load_features(run, run_data, backbones)
         recipe = run.recipe(config, {"features": inputs["features"], "train": inputs["train"],
                                      "labels": labels_digest(labels)})
-        from transfer_ensemble.crossval import oof_metrics, train_recipe
+        from transfer_ensemble.crossval import oof_metrics, train_recipe, training_warnings
 
         oof = train_recipe(run, recipe, features, labels, len(dataset.classes), inputs["test"])
         metrics = {"oof": oof_metrics(recipe, oof, labels)}
         if dataset.test_is_labelled:
             metrics["holdout"] = _holdout_metrics(run, recipe, run_data, inputs["test"])
+        histories = [load_json(recipe.fold(*job).history) for job in recipe.jobs]
+        metrics["warnings"] = training_warnings(recipe.name, metrics["oof"]["ensemble"]["log_loss"],
+                                                len(dataset.classes), histories, config.options.epochs)
+        for warning in metrics["warnings"]:
+            log.warning(warning)
         write_json(recipe.metrics_path, metrics)
         run.update_config(train=config.to_json())
         from transfer_ensemble.report import write_report
