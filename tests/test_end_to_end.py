@@ -97,7 +97,7 @@ def test_folder_layout_reports_hold_out_scores(folder_data, tmp_path):
                      *FAST_EXTRACT, "--folds", "2", "--epochs", "2")
     assert result.returncode == 0, result.stderr
     assert "hold-out test" in result.stdout
-    rows = [line.split("  ")[0] for line in result.stdout.splitlines() if "hold-out test" in line]
+    rows = [line.split("  ")[0] for line in result.stdout.splitlines() if "  hold-out test  " in line]
     assert rows == ["original", "flipped", "both views"], "hold-out rows are named as the OOF rows are"
     holdout = RunFolder(tmp_path / "run").select_recipe().metrics()["holdout"]
     assert holdout["ensemble"]["n"] == 6
