@@ -316,3 +316,66 @@ def test_c_library_noise_is_dropped_from_stderr_and_the_rest_kept():
     result = subprocess.run([sys.executable, "-c", NOISY], capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stderr == b"our own line\n\rbar 50%E0000 00:00:17.2 1 x.cc:1] a real error stays\ndone\n"
+
+
+# ---- decompression bombs -------------------------------------------------------------------------
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A small file whose PNG header declares width x height (what a decompression bomb looks like)."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk
+                     + struct.pack(">I", zlib.crc32(chunk)) + b"\x00" * 64)
+
+
+def test_an_image_over_the_pixel_cap_is_refused_before_decoding(tmp_path):
+    from transfer_ensemble import images
+
+    bomb = tmp_path / "bomb.png"
+    _png_header_only(bomb, 30000, 30000)
+    reason = images.check(bomb)
+    assert reason.startswith("is 30000 x 30000 pixels (900,000,000), more than the limit of 178,956,970")
+    assert "--max-pixels" in reason
+    small = tmp_path / "small.png"
+    save_rgb(small, draw(0, np.random.default_rng(0)))
+    assert images.check(small) is None and "more than the limit of 1,000" in images.check(small, max_pixels=1000)
+    for ext in (".png", ".jpg", ".gif", ".bmp", ".webp"):
+        import cv2
+
+        ok, data = cv2.imencode(ext, np.zeros((48, 64, 3), np.uint8))
+        assert images.header_size(data.tobytes()) == (64, 48), ext
+
+
+def test_extract_lists_images_over_max_pixels_and_does_not_cache_that_verdict(capsys, tmp_path, no_extraction):
+    data = make_kaggle(tmp_path / "data", per_class=2, n_test=2)
+    run = tmp_path / "run"
+    assert cli.main(["extract", "--data", str(data), "--run", str(run), *EXTRACT, "--max-pixels", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "8 images cannot be decoded" in err and "more than the limit of 1,000 (--max-pixels)" in err
+    assert cli.main(["extract", "--data", str(data), "--run", str(run), *EXTRACT]) == 0
+    assert json.loads((run / "config.json").read_text())["extract"]["max_pixels"] == 178_956_970
+
+
+def test_decoding_threads_share_a_pixel_budget():
+    from transfer_ensemble.images import PixelBudget
+
+    budget = PixelBudget(100)
+    inside = threading.Event()
+    order = []
+    with budget.hold(80):
+        def second():
+            with budget.hold(50):
+                order.append("second")
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(timeout=0.2)
+        assert thread.is_alive(), "a decode over the budget did not wait"
+        order.append("first done")
+    thread.join(timeout=5)
+    assert order == ["first done", "second"]
+    with budget.hold(500):  # one image alone may exceed the budget
+        inside.set()
+    assert inside.is_set() and budget.used == 0

@@ -205,7 +205,7 @@ def test_batches_carry_each_image_then_its_mirror(tmp_path):
 
 def fake_load(started: list[int]):
     """A stand-in for images.load: an image whose pixels are its path's number; records each call."""
-    def load(path, size):
+    def load(path, size, *_):
         started.append(int(Path(path).stem))
         return np.full((size, size, 3), int(Path(path).stem) % 256, dtype=np.uint8)
     return load
@@ -234,7 +234,7 @@ def test_stream_raises_a_bad_image_in_order_and_stops_early_without_waiting(monk
     started: list[int] = []
     good = fake_load(started)
 
-    def load(path, size):
+    def load(path, size, *_):
         if Path(path).stem == "37":
             raise images.ImageReadError(f"{path}: not an image")
         return good(path, size)
@@ -259,7 +259,7 @@ def test_stream_keeps_decoding_later_batches_while_one_image_is_slow(monkeypatch
     fast = fake_load(started)
     seen_while_slow = []
 
-    def load(path, size):
+    def load(path, size, *_):
         image = fast(path, size)
         if Path(path).stem == "0":
             time.sleep(0.5)

@@ -42,6 +42,8 @@ def _add_extract_options(p: argparse.ArgumentParser, data_required: bool = True)
     p.add_argument("--precision", help="backbone precision: float32 (default) or bfloat16")
     p.add_argument("--on-bad-image", help="error (default): list undecodable images and stop; "
                                           "skip: leave them out")
+    p.add_argument("--max-pixels", type=int, help="refuse images of more pixels than this, as bad images "
+                                                  "(default 178956970, Pillow's decompression-bomb limit)")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -122,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def extract_overrides(args: argparse.Namespace) -> dict:
     """The extraction options given as flags (None where not given)."""
-    keys = ("backbones", "weights", "image_size", "batch_size", "precision", "seed", "on_bad_image")
+    keys = ("backbones", "weights", "image_size", "batch_size", "precision", "seed", "on_bad_image", "max_pixels")
     return {key: getattr(args, key, None) for key in keys}
 
 

@@ -19,6 +19,8 @@ MAX_FOLDS: int = 100
 PRECISIONS = ("float32", "bfloat16")
 BAD_IMAGE_POLICIES = ("error", "skip")
 HEAD_KINDS = ("seed",)
+MAX_PIXELS = 178_956_970
+"""Default cap on an image's pixels (Pillow's decompression-bomb limit)."""
 
 COMMAND_LINE = "the command line"
 
@@ -26,7 +28,7 @@ _FLAGS = {
     "backbones": "--backbones", "weights": "--weights", "image_size": "--image-size",
     "precision": "--precision", "on_bad_image": "--on-bad-image", "folds": "--folds", "seed": "--seed",
     "head": "--head", "epochs": "--epochs", "patience": "--patience", "dropout": "--dropout",
-    "learning_rate": "--learning-rate",
+    "learning_rate": "--learning-rate", "max_pixels": "--max-pixels",
 }
 
 Where = Callable[[str], "str | None"]
@@ -134,6 +136,7 @@ def _check_extract(v: dict, where: Where) -> dict:
     check.choice("precision", v["precision"], PRECISIONS)
     _check_seed(check, v["seed"])
     check.choice("on_bad_image", v["on_bad_image"], BAD_IMAGE_POLICIES)
+    check.whole("max_pixels", v["max_pixels"], 1)
     return v
 
 
@@ -193,6 +196,7 @@ class ExtractConfig:
     precision: str = "float32"
     seed: int = 0
     on_bad_image: str = "error"
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
         checked = _check_extract({f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)

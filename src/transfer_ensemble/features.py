@@ -334,7 +334,7 @@ def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: 
         rows = np.flatnonzero(todo)
         desc = f"extract {split} [{','.join(s.name for s in specs)} @{size}px]"
         with progress.bar(total=len(rows), desc=desc, unit="img") as bar:
-            for batch in _batches(list(paths), rows, size, config.batch_size):
+            for batch in _batches(list(paths), rows, size, config):
                 b = len(batch.rows)
                 for spec in specs:
                     store = stores[spec.name]
@@ -365,9 +365,10 @@ def _log_reuse(split: str, images: int, cached: dict[str, int]) -> None:
     log.info("%s: reusing cached features that match (%s); computing the rest", split, ", ".join(parts))
 
 
-def _batches(paths: list[Path], rows: np.ndarray, size: int, batch_size: int):
+def _batches(paths: list[Path], rows: np.ndarray, size: int, config: ExtractConfig):
     try:
-        yield from images.iter_batches(paths, rows, size, batch_size, mirrored=True)
+        yield from images.iter_batches(paths, rows, size, config.batch_size, mirrored=True,
+                                       max_pixels=config.max_pixels)
     except images.ImageReadError as exc:
         raise UserError(f"An image could not be decoded during extraction: {exc}. Run the same command "
                         f"again: the image check will list every bad image.") from None

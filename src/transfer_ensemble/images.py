@@ -19,10 +19,12 @@ raises ImageReadError whose message says which of these it is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
 import queue
+import struct
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,12 +35,15 @@ from typing import Iterator, Mapping, Sequence
 import cv2
 import numpy as np
 
+from transfer_ensemble.config import MAX_PIXELS
+
 cv2.setNumThreads(1)
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 JPEG_MAGIC = b"\xff\xd8"
 JPEG_END = b"\xff\xd9"
 JPEG_SOS = 0xDA
+JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 # Signatures of formats OpenCV decodes: a file that starts with one yet fails is corrupt.
 DECODABLE_SIGNATURES = {
@@ -63,8 +68,99 @@ UNSUPPORTED_SIGNATURES = {
 }
 
 
+DECODE_BUDGET_PIXELS = 1 << 28
+"""Pixels that all decoding threads together may hold at once (about 0.8 GB as RGB)."""
+
+
 class ImageReadError(ValueError):
     """An image file that cannot be decoded; the message says why."""
+
+
+class ImageTooLarge(ImageReadError):
+    """An image whose header declares more pixels than the cap (a decompression bomb, say)."""
+
+
+class PixelBudget:
+    """Bounds the pixels being decoded at once across threads; one image alone is always let in."""
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self.used == 0 or self.used + pixels <= self.pixels)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
+
+
+DECODE_BUDGET = PixelBudget(DECODE_BUDGET_PIXELS)
+
+
+def header_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG, GIF, BMP or WebP header, without decoding; else None."""
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR":
+        return struct.unpack(">II", raw[16:24])
+    if raw[:4] in (b"GIF8",) and len(raw) >= 10:
+        return struct.unpack("<HH", raw[6:10])
+    if raw[:2] == b"BM" and len(raw) >= 26:
+        width, height = struct.unpack("<ii", raw[18:26])
+        return abs(width), abs(height)
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP" and len(raw) >= 30:
+        chunk = raw[12:16]
+        if chunk == b"VP8X":
+            return 1 + int.from_bytes(raw[24:27], "little"), 1 + int.from_bytes(raw[27:30], "little")
+        if chunk == b"VP8 ":
+            width, height = struct.unpack("<HH", raw[26:30])
+            return width & 0x3FFF, height & 0x3FFF
+        if chunk == b"VP8L":
+            bits = int.from_bytes(raw[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if raw[:2] == JPEG_MAGIC:
+        return _jpeg_size(raw)
+    return None
+
+
+def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
+    """The frame size of the first start-of-frame segment."""
+    pos = 2
+    while pos + 9 <= len(raw):
+        if raw[pos] != 0xFF:
+            return None
+        marker = raw[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in JPEG_SOF:
+            height, width = struct.unpack(">HH", raw[pos + 5:pos + 9])
+            return width, height
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:
+            pos += 2
+            continue
+        if marker == JPEG_SOS:
+            return None
+        pos += 2 + int.from_bytes(raw[pos + 2:pos + 4], "big")
+    return None
+
+
+def check_pixels(raw: bytes, max_pixels: int = MAX_PIXELS) -> int:
+    """The pixels the header declares (0 if unknown); ImageTooLarge above `max_pixels`."""
+    size = header_size(raw)
+    if size is None:
+        return 0
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"is {width} x {height} pixels ({width * height:,}), more than the limit of "
+                            f"{max_pixels:,} (--max-pixels): a decompression bomb, or a scan far larger "
+                            f"than any model input. Shrink it, or raise --max-pixels if it is genuine")
+    return width * height
 
 
 def read_bytes(path: str | Path) -> np.ndarray:
@@ -80,22 +176,32 @@ def content_hash(data: np.ndarray) -> str:
     return hashlib.sha256(memoryview(data)).hexdigest()
 
 
-def decode(path: str | Path) -> np.ndarray:
+def decode(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode `path` to an RGB uint8 array of shape (height, width, 3)."""
-    return decode_bytes(read_bytes(path))
+    return decode_bytes(read_bytes(path), max_pixels)
 
 
-def decode_bytes(data: np.ndarray) -> np.ndarray:
-    """Decode an image file's bytes (uint8 array) to RGB uint8 (height, width, 3)."""
+def decode_bytes(data: np.ndarray, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode an image file's bytes (uint8 array) to RGB uint8 (height, width, 3).
+
+    Images declaring more than `max_pixels` are refused before decoding; decodes in all threads
+    together hold at most `DECODE_BUDGET` pixels (one larger image alone may proceed).
+    """
     if data.size == 0:
         raise ImageReadError("is empty (0 bytes)")
     raw = data.tobytes()
+    pixels = check_pixels(raw, max_pixels)
     if raw[:2] == JPEG_MAGIC and _jpeg_truncated(raw):
         raise ImageReadError("is a truncated JPEG (the image data stops before its end-of-image marker)")
     try:
-        image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB)
+        with DECODE_BUDGET.hold(pixels):
+            image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB)
     except cv2.error as exc:
-        raise ImageReadError(f"cannot be decoded by OpenCV ({str(exc).strip().splitlines()[-1]})") from None
+        detail = str(exc).strip().splitlines()[-1]
+        if "MAX_IMAGE_PIXELS" in detail or "validateInputImageSize" in detail:
+            raise ImageTooLarge("is larger than OpenCV decodes (more than 2^30 pixels, or a side over "
+                                "2^20): shrink it") from None
+        raise ImageReadError(f"cannot be decoded by OpenCV ({detail})") from None
     if image is None or image.size == 0:
         raise ImageReadError(_why_undecodable(raw))
     return image
@@ -164,9 +270,9 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def load(path: str | Path, size: int) -> np.ndarray:
+def load(path: str | Path, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """The model input for one image: RGB uint8, size x size x 3."""
-    return resize(decode(path), size)
+    return resize(decode(path, max_pixels), size)
 
 
 def mirror(image: np.ndarray) -> np.ndarray:
@@ -176,23 +282,32 @@ def mirror(image: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Inspection:
-    """One image file: the SHA-256 of its bytes (None if unreadable) and why it does not decode."""
+    """One image file: the SHA-256 of its bytes (None if unreadable) and why it does not decode.
+
+    `cacheable` is false for a verdict that depends on the pixel cap rather than on the bytes.
+    """
 
     sha256: str | None
     reason: str | None
+    cacheable: bool = True
 
 
-def inspect(path: str | Path, known: Mapping[str, str | None] | None = None) -> Inspection:
+def inspect(path: str | Path, known: Mapping[str, str | None] | None = None,
+            max_pixels: int = MAX_PIXELS) -> Inspection:
     """Read `path` once: hash its bytes, and decode it unless `known` already has the verdict."""
     try:
         data = read_bytes(path)
     except ImageReadError as exc:
         return Inspection(None, str(exc))
     digest = content_hash(data)
+    try:
+        check_pixels(data[:65536].tobytes(), max_pixels)
+    except ImageTooLarge as exc:
+        return Inspection(digest, str(exc), cacheable=False)
     if known is not None and digest in known:
         return Inspection(digest, known[digest])
     try:
-        decode_bytes(data)
+        decode_bytes(data, max_pixels)
     except ImageReadError as exc:
         return Inspection(digest, str(exc))
     return Inspection(digest, None)
@@ -209,12 +324,13 @@ def default_workers() -> int:
     return max(2, cores)
 
 
-def check(path: str | Path) -> str | None:
+def check(path: str | Path, max_pixels: int = MAX_PIXELS) -> str | None:
     """None when the image decodes, else the reason it does not."""
-    return inspect(path).reason
+    return inspect(path, max_pixels=max_pixels).reason
 
 
-def inspect_all(paths: Sequence[Path], known: Mapping[str, str | None] | None = None) -> list[Inspection]:
+def inspect_all(paths: Sequence[Path], known: Mapping[str, str | None] | None = None,
+                max_pixels: int = MAX_PIXELS) -> list[Inspection]:
     """`inspect` every path on all cores, with a progress bar; results in `paths`' order.
 
     `known` maps content hashes to verdicts from an earlier check: those images are hashed but not
@@ -225,7 +341,7 @@ def inspect_all(paths: Sequence[Path], known: Mapping[str, str | None] | None = 
     results = []
     with ThreadPoolExecutor(max_workers=default_workers()) as pool, \
             progress.bar(total=len(paths), desc="check images", unit="img") as bar:
-        for result in pool.map(lambda p: inspect(p, known), paths):
+        for result in pool.map(lambda p: inspect(p, known, max_pixels), paths):
             results.append(result)
             bar.update()
     return results
@@ -240,7 +356,8 @@ class Batch:
 
 
 def iter_batches(paths: Sequence[Path], rows: Sequence[int], size: int, batch_size: int,
-                 workers: int | None = None, prefetch: int = 4, mirrored: bool = False) -> Iterator[Batch]:
+                 workers: int | None = None, prefetch: int = 4, mirrored: bool = False,
+                 max_pixels: int = MAX_PIXELS) -> Iterator[Batch]:
     """Decode ``paths[r]`` for each row r in `rows`, in order, in background threads.
 
     `workers` threads (default: `default_workers()`) decode up to `prefetch` batches ahead,
@@ -264,7 +381,7 @@ def iter_batches(paths: Sequence[Path], rows: Sequence[int], size: int, batch_si
                     if stop.is_set():
                         return
                     for row in itertools.islice(ahead, prefetch * batch_size - len(pending)):
-                        pending.append(pool.submit(load, paths[row], size))
+                        pending.append(pool.submit(load, paths[row], size, max_pixels))
                     loaded = [pending.popleft().result() for _ in chunk]
                     if mirrored:
                         loaded += [mirror(image) for image in loaded]

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from transfer_ensemble import ensemble, features, heads, images
-from transfer_ensemble.config import ExtractConfig
+from transfer_ensemble.config import MAX_PIXELS, ExtractConfig
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import (PREDICT_SPLIT, SPLITS, VIEWS, PredictCache, Recipe, RunFolder,
@@ -104,7 +104,7 @@ class Run:
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise UserError(f"{len(missing)} images do not exist: {_first_few(missing)}.")
-        keys = check_images(paths)
+        keys = check_images(paths, self.extract_config.max_pixels)
         stores, _ = self.extract(paths, keys, batch_size, cache_dir)
         return np.concatenate([p for _, p in self.iter_probabilities(stores, len(paths), tta)])
 
@@ -296,9 +296,9 @@ def _images_from_csv(path: Path) -> tuple[list[Path], list[str]]:
     return paths, names
 
 
-def check_images(paths: Sequence[Path]) -> list[str]:
+def check_images(paths: Sequence[Path], max_pixels: int = MAX_PIXELS) -> list[str]:
     """Read and decode every image once; their content hashes, or UserError listing every bad one."""
-    results = images.inspect_all(paths)
+    results = images.inspect_all(paths, max_pixels=max_pixels)
     bad = [(path, r.reason) for path, r in zip(paths, results) if r.reason is not None]
     if bad:
         rows = [f"  {path}: {reason}" for path, reason in bad]
@@ -346,7 +346,7 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
     folder = RunFolder.existing(run_dir, "predict with")
     folder.select_recipe(heads_name, "predict")
     paths, names = find_images(source)
-    keys = check_images(paths)
+    keys = check_images(paths, folder.extract_config().max_pixels)
     run = Run.load(run_dir, weights=weights, heads_name=heads_name)
     if fmt == "top-k" and k > len(run.classes):
         log.info("--k %d is more than the %d classes: writing all %d", k, len(run.classes), len(run.classes))

@@ -23,7 +23,8 @@ from transfer_ensemble.storage import disk_errors, write_json
 log = logging.getLogger(__name__)
 
 
-def _check_images(run: RunFolder, dataset: Dataset) -> tuple[dict[str, list[str]], dict[str, list[tuple[Item, str]]]]:
+def _check_images(run: RunFolder, dataset: Dataset,
+                  max_pixels: int) -> tuple[dict[str, list[str]], dict[str, list[tuple[Item, str]]]]:
     """Read every image once: its content hash, and whether it decodes (cached by content).
 
     Returns the content hashes and the bad images, per split.
@@ -31,7 +32,7 @@ def _check_images(run: RunFolder, dataset: Dataset) -> tuple[dict[str, list[str]
     items = {split: dataset.split(split) for split in SPLITS}
     paths = [it.path for split in SPLITS for it in items[split]]
     known = run.read_image_check()
-    results = iter(images.inspect_all(paths, known))
+    results = iter(images.inspect_all(paths, known, max_pixels))
     keys: dict[str, list[str]] = {split: [] for split in SPLITS}
     bad: dict[str, list[tuple[Item, str]]] = {split: [] for split in SPLITS}
     verdicts = {}
@@ -39,7 +40,7 @@ def _check_images(run: RunFolder, dataset: Dataset) -> tuple[dict[str, list[str]
         for item in items[split]:
             result = next(results)
             keys[split].append(result.sha256)
-            if result.sha256 is not None:
+            if result.sha256 is not None and result.cacheable:
                 verdicts[result.sha256] = result.reason
             if result.reason is not None:
                 bad[split].append((item, result.reason))
@@ -71,7 +72,7 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
     dataset = load_dataset(data)
     extractor = Extractor(config)
     with run.lock(), disk_errors(run.path):
-        keys, bad = _check_images(run, dataset)
+        keys, bad = _check_images(run, dataset, config.max_pixels)
         if (bad["train"] or bad["test"]) and config.on_bad_image == "error":
             raise _bad_image_error(bad)
         bad_train = {it.path for it, _ in bad["train"]}
