@@ -63,6 +63,8 @@ def test_run_writes_every_artefact_with_the_right_shapes(finished_run):
     assert set(metrics["per_view"]) == {"original", "flipped"}
     assert 0 <= metrics["ensemble"]["accuracy"] <= 1 and metrics["ensemble"]["log_loss"] > 0
     assert "both views" in result.stdout and "log loss" in result.stdout
+    assert "validation images" in result.stdout.splitlines()[result.stdout.splitlines().index(
+        f"head recipe {recipe.name}:") + 1]
     assert f"The heads of recipe {recipe.name} learned almost nothing" in result.stderr  # random weights
     assert "learned almost nothing" in (run / "report.html").read_text()
     assert "building xception (random weights) at 75 px" in result.stderr

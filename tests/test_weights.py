@@ -61,3 +61,4 @@ def test_offline_imagenet_failure_is_one_clear_message(tmp_path):
     assert "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
     assert str(keras_home / "models") in message
     assert "--weights WEIGHTS_DIR" in message
+    assert "Downloading" not in result.stdout, "Keras's download message must go to stderr"
