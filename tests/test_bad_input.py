@@ -379,3 +379,20 @@ def test_decoding_threads_share_a_pixel_budget():
     with budget.hold(500):  # one image alone may exceed the budget
         inside.set()
     assert inside.is_set() and budget.used == 0
+
+
+def test_opencvs_own_size_limit_is_worded(tmp_path, monkeypatch):
+    import cv2
+
+    from transfer_ensemble import images
+
+    path = tmp_path / "huge.tif"
+    save_rgb(path, draw(0, np.random.default_rng(0)))
+
+    def over_limit(*args, **kwargs):
+        raise cv2.error("OpenCV(5.0.0) loadsave.cpp:77: error: (-215:Assertion failed) "
+                        "pixels <= CV_IO_MAX_IMAGE_PIXELS in function 'validateInputImageSize'")
+
+    monkeypatch.setattr(cv2, "imdecode", over_limit)
+    reason = images.check(path)
+    assert reason.startswith("is larger than OpenCV decodes") and "Assertion" not in reason
