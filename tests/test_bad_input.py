@@ -108,7 +108,8 @@ def test_a_hand_edited_config_with_a_wrong_value_names_the_file_and_key(capsys, 
 
 
 @pytest.mark.parametrize("key, value, needle", [
-    ("folds", "3", "must be a whole number, not '3' (a string)"), ("dropout", 1.5, "--dropout 1.5"), ("epochs", 0, "--epochs 0"),
+    ("folds", "3", "must be a whole number, not '3' (a string)"), ("dropout", 1.5, "--dropout 1.5"),
+    ("epochs", 0, "--epochs 0"),
     ("learning_rate", "fast", "--learning-rate 'fast'"),
 ])
 def test_a_hand_edited_train_section_is_checked_too(capsys, tmp_path, key, value, needle):

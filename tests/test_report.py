@@ -24,7 +24,8 @@ from transfer_ensemble.config import HeadOptions, TrainConfig
 from transfer_ensemble.runfolder import RunFolder, labels_digest
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SECTIONS = {"recipes": "Head recipes tried on this run", "loss": "Training and validation loss", "scores": "Out-of-fold scores",
+SECTIONS = {"recipes": "Head recipes tried on this run", "loss": "Training and validation loss",
+            "scores": "Out-of-fold scores",
             "calibration": "Calibration", "confused": "most confused class pairs",
             "per-class": "Per-class accuracy, worst first", "wrong": "Most confidently wrong training images"}
 

@@ -7,7 +7,6 @@ except where a fresh process matters (offline weights).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil

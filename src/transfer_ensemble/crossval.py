@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+
 from transfer_ensemble import ensemble, heads, progress
 from transfer_ensemble.runfolder import VIEWS, DamagedFile, FoldFiles, Recipe, RunFolder, load_json, load_npy
 from transfer_ensemble.storage import atomic_path, write_json, write_npy

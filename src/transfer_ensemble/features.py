@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+
 from transfer_ensemble import backbones, images, progress
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.errors import UserError

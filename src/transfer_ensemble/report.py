@@ -439,7 +439,8 @@ def _summary(record: RunRecord) -> str:
                  f"{len(record.classes)} classes)"),
         ("backbones", f"{', '.join(extract.get('backbones', []))} at {size} px, "
                       f"{extract.get('precision', 'float32')}, weights {extract.get('weights')}"),
-        ("heads", f"recipe {record.recipe.name}: {train.get('head')} head, {train.get('folds')} folds x {len(VIEWS)} views, at most {train.get('epochs')} epochs, "
+        ("heads", f"recipe {record.recipe.name}: {train.get('head')} head, {train.get('folds')} folds x "
+                  f"{len(VIEWS)} views, at most {train.get('epochs')} epochs, "
                   f"patience {train.get('patience')}, dropout {train.get('dropout')}, "
                   f"learning rate {train.get('learning_rate')}"),
         ("OOF ensemble", f"log loss {e['log_loss']:.4f}, accuracy {e['accuracy']:.4f}"),

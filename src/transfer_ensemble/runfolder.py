@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 VIEWS = ("original", "flipped")
 SPLITS = ("train", "test")
 PREDICT_SPLIT = "predict"
+RECIPE_RECORD = "recipe.json"
 
 
 class DamagedFile(Exception):
@@ -270,7 +271,7 @@ class Recipe:
 
     @property
     def record_path(self) -> Path:
-        return self.folder / "recipe.json"
+        return self.folder / RECIPE_RECORD
 
     @property
     def jobs(self) -> list[tuple[str, int]]:
@@ -501,7 +502,7 @@ class RunFolder:
         if not self.heads_dir.is_dir():
             return found
         for folder in sorted(p for p in self.heads_dir.iterdir() if p.is_dir()):
-            record = Recipe(folder.name, TrainConfig(), {}, folder).record_path
+            record = folder / RECIPE_RECORD
             try:
                 obj = load_json(record)
                 config = TrainConfig.from_json(obj["config"], source=str(record))

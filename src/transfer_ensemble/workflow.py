@@ -185,7 +185,8 @@ def _class_frequencies(run_data: RunData) -> np.ndarray:
     return counts / counts.sum()
 
 
-def test_probabilities(run: RunFolder, recipe: Recipe, run_data: RunData, test_identity: str) -> tuple[np.ndarray, dict]:
+def test_probabilities(run: RunFolder, recipe: Recipe, run_data: RunData,
+                       test_identity: str) -> tuple[np.ndarray, dict]:
     """The ensemble's probabilities for every test id, and each view's models combined on their own.
 
     Test images that did not decode get the training class frequencies.
