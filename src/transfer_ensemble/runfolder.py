@@ -503,6 +503,10 @@ class RunFolder:
             return found
         for folder in sorted(p for p in self.heads_dir.iterdir() if p.is_dir()):
             record = folder / RECIPE_RECORD
+            if folder.name in VIEWS and not record.exists():
+                log.warning("%s holds fold models in the layout of transfer-ensemble before head recipes; "
+                            "they are not used: `train` trains them again as a recipe", folder)
+                continue
             try:
                 obj = load_json(record)
                 config = TrainConfig.from_json(obj["config"], source=str(record))
