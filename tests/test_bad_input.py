@@ -397,3 +397,14 @@ def test_opencvs_own_size_limit_is_worded(tmp_path, monkeypatch):
     monkeypatch.setattr(cv2, "imdecode", over_limit)
     reason = images.check(path)
     assert reason.startswith("is larger than OpenCV decodes") and "Assertion" not in reason
+
+
+def test_a_cache_dir_under_a_file_says_so(tmp_path):
+    from transfer_ensemble import predict
+    from transfer_ensemble.errors import UserError
+    from transfer_ensemble.runfolder import PredictCache
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="a part of that path is an existing file, not a folder. Pass --cache-dir"):
+        predict._cache_lock(PredictCache(blocker / "key"), False, tmp_path / "run")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import errno
 import logging
 import os
 import time
@@ -191,15 +192,15 @@ def _load_models(run: RunFolder, recipe: Recipe) -> dict[str, list]:
 
 
 def _cache_lock(cache: PredictCache, in_run: bool, run_dir: Path):
-    """The predict cache's own lock; a clear hint when the default cache (in the run) is not writable."""
+    """The predict cache's own lock; a clear error when its folder cannot be made."""
     try:
         cache.folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        where = f"the run folder {run_dir}" if in_run else str(cache.folder.parent)
-        hint = (" Pass --cache-dir DIR (cache_dir= in Python) with a writable folder: the run "
-                "itself is only read." if in_run else " Pass a writable --cache-dir.")
-        raise UserError(f"Cannot create the feature cache {cache.folder} ({exc.strerror}): {where} is "
-                        f"not writable.{hint}") from None
+        why = ("a part of that path is an existing file, not a folder"
+               if exc.errno in (errno.ENOTDIR, errno.EEXIST) else exc.strerror)
+        hint = (f"The run folder {run_dir} is only read by predict: pass --cache-dir DIR (cache_dir= in "
+                f"Python) with a folder you can write" if in_run else "Pass --cache-dir with a folder you can write")
+        raise UserError(f"Cannot create the feature cache {cache.folder}: {why}. {hint}.") from None
     return run_lock(cache.folder)
 
 
