@@ -174,6 +174,21 @@ def test_features_of_another_size_or_backbone_make_the_heads_stale(copied, call,
 
 
 @pytest.mark.slow
+def test_changed_labels_make_the_heads_stale_though_no_feature_changes(copied, call, tmp_path):
+    data, run = copied
+    labels = pd.read_csv(data / "labels.csv")
+    labels.loc[0, "breed"], labels.loc[len(labels) - 1, "breed"] = labels.loc[len(labels) - 1, "breed"], \
+        labels.loc[0, "breed"]
+    labels.to_csv(data / "labels.csv", index=False)
+    code, out, err = call("extract", "--data", str(data), "--run", str(run), *EXTRACT)
+    assert code == 0 and "all features were already computed" in out, err
+    code, _, err = call("submit", "--run", str(run), "--out", str(tmp_path / "s.csv"))
+    assert_clear_error(code, err, "trained on features or labels that have changed since")
+    assert call("train", "--run", str(run))[0] == 0
+    assert call("submit", "--run", str(run), "--out", str(tmp_path / "s.csv"))[0] == 0
+
+
+@pytest.mark.slow
 def test_a_same_size_rewrite_with_its_mtime_restored_is_recomputed(copied, call):
     data, run = copied
     store = RunFolder(run).store("train", "xception")
