@@ -313,6 +313,12 @@ def inspect(path: str | Path, known: Mapping[str, str | None] | None = None,
     return Inspection(digest, None)
 
 
+def listing(bad: Sequence[tuple[Path, str]], limit: int = 50) -> str:
+    """Undecodable images, one indented line each with its reason; at most `limit`, then a count."""
+    rows = [f"  {path}: {reason}" for path, reason in bad]
+    return "\n".join(rows[:limit]) + (f"\n  ... and {len(rows) - limit} more" if len(rows) > limit else "")
+
+
 def default_workers() -> int:
     """Decoding threads: one per CPU core this process may use, at least 2.
 

@@ -302,9 +302,7 @@ def check_images(paths: Sequence[Path], max_pixels: int = MAX_PIXELS) -> list[st
     results = images.inspect_all(paths, max_pixels=max_pixels)
     bad = [(path, r.reason) for path, r in zip(paths, results) if r.reason is not None]
     if bad:
-        rows = [f"  {path}: {reason}" for path, reason in bad]
-        shown = "\n".join(rows[:50]) + (f"\n  ... and {len(rows) - 50} more" if len(rows) > 50 else "")
-        raise UserError(f"{len(rows)} images cannot be decoded (nothing was scored):\n{shown}\n"
+        raise UserError(f"{len(bad)} images cannot be decoded (nothing was scored):\n{images.listing(bad)}\n"
                         f"Fix or remove them (or leave them out of the CSV) and run the same command again.")
     return [r.sha256 for r in results]
 

@@ -154,14 +154,6 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def read_json_optional(path: str | os.PathLike) -> Any:
-    """The JSON in `path`, or None when it is missing or not valid JSON."""
-    try:
-        return read_json(path)
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:

@@ -50,10 +50,10 @@ def _check_images(run: RunFolder, dataset: Dataset,
 
 
 def _bad_image_error(bad: dict[str, list[tuple[Item, str]]]) -> UserError:
-    rows = [f"  {it.path}: {reason}" for split in bad for it, reason in bad[split]]
-    shown = "\n".join(rows[:50]) + (f"\n  ... and {len(rows) - 50} more" if len(rows) > 50 else "")
+    pairs = [(it.path, reason) for split in bad for it, reason in bad[split]]
     return UserError(
-        f"{len(rows)} images cannot be decoded (no model was built, nothing was computed):\n{shown}\n"
+        f"{len(pairs)} images cannot be decoded (no model was built, nothing was computed):\n"
+        f"{images.listing(pairs)}\n"
         f"Fix or remove them, or pass --on-bad-image skip to leave bad training images out and give "
         f"bad test images the training class frequencies in the submission."
     )
