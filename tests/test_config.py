@@ -8,7 +8,8 @@ import pytest
 
 from transfer_ensemble import backbones
 from transfer_ensemble.config import (
-    BAD_IMAGE_POLICIES, MAX_FOLDS, MAX_SEED, PRECISIONS, ExtractConfig, HeadOptions, TrainConfig, merged,
+    LinearOptions,
+    BAD_IMAGE_POLICIES, MAX_FOLDS, MAX_SEED, PRECISIONS, ExtractConfig, SeedOptions, TrainConfig, merged,
 )
 from transfer_ensemble.errors import UserError
 
@@ -90,7 +91,7 @@ def test_bad_extract_value_refused_when_built_directly(key, value, flag):
 
 @pytest.mark.parametrize("key, value, flag", BAD_TRAIN)
 def test_bad_train_value_refused_when_built_directly(key, value, flag):
-    target = TrainConfig if key in ("folds", "seed", "head") else HeadOptions
+    target = TrainConfig if key in ("folds", "seed", "head") else SeedOptions
     message = _refusal(lambda: target(**{key: value}))
     assert flag in message and repr(value) in message
     assert "config.json" not in message
@@ -98,7 +99,11 @@ def test_bad_train_value_refused_when_built_directly(key, value, flag):
 
 def test_messages_say_why():
     assert "32 bits" in _refusal(lambda: TrainConfig.from_json({"seed": MAX_SEED + 1}, SOURCE))
-    assert "1e-4 to 1e-2" in _refusal(lambda: TrainConfig.from_json({"learning_rate": 1e30}, SOURCE))
+    assert "1e-4 to 1e-2" in _refusal(lambda: TrainConfig.from_json({"head": "seed", "learning_rate": 1e30}, SOURCE))
+    text = _refusal(lambda: TrainConfig.from_json({"epochs": 3}, SOURCE))
+    assert "--epochs 3" in text and "option of --head seed, not of --head linear" in text and SOURCE in text
+    text = _refusal(lambda: TrainConfig.from_json({"tta": "yes"}, SOURCE))
+    assert "--tta 'yes'" in text and "true or false" in text
     text = _refusal(lambda: ExtractConfig.from_json({"image_size": "75"}, SOURCE))
     assert "whole number" in text and "a string" in text
     text = _refusal(lambda: ExtractConfig.from_json({"image_size": 10}, SOURCE))
@@ -116,22 +121,32 @@ def test_json_shapes():
     extract = ExtractConfig().to_json()
     assert extract["backbones"] == list(backbones.DEFAULT_BACKBONES)
     assert extract["image_size"] is None
-    assert set(TrainConfig().to_json()) == {"folds", "seed", "head", "epochs", "patience", "dropout",
-                                            "batch_size", "learning_rate"}
+    recipe = {"folds", "seed", "head", "multiscale", "pool_views", "tta", "temperature"}
+    assert set(TrainConfig(head="seed").to_json()) == recipe | {"epochs", "patience", "dropout", "batch_size",
+                                                                "learning_rate"}
+    assert set(TrainConfig(head="linear").to_json()) == recipe | {"power"}
+
+
+def test_each_head_has_its_own_view_and_calibration_defaults():
+    seed = TrainConfig(head="seed")
+    assert (seed.multiscale, seed.pool_views, seed.tta, seed.temperature) == (False,) * 4, "the paper's recipe"
+    linear = TrainConfig(head="linear")
+    assert (linear.multiscale, linear.pool_views, linear.tta, linear.temperature) == (True,) * 4
+    assert TrainConfig(head="seed", tta=True).tta and not TrainConfig(head="linear", tta=False).tta
 
 
 def test_non_default_configs_round_trip():
     extract = ExtractConfig(backbones=("mobilenet_v2", "xception"), weights="/tmp/weights", image_size=96,
                             batch_size=4, precision=PRECISIONS[1], seed=7, on_bad_image=BAD_IMAGE_POLICIES[1])
     assert ExtractConfig.from_json(extract.to_json(), SOURCE) == extract
-    train = TrainConfig(folds=3, seed=11, options=HeadOptions(epochs=4, patience=2, dropout=0.0,
+    train = TrainConfig(head="seed", folds=3, seed=11, options=SeedOptions(epochs=4, patience=2, dropout=0.0,
                                                               batch_size=16, learning_rate=0.01))
     assert TrainConfig.from_json(train.to_json(), SOURCE) == train
 
 
 def test_from_json_ignores_unknown_keys_and_defaults_head():
-    train = TrainConfig.from_json({"folds": 3, "seed": 1, "epochs": 2, "other_section": {"x": 1}})
-    assert train == TrainConfig(folds=3, seed=1, head="seed", options=HeadOptions(epochs=2))
+    train = TrainConfig.from_json({"folds": 3, "seed": 1, "power": False, "other_section": {"x": 1}})
+    assert train == TrainConfig(folds=3, seed=1, head="linear", options=LinearOptions(power=False))
 
 
 def test_backbones_from_string_or_list():
@@ -142,17 +157,17 @@ def test_backbones_from_string_or_list():
 
 
 def test_merged_prefers_flag_then_saved_then_default():
-    saved = {"folds": 3, "epochs": 7, "learning_rate": 0.01, "unrelated": "kept out"}
+    saved = {"head": "seed", "folds": 3, "epochs": 7, "learning_rate": 0.01, "unrelated": "kept out"}
     train = merged(TrainConfig, saved, {"folds": 4, "epochs": None, "seed": None}, SOURCE)
-    assert train == TrainConfig(folds=4, seed=0, options=HeadOptions(epochs=7, learning_rate=0.01))
+    assert train == TrainConfig(head="seed", folds=4, seed=0, options=SeedOptions(epochs=7, learning_rate=0.01))
     extract = merged(ExtractConfig, None, {"batch_size": 8, "image_size": None})
     assert extract == ExtractConfig(batch_size=8)
 
 
 def test_merged_says_where_a_bad_value_came_from():
-    from_file = _refusal(lambda: merged(TrainConfig, {"epochs": 0}, {"folds": 3}, SOURCE))
+    from_file = _refusal(lambda: merged(TrainConfig, {"head": "seed", "epochs": 0}, {"folds": 3}, SOURCE))
     assert "--epochs" in from_file and SOURCE in from_file
-    from_flag = _refusal(lambda: merged(TrainConfig, {"epochs": 3}, {"folds": 1}, SOURCE))
+    from_flag = _refusal(lambda: merged(TrainConfig, {"head": "seed", "epochs": 3}, {"folds": 1}, SOURCE))
     assert "--folds" in from_flag and "command line" in from_flag and SOURCE not in from_flag
 
 

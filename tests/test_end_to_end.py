@@ -62,7 +62,7 @@ def test_run_writes_every_artefact_with_the_right_shapes(finished_run):
                                                                     for f in range(2)}
     assert set(metrics["per_view"]) == {"original", "flipped"}
     assert 0 <= metrics["ensemble"]["accuracy"] <= 1 and metrics["ensemble"]["log_loss"] > 0
-    assert "both views" in result.stdout and "log loss" in result.stdout
+    assert "ensemble" in result.stdout and "log loss" in result.stdout
     assert "validation images" in result.stdout.splitlines()[result.stdout.splitlines().index(
         f"head recipe {recipe.name}:") + 1]
     assert f"The heads of recipe {recipe.name} learned almost nothing" in result.stderr  # random weights
@@ -100,7 +100,7 @@ def test_folder_layout_reports_hold_out_scores(folder_data, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "hold-out test" in result.stdout
     rows = [line.split("  ")[0] for line in result.stdout.splitlines() if "  hold-out test  " in line]
-    assert rows == ["original", "flipped", "both views"], "hold-out rows are named as the OOF rows are"
+    assert rows == ["original", "flipped", "ensemble"], "hold-out rows are named as the OOF rows are"
     holdout = RunFolder(tmp_path / "run").select_recipe().metrics()["holdout"]
     assert holdout["ensemble"]["n"] == 6
     frame = pd.read_csv(out)

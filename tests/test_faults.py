@@ -24,12 +24,12 @@ import pytest
 
 from conftest import FAST_TRAIN, TINY, make_kaggle, run_cli
 from transfer_ensemble import cli, storage
-from transfer_ensemble.config import HeadOptions, TrainConfig
+from transfer_ensemble.config import SeedOptions, TrainConfig
 from transfer_ensemble.runfolder import VIEWS, FoldFiles, Recipe, RunFolder
 
 FOLDS = 2
 JOBS = [(view, fold) for view in VIEWS for fold in range(FOLDS)]
-FAST_CONFIG = TrainConfig(folds=FOLDS, options=HeadOptions(epochs=3, patience=2))  # what FAST_TRAIN trains
+FAST_CONFIG = TrainConfig(head="seed", folds=FOLDS, options=SeedOptions(epochs=3, patience=2))  # what FAST_TRAIN trains
 
 
 def recipe(run: Path) -> Recipe:
@@ -291,7 +291,7 @@ def test_unwritable_run_folder_is_a_clear_error(reference: dict, tmp_path: Path,
     code = cli.main(["train", "--run", str(run), *FAST_TRAIN, "--epochs", "4"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    other = RunFolder(run).recipe(TrainConfig(folds=FOLDS, options=HeadOptions(epochs=4, patience=2)))
+    other = RunFolder(run).recipe(TrainConfig(head="seed", folds=FOLDS, options=SeedOptions(epochs=4, patience=2)))
     assert f"Could not write {other.record_path}: {why}." in err
     assert {p: p.read_bytes() for p in before} == before
 

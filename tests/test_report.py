@@ -20,7 +20,7 @@ import pytest
 
 from conftest import draw, run_cli, save_rgb
 from transfer_ensemble import ensemble, report
-from transfer_ensemble.config import HeadOptions, TrainConfig
+from transfer_ensemble.config import SeedOptions, TrainConfig
 from transfer_ensemble.runfolder import RunFolder, labels_digest
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -63,7 +63,7 @@ def make_run(base: Path, n_classes: int = 25, per_class: int = 8, folds: int = 3
             _write(run.store(split, name).meta, {"backbone": name, "width": 2048, "weights": "random:seed=0"})
             _write(run.store(split, name).keys, [f"{split}{i}" for i in range(n)])
     inputs = run.feature_inputs(backbones)
-    recipe = run.recipe(TrainConfig(folds=folds, options=HeadOptions(epochs=12, patience=3)),
+    recipe = run.recipe(TrainConfig(head="seed", folds=folds, options=SeedOptions(epochs=12, patience=3)),
                         {"features": inputs["features"], "train": inputs["train"],
                          "labels": labels_digest(labels)})
     run.write_recipe(recipe)
@@ -114,7 +114,7 @@ def test_the_report_has_every_section(built):
         assert f'<section id="{section}">' in page and f'href="#{section}"' in page
         assert title in page
     assert "--weights random" in page
-    assert "ensemble of both views (OOF)" in page
+    assert "ensemble (OOF)" in page
 
 
 def test_embedded_images_are_valid_pngs_and_match_the_files(built):

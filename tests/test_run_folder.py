@@ -19,13 +19,13 @@ import pytest
 
 from conftest import FAST_TRAIN, TINY, draw, make_kaggle, run_cli, save_rgb
 from transfer_ensemble import cli, ensemble, features, predict
-from transfer_ensemble.config import HeadOptions, TrainConfig
+from transfer_ensemble.config import LinearOptions, SeedOptions, TrainConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import (VIEWS, DamagedFile, RunFolder, StoreFiles, load_json, load_npy,
                                          recipe_name)
 
 EXTRACT = ["--backbones", "xception", "--weights", "random", "--image-size", str(TINY), "--batch-size", "8"]
-FAST_CONFIG = TrainConfig(folds=2, options=HeadOptions(epochs=3, patience=2))  # what FAST_TRAIN trains
+FAST_CONFIG = TrainConfig(head="seed", folds=2, options=SeedOptions(epochs=3, patience=2))  # what FAST_TRAIN trains
 
 
 @pytest.fixture
@@ -317,7 +317,7 @@ def test_other_options_add_a_recipe_beside_the_first_and_the_best_is_used(copied
     kept = files_and_times(first.folder)
     code, out, err = call("train", "--run", str(run), "--epochs", "1")
     assert code == 0, err
-    second = folder.recipe(TrainConfig(folds=2, options=HeadOptions(epochs=1, patience=2)))
+    second = folder.recipe(TrainConfig(head="seed", folds=2, options=SeedOptions(epochs=1, patience=2)))
     assert second.name == "seed-folds2-epochs1-patience2" and second.folder.is_dir()
     assert files_and_times(first.folder) == kept, "training other options touched the first recipe"
     statuses = folder.statuses()
@@ -366,8 +366,12 @@ def test_a_bare_train_reuses_the_recorded_options(copied, call):
 # ---- fast unit tests of the pieces ---------------------------------------------------------------
 
 def test_recipe_names_show_the_head_and_each_non_default_option():
-    assert recipe_name(TrainConfig()) == "seed"
-    assert recipe_name(TrainConfig(folds=3, options=HeadOptions(learning_rate=0.0005))) == \
+    assert recipe_name(TrainConfig()) == "linear"
+    assert recipe_name(TrainConfig(head="seed")) == "seed"
+    assert recipe_name(TrainConfig(head="seed", tta=True)) == "seed-tta"
+    assert recipe_name(TrainConfig(temperature=False, options=LinearOptions(power=False))) == \
+        "linear-no_temperature-no_power"
+    assert recipe_name(TrainConfig(head="seed", folds=3, options=SeedOptions(learning_rate=0.0005))) == \
         "seed-folds3-learning_rate0.0005"
     assert recipe_name(TrainConfig(seed=1)) != recipe_name(TrainConfig(seed=2))
 
@@ -411,9 +415,15 @@ def test_a_store_copies_known_rows_from_donors_and_rebuilds_when_damaged(tmp_pat
 
 def test_train_config_overrides_keep_the_rest_of_the_recorded_options(tmp_path):
     folder = RunFolder(tmp_path)
-    folder.update_config(extract={"backbones": ["xception"]}, train={"folds": 3, "epochs": 7, "seed": 4})
-    assert folder.train_config() == TrainConfig(folds=3, seed=4, options=HeadOptions(epochs=7))
-    assert folder.train_config({"epochs": 9, "folds": None}) == \
-        TrainConfig(folds=3, seed=4, options=HeadOptions(epochs=9))
+    folder.update_config(extract={"backbones": ["xception"]},
+                         train={"head": "seed", "folds": 3, "epochs": 7, "seed": 4})
+    assert folder.train_config({"head": "seed"}) == \
+        TrainConfig(head="seed", folds=3, seed=4, options=SeedOptions(epochs=7))
+    assert folder.train_config({"head": "seed", "epochs": 9, "folds": None}) == \
+        TrainConfig(head="seed", folds=3, seed=4, options=SeedOptions(epochs=9))
+    # A bare train trains the default head, with the run's folds and seed.
+    assert folder.train_config() == TrainConfig(folds=3, seed=4)
+    with pytest.raises(UserError, match="--epochs 9 .*option of --head seed"):
+        folder.train_config({"epochs": 9})
     with pytest.raises(UserError, match="--folds"):
         folder.train_config({"folds": 1})

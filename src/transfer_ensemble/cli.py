@@ -20,7 +20,8 @@ from transfer_ensemble.errors import UserError
 
 log = logging.getLogger("transfer_ensemble")
 
-HEADS_HELP = "head recipe to use (default: the run's current recipe with the lowest OOF log loss)"
+HEADS_HELP = ("head recipe to use (default: the one the last `train` trained; 'best': the current "
+              "recipe with the lowest OOF log loss)")
 
 
 def _positive_int(text: str) -> int:
@@ -42,18 +43,35 @@ def _add_extract_options(p: argparse.ArgumentParser, data_required: bool = True)
     p.add_argument("--precision", help="backbone precision: float32 (default) or bfloat16")
     p.add_argument("--on-bad-image", help="error (default): list undecodable images and stop; "
                                           "skip: leave them out")
+    p.add_argument("--scales", help="input sizes to extract at, as multiples of --image-size (default "
+                                    "1,1.5: a second scale for the default head; 1 alone is the paper's)")
     p.add_argument("--max-pixels", type=int, help="refuse images of more pixels than this, as bad images "
                                                   "(default 178956970, Pillow's decompression-bomb limit)")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--head", help="kind of head (default seed: the paper's dropout + softmax head)")
+    p.add_argument("--head", help="kind of head: linear (the default: logistic regression, chosen by "
+                                  "out-of-fold log loss) or seed (the paper's dropout + softmax head; "
+                                  "--head seed reproduces the paper's submission)")
     p.add_argument("--folds", type=int, help="cross-validation folds (default 5)")
-    p.add_argument("--epochs", type=int, help="most epochs per head (default 50)")
-    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 5)")
-    p.add_argument("--dropout", type=float, help="dropout before the softmax layer (default 0.5)")
-    p.add_argument("--head-batch-size", type=int, help="head training batch size (default 128)")
-    p.add_argument("--learning-rate", type=float, help="Adam learning rate (default 0.001)")
+    views = p.add_argument_group("scales, views and calibration (defaults depend on --head: seed none, linear all)")
+    views.add_argument("--multiscale", action=argparse.BooleanOptionalAction,
+                       help="give the heads the features of every extracted scale side by side")
+    views.add_argument("--pool-views", action=argparse.BooleanOptionalAction,
+                       help="one model per fold trained on the rows of every view, not one per view")
+    views.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                       help="each model scores every view of an image and averages (test-time augmentation)")
+    views.add_argument("--temperature", action=argparse.BooleanOptionalAction,
+                       help="calibrate the ensemble with a temperature fitted on out-of-fold predictions")
+    seed = p.add_argument_group("--head seed options")
+    seed.add_argument("--epochs", type=int, help="most epochs per head (default 50)")
+    seed.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 5)")
+    seed.add_argument("--dropout", type=float, help="dropout before the softmax layer (default 0.5)")
+    seed.add_argument("--head-batch-size", type=int, help="head training batch size (default 128)")
+    seed.add_argument("--learning-rate", type=float, help="Adam learning rate (default 0.001)")
+    linear = p.add_argument_group("--head linear options")
+    linear.add_argument("--power", action=argparse.BooleanOptionalAction,
+                        help="signed square root and L2 normalisation of the features (default on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,13 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def extract_overrides(args: argparse.Namespace) -> dict:
     """The extraction options given as flags (None where not given)."""
-    keys = ("backbones", "weights", "image_size", "batch_size", "precision", "seed", "on_bad_image", "max_pixels")
+    keys = ("backbones", "weights", "image_size", "batch_size", "precision", "seed", "on_bad_image", "max_pixels",
+            "scales")
     return {key: getattr(args, key, None) for key in keys}
 
 
 def train_overrides(args: argparse.Namespace) -> dict:
     """The training options given as flags (None where not given), under config.json's names."""
-    keys = ("head", "folds", "seed", "epochs", "patience", "dropout", "learning_rate")
+    keys = ("head", "folds", "seed", "multiscale", "pool_views", "tta", "temperature", "epochs", "patience", "dropout",
+            "learning_rate", "power")
     return {**{key: getattr(args, key, None) for key in keys}, "batch_size": getattr(args, "head_batch_size", None)}
 
 
@@ -172,15 +192,21 @@ def print_extract_summary(results: list[dict]) -> None:
 
 def print_metrics(metrics: dict) -> None:
     oof = metrics["oof"]
-    rows = [[r["view"], r["fold"], r["n"], r["best_epoch"] or "", r["log_loss"], r["accuracy"]]
+    rows = [[r["view"], r["fold"], r["n"], r.get("best_epoch") or r.get("C") or "", r["log_loss"], r["accuracy"]]
             for r in oof["per_fold"]]
     rows += [[view, "all (OOF)", s["n"], "", s["log_loss"], s["accuracy"]] for view, s in oof["per_view"].items()]
     e = oof["ensemble"]
-    rows.append(["both views", "all (OOF)", e["n"], "", e["log_loss"], e["accuracy"]])
+    rows.append(["ensemble", "all (OOF)", e["n"], "", e["log_loss"], e["accuracy"]])
     for name, s in metrics.get("holdout", {}).items():
-        rows.append([name if name in oof["per_view"] else "both views", "hold-out test", s["n"], "",
+        rows.append([name if name in oof["per_view"] else "ensemble", "hold-out test", s["n"], "",
                      s["log_loss"], s["accuracy"]])
-    _print_table(rows, ["view", "fold", "validation images", "best epoch", "log loss", "accuracy"])
+    _print_table(rows, ["models", "fold", "validation images", "best epoch or C", "log loss", "accuracy"])
+    calib = metrics.get("calibration")
+    if calib:
+        hold = (f"; hold-out {calib['holdout_before']['log_loss']:.4f} -> {calib['holdout_after']['log_loss']:.4f}"
+                if "holdout_before" in calib else "")
+        print(f"temperature {calib['temperature']:.3f} (fitted on OOF): OOF log loss "
+              f"{calib['before']['log_loss']:.4f} -> {calib['after']['log_loss']:.4f}{hold}")
 
 
 def print_recipes(statuses: list) -> None:
@@ -253,6 +279,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     extract_saved = saved.get("extract")
     if isinstance(extract_saved, dict) and "on_bad_image" in saved:
         extract_saved = {"on_bad_image": saved["on_bad_image"], **extract_saved}
+    if isinstance(extract_saved, dict) and "scales" not in extract_saved:
+        extract_saved = {**extract_saved, "scales": [1.0]}  # a run from before --scales
     extract = extract_config(args, extract_saved, source)
     train = train_config(args, saved.get("train"), source)
     print_extract_summary(workflow.extract(data, run_dir, extract, folds=train.folds))

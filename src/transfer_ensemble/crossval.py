@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from transfer_ensemble import ensemble, heads, progress
-from transfer_ensemble.runfolder import VIEWS, DamagedFile, FoldFiles, Recipe, RunFolder, load_json, load_npy
+from transfer_ensemble.runfolder import POOLED, VIEWS, DamagedFile, FoldFiles, Recipe, RunFolder, load_json, load_npy
 from transfer_ensemble.storage import atomic_path, write_json, write_npy
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,9 @@ def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return assignment
 
 
-def fold_seed(seed: int, view: str, fold: int) -> int:
+def fold_seed(seed: int, group: str, fold: int) -> int:
     """The seed of one fold model (config.MAX_SEED keeps it below 2**32)."""
-    return seed * 1000 + VIEWS.index(view) * 100 + fold
+    return seed * 1000 + (VIEWS + (POOLED,)).index(group) * 100 + fold
 
 
 def _prepare_recipe(run: RunFolder, recipe: Recipe) -> None:
@@ -118,49 +118,54 @@ def train_recipe(run: RunFolder, recipe: Recipe, features: dict[str, dict[str, n
     if len(todo) < len(states):
         log.info("%s: reusing %d finished fold models; training %d", recipe.name, len(states) - len(todo),
                  len(todo))
-    for view, fold in (job for job, (state, _) in states.items() if state == "predict"):
-        files = recipe.fold(view, fold)
+    test = {view: features[view]["test"] for view in VIEWS}
+    for group, fold in (job for job, (state, _) in states.items() if state == "predict"):
+        files = recipe.fold(group, fold)
         model = kind.load(files.model(kind.suffix))
-        write_npy(files.test_pred, kind.predict(model, features[view]["test"]))
-        _write_done(files, view, fold, kind, test_identity)
-    for view, fold in progress.bar(todo, desc=f"train heads [{recipe.name}]", unit="model"):
-        _train_fold(recipe, kind, view, fold, features[view], labels, assignment, n_classes, test_identity)
+        write_npy(files.test_pred, heads.score(kind, model, test, recipe.scored_views(group)))
+        _write_done(files, group, fold, kind, test_identity)
+    for group, fold in progress.bar(todo, desc=f"train heads [{recipe.name}]", unit="model"):
+        _train_fold(recipe, kind, group, fold, features, labels, assignment, n_classes, test_identity)
 
     oof = {}
-    for view in VIEWS:
+    for group in recipe.groups:
         pred = np.zeros((len(labels), n_classes), dtype=np.float32)
         for fold in range(config.folds):
-            files = recipe.fold(view, fold)
+            files = recipe.fold(group, fold)
             pred[np.load(files.val_index)] = np.load(files.val_pred)
-        oof[view] = pred
-        write_npy(recipe.oof(view), pred)
+        oof[group] = pred
+        write_npy(recipe.oof(group), pred)
     return oof
 
 
-def _train_fold(recipe: Recipe, kind: heads.HeadKind, view: str, fold: int, data: dict[str, np.ndarray],
-                labels: np.ndarray, assignment: np.ndarray, n_classes: int, test_identity: str) -> None:
-    files = recipe.fold(view, fold)
+def _train_fold(recipe: Recipe, kind: heads.HeadKind, group: str, fold: int,
+                features: dict[str, dict[str, np.ndarray]], labels: np.ndarray, assignment: np.ndarray,
+                n_classes: int, test_identity: str) -> None:
+    files = recipe.fold(group, fold)
     if files.folder.exists():
         shutil.rmtree(files.folder)  # what a killed or damaged attempt left
     train_idx = np.flatnonzero(assignment != fold)
     val_idx = np.flatnonzero(assignment == fold)
-    x = data["train"]
-    model, history = kind.fit(x[train_idx], labels[train_idx], x[val_idx], labels[val_idx], n_classes,
-                              recipe.config.options, fold_seed(recipe.config.seed, view, fold))
-    val_pred = kind.predict(model, x[val_idx])
+    views = recipe.train_views(group)
+    model, history = kind.fit([features[v]["train"][train_idx] for v in views], labels[train_idx],
+                              [features[v]["train"][val_idx] for v in views], labels[val_idx], n_classes,
+                              recipe.config.options, fold_seed(recipe.config.seed, group, fold))
+    scored = recipe.scored_views(group)
+    val_pred = heads.score(kind, model, {v: features[v]["train"][val_idx] for v in scored}, scored)
     history["fold"] = fold
-    history["view"] = view
+    history["view"] = group
     history["fold_score"] = ensemble.score(labels[val_idx], val_pred)
     with atomic_path(files.model(kind.suffix), suffix=kind.suffix) as tmp:
         kind.save(model, tmp)
     write_npy(files.val_index, val_idx)
     write_npy(files.val_pred, val_pred)
-    write_npy(files.test_pred, kind.predict(model, data["test"]))
+    write_npy(files.test_pred, heads.score(kind, model, {v: features[v]["test"] for v in scored}, scored))
     write_json(files.history, history)
-    _write_done(files, view, fold, kind, test_identity)
-    log.info("%s fold %d: val log loss %.4f, accuracy %.3f, best epoch %s of %s", view, fold,
-             history["fold_score"]["log_loss"], history["fold_score"]["accuracy"],
-             history.get("best_epoch", "-"), history.get("epochs_run", "-"))
+    _write_done(files, group, fold, kind, test_identity)
+    chosen = f"C {history['C']}" if "C" in history else \
+        f"best epoch {history.get('best_epoch', '-')} of {history.get('epochs_run', '-')}"
+    log.info("%s fold %d: val log loss %.4f, accuracy %.3f, %s", group, fold,
+             history["fold_score"]["log_loss"], history["fold_score"]["accuracy"], chosen)
 
 
 def oof_metrics(recipe: Recipe, oof: dict[str, np.ndarray], labels: np.ndarray) -> dict:
@@ -169,15 +174,15 @@ def oof_metrics(recipe: Recipe, oof: dict[str, np.ndarray], labels: np.ndarray) 
     for view, fold in recipe.jobs:
         history = load_json(recipe.fold(view, fold).history)
         table["per_fold"].append({"view": view, "fold": fold, **history["fold_score"],
-                                  "best_epoch": history.get("best_epoch")})
-    for view in VIEWS:
-        table["per_view"][view] = ensemble.score(labels, oof[view])
-    table["ensemble"] = ensemble.score(labels, ensemble.combine({view: [oof[view]] for view in VIEWS}))
+                                  "best_epoch": history.get("best_epoch"), "C": history.get("C")})
+    for group in recipe.groups:
+        table["per_view"][group] = ensemble.score(labels, oof[group])
+    table["ensemble"] = ensemble.score(labels, ensemble.combine({group: [oof[group]] for group in recipe.groups}))
     return table
 
 
 def training_warnings(name: str, oof_log_loss: float, n_classes: int, histories: list[dict],
-                      epochs: int) -> list[str]:
+                      epochs: int | None) -> list[str]:
     """What a user should know about a finished recipe: heads that learned nothing, or that every
     fold model was stopped by the epoch cap rather than by early stopping."""
     out = []
@@ -186,8 +191,9 @@ def training_warnings(name: str, oof_log_loss: float, n_classes: int, histories:
         out.append(f"The heads of recipe {name} learned almost nothing: their out-of-fold log loss "
                    f"{oof_log_loss:.4f} is near ln({n_classes}) = {chance:.4f}, what predicting the class "
                    f"frequencies scores. Check the labels and the features (--weights random gives "
-                   f"meaningless ones), or train longer (--epochs) or faster (--learning-rate).")
-    if histories and all(h.get("epochs_run") == epochs for h in histories):
+                   f"meaningless ones)"
+                   + (", or train longer (--epochs) or faster (--learning-rate)." if epochs is not None else "."))
+    if histories and epochs is not None and all(h.get("epochs_run") == epochs for h in histories):
         out.append(f"Every fold model of recipe {name} ran all {epochs} epochs: early stopping never "
                    f"stopped one, so the validation loss may still have been falling. Raise --epochs.")
     return out

@@ -165,13 +165,13 @@ def _reserve(path: Path) -> None:
 
 
 def store_meta(spec: backbones.BackboneSpec, source: backbones.WeightsSource, config: ExtractConfig,
-               ids: list[str]) -> dict:
+               ids: list[str], scale: float = 1.0) -> dict:
     """What a store's features depend on besides the images, and its ids in row order."""
     return {
         "backbone": spec.name,
         "width": spec.width,
         "weights": source.identity,
-        "image_size": config.size_of(spec),
+        "image_size": config.size_of(spec, scale),
         "precision": config.precision,
         "preprocess": PREPROCESS,
         "store_version": STORE_VERSION,
@@ -243,9 +243,11 @@ def _multi_device_runner(model, spec: backbones.BackboneSpec) -> Callable[[np.nd
 
 @dataclass
 class Extractor:
-    """Backbones built on first use and kept for every split of one extraction."""
+    """Backbones built on first use and kept for every split of one extraction, at one of the
+    config's scales."""
 
     config: ExtractConfig
+    scale: float = 1.0
     _models: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -264,7 +266,7 @@ class Extractor:
     def model(self, spec: backbones.BackboneSpec) -> Backbone:
         if spec.name not in self._models:
             strategy = self.strategy
-            size = self.config.size_of(spec)
+            size = self.size(spec)
             scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
             with _precision_policy(self.config.precision), scope:
                 model = backbones.build(spec, self.sources[spec.name], size, self.config.seed)
@@ -283,7 +285,7 @@ class Extractor:
         start = time.perf_counter()
         for spec in missing:
             log.info("building %s (%s weights) at %d px: this takes a few seconds", spec.name,
-                     self.sources[spec.name].kind, self.config.size_of(spec))
+                     self.sources[spec.name].kind, self.size(spec))
             self.model(spec)
         log.info("built %s in %.1f s", ", ".join(s.name for s in missing), time.perf_counter() - start)
 
@@ -295,6 +297,10 @@ class Extractor:
                 self.model(spec)
             except Exception as exc:  # Keras raises a plain Exception when a download fails.
                 raise backbones.WeightsUnavailableError(backbones.offline_message(missing, exc)) from None
+
+    def size(self, spec: backbones.BackboneSpec) -> int:
+        """The input size `spec` runs at in this extractor."""
+        return self.config.size_of(spec, self.scale)
 
     def forward(self, spec: backbones.BackboneSpec, pixels: np.ndarray) -> np.ndarray:
         """Pooled features of uint8 RGB `pixels` (batch, h, w, 3), as float32."""
@@ -315,7 +321,7 @@ def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: 
     config = extractor.config
     stores = {}
     for spec in extractor.specs:
-        meta = store_meta(spec, extractor.sources[spec.name], config, list(ids))
+        meta = store_meta(spec, extractor.sources[spec.name], config, list(ids), extractor.scale)
         stores[spec.name] = open_store(store_of(spec.name), meta, list(keys), donors_of(spec.name))
     n = len(paths)
     cached = {name: int(store.done.sum()) for name, store in stores.items()}
@@ -327,7 +333,7 @@ def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: 
     by_size: dict[int, list[backbones.BackboneSpec]] = {}
     for spec in extractor.specs:
         if cached[spec.name] < n:
-            by_size.setdefault(config.size_of(spec), []).append(spec)
+            by_size.setdefault(extractor.size(spec), []).append(spec)
     for size, specs in by_size.items():
         todo = np.zeros(n, dtype=bool)
         for spec in specs:

@@ -16,6 +16,7 @@ content, not recomputed.
 from __future__ import annotations
 
 import copy
+import functools
 import csv
 import errno
 import logging
@@ -33,7 +34,7 @@ from transfer_ensemble.config import MAX_PIXELS, ExtractConfig
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import (PREDICT_SPLIT, SPLITS, VIEWS, PredictCache, Recipe, RunFolder,
-                                         StoreFiles)
+                                         StoreFiles, source_key)
 from transfer_ensemble.storage import atomic_path, run_lock, write_json
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,12 @@ class Run:
     recipe: Recipe
     extract_config: ExtractConfig
     models: dict[str, list] = field(repr=False)
-    extractor: features.Extractor = field(repr=False)
+    extractors: list[features.Extractor] = field(repr=False)  # one per scale the recipe uses
+
+    @property
+    def extractor(self) -> features.Extractor:
+        """The first scale's extractor."""
+        return self.extractors[0]
 
     @classmethod
     def load(cls, run_dir: str | Path, weights: str | None = None, heads_name: str | None = None) -> "Run":
@@ -71,10 +77,12 @@ class Run:
                             f"is no longer a folder. Pass --weights with a folder holding the same weight "
                             f"files (they are checked against the run's).")
         extract_config = replace(saved, weights=weights or saved.weights)
-        extractor = features.Extractor(extract_config)
-        _check_feature_identity(run, recipe, extractor, weights_given=weights is not None)
+        scales = extract_config.scales if recipe.config.multiscale else extract_config.scales[:1]
+        extractors = [features.Extractor(extract_config, scale) for scale in scales]
+        for extractor in extractors:
+            _check_feature_identity(run, recipe, extractor, weights_given=weights is not None)
         classes = run.read_run_data().dataset.classes
-        return cls(run, classes, recipe, extract_config, _load_models(run, recipe), extractor)
+        return cls(run, classes, recipe, extract_config, _load_models(run, recipe), extractors)
 
     @property
     def run_dir(self) -> Path:
@@ -90,8 +98,8 @@ class Run:
         """Class probabilities (images, classes) in the order of `self.classes`.
 
         Each item is an image path or an RGB uint8 array (height, width, 3); a 4-d uint8 array
-        is a batch of them. With `tta` (the default) the original and the flipped view's fold
-        models are combined, as in the submission; without it, the original view's only.
+        is a batch of them. With `tta` (the default) the models score the views they score in the
+        submission; without it, the original view only (the flipped view's models are left out).
         Paths use the on-disk feature stores (under `cache_dir`, default RUN/predict/), arrays
         are scored in memory.
         """
@@ -113,7 +121,7 @@ class Run:
                 cache_dir: str | Path | None = None) -> tuple[list[StoreFiles], dict]:
         """Compute the missing backbone features of `paths` (absolute; `keys` their content hashes).
 
-        Returns the stores, one per backbone, and the extraction's counts and timing.
+        Returns the stores, one per backbone and scale, and the extraction's counts and timing.
         """
         root = Path(cache_dir).expanduser() if cache_dir is not None else None
         cache = self.folder.predict_cache(keys, root)
@@ -124,14 +132,22 @@ class Run:
         def donors(name: str) -> list[StoreFiles]:
             return [self.folder.store(split, name) for split in SPLITS] + [c.store(name) for c in others]
 
-        extractor = self._extractor(batch_size)
+        extractors = [self._extractor(extractor, batch_size) for extractor in self.extractors]
+        stores, runs = [], []
         with _cache_lock(cache, root is None, self.run_dir):
             cache.remove_stale_temporaries()
             write_json(cache.images, [str(p) for p in paths])
-            stats = features.extract_split(extractor, PREDICT_SPLIT, paths, [str(i) for i in range(len(paths))],
-                                           keys, cache.store, donors)
-        stats["cache"] = str(cache.folder)
-        return [cache.store(spec.name) for spec in extractor.specs], stats
+            for extractor in extractors:
+                key = functools.partial(source_key, scale=extractor.scale)
+                runs.append(features.extract_split(
+                    extractor, PREDICT_SPLIT, paths, [str(i) for i in range(len(paths))], keys,
+                    lambda name: cache.store(key(name)), lambda name: donors(key(name))))
+                stores += [cache.store(key(spec.name)) for spec in extractor.specs]
+        stats = {**runs[0], "computed": max(r["computed"] for r in runs),
+                 "seconds": sum(r["seconds"] for r in runs), "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
+                 "cache": str(cache.folder)}
+        stats["reused"] = stats["images"] - stats["computed"]
+        return stores, stats
 
     def iter_probabilities(self, stores: Sequence[StoreFiles], n: int, tta: bool = True,
                            chunk: int = SCORE_CHUNK) -> Iterator[tuple[int, np.ndarray]]:
@@ -144,28 +160,34 @@ class Run:
             yield start, self._score(x)
 
     def _score(self, x: dict[str, np.ndarray]) -> np.ndarray:
+        """The recipe's ensemble for the views in `x`: each model scores the views it scores in
+        the submission that `x` has (models of a view not in `x` are left out)."""
         kind = heads.get(self.recipe.config.head)
-        return ensemble.combine({view: [kind.predict(model, x[view]) for model in self.models[view]]
-                                 for view in x})
+        per_group = {}
+        for group, models in self.models.items():
+            views = [v for v in self.recipe.scored_views(group) if v in x]
+            if views:
+                per_group[group] = [heads.score(kind, model, x, views) for model in models]
+        return ensemble.combine(per_group, self.recipe.temperature)
 
-    def _extractor(self, batch_size: int | None) -> features.Extractor:
+    def _extractor(self, extractor: features.Extractor, batch_size: int | None) -> features.Extractor:
         if batch_size is None or batch_size == self.extract_config.batch_size:
-            return self.extractor
-        extractor = copy.copy(self.extractor)
+            return extractor
+        extractor = copy.copy(extractor)
         extractor.config = replace(self.extract_config, batch_size=batch_size)
         return extractor
 
     def _predict_in_memory(self, items: list, tta: bool, batch_size: int | None) -> np.ndarray:
-        extractor = self.extractor
-        extractor.ensure_weights_known()
+        for extractor in self.extractors:
+            extractor.ensure_weights_known()
         batch_size = batch_size or self.extract_config.batch_size
         views = VIEWS if tta else VIEWS[:1]
         out = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             parts: dict[str, list[np.ndarray]] = {view: [] for view in views}
-            for spec in extractor.specs:
-                size = self.extract_config.size_of(spec)
+            for extractor, spec in ((e, spec) for e in self.extractors for spec in e.specs):
+                size = extractor.size(spec)
                 pixels = [_as_model_input(it, size, start + i) for i, it in enumerate(chunk)]
                 both = extractor.forward(spec, np.stack(pixels + [images.mirror(p) for p in pixels]))
                 parts["original"].append(both[:len(chunk)])
@@ -176,9 +198,9 @@ class Run:
 
 
 def _load_models(run: RunFolder, recipe: Recipe) -> dict[str, list]:
-    """The recipe's fold models per view; a clear error naming a model file that does not load."""
+    """The recipe's fold models per group; a clear error naming a model file that does not load."""
     kind = heads.get(recipe.config.head)
-    models: dict[str, list] = {view: [] for view in VIEWS}
+    models: dict[str, list] = {group: [] for group in recipe.groups}
     for view, fold in recipe.jobs:
         path = recipe.fold(view, fold).model(kind.suffix)
         try:
@@ -230,9 +252,9 @@ def _check_feature_identity(run: RunFolder, recipe: Recipe, extractor: features.
     trained = recipe.inputs.get("features", {})
     extractor.ensure_weights_known()
     for spec in extractor.specs:
-        now = features.store_meta(spec, extractor.sources[spec.name], extractor.config, [])
+        now = features.store_meta(spec, extractor.sources[spec.name], extractor.config, [], extractor.scale)
         now.pop("ids")
-        then = trained.get(spec.name)
+        then = trained.get(source_key(spec.name, extractor.scale))
         if then is None:
             raise UserError(f"The head recipe {recipe.name!r} of {run.path} records no {spec.name} features, "
                             f"so the weights cannot be checked. Train it again on this run.")

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from transfer_ensemble import ensemble, images
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import (VIEWS, DamagedFile, Recipe, RecipeStatus, RunFolder, load_json,
+from transfer_ensemble.runfolder import (DamagedFile, Recipe, RecipeStatus, RunFolder, load_json,
                                          load_npy)
 from transfer_ensemble.storage import write_atomic
 
@@ -70,11 +70,11 @@ def load_record(run: RunFolder, heads_name: str | None = None) -> RunRecord:
     recipe = run.select_recipe(heads_name, "report")
     fix = f"Run `transfer-ensemble train --run {run.path} --heads {recipe.name}` to repair it"
     try:
-        histories = {view: [load_json(recipe.fold(view, fold).history) for fold in range(recipe.config.folds)]
-                     for view in VIEWS}
+        histories = {group: [load_json(recipe.fold(group, fold).history) for fold in range(recipe.config.folds)]
+                     for group in recipe.groups}
         n = len(run_data.dataset.train)
-        oof = ensemble.combine({view: [load_npy(recipe.oof(view), (n, len(run_data.dataset.classes)))]
-                                for view in VIEWS})
+        oof = ensemble.combine({group: [load_npy(recipe.oof(group), (n, len(run_data.dataset.classes)))]
+                                for group in recipe.groups}, recipe.temperature)
     except DamagedFile as exc:
         raise UserError(f"The run folder file {exc}. {fix}.") from None
     dataset = run_data.dataset
@@ -138,14 +138,44 @@ def _short(name: str, width: int = 32) -> str:
     return name if len(name) <= width else name[:width - 1] + "\u2026"
 
 
+def _search_section(record: RunRecord) -> Section:
+    """The linear head's inner search: held-out log loss against C for every fold model."""
+    figure = _figure(6.0, 3.4)
+    ax = figure.subplots()
+    rows = []
+    for group, histories in record.histories.items():
+        for fold, history in enumerate(histories):
+            curve = history.get("inner_log_loss") or {}
+            if curve:
+                cs = [float(c) for c in curve]
+                ax.plot(cs, list(curve.values()), marker="o", markersize=3, label=f"{group}, fold {fold}")
+            rows.append([f"{group}, fold {fold}", history.get("C"), history.get("iterations"),
+                         min(curve.values()) if curve else history.get("inner_search", "")])
+    ax.set_xscale("log")
+    ax.set_xlabel("C (inverse L2 strength)", fontsize=8)
+    ax.set_ylabel("held-out log loss", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    png = _png(figure)
+    body = ("<p>Each fold model's regularisation was chosen on a held-out share of its own training "
+            "images (never its validation fold): the C with the lowest held-out log loss, then refitted "
+            "on all its training rows.</p>\n" + _img("inner_search.png", png, "inner search")
+            + _table(["model", "chosen C", "iterations", "held-out log loss"], rows))
+    return Section("loss", "Regularisation search", body, [("inner_search.png", png)])
+
+
 def _loss_section(record: RunRecord) -> Section:
-    folds = len(record.histories[VIEWS[0]])
+    first = next(iter(record.histories.values()))
+    if "loss" not in first[0]:
+        return _search_section(record)
+    groups = list(record.histories)
+    folds = len(first)
     columns = min(folds, 5)
     blocks = -(-folds // columns)
-    rows = blocks * len(VIEWS)
+    rows = blocks * len(groups)
     figure = _figure(10.5 if columns >= 3 else 3.6 * columns + 0.6, 2.4 * rows + 0.5)
     axes = figure.subplots(rows, columns, squeeze=False, sharey=True)
-    for v, view in enumerate(VIEWS):
+    for v, view in enumerate(groups):
         for fold, history in enumerate(record.histories[view]):
             ax = axes[v * blocks + fold // columns][fold % columns]
             epochs = np.arange(1, len(history["loss"]) + 1)
@@ -170,7 +200,7 @@ def _loss_section(record: RunRecord) -> Section:
     figure.legend(handles, labels, loc="outside upper center", ncols=3, fontsize=9, frameon=False)
     png = _png(figure)
     body = (f"<p>Training loss (with dropout active) and validation-fold loss per epoch for each of the "
-            f"{len(VIEWS) * folds} fold models. The dashed line marks the epoch whose weights early "
+            f"{len(groups) * folds} fold models. The dashed line marks the epoch whose weights early "
             f"stopping kept (lowest validation loss).</p>\n" + _img("loss_curves.png", png, "loss curves"))
     return Section("loss", "Training and validation loss", body, [("loss_curves.png", png)])
 
@@ -208,8 +238,9 @@ RECIPE_HEADER = ["recipe", "state", "options", "OOF log loss", "OOF accuracy", "
 def _recipes_section(record: RunRecord) -> Section:
     table = _table(RECIPE_HEADER, recipe_rows(record.statuses), 3)
     body = (f"<p>Every head recipe trained on this run, best out-of-fold (OOF) log loss first. "
-            f"<code>submit</code>, <code>predict</code> and this report use the best current one unless "
-            f"given <code>--heads NAME</code>; this report shows <b>{html.escape(record.recipe.name)}</b>. "
+            f"<code>submit</code>, <code>predict</code> and this report use the one the last "
+            f"<code>train</code> trained unless given <code>--heads NAME</code> (or <code>--heads "
+            f"best</code>: the current one with the lowest OOF log loss); this report shows <b>{html.escape(record.recipe.name)}</b>. "
             f"A stale recipe was trained on features or labels the run no longer has. Hold-out scores "
             f"(labelled test images) are shown for information only: nothing is chosen by them.</p>\n"
             + table)
@@ -218,23 +249,37 @@ def _recipes_section(record: RunRecord) -> Section:
 
 def _scores_section(record: RunRecord) -> Section:
     oof = record.metrics["oof"]
-    rows = [[f"{r['view']}, fold {r['fold']}", r["n"], r["best_epoch"], r["log_loss"], r["accuracy"]]
+    rows = [[f"{r['view']}, fold {r['fold']}", r["n"], _chosen(r), r["log_loss"], r["accuracy"]]
             for r in oof["per_fold"]]
     rows += [[f"{view}, all folds (OOF)", s["n"], "", s["log_loss"], s["accuracy"]]
              for view, s in oof["per_view"].items()]
     e = oof["ensemble"]
-    rows.append(["ensemble of both views (OOF)", e["n"], "", e["log_loss"], e["accuracy"]])
-    table = _table(["model", "images", "best epoch", "log loss", "accuracy"], rows)
-    body = ("<p>Each fold model scored on its own validation fold; then each view's out-of-fold (OOF) "
-            "predictions over all training images, and the average of both views, which is how the "
+    rows.append(["ensemble (OOF)", e["n"], "", e["log_loss"], e["accuracy"]])
+    table = _table(["model", "images", "best epoch or C", "log loss", "accuracy"], rows)
+    body = ("<p>Each fold model scored on its own validation fold; then each model group's out-of-fold "
+            "(OOF) predictions over all training images, and their ensemble, which is how the "
             "submission combines them. Lower log loss is better.</p>\n" + table)
     holdout = record.metrics.get("holdout")
     if holdout:
-        hold_rows = [[f"{name if name in oof['per_view'] else 'ensemble of both views'} (test)", s["n"],
+        hold_rows = [[f"{name if name in oof['per_view'] else 'ensemble'} (test)", s["n"],
                       s["log_loss"], s["accuracy"]] for name, s in holdout.items()]
         body += ("\n<p>The test images are labelled (a hold-out set): the same scores on them.</p>\n"
                  + _table(["model", "images", "log loss", "accuracy"], hold_rows))
+    calib = record.metrics.get("calibration")
+    if calib:
+        cal_rows = [["OOF", calib["before"]["log_loss"], calib["after"]["log_loss"]]]
+        if "holdout_before" in calib:
+            cal_rows.append(["hold-out test", calib["holdout_before"]["log_loss"], calib["holdout_after"]["log_loss"]])
+        body += (f"\n<p>Temperature calibration: T = {calib['temperature']:.3f}, fitted on the OOF "
+                 f"predictions only (T &gt; 1 softens over-confident probabilities). Log loss before "
+                 f"and after:</p>\n" + _table(["predictions", "before", "after"], cal_rows))
     return Section("scores", "Out-of-fold scores", body, [])
+
+
+def _chosen(row: dict) -> str:
+    if row.get("best_epoch") is not None:
+        return str(row["best_epoch"])
+    return f"C {row['C']}" if row.get("C") is not None else ""
 
 
 def calibration(probabilities: np.ndarray, labels: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
@@ -439,10 +484,8 @@ def _summary(record: RunRecord) -> str:
                  f"{len(record.classes)} classes)"),
         ("backbones", f"{', '.join(extract.get('backbones', []))} at {size} px, "
                       f"{extract.get('precision', 'float32')}, weights {extract.get('weights')}"),
-        ("heads", f"recipe {record.recipe.name}: {train.get('head')} head, {train.get('folds')} folds x "
-                  f"{len(VIEWS)} views, at most {train.get('epochs')} epochs, "
-                  f"patience {train.get('patience')}, dropout {train.get('dropout')}, "
-                  f"learning rate {train.get('learning_rate')}"),
+        ("heads", f"recipe {record.recipe.name}: " + ", ".join(f"{k} {v}" for k, v in train.items())
+                  + f" ({len(record.recipe.jobs)} fold models, temperature {record.recipe.temperature:.3f})"),
         ("OOF ensemble", f"log loss {e['log_loss']:.4f}, accuracy {e['accuracy']:.4f}"),
         ("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)),
     ]

@@ -9,7 +9,8 @@ to step like a training checkpoint::
     RUN/dataset.json                images, ids and labels of each split, bad test ids
     RUN/image_check.json            verdict of every image seen, by the SHA-256 of its bytes
     RUN/bad_images.json             images left out by --on-bad-image skip, with reasons
-    RUN/features/<split>/<backbone>/    a feature store (see `StoreFiles`)
+    RUN/features/<split>/<source>/  a feature store (see `StoreFiles`) of one backbone at one
+                                    scale: <backbone>, or <backbone>@<scale>x beyond the first
     RUN/heads/<recipe>/recipe.json  a head recipe: kind, options, folds, seed, and the identity
                                     of the features and labels it was trained on
     RUN/heads/<recipe>/<view>/fold<k>/  one fold model and its predictions (see `FoldFiles`)
@@ -48,9 +49,11 @@ from transfer_ensemble.storage import read_json, run_lock, write_json
 log = logging.getLogger(__name__)
 
 VIEWS = ("original", "flipped")
+POOLED = "pooled"  # the model group of a recipe with pooled views: one model per fold on every view
 SPLITS = ("train", "test")
 PREDICT_SPLIT = "predict"
 RECIPE_RECORD = "recipe.json"
+BEST = "best"  # --heads best: the current recipe with the lowest OOF log loss
 
 
 class DamagedFile(Exception):
@@ -252,7 +255,8 @@ class RunData:
 
 @dataclass
 class Recipe:
-    """A set of 2 x K fold heads trained with one kind of head and one set of options."""
+    """The fold heads trained with one kind of head and one set of options: K per view (the
+    paper's 2 x K), or K models each trained on every view (`pool_views`)."""
 
     name: str
     config: TrainConfig
@@ -274,8 +278,28 @@ class Recipe:
         return self.folder / RECIPE_RECORD
 
     @property
+    def groups(self) -> tuple[str, ...]:
+        """The model groups: one per view, or the one pooled group."""
+        return (POOLED,) if self.config.pool_views else VIEWS
+
+    def train_views(self, group: str) -> tuple[str, ...]:
+        """The views whose rows a group's models are trained on."""
+        return VIEWS if group == POOLED else (group,)
+
+    def scored_views(self, group: str) -> tuple[str, ...]:
+        """The views a group's models score, averaged: every view with TTA, else their own
+        (for pooled models, the original)."""
+        return VIEWS if self.config.tta else self.train_views(group)[:1]
+
+    @property
     def jobs(self) -> list[tuple[str, int]]:
-        return [(view, fold) for view in VIEWS for fold in range(self.config.folds)]
+        return [(group, fold) for group in self.groups for fold in range(self.config.folds)]
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature fitted on the OOF predictions (1.0 when not calibrated)."""
+        metrics = self.metrics() or {}
+        return float((metrics.get("calibration") or {}).get("temperature", 1.0))
 
     def metrics(self) -> dict | None:
         """The recipe's scores, or None while it is unfinished or its metrics are damaged."""
@@ -285,11 +309,17 @@ class Recipe:
             return None
 
 
+def source_key(backbone: str, scale: float) -> str:
+    """The name of a backbone's feature store at one scale: the backbone's own at the first."""
+    return backbone if scale == 1.0 else f"{backbone}@{scale:g}x"
+
+
 def recipe_name(config: TrainConfig) -> str:
     """A readable name that differs exactly when the options do: the head, then each non-default option."""
     defaults = TrainConfig(head=config.head).to_json()
-    parts = [config.head] + [f"{k}{v}" for k, v in config.to_json().items() if k != "head" and v != defaults[k]]
-    return "-".join(parts)
+    changed = {k: v for k, v in config.to_json().items() if k != "head" and v != defaults[k]}
+    return "-".join([config.head] + [(k if v else f"no_{k}") if isinstance(v, bool) else f"{k}{v}"
+                                     for k, v in changed.items()])
 
 
 @dataclass
@@ -370,8 +400,15 @@ class RunFolder:
     def store(self, split: str, backbone: str) -> StoreFiles:
         return StoreFiles(self.path / "features" / split / backbone)
 
-    def stores(self, split: str, backbones: Sequence[str]) -> list[StoreFiles]:
-        return [self.store(split, name) for name in backbones]
+    def stores(self, split: str, sources: Sequence[str]) -> list[StoreFiles]:
+        return [self.store(split, name) for name in sources]
+
+    def feature_sources(self, config: TrainConfig) -> list[str]:
+        """The stores a recipe's features are made of, side by side: every backbone at the first
+        scale, then (`multiscale`) at each further scale the run extracted."""
+        extract = self.extract_config()
+        scales = extract.scales if config.multiscale else extract.scales[:1]
+        return [source_key(name, scale) for scale in scales for name in extract.backbones]
 
     def recipe(self, config: TrainConfig, inputs: dict | None = None) -> Recipe:
         name = recipe_name(config)
@@ -439,13 +476,18 @@ class RunFolder:
         return config
 
     def extract_config(self) -> ExtractConfig:
-        """The options the run's features were extracted with."""
-        return ExtractConfig.from_json(self.read_config()["extract"], source=str(self.config_path))
+        """The options the run's features were extracted with (runs from before --scales have one)."""
+        saved = self.read_config()["extract"]
+        if isinstance(saved, dict) and "scales" not in saved:
+            saved = {**saved, "scales": [1.0]}
+        return ExtractConfig.from_json(saved, source=str(self.config_path))
 
     def train_config(self, overrides: dict | None = None) -> TrainConfig:
-        """The last `train` options recorded, with `overrides` (None = not given) on top."""
+        """`train`'s options: `overrides` (None = not given) over the last ones recorded. The head is
+        the one given, else the default; of the recorded options, the folds and the seed carry
+        over, and the head's own options when it is the same head."""
         saved = self.read_config().get("train") or {}
-        return merged(TrainConfig, saved, overrides or {}, source=str(self.config_path))
+        return merged(TrainConfig, saved, overrides or {}, source=str(self.config_path), head_from_saved=False)
 
     # dataset.json and the image check
     def read_run_data(self) -> RunData:
@@ -480,7 +522,8 @@ class RunFolder:
 
     # What results were computed from.
     def feature_inputs(self, backbones: Sequence[str]) -> dict:
-        """The identity of the run's current features: settings per backbone, and each split's rows.
+        """The identity of the run's current features: settings per source (see `feature_sources`),
+        and each split's rows.
 
         Raises UserError naming the file when a store is damaged.
         """
@@ -525,22 +568,37 @@ class RunFolder:
 
         Raises UserError naming the file when the run's records or features are damaged.
         """
-        current = self.feature_inputs(self.extract_config().backbones)
+        inputs: dict[tuple[str, ...], dict] = {}
         labels = labels_digest(self.read_run_data().labels)
         out = []
         for recipe in self.recipes():
+            sources = tuple(self.feature_sources(recipe.config))
+            if sources not in inputs:
+                inputs[sources] = self.feature_inputs(sources) if self._extracted(sources) else {}
+            current = inputs[sources]
             metrics = recipe.metrics()
-            fresh = recipe.inputs.get("features") == current["features"] \
+            fresh = bool(current) and recipe.inputs.get("features") == current["features"] \
                 and recipe.inputs.get("train") == current["train"] and recipe.inputs.get("labels") == labels
             state = "stale" if not fresh else "current" if metrics is not None else "unfinished"
             out.append(RecipeStatus(recipe, state, metrics))
         out.sort(key=lambda s: (s.state != "current", s.oof_log_loss, s.recipe.name))
         return out
 
+    def _extracted(self, sources: Sequence[str]) -> bool:
+        """Whether every store of `sources` exists (a recipe may use a scale the run no longer has)."""
+        return all(self.store(split, name).meta.exists() for split in SPLITS for name in sources)
+
     def select_recipe(self, name: str | None = None, command: str = "submit") -> Recipe:
-        """The recipe `name`, else the current one with the lowest OOF log loss; UserError if none."""
+        """The recipe `name`; with None, the one the last `train` trained; with BEST, the current
+        one with the lowest OOF log loss. UserError if there is none or it cannot be used."""
         statuses = self.statuses()
         train = f"`transfer-ensemble train --run {self.path}`"
+        if name is None:
+            name = self.read_config_optional().get("heads")
+            if name is not None and not any(s.recipe.name == name for s in statuses):
+                name = None  # its folder was removed: fall back to the best
+        if name == BEST:
+            name = None
         if name is not None:
             match = [s for s in statuses if s.recipe.name == name]
             if not match:
@@ -574,7 +632,7 @@ class RunFolder:
     def fold_test_predictions(self, recipe: Recipe, n_test: int, test_identity: str) -> dict[str, list[np.ndarray]]:
         """Each fold model's test predictions per view, checked to be complete and current."""
         fix = f"Run `transfer-ensemble train --run {self.path} --heads {recipe.name}` again"
-        out: dict[str, list[np.ndarray]] = {view: [] for view in VIEWS}
+        out: dict[str, list[np.ndarray]] = {group: [] for group in recipe.groups}
         for view, fold in recipe.jobs:
             files = recipe.fold(view, fold)
             try:

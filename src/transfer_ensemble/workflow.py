@@ -17,7 +17,7 @@ from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import (SPLITS, VIEWS, DamagedFile, Recipe, RunData, RunFolder,
-                                         labels_digest, load_json)
+                                         labels_digest, load_json, source_key)
 from transfer_ensemble.storage import disk_errors, write_json
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
 
     run = RunFolder(run_dir)
     dataset = load_dataset(data)
-    extractor = Extractor(config)
+    extractors = [Extractor(config, scale) for scale in config.scales]
     with run.lock(), disk_errors(run.path):
         keys, bad = _check_images(run, dataset, config.max_pixels)
         if (bad["train"] or bad["test"]) and config.on_bad_image == "error":
@@ -90,9 +90,9 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
                         "their reasons in %s.", len(bad["train"]), _named(bad["train"]),
                         len(bad["test"]), _named(bad["test"]), run.bad_images_path)
         splits = {"train": dataset.train, "test": run_data.good_test}
-        results = [extract_split(extractor, split, [it.path for it in items], [it.id for it in items],
-                                 keys[split], lambda name, split=split: run.store(split, name))
-                   for split, items in splits.items()]
+        results = [extract_split(extractor, split, [it.path for it in items], [it.id for it in items], keys[split],
+                                 lambda name, split=split, s=extractor.scale: run.store(split, source_key(name, s)))
+                   for extractor in extractors for split, items in splits.items()]
         run.write_bad_images({split: [{"id": it.id, "path": str(it.path), "reason": r} for it, r in bad[split]]
                               for split in bad})
         run.write_run_data(run_data)
@@ -119,7 +119,8 @@ def _check_classes_left(dataset: Dataset, bad_train: list[tuple[Item, str]]) -> 
 
 
 def train_config_for(run: RunFolder, overrides: dict | None = None, heads: str | None = None) -> TrainConfig:
-    """`train`'s options: the recipe `heads` (else the run's last), with the options given on top."""
+    """`train`'s options: those of the recipe `heads`, else the run's last ones (the folds and the
+    seed, and the head's options if it is the same head), with the options given on top."""
     if heads is None:
         return run.train_config(overrides)
     match = [r for r in run.recipes() if r.name == heads]
@@ -139,40 +140,57 @@ def train(run_dir: str | Path, overrides: dict | None = None, heads: str | None 
     run = RunFolder.existing(run_dir, "train")
     with run.lock(), disk_errors(run.path):
         config = train_config_for(run, overrides, heads)
-        backbones = run.extract_config().backbones
+        sources = run.feature_sources(config)
         run_data = run.read_run_data()
         dataset = run_data.dataset
         check_folds(dataset, config.folds)
         labels = run_data.labels
-        inputs = run.feature_inputs(backbones)
-        features = _load_features(run, run_data, backbones)
+        inputs = run.feature_inputs(sources)
+        features = _load_features(run, run_data, sources)
         recipe = run.recipe(config, {"features": inputs["features"], "train": inputs["train"],
                                      "labels": labels_digest(labels)})
         from transfer_ensemble.crossval import oof_metrics, train_recipe, training_warnings
 
         oof = train_recipe(run, recipe, features, labels, len(dataset.classes), inputs["test"])
         metrics = {"oof": oof_metrics(recipe, oof, labels)}
+        temperature = 1.0
+        if config.temperature:
+            metrics["calibration"] = calibration(labels, ensemble.combine({g: [p] for g, p in oof.items()}))
+            temperature = metrics["calibration"]["temperature"]
+            metrics["oof"]["ensemble"] = metrics["calibration"]["after"]
         if dataset.test_is_labelled:
-            metrics["holdout"] = _holdout_metrics(run, recipe, run_data, inputs["test"])
+            metrics["holdout"] = _holdout_metrics(run, recipe, run_data, inputs["test"], temperature)
+            if config.temperature:
+                metrics["calibration"]["holdout_before"] = \
+                    _holdout_metrics(run, recipe, run_data, inputs["test"], 1.0)["ensemble"]
+                metrics["calibration"]["holdout_after"] = metrics["holdout"]["ensemble"]
         histories = [load_json(recipe.fold(*job).history) for job in recipe.jobs]
         metrics["warnings"] = training_warnings(recipe.name, metrics["oof"]["ensemble"]["log_loss"],
-                                                len(dataset.classes), histories, config.options.epochs)
+                                                len(dataset.classes), histories,
+                                                getattr(config.options, "epochs", None))
         for warning in metrics["warnings"]:
             log.warning(warning)
         write_json(recipe.metrics_path, metrics)
-        run.update_config(train=config.to_json())
+        run.update_config(train=config.to_json(), heads=recipe.name)
         from transfer_ensemble.report import write_report
 
         write_report(run)
         return {"recipe": recipe.name, "metrics": metrics, "recipes": run.statuses()}
 
 
-def _load_features(run: RunFolder, run_data: RunData, backbones: tuple[str, ...]) -> dict:
+def calibration(labels: np.ndarray, oof: np.ndarray) -> dict:
+    """The temperature fitted on the OOF ensemble, and its OOF score before and after."""
+    temperature = ensemble.fit_temperature(labels, oof)
+    return {"temperature": temperature, "before": ensemble.score(labels, oof),
+            "after": ensemble.score(labels, ensemble.calibrate(oof, temperature))}
+
+
+def _load_features(run: RunFolder, run_data: RunData, sources: list[str]) -> dict:
     from transfer_ensemble.features import load_features
 
     ids = {"train": [it.id for it in run_data.dataset.train], "test": [it.id for it in run_data.good_test]}
     try:
-        return {view: {split: load_features(run.stores(split, backbones), view, ids[split]) for split in SPLITS}
+        return {view: {split: load_features(run.stores(split, sources), view, ids[split]) for split in SPLITS}
                 for view in VIEWS}
     except DamagedFile as exc:
         raise UserError(f"The features in {exc.path.parent if exc.path.suffix else exc.path} are not usable: "
@@ -185,23 +203,25 @@ def _class_frequencies(run_data: RunData) -> np.ndarray:
     return counts / counts.sum()
 
 
-def test_probabilities(run: RunFolder, recipe: Recipe, run_data: RunData,
-                       test_identity: str) -> tuple[np.ndarray, dict]:
+def test_probabilities(run: RunFolder, recipe: Recipe, run_data: RunData, test_identity: str,
+                       temperature: float | None = None) -> tuple[np.ndarray, dict]:
     """The ensemble's probabilities for every test id, and each view's models combined on their own.
 
-    Test images that did not decode get the training class frequencies.
+    `temperature` defaults to the recipe's. Test images that did not decode get the training
+    class frequencies.
     """
     per_view = run.fold_test_predictions(recipe, len(run_data.good_test), test_identity)
     views = {view: ensemble.combine({view: preds}) for view, preds in per_view.items()}
     full = np.tile(_class_frequencies(run_data), (len(run_data.dataset.test), 1))
     bad = set(run_data.bad_test_ids)
     good_rows = [i for i, it in enumerate(run_data.dataset.test) if it.id not in bad]
-    full[good_rows] = ensemble.combine(per_view)
+    full[good_rows] = ensemble.combine(per_view, recipe.temperature if temperature is None else temperature)
     return full, views
 
 
-def _holdout_metrics(run: RunFolder, recipe: Recipe, run_data: RunData, test_identity: str) -> dict:
-    full, views = test_probabilities(run, recipe, run_data, test_identity)
+def _holdout_metrics(run: RunFolder, recipe: Recipe, run_data: RunData, test_identity: str,
+                     temperature: float) -> dict:
+    full, views = test_probabilities(run, recipe, run_data, test_identity, temperature)
     labels = np.array([it.label for it in run_data.dataset.test])
     good_labels = np.array([it.label for it in run_data.good_test])
     out = {view: ensemble.score(good_labels, p) for view, p in views.items()}
@@ -219,7 +239,7 @@ def submit(run_dir: str | Path, out: str | Path, heads: str | None = None, recor
     with run.lock(), disk_errors(out):
         run_data = run.read_run_data()
         recipe = run.select_recipe(heads)
-        test_identity = run.feature_inputs(run.extract_config().backbones)["test"]
+        test_identity = run.feature_inputs(run.feature_sources(recipe.config))["test"]
         probabilities, _ = test_probabilities(run, recipe, run_data, test_identity)
         dataset = run_data.dataset
         ids = [it.id for it in dataset.test]
