@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from transfer_ensemble import ensemble, heads, progress
+from transfer_ensemble.config import TrainConfig
+from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import POOLED, VIEWS, DamagedFile, FoldFiles, Recipe, RunFolder, load_json, load_npy
 from transfer_ensemble.storage import atomic_path, write_json, write_npy
 
@@ -59,9 +61,10 @@ def _prepare_recipe(run: RunFolder, recipe: Recipe) -> None:
     if recipe.folder.exists():
         try:
             recorded = load_json(recipe.record_path)
-            same = recorded.get("inputs") == recipe.inputs and recorded.get("config") == recipe.config.to_json()
+            same = recorded.get("inputs") == recipe.inputs \
+                and TrainConfig.from_json(recorded.get("config"), str(recipe.record_path)) == recipe.config
             why = "the features or labels changed since it was trained"
-        except DamagedFile as exc:
+        except (DamagedFile, UserError) as exc:
             same, why = False, str(exc)
         if not same:
             log.info("head recipe %s: %s; training it again", recipe.name, why)

@@ -88,10 +88,12 @@ def _load_keras(path: Path):
 
 
 # The linear head.
-C_GRID = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-"""Inverse L2 strengths the inner search walks, strongest first (each fit warm-starts the next)."""
+C_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+"""Inverse L2 strengths the inner search walks, strongest first (each fit starts from the last)."""
+INNER_TOL = 1e-3
 INNER_SHARE = 0.2  # of a fold's training images held out by the inner search
-MAX_ITER = 300
+MAX_ITER = 200
+TOL = 1e-4  # on the largest gradient entry of the mean log loss
 
 
 @dataclass
@@ -138,17 +140,103 @@ def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray] | No
     return next(split.split(np.zeros(len(y)), y))
 
 
+def fit_multinomial(z: np.ndarray, y: np.ndarray, n_classes: int, c: float, start: np.ndarray | None = None,
+                    max_iter: int = MAX_ITER, tol: float = TOL) -> tuple[np.ndarray, int]:
+    """Multinomial logistic regression with an L2 penalty on the weights (not the intercepts):
+    the objective of scikit-learn's ``LogisticRegression(C=c)`` (the tests check the two agree),
+    minimised with L-BFGS on float32 matrix products, several times faster a step than
+    scikit-learn 1.9's solver on this 2-core CPU.
+
+    Returns the parameters as one vector (weights (d x k) then intercepts (k)) and the steps taken.
+    """
+    n, d = z.shape
+    rows = np.arange(n)
+    onehot = np.zeros((n, n_classes), dtype=np.float32)
+    onehot[rows, y] = 1.0
+    penalty = 1.0 / (c * n)
+
+    def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w = theta[:-n_classes].reshape(d, n_classes).astype(np.float32)
+        logits = z @ w
+        logits += theta[-n_classes:].astype(np.float32)
+        logits -= logits.max(axis=1, keepdims=True)
+        np.exp(logits, out=logits)
+        sums = logits.sum(axis=1, keepdims=True)
+        loss = float(np.mean(np.log(sums[:, 0]) - np.log(np.maximum(logits[rows, y], 1e-37))))
+        logits /= sums
+        logits -= onehot
+        grad_w = (z.T @ logits).astype(np.float64) / n + penalty * theta[:-n_classes].reshape(d, n_classes)
+        loss += 0.5 * penalty * float(np.dot(theta[:-n_classes], theta[:-n_classes]))
+        return loss, np.concatenate([grad_w.ravel(), logits.sum(axis=0, dtype=np.float64) / n])
+
+    theta = np.zeros(d * n_classes + n_classes) if start is None else start
+    return lbfgs(loss_and_grad, theta, max_iter, tol)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """A vector dot product without BLAS, whose threads cost more than they save on vectors."""
+    return float(np.multiply(a, b).sum())
+
+
+def lbfgs(fun: Callable[[np.ndarray], tuple[float, np.ndarray]], x: np.ndarray, max_iter: int, tol: float,
+          memory: int = 10) -> tuple[np.ndarray, int]:
+    """Minimise a smooth convex `fun` (returning value and gradient) with L-BFGS: the two-loop
+    recursion and a backtracking (Armijo) line search. Stops when the largest gradient entry is
+    below `tol`, the value stops falling, or after `max_iter` steps. Returns (x, steps taken).
+
+    (SciPy's L-BFGS-B spends ~0.1 s of bookkeeping a step on this machine, more than the
+    gradient itself; this loop costs a few vector operations.)
+    """
+    value, grad = fun(x)
+    pairs: list[tuple[np.ndarray, np.ndarray, float]] = []
+    for step in range(1, max_iter + 1):
+        if np.max(np.abs(grad)) < tol:
+            return x, step - 1
+        direction = -grad
+        alphas = []
+        for s_k, y_k, rho in reversed(pairs):
+            alpha = rho * _dot(s_k, direction)
+            direction -= alpha * y_k
+            alphas.append(alpha)
+        if pairs:
+            s_k, y_k, _ = pairs[-1]
+            direction *= _dot(s_k, y_k) / _dot(y_k, y_k)
+        else:
+            direction /= max(1.0, _dot(grad, grad) ** 0.5)
+        for (s_k, y_k, rho), alpha in zip(pairs, reversed(alphas)):
+            direction += (alpha - rho * _dot(y_k, direction)) * s_k
+        slope = float(_dot(grad, direction))
+        if slope >= 0:  # not a descent direction: restart from the gradient
+            pairs.clear()
+            direction, slope = -grad, -float(_dot(grad, grad))
+        t = 1.0
+        for _ in range(30):
+            new_x = x + t * direction
+            new_value, new_grad = fun(new_x)
+            if new_value <= value + 1e-4 * t * slope:
+                break
+            t *= 0.5
+        else:
+            return x, step
+        s_k, y_k = new_x - x, new_grad - grad
+        sy = float(_dot(s_k, y_k))
+        if sy > 1e-12:
+            pairs.append((s_k, y_k, 1.0 / sy))
+            del pairs[:-memory]
+        done = value - new_value <= 1e-10 * max(1.0, abs(value))
+        x, value, grad = new_x, new_value, new_grad
+        if done:
+            return x, step
+    return x, max_iter
+
+
 def _fit_linear(train: Views, y_train: np.ndarray, val: Views, y_val: np.ndarray, n_classes: int,
                 options: LinearOptions, seed: int):
     """Multinomial logistic regression on the standardised (optionally power-normalised) rows of
     every view given. The L2 strength is the one of `C_GRID` with the lowest log loss on a held-out
-    share of the training images (all views of an image on one side); the validation rows are
-    not looked at."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
+    share of the training images (all views of an image on one side; walked from the strongest,
+    each fit starting from the last, stopping once the loss rises); the model is then
+    fitted on every training row. The validation rows are not looked at."""
     n = len(y_train)
     z = np.concatenate([power_normalise(x) if options.power else np.asarray(x, dtype=np.float32) for x in train])
     mean = z.mean(axis=0)
@@ -156,55 +244,36 @@ def _fit_linear(train: Views, y_train: np.ndarray, val: Views, y_val: np.ndarray
     scale[scale < 1e-6] = 1.0
     z -= mean
     z /= scale
-    rows = lambda images: (images[None, :] + n * np.arange(len(train))[:, None]).ravel()  # noqa: E731
     y_all = np.tile(y_train, len(train))
-    # Classes absent from these rows still get a column (sklearn fits only the classes it sees).
-    present = np.unique(y_train)
+    d = z.shape[1]
 
-    def full(model) -> tuple[np.ndarray, np.ndarray]:
-        coef = np.zeros((n_classes, z.shape[1]), dtype=np.float64)
-        intercept = np.full(n_classes, -30.0 if len(present) < n_classes else 0.0)
-        if len(present) == 1:
-            intercept[present[0]] = 0.0
-            return coef, intercept
-        if len(present) == 2 and model.coef_.shape[0] == 1:  # sklearn's binary shape: one row
-            coef[present[1]], intercept[present[1]] = model.coef_[0], model.intercept_[0]
-        else:
-            coef[present], intercept[present] = model.coef_, model.intercept_
-        return coef, intercept
+    def probabilities(theta: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return softmax(z[rows] @ theta[:-n_classes].reshape(d, n_classes) + theta[-n_classes:])
 
-    model = LogisticRegression(C=C_GRID[0], max_iter=MAX_ITER, warm_start=True)
-    history: dict = {"inner_log_loss": {}}
-    split = _inner_split(y_train, seed) if len(present) > 1 else None
-    best_c = C_GRID[len(C_GRID) // 2]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        if split is not None:
-            inner_train, inner_held = rows(split[0]), rows(split[1])
-            best, rises, start = math.inf, 0, None
-            for c in C_GRID:
-                model.set_params(C=c)
-                model.fit(z[inner_train], y_all[inner_train])
-                coef, intercept = full(model)
-                loss = _log_loss(y_all[inner_held], softmax(z[inner_held] @ coef.T + intercept))
-                history["inner_log_loss"][str(c)] = loss
-                if loss < best:
-                    best, best_c, rises, start = loss, c, 0, (model.coef_.copy(), model.intercept_.copy())
-                else:
-                    rises += 1
-                    if rises == 2:
-                        break
-            model.coef_, model.intercept_ = start
-        else:
-            history["inner_search"] = "skipped: a class has fewer than 2 training images"
-        model.set_params(C=best_c)
-        if len(present) > 1:
-            model.fit(z, y_all)
-    coef, intercept = full(model)
+    history: dict = {"inner_log_loss": {}, "iterations": 0}
+    split = _inner_split(y_train, seed)
+    best_c, theta = C_GRID[len(C_GRID) // 2], None
+    if split is not None:
+        inner_train, held = (np.concatenate([images + n * v for v in range(len(train))]) for images in split)
+        best, current = math.inf, None
+        for c in C_GRID:
+            current, steps = fit_multinomial(z[inner_train], y_all[inner_train], n_classes, c, current,
+                                             tol=INNER_TOL)
+            history["iterations"] += steps
+            loss = _log_loss(y_all[held], probabilities(current, held))
+            history["inner_log_loss"][str(c)] = loss
+            if loss < best:
+                best, best_c, theta = loss, c, current
+            else:
+                break  # the held-out loss is unimodal in C: past its minimum
+    else:
+        history["inner_search"] = "skipped: a class has fewer than 2 training images"
+    theta, steps = fit_multinomial(z, y_all, n_classes, best_c, theta)
+    history["iterations"] += steps
     history["C"] = best_c
-    history["iterations"] = int(np.max(model.n_iter_)) if hasattr(model, "n_iter_") else 0
     head = LinearHead(options.power, mean.astype(np.float32), scale.astype(np.float32),
-                      coef.astype(np.float32), intercept.astype(np.float32))
+                      theta[:-n_classes].reshape(d, n_classes).T.astype(np.float32),
+                      theta[-n_classes:].astype(np.float32))
     return head, history
 
 

@@ -15,7 +15,9 @@ to step like a training checkpoint::
                                     of the features and labels it was trained on
     RUN/heads/<recipe>/<view>/fold<k>/  one fold model and its predictions (see `FoldFiles`)
     RUN/heads/<recipe>/oof_<view>.npy   out-of-fold predictions of each view
-    RUN/heads/<recipe>/metrics.json     OOF (and hold-out) scores; written last
+    RUN/heads/<recipe>/metrics.json     OOF (and hold-out) scores, the temperature; written last
+    RUN/heads/blend-<a>+<b>/blend.json  a blend: its recipes, weights fitted on their OOF
+                                    predictions, and what each was trained on; metrics.json
     RUN/report.html, RUN/report/    the run report
     RUN/predict/<key>/              feature stores of images `predict` scored
 
@@ -54,6 +56,8 @@ SPLITS = ("train", "test")
 PREDICT_SPLIT = "predict"
 RECIPE_RECORD = "recipe.json"
 BEST = "best"  # --heads best: the current recipe with the lowest OOF log loss
+BLEND_RECORD = "blend.json"
+BLEND_PREFIX = "blend-"
 
 
 class DamagedFile(Exception):
@@ -323,10 +327,44 @@ def recipe_name(config: TrainConfig) -> str:
 
 
 @dataclass
+class Blend:
+    """Head recipes of one run mixed with weights fitted on their OOF predictions, then calibrated
+    with a temperature fitted on the mixed OOF predictions."""
+
+    name: str
+    parts: list[str]
+    weights: list[float]
+    part_inputs: dict  # the inputs each part was trained on, when the blend was fitted
+    folder: Path
+
+    @property
+    def record_path(self) -> Path:
+        return self.folder / BLEND_RECORD
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.folder / "metrics.json"
+
+    def metrics(self) -> dict | None:
+        try:
+            return load_json(self.metrics_path)
+        except DamagedFile:
+            return None
+
+    @property
+    def temperature(self) -> float:
+        return float(((self.metrics() or {}).get("calibration") or {}).get("temperature", 1.0))
+
+
+def blend_name(parts: Sequence[str]) -> str:
+    return BLEND_PREFIX + "+".join(parts)
+
+
+@dataclass
 class RecipeStatus:
     """A recipe as `train`'s summary and the report list it."""
 
-    recipe: Recipe
+    recipe: "Recipe | Blend"
     state: str  # "current", "stale" (trained on other features or labels) or "unfinished"
     metrics: dict | None
 
@@ -545,6 +583,8 @@ class RunFolder:
         if not self.heads_dir.is_dir():
             return found
         for folder in sorted(p for p in self.heads_dir.iterdir() if p.is_dir()):
+            if folder.name.startswith(BLEND_PREFIX):
+                continue
             record = folder / RECIPE_RECORD
             if folder.name in VIEWS and not record.exists():
                 log.warning("%s holds fold models in the layout of transfer-ensemble before head recipes; "
@@ -558,6 +598,28 @@ class RunFolder:
                 log.warning("%s: the head recipe in %s is unreadable and is ignored (train it again "
                             "to replace it)", exc, folder)
         return found
+
+    def blend(self, parts: Sequence[str]) -> Path:
+        return self.heads_dir / blend_name(parts)
+
+    def blends(self) -> list[Blend]:
+        """Every blend fitted on this run (unreadable records are skipped, with a warning)."""
+        found = []
+        if not self.heads_dir.is_dir():
+            return found
+        for folder in sorted(self.heads_dir.glob(BLEND_PREFIX + "*")):
+            try:
+                obj = load_json(folder / BLEND_RECORD)
+                found.append(Blend(folder.name, list(obj["parts"]), [float(w) for w in obj["weights"]],
+                                   dict(obj["part_inputs"]), folder))
+            except (DamagedFile, KeyError, TypeError, ValueError) as exc:
+                log.warning("%s: the blend in %s is unreadable and is ignored (fit it again to replace it)",
+                            exc, folder)
+        return found
+
+    def write_blend(self, blend: Blend) -> None:
+        write_json(blend.record_path, {"name": blend.name, "parts": blend.parts, "weights": blend.weights,
+                                       "part_inputs": blend.part_inputs})
 
     def write_recipe(self, recipe: Recipe) -> None:
         write_json(recipe.record_path, {"name": recipe.name, "config": recipe.config.to_json(),
@@ -581,6 +643,13 @@ class RunFolder:
                 and recipe.inputs.get("train") == current["train"] and recipe.inputs.get("labels") == labels
             state = "stale" if not fresh else "current" if metrics is not None else "unfinished"
             out.append(RecipeStatus(recipe, state, metrics))
+        states = {s.recipe.name: s for s in out}
+        for blend in self.blends():
+            fresh = all(p in states and states[p].state == "current"
+                        and states[p].recipe.inputs == blend.part_inputs.get(p) for p in blend.parts)
+            metrics = blend.metrics()
+            state = "stale" if not fresh else "current" if metrics is not None else "unfinished"
+            out.append(RecipeStatus(blend, state, metrics))
         out.sort(key=lambda s: (s.state != "current", s.oof_log_loss, s.recipe.name))
         return out
 
@@ -588,7 +657,7 @@ class RunFolder:
         """Whether every store of `sources` exists (a recipe may use a scale the run no longer has)."""
         return all(self.store(split, name).meta.exists() for split in SPLITS for name in sources)
 
-    def select_recipe(self, name: str | None = None, command: str = "submit") -> Recipe:
+    def select_recipe(self, name: str | None = None, command: str = "submit") -> "Recipe | Blend":
         """The recipe `name`; with None, the one the last `train` trained; with BEST, the current
         one with the lowest OOF log loss. UserError if there is none or it cannot be used."""
         statuses = self.statuses()
@@ -606,6 +675,11 @@ class RunFolder:
                 raise UserError(f"--heads {name!r}: the run {self.path} has no such head recipe (it has: "
                                 f"{known}). Pass one of those names, or leave --heads out for the best.")
             status = match[0]
+            if isinstance(status.recipe, Blend) and status.state != "current":
+                parts = ",".join(status.recipe.parts)
+                raise UserError(f"The blend {name!r} of {self.path} mixes recipes that were trained again or "
+                                f"are no longer current. Train them ({train[:-1]} --heads NAME`), then fit "
+                                f"the blend again ({train[:-1]} --blend {parts}`).")
             if status.state == "stale":
                 raise UserError(f"The head recipe {name!r} of {self.path} was trained on other features "
                                 f"or labels than the run has now (it was extracted again since), so "

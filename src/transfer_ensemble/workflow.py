@@ -16,8 +16,8 @@ from transfer_ensemble import ensemble, images, submission
 from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import (SPLITS, VIEWS, DamagedFile, Recipe, RunData, RunFolder,
-                                         labels_digest, load_json, source_key)
+from transfer_ensemble.runfolder import (SPLITS, VIEWS, Blend, DamagedFile, Recipe, RunData, RunFolder,
+                                         blend_name, labels_digest, load_json, load_npy, source_key)
 from transfer_ensemble.storage import disk_errors, write_json
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,58 @@ def calibration(labels: np.ndarray, oof: np.ndarray) -> dict:
             "after": ensemble.score(labels, ensemble.calibrate(oof, temperature))}
 
 
+def blend(run_dir: str | Path, parts: list[str]) -> dict:
+    """Mix trained recipes with weights fitted on their OOF predictions (never on test), then a
+    temperature fitted on the mixed OOF predictions. The blend is kept beside the recipes and is
+    what `submit` uses next. Returns its name, weights and metrics, and every recipe's status."""
+    run = RunFolder.existing(run_dir, "blend")
+    with run.lock(), disk_errors(run.path):
+        if len(parts) < 2 or len(set(parts)) != len(parts):
+            raise UserError(f"--blend {','.join(parts)!r} must name two or more different head recipes of "
+                            f"{run.path}, separated by commas.")
+        statuses = {s.recipe.name: s for s in run.statuses()}
+        for name in parts:
+            status = statuses.get(name)
+            if status is None or isinstance(status.recipe, Blend) or status.state != "current":
+                known = ", ".join(n for n, s in statuses.items() if s.state == "current"
+                                  and not isinstance(s.recipe, Blend)) or "none"
+                raise UserError(f"--blend: {name!r} is not a trained, current head recipe of {run.path} "
+                                f"(current ones: {known}). Train it first (`transfer-ensemble train --run "
+                                f"{run.path} --head ...`), then blend.")
+        recipes = [statuses[name].recipe for name in parts]
+        run_data = run.read_run_data()
+        labels = run_data.labels
+        oofs = [_oof_probabilities(recipe, len(labels), len(run_data.dataset.classes)) for recipe in recipes]
+        weights = ensemble.fit_blend_weights(labels, oofs)
+        metrics = {"weights": dict(zip(parts, weights)),
+                   "parts": {name: ensemble.score(labels, oof) for name, oof in zip(parts, oofs)}}
+        metrics["calibration"] = calibration(labels, ensemble.blend(oofs, weights))
+        metrics["oof"] = {"ensemble": metrics["calibration"]["after"]}
+        result = Blend(blend_name(parts), parts, weights, {r.name: r.inputs for r in recipes}, run.blend(parts))
+        if run_data.dataset.test_is_labelled:
+            probabilities = _blend_test_probabilities(run, result, recipes, run_data,
+                                                      metrics["calibration"]["temperature"])
+            metrics["holdout"] = {"ensemble": ensemble.score(np.array([it.label for it in run_data.dataset.test]),
+                                                             probabilities)}
+        run.write_blend(result)
+        write_json(result.metrics_path, metrics)
+        run.update_config(heads=result.name)
+        return {"recipe": result.name, "metrics": metrics, "recipes": run.statuses()}
+
+
+def _oof_probabilities(recipe: Recipe, n: int, n_classes: int) -> np.ndarray:
+    """A recipe's OOF ensemble, calibrated as its submission is."""
+    return ensemble.combine({g: [load_npy(recipe.oof(g), (n, n_classes))] for g in recipe.groups},
+                            recipe.temperature)
+
+
+def _blend_test_probabilities(run: RunFolder, blend_: Blend, recipes: list[Recipe], run_data: RunData,
+                              temperature: float) -> np.ndarray:
+    parts = [test_probabilities(run, r, run_data, run.feature_inputs(run.feature_sources(r.config))["test"])[0]
+             for r in recipes]
+    return ensemble.calibrate(ensemble.blend(parts, blend_.weights), temperature)
+
+
 def _load_features(run: RunFolder, run_data: RunData, sources: list[str]) -> dict:
     from transfer_ensemble.features import load_features
 
@@ -239,8 +291,14 @@ def submit(run_dir: str | Path, out: str | Path, heads: str | None = None, recor
     with run.lock(), disk_errors(out):
         run_data = run.read_run_data()
         recipe = run.select_recipe(heads)
-        test_identity = run.feature_inputs(run.feature_sources(recipe.config))["test"]
-        probabilities, _ = test_probabilities(run, recipe, run_data, test_identity)
+        if isinstance(recipe, Blend):
+            parts = [run.select_recipe(name) for name in recipe.parts]
+            probabilities = _blend_test_probabilities(run, recipe, parts, run_data, recipe.temperature)
+            models = sum(len(part.jobs) for part in parts)
+        else:
+            test_identity = run.feature_inputs(run.feature_sources(recipe.config))["test"]
+            probabilities, _ = test_probabilities(run, recipe, run_data, test_identity)
+            models = len(recipe.jobs)
         dataset = run_data.dataset
         ids = [it.id for it in dataset.test]
         if run_data.bad_test_ids:
@@ -251,7 +309,7 @@ def submit(run_dir: str | Path, out: str | Path, heads: str | None = None, recor
         frame = submission.build(ids, dataset.classes, probabilities, dataset.id_column)
         path = submission.write(frame, out, ids, dataset.classes, dataset.id_column)
         result = {"submission": str(path), "rows": len(ids), "classes": len(dataset.classes),
-                  "models": len(recipe.jobs), "recipe": recipe.name}
+                  "models": models, "recipe": recipe.name}
         if dataset.test_is_labelled:
             result["holdout"] = ensemble.score(np.array([it.label for it in dataset.test]), probabilities)
         if record_out:
