@@ -30,7 +30,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from transfer_ensemble import cli, noise, workflow  # noqa: E402
-from transfer_ensemble.config import ExtractConfig  # noqa: E402
+from transfer_ensemble.config import ExtractConfig, TrainConfig  # noqa: E402
 from transfer_ensemble.dataset import list_images  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -77,7 +77,8 @@ def measure(name: str, data: Path, run: Path, extract: ExtractConfig, recipes: l
     out = {"extract_seconds": round(extract_seconds, 1), "recipes": {}}
     for options in recipes:
         start = time.perf_counter()
-        result = workflow.train(run, {"folds": folds, **options})
+        # Every option explicit: a train otherwise carries over the options of the same head.
+        result = workflow.train(run, TrainConfig.from_json({"folds": folds, **options}).to_json())
         if "head" not in options:
             out["default"] = result["recipe"]
         metrics = result["metrics"]
@@ -105,7 +106,6 @@ def head_seconds(n: int = 10_000, width: int = 4096, classes: int = 120, folds: 
 
     import numpy as np
 
-    from transfer_ensemble.config import TrainConfig
     from transfer_ensemble.crossval import train_recipe
     from transfer_ensemble.runfolder import VIEWS, RunFolder
 

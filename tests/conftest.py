@@ -16,8 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 SHARED_DOGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogs3"
 TINY = 75  # the smallest input InceptionV3 accepts; Xception needs 71
-FAST_EXTRACT = ["--weights", "random", "--image-size", str(TINY), "--batch-size", "8"]
-FAST_TRAIN = ["--folds", "2", "--epochs", "3", "--patience", "2"]
+FAST_EXTRACT = ["--weights", "random", "--image-size", str(TINY), "--batch-size", "8", "--scales", "1"]
+FAST_TRAIN = ["--head", "seed", "--folds", "2", "--epochs", "3", "--patience", "2"]
 
 COLORS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30)]
 

@@ -18,7 +18,7 @@ def finished_run(tmp_path_factory):
     data = make_kaggle(base / "data", n_classes=3, per_class=4, n_test=5)
     run, out = base / "run", base / "submissions" / "sub.csv"
     result = run_cli("run", "--data", str(data), "--run", str(run), "--out", str(out), *FAST_EXTRACT,
-                     "--folds", "2", "--epochs", "4", "--patience", "2", "--seed", "7")
+                     "--head", "seed", "--folds", "2", "--epochs", "4", "--patience", "2", "--seed", "7")
     assert result.returncode == 0, result.stderr
     return data, run, out, result
 
@@ -96,7 +96,7 @@ def test_submit_alone_rewrites_the_same_submission(finished_run, tmp_path):
 def test_folder_layout_reports_hold_out_scores(folder_data, tmp_path):
     out = tmp_path / "sub.csv"
     result = run_cli("run", "--data", str(folder_data), "--run", str(tmp_path / "run"), "--out", str(out),
-                     *FAST_EXTRACT, "--folds", "2", "--epochs", "2")
+                     *FAST_EXTRACT, "--head", "seed", "--folds", "2", "--epochs", "2")
     assert result.returncode == 0, result.stderr
     assert "hold-out test" in result.stdout
     rows = [line.split("  ")[0] for line in result.stdout.splitlines() if "  hold-out test  " in line]

@@ -164,10 +164,10 @@ CACHE_HIT_SCRIPT = textwrap.dedent("""
 
     backbones.build = no_backbone
     data, run, out = sys.argv[1:]
-    config = ExtractConfig(weights="random", image_size=75, batch_size=4)
+    config = ExtractConfig(weights="random", image_size=75, batch_size=4, scales=(1.0,))
     results = workflow.extract(data, run, config)
     tensorflow_after_extract = "tensorflow" in sys.modules or "keras" in sys.modules
-    workflow.train(run, {"folds": 2, "epochs": 2, "patience": 1})
+    workflow.train(run, {"head": "seed", "folds": 2, "epochs": 2, "patience": 1})
     workflow.submit(run, out)
     print(json.dumps({"computed": sum(r["computed"] for r in results),
                       "reused": sum(r["reused"] for r in results),

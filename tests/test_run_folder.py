@@ -310,12 +310,12 @@ def test_predict_reuses_features_per_image_and_writes_only_to_its_cache_dir(copi
 # ---- recipes side by side --------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_other_options_add_a_recipe_beside_the_first_and_the_best_is_used(copied, reference, call, tmp_path):
+def test_other_options_add_a_recipe_beside_the_first_and_the_last_is_used(copied, reference, call, tmp_path):
     data, run = copied
     folder = RunFolder(run)
     first = folder.recipe(FAST_CONFIG)
     kept = files_and_times(first.folder)
-    code, out, err = call("train", "--run", str(run), "--epochs", "1")
+    code, out, err = call("train", "--run", str(run), "--head", "seed", "--epochs", "1")
     assert code == 0, err
     second = folder.recipe(TrainConfig(head="seed", folds=2, options=SeedOptions(epochs=1, patience=2)))
     assert second.name == "seed-folds2-epochs1-patience2" and second.folder.is_dir()
@@ -329,7 +329,9 @@ def test_other_options_add_a_recipe_beside_the_first_and_the_best_is_used(copied
     table = out.split("\n\n")[-1]
     assert table.index(statuses[0].recipe.name) < table.index(statuses[1].recipe.name)
 
-    code, out, err = call("submit", "--run", str(run), "--out", str(tmp_path / "best.csv"))
+    code, out, err = call("submit", "--run", str(run), "--out", str(tmp_path / "last.csv"))
+    assert code == 0 and f"head recipe {second.name}" in out, "submit uses the recipe trained last"
+    code, out, err = call("submit", "--run", str(run), "--heads", "best", "--out", str(tmp_path / "best.csv"))
     assert code == 0 and f"head recipe {statuses[0].recipe.name}" in out
     code, out, err = call("submit", "--run", str(run), "--heads", first.name,
                           "--out", str(tmp_path / "first.csv"))
@@ -350,17 +352,17 @@ def test_other_options_add_a_recipe_beside_the_first_and_the_best_is_used(copied
 
 
 @pytest.mark.slow
-def test_a_bare_train_reuses_the_recorded_options(copied, call):
+def test_train_of_the_same_head_reuses_the_recorded_options(copied, call):
     _, run = copied
     folder = RunFolder(run)
     recipe = folder.recipe(FAST_CONFIG)
     kept = files_and_times(recipe.folder / "original")
-    code, out, err = call("train", "--run", str(run))
+    code, out, err = call("train", "--run", str(run), "--head", "seed")
     assert code == 0, err
     assert f"head recipe {recipe.name}:" in out and "reusing 4 finished fold models; training 0" in err
     assert [r.name for r in folder.recipes()] == [recipe.name]
     assert files_and_times(recipe.folder / "original") == kept
-    assert folder.train_config() == FAST_CONFIG
+    assert folder.train_config({"head": "seed"}) == FAST_CONFIG
 
 
 # ---- fast unit tests of the pieces ---------------------------------------------------------------

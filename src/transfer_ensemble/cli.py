@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
     p.add_argument("--seed", type=int, help="seed of the folds and of head training (default 0)")
     p.add_argument("--heads", help="start from this recipe's options (retrain or finish it)")
+    p.add_argument("--blend", help="comma-separated trained recipes to mix, with weights fitted on their "
+                                   "out-of-fold predictions (then a temperature); train them first")
 
     p = sub.add_parser("submit", help="combine a recipe's test predictions into a submission CSV")
     p.add_argument("--run", required=True, help="trained run folder")
@@ -241,7 +243,32 @@ def cmd_extract(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from transfer_ensemble import workflow
 
+    if args.blend is not None:
+        given = [k for k, v in train_overrides(args).items() if v is not None] + (["heads"] if args.heads else [])
+        if given:
+            raise UserError(f"--blend mixes recipes already trained, so it takes no training options (got "
+                            f"{', '.join('--' + k.replace('_', '-') for k in given)}). Train each recipe with "
+                            f"its options first, then run `train --run {args.run} --blend A,B` alone.")
+        print_blend(workflow.blend(args.run, [name.strip() for name in args.blend.split(",") if name.strip()]))
+        return
     print_train(workflow.train(args.run, train_overrides(args), heads=args.heads))
+
+
+def print_blend(result: dict) -> None:
+    metrics = result["metrics"]
+    print(f"head recipe {result['recipe']}: weights fitted on out-of-fold predictions")
+    rows = [[name, metrics["weights"][name], s["log_loss"], s["accuracy"]] for name, s in metrics["parts"].items()]
+    e = metrics["oof"]["ensemble"]
+    rows.append(["blend", 1.0, e["log_loss"], e["accuracy"]])
+    _print_table(rows, ["recipe", "weight", "OOF log loss", "OOF accuracy"])
+    calib = metrics["calibration"]
+    print(f"temperature {calib['temperature']:.3f}: OOF log loss {calib['before']['log_loss']:.4f} -> "
+          f"{calib['after']['log_loss']:.4f}")
+    if "holdout" in metrics:
+        h = metrics["holdout"]["ensemble"]
+        print(f"hold-out test: log loss {h['log_loss']:.4f}, accuracy {h['accuracy']:.4f}")
+    print()
+    print_recipes(result["recipes"])
 
 
 def cmd_submit(args: argparse.Namespace) -> None:

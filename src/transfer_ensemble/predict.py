@@ -33,7 +33,7 @@ from transfer_ensemble import ensemble, features, heads, images
 from transfer_ensemble.config import MAX_PIXELS, ExtractConfig
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import (PREDICT_SPLIT, SPLITS, VIEWS, PredictCache, Recipe, RunFolder,
+from transfer_ensemble.runfolder import (PREDICT_SPLIT, SPLITS, VIEWS, Blend, PredictCache, Recipe, RunFolder,
                                          StoreFiles, source_key)
 from transfer_ensemble.storage import atomic_path, run_lock, write_json
 
@@ -71,6 +71,10 @@ class Run:
         run = RunFolder.existing(run_dir, "predict with")
         saved = run.extract_config()
         recipe = run.select_recipe(heads_name, "predict")
+        if isinstance(recipe, Blend):
+            raise UserError(f"predict scores with one head recipe, and {recipe.name!r} (the last one trained "
+                            f"on {run.path}) is a blend. Pass --heads with one of its recipes "
+                            f"({', '.join(recipe.parts)}), or --heads best.")
         if weights is None and saved.weights not in ("imagenet", "random") \
                 and not Path(saved.weights).expanduser().is_dir():
             raise UserError(f"The run {run.path} was extracted with the weights in {saved.weights}, which "

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from transfer_ensemble import ensemble, images
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import (DamagedFile, Recipe, RecipeStatus, RunFolder, load_json,
+from transfer_ensemble.runfolder import (Blend, DamagedFile, Recipe, RecipeStatus, RunFolder, load_json,
                                          load_npy)
 from transfer_ensemble.storage import write_atomic
 
@@ -68,6 +68,8 @@ def load_record(run: RunFolder, heads_name: str | None = None) -> RunRecord:
     config = run.read_config()
     run_data = run.read_run_data()
     recipe = run.select_recipe(heads_name, "report")
+    if isinstance(recipe, Blend):  # the details are those of its heaviest recipe
+        recipe = run.select_recipe(recipe.parts[int(np.argmax(recipe.weights))], "report")
     fix = f"Run `transfer-ensemble train --run {run.path} --heads {recipe.name}` to repair it"
     try:
         histories = {group: [load_json(recipe.fold(group, fold).history) for fold in range(recipe.config.folds)]
@@ -221,14 +223,28 @@ def recipe_rows(statuses: list[RecipeStatus]) -> list[list]:
     """One row per head recipe, best first: name, state, options, OOF (and hold-out) scores."""
     rows = []
     for status in statuses:
-        config = status.recipe.config.to_json()
-        options = ", ".join(f"{k} {v}" for k, v in config.items())
+        options = _options_text(status)
         oof = status.metrics["oof"]["ensemble"] if status.metrics else None
         hold = (status.metrics or {}).get("holdout", {}).get("ensemble")
         rows.append([status.recipe.name, status.state, options,
                      oof["log_loss"] if oof else "", oof["accuracy"] if oof else "",
                      hold["log_loss"] if hold else "", hold["accuracy"] if hold else ""])
     return rows
+
+
+def _options_text(status: RecipeStatus) -> str:
+    """A recipe's options and what training chose (regularisation, temperature); a blend's weights."""
+    recipe, metrics = status.recipe, status.metrics or {}
+    if isinstance(recipe, Blend):
+        text = "blend of " + ", ".join(f"{name} x {w:.2f}" for name, w in zip(recipe.parts, recipe.weights))
+    else:
+        text = ", ".join(f"{k} {v}" for k, v in recipe.config.to_json().items())
+        chosen = sorted({str(r["C"]) for r in (metrics.get("oof") or {}).get("per_fold", []) if r.get("C")})
+        if chosen:
+            text += f"; chosen C {', '.join(chosen)}"
+    if "calibration" in metrics:
+        text += f"; temperature {metrics['calibration']['temperature']:.3f}"
+    return text
 
 
 RECIPE_HEADER = ["recipe", "state", "options", "OOF log loss", "OOF accuracy", "hold-out log loss",
