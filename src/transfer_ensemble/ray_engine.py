@@ -70,7 +70,7 @@ def _import_ray():
     return ray
 
 
-def _probe(address: str) -> None:
+def check_address(address: str) -> None:
     """Refuse an address where nothing listens, quickly: ray.init would retry for a minute."""
     if address == "auto":
         return
@@ -99,6 +99,14 @@ def _quiet(ray) -> None:
     context.verbose_stats_logs = False
 
 
+def runtime_env() -> dict:
+    """What a job's workers need: this package's own code (so they run the driver's version) and quiet logs.
+
+    Pass it to your own ``ray.init(runtime_env=...)`` when you connect before calling this package.
+    """
+    return {"py_modules": [str(Path(__file__).resolve().parent)], "env_vars": WORKER_ENV}
+
+
 def connect(engine: EngineConfig):
     """Connect to the cluster (`--ray-address`, else RAY_ADDRESS, else start a local Ray); the ray module.
 
@@ -110,12 +118,11 @@ def connect(engine: EngineConfig):
     if not ray.is_initialized():
         address = engine.ray_address or os.environ.get("RAY_ADDRESS") or None
         if address is not None:
-            _probe(address)
-        runtime_env = {"py_modules": [str(Path(__file__).resolve().parent)], "env_vars": WORKER_ENV}
+            check_address(address)
         start = time.perf_counter()
         try:
             ray.init(address=address or "local", include_dashboard=False if address is None else None,
-                     log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env)
+                     log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env())
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"Could not connect to the Ray cluster at {address!r} ({exc}). Check "
                             f"--ray-address (or RAY_ADDRESS), or leave both unset to start a local "
