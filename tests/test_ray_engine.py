@@ -168,3 +168,10 @@ def test_the_actor_pool_defaults_to_one_actor_per_gpu_and_must_fit_the_cluster()
         ray_engine.pool_for(_Cluster(16, 2), EngineConfig(engine="ray", actors=3))
     with pytest.raises(UserError, match=r"leave less than one to decode images"):
         ray_engine.pool_for(_Cluster(2, 0), EngineConfig(engine="ray", cpus_per_actor=2))
+
+
+def test_the_driver_writes_a_batch_or_one_percent_of_the_rows_at_a_time():
+    assert ray_engine.write_chunk(4, 15) == 4
+    assert ray_engine.write_chunk(32, 640) == 32
+    assert ray_engine.write_chunk(32, 100_000) == 1000
+    assert ray_engine.write_chunk(32, 1_000_000) == ray_engine.WRITE_CHUNK_MAX

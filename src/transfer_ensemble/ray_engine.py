@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -43,6 +44,8 @@ KILL_AFTER_CHUNKS = "TRANSFER_ENSEMBLE_TEST_KILL_AFTER_CHUNKS"
 """Test hook: the driver kills itself (SIGKILL) once it has written this many chunks."""
 
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3"}
+WRITE_CHUNK_MAX = 4096
+"""Most rows the driver writes (and commits with one done-mask write) at once."""
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -89,8 +92,8 @@ def check_address(address: str) -> None:
 
 def _quiet(ray) -> None:
     """Keep Ray's own logs and progress bars off the terminal: the driver shows one bar of its own."""
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its errors are raised here, said once
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
@@ -193,13 +196,24 @@ class _Backbones:
         return out
 
 
+WORKER_ERROR = re.compile(r"transfer_ensemble\.(?:errors\.UserError|images\.(?:ImageReadError|ImageTooLarge)): (.*)")
+
+
 def _cause(exc: BaseException) -> BaseException | None:
-    """The UserError or ImageReadError a worker raised, through Ray's wrapping; None if neither."""
+    """The UserError or ImageReadError a worker raised, through Ray's wrapping; None if neither.
+
+    Ray keeps the exception object of a failed task, but only the text of one raised in an
+    actor's constructor (ActorDiedError), so that text is read too.
+    """
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, (UserError, images.ImageReadError)):
             return exc
+        found = WORKER_ERROR.search(str(exc))
+        if found:
+            kind = UserError if "errors.UserError" in found.group(0) else images.ImageReadError
+            return kind(found.group(1).strip())
         exc = getattr(exc, "cause", None) or exc.__cause__
     return None
 
@@ -233,6 +247,15 @@ def _kill_hook() -> Callable[[], None]:
         if limit and written[0] >= limit:
             os.kill(os.getpid(), signal.SIGKILL)
     return after_chunk
+
+
+def write_chunk(batch_size: int, rows: int) -> int:
+    """Rows per write: a batch, or 1% of the rows when that is more (at most WRITE_CHUNK_MAX).
+
+    Each write also rewrites the done mask (one byte per row of the split), so on a million
+    images chunks of 4096 keep that under 250 bytes per image while a kill loses at most 1%.
+    """
+    return max(batch_size, min(WRITE_CHUNK_MAX, rows // 100))
 
 
 def extract_split(extractor: features.Extractor, split: str, paths: Sequence[Path], ids: Sequence[str],
@@ -281,8 +304,13 @@ def extract_split(extractor: features.Extractor, split: str, paths: Sequence[Pat
                                                        "identities": identities})
         desc = f"extract {split} [{','.join(s.name for s in specs)} @{size}px] on Ray"
         log.info("%s: %d images to compute on %s", split, len(rows), pool.describe())
+        launched = time.perf_counter()
         with progress.bar(total=len(rows), desc=desc, unit="img") as bar, _worker_errors("extraction"):
-            for chunk in dataset.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
+            for chunk in dataset.iter_batches(batch_size=write_chunk(config.batch_size, len(rows)),
+                                              batch_format="numpy"):
+                if not bar.n:
+                    log.info("%s: first features back after %.1f s (starting the actors and building the "
+                             "models in them)", split, time.perf_counter() - launched)
                 chunk_rows = chunk["row"].astype(np.int64)
                 for spec in specs:
                     store = stores[spec.name]
