@@ -175,3 +175,14 @@ def test_the_driver_writes_a_batch_or_one_percent_of_the_rows_at_a_time():
     assert ray_engine.write_chunk(32, 640) == 32
     assert ray_engine.write_chunk(32, 100_000) == 1000
     assert ray_engine.write_chunk(32, 1_000_000) == ray_engine.WRITE_CHUNK_MAX
+
+
+def test_rays_notice_about_actor_arguments_is_dropped_from_stderr_and_its_other_errors_kept():
+    from transfer_ensemble import noise
+
+    notice = (b"[2026-11-27 05:40:33,571 E 3353 3353] core_worker.cc:2465: Actor with class name: "
+              b"'MapWorker(MapBatches(_Backbones))' and ID: '5e0a' has constructor arguments in the object "
+              b"store and max_restarts > 0. If the arguments in the object store go out of scope ...")
+    assert noise.clean(b"extract train: 44%" + notice) == b"extract train: 44%"
+    error = b"[2026-11-27 05:40:33,571 E 3353 3353] core_worker.cc:10: the object store is full"
+    assert noise.clean(error) == error + b"\n"

@@ -17,6 +17,7 @@ under ``--engine ray``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -218,24 +219,20 @@ def _cause(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _worker_errors(what: str):
+@contextlib.contextmanager
+def _worker_errors(what: str) -> Iterator[None]:
     """Turn a worker's UserError or bad image into this process's UserError; re-raise the rest."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def guard():
-        try:
-            yield
-        except Exception as exc:
-            cause = _cause(exc)
-            if isinstance(cause, images.ImageReadError):
-                raise UserError(f"An image could not be decoded on a Ray worker during {what}: {cause}. "
-                                f"Run the same command again: the image check will list every bad "
-                                f"image.") from None
-            if isinstance(cause, UserError):
-                raise UserError(str(cause)) from None
-            raise
-    return guard()
+    try:
+        yield
+    except Exception as exc:
+        cause = _cause(exc)
+        if isinstance(cause, images.ImageReadError):
+            raise UserError(f"An image could not be decoded on a Ray worker during {what}: {cause}. "
+                            f"Run the same command again: the image check will list every bad "
+                            f"image.") from None
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise
 
 
 def _kill_hook() -> Callable[[], None]:
