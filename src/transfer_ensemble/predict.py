@@ -118,7 +118,7 @@ class Run:
         """Compute the missing backbone features of `paths` (absolute; `keys` their content hashes).
 
         Returns the stores, one per backbone, and the extraction's counts and timing.
-        `extract_split` is the engine's (``features.extract_split`` or ``ray_engine.extractor_for``).
+        `extract_split` is the engine's: ``features.extract_split``, or what ``ray_engine.extractor_for`` gives.
         """
         root = Path(cache_dir).expanduser() if cache_dir is not None else None
         cache = self.folder.predict_cache(keys, root)
@@ -134,7 +134,7 @@ class Run:
             cache.remove_stale_temporaries()
             write_json(cache.images, [str(p) for p in paths])
             stats = extract_split(extractor, PREDICT_SPLIT, paths, [str(i) for i in range(len(paths))],
-                                           keys, cache.store, donors)
+                                  keys, cache.store, donors)
         stats["cache"] = str(cache.folder)
         return [cache.store(spec.name) for spec in extractor.specs], stats
 
