@@ -49,6 +49,18 @@ def _add_extract_options(p: argparse.ArgumentParser, data_required: bool = True)
                                                   "(default 178956970, Pillow's decompression-bomb limit)")
 
 
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", help="where features are computed: local (default, this process) or ray "
+                                    "(a Ray cluster; needs `pip install 'transfer_ensemble[ray]'`)")
+    p.add_argument("--ray-address", help="Ray cluster to use with --engine ray (default: $RAY_ADDRESS, else "
+                                         "a local Ray started for this run)")
+    p.add_argument("--actors", type=int, help="actors holding the models (default: one per GPU of the "
+                                              "cluster, else 1)")
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs each actor reserves (default: 1 when the "
+                                                        "cluster has GPUs, else 0)")
+    p.add_argument("--cpus-per-actor", type=float, help="CPUs each actor reserves (default 1)")
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", help="kind of head: linear (the default: logistic regression, chosen by "
                                   "out-of-fold log loss) or seed (the paper's dropout + softmax head; "
@@ -88,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract_options(p)
     p.add_argument("--run", required=True, help="run folder (created if missing)")
     p.add_argument("--seed", type=int, help="seed for --weights random (default 0)")
+    _add_engine_options(p)
 
     p = sub.add_parser("train", help="train a head recipe (2 x K heads) with cross-validation",
                        description="Options not given are the ones the run's last training used (or "
@@ -111,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="submission CSV to write")
     p.add_argument("--seed", type=int, help="seed of folds, head training and random weights (default 0)")
     p.add_argument("--config", help="a run's config.json: repeat that run (options given here override it)")
+    _add_engine_options(p)
 
     p = sub.add_parser("demo-data", help="write the small synthetic demo data set (Kaggle layout)")
     p.add_argument("--out", required=True, help="folder to write")
@@ -135,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", help=HEADS_HELP)
     p.add_argument("--cache-dir", help="where to keep the images' features (default RUN/predict/); use it "
                                        "when the run folder is read-only")
+    _add_engine_options(p)
 
     p = sub.add_parser("report", help="rebuild RUN/report.html: recipes, curves, metrics, calibration, errors")
     p.add_argument("--run", required=True, help="trained run folder")
@@ -161,6 +176,14 @@ def extract_config(args: argparse.Namespace, saved: dict | None = None, source: 
     from transfer_ensemble.config import ExtractConfig, merged
 
     return merged(ExtractConfig, saved, extract_overrides(args), source)
+
+
+def engine_config(args: argparse.Namespace):
+    """Where the features are computed (--engine and the Ray options); not recorded in the run."""
+    from transfer_ensemble.config import EngineConfig
+
+    keys = ("engine", "ray_address", "actors", "gpus_per_actor", "cpus_per_actor")
+    return EngineConfig.from_flags({key: getattr(args, key, None) for key in keys})
 
 
 def train_config(args: argparse.Namespace, saved: dict | None = None, source: str = "config.json"):
@@ -237,7 +260,8 @@ def print_submit(result: dict) -> None:
 def cmd_extract(args: argparse.Namespace) -> None:
     from transfer_ensemble import workflow
 
-    print_extract_summary(workflow.extract(args.data, args.run, extract_config(args)))
+    config = extract_config(args)
+    print_extract_summary(workflow.extract(args.data, args.run, config, engine=engine_config(args)))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -310,7 +334,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         extract_saved = {**extract_saved, "scales": [1.0]}  # a run from before --scales
     extract = extract_config(args, extract_saved, source)
     train = train_config(args, saved.get("train"), source)
-    print_extract_summary(workflow.extract(data, run_dir, extract, folds=train.folds))
+    engine = engine_config(args)
+    print_extract_summary(workflow.extract(data, run_dir, extract, folds=train.folds, engine=engine))
     result = workflow.train(run_dir, train.to_json())
     submitted = workflow.submit(run_dir, out, heads=result["recipe"], record_out=True)
     print_train(result)
@@ -331,7 +356,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     result = predict.predict_to_csv(args.run, args.images, args.out, fmt=args.format, k=args.k,
                                     tta=args.tta, batch_size=args.batch_size, weights=args.weights,
-                                    heads_name=args.heads, cache_dir=args.cache_dir)
+                                    heads_name=args.heads, cache_dir=args.cache_dir,
+                                    engine=engine_config(args))
     what = "class probabilities" if result["format"] == "probabilities" else f"top {result['k']} classes"
     views = "original + flipped views" if result["tta"] else "original view only, --no-tta"
     print(f"wrote {result['out']}: {result['images']} images, {what} of {result['classes']}, the average "

@@ -26,6 +26,7 @@ DEFAULT_SCALES = (1.0, 1.5)
 """The input sizes features are extracted at, as multiples of --image-size (or of each backbone's
 native size): the second scale lowered out-of-fold log loss by about 12% on fashion10 (README)."""
 SCALE_RANGE = (0.25, 4.0)
+ENGINES = ("local", "ray")
 MAX_PIXELS = 178_956_970
 """Default cap on an image's pixels (Pillow's decompression-bomb limit)."""
 
@@ -38,6 +39,8 @@ _FLAGS = {
     "learning_rate": "--learning-rate", "max_pixels": "--max-pixels", "pool_views": "--pool-views",
     "tta": "--tta", "temperature": "--temperature", "power": "--power", "scales": "--scales",
     "multiscale": "--multiscale",
+    "engine": "--engine", "ray_address": "--ray-address", "actors": "--actors",
+    "gpus_per_actor": "--gpus-per-actor", "cpus_per_actor": "--cpus-per-actor",
 }
 RECIPE_KEYS = ("multiscale", "pool_views", "tta", "temperature")
 
@@ -368,6 +371,60 @@ class TrainConfig:
     def from_json(cls, obj: dict, source: str = "config.json") -> "TrainConfig":
         """Read and check a flat config.json "train" section; missing keys take their defaults."""
         return _train_from(_section(obj, source), lambda key: source)
+
+
+def _check_engine(v: dict, where: Where) -> None:
+    check = _Checker(where, _FLAGS)
+    check.choice("engine", v["engine"], ENGINES)
+    if v["engine"] == "local":
+        given = [k for k in ("ray_address", "actors", "gpus_per_actor", "cpus_per_actor") if v[k] is not None]
+        if given:
+            raise check.fail(given[0], v[given[0]], "is a Ray option: add --engine ray, or leave it out")
+    if v["ray_address"] is not None and (not isinstance(v["ray_address"], str) or not v["ray_address"].strip()):
+        raise check.fail("ray_address", v["ray_address"],
+                         "must be a Ray cluster address such as 10.0.0.5:6379 or ray://head:10001")
+    if v["actors"] is not None:
+        check.whole("actors", v["actors"], 1)
+    if v["gpus_per_actor"] is not None and check.real("gpus_per_actor", v["gpus_per_actor"]) < 0:
+        raise check.fail("gpus_per_actor", v["gpus_per_actor"],
+                         "is out of range: it must be 0 (CPU actors) or more (0.5 puts two actors on a GPU)")
+    if v["cpus_per_actor"] is not None and check.real("cpus_per_actor", v["cpus_per_actor"]) <= 0:
+        raise check.fail("cpus_per_actor", v["cpus_per_actor"], "is out of range: it must be above 0")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where features are computed: in this process (local) or by a pool of actors on a Ray cluster.
+
+    Not recorded in a run's config.json: the engine changes where the work runs, not its results.
+    `ray_address` None means the RAY_ADDRESS variable, else a local Ray started for the run;
+    `actors` None means one per GPU of the cluster (one actor without GPUs); `gpus_per_actor`
+    None means 1 when the cluster has GPUs, else 0; `cpus_per_actor` None means 1.
+    """
+
+    engine: str = "local"
+    ray_address: str | None = None
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_engine({f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
+
+    @classmethod
+    def from_flags(cls, values: dict) -> "EngineConfig":
+        """From command-line values (None where a flag was not given); refusals name the flag."""
+        given = {k: v for k, v in values.items() if v is not None}
+        merged_values = {f.name: given.get(f.name, f.default) for f in fields(cls)}
+        _check_engine(merged_values, lambda key: COMMAND_LINE)
+        return cls(**merged_values)
+
+
+def engine_config(engine: "str | EngineConfig | None") -> EngineConfig:
+    """`engine` as an EngineConfig: None is local, a string is that engine with its defaults."""
+    if isinstance(engine, EngineConfig):
+        return engine
+    return EngineConfig() if engine is None else EngineConfig(engine=engine)
 
 
 def merged(cls, saved: dict | None, overrides: dict, source: str = "config.json", head_from_saved: bool = True):

@@ -2,9 +2,10 @@
 
 TensorFlow 2.21 ignores TF_CPP_MIN_LOG_LEVEL for its start-up lines (absl's preamble, oneDNN and
 CUDA notices in glog format), and libjpeg prints "Corrupt JPEG data" for photos it decodes
-anyway. Both write to file descriptor 2 from C, which Python's logging cannot reach, so
-`filtered_stderr` puts a pipe on descriptor 2 and a thread copies to the real stderr every line
-but those. Warnings and errors in glog format (W..., E..., F...) pass, as does everything else.
+anyway (and under `--engine ray`, Ray's core worker warns about every Ray Data actor it
+starts that its constructor arguments sit in the object store). All write to file descriptor
+2 from C, which Python's logging cannot reach, so `filtered_stderr` puts a pipe on descriptor 2
+and a thread copies to the real stderr every line but those. Warnings and errors in glog format (W..., E..., F...) pass, as does everything else.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Iterator
 NOISE = re.compile(
     rb"(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     rb"|I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "
-    rb"|Corrupt JPEG data: |Premature end of JPEG file|libpng warning: )"
+    rb"|Corrupt JPEG data: |Premature end of JPEG file|libpng warning: "
+    rb"|\[[\d\- :,]+ E \d+ \d+\] core_worker\.cc:\d+: Actor with class name: "
+    rb".*constructor arguments in the object store)"
 )
 """Where a noise line starts: at a line's start, or after a progress bar's text (no newline)."""
 

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from transfer_ensemble import ensemble, features, heads, images
-from transfer_ensemble.config import MAX_PIXELS, ExtractConfig
+from transfer_ensemble.config import MAX_PIXELS, EngineConfig, ExtractConfig, engine_config
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import (PREDICT_SPLIT, SPLITS, VIEWS, Blend, PredictCache, Recipe, RunFolder,
@@ -98,14 +98,15 @@ class Run:
 
     def predict(self, images_or_paths: Sequence[str | os.PathLike | np.ndarray] | np.ndarray,
                 tta: bool = True, batch_size: int | None = None,
-                cache_dir: str | Path | None = None) -> np.ndarray:
+                cache_dir: str | Path | None = None, engine: str | EngineConfig | None = None) -> np.ndarray:
         """Class probabilities (images, classes) in the order of `self.classes`.
 
         Each item is an image path or an RGB uint8 array (height, width, 3); a 4-d uint8 array
         is a batch of them. With `tta` (the default) the models score the views they score in the
         submission; without it, the original view only (the flipped view's models are left out).
         Paths use the on-disk feature stores (under `cache_dir`, default RUN/predict/), arrays
-        are scored in memory.
+        are scored in memory, in this process. `engine` "ray" (or an EngineConfig) computes the
+        features of paths and scores them on a Ray cluster (``ray_engine``); "local" or None here.
         """
         items = list(images_or_paths) if not isinstance(images_or_paths, np.ndarray) \
             else list(images_or_paths) if images_or_paths.ndim == 4 else [images_or_paths]
@@ -117,15 +118,19 @@ class Run:
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise UserError(f"{len(missing)} images do not exist: {_first_few(missing)}.")
+        engine = engine_config(engine)
+        extract_split = _extract_split(engine)
         keys = check_images(paths, self.extract_config.max_pixels)
-        stores, _ = self.extract(paths, keys, batch_size, cache_dir)
-        return np.concatenate([p for _, p in self.iter_probabilities(stores, len(paths), tta)])
+        stores, _ = self.extract(paths, keys, batch_size, cache_dir, extract_split)
+        return np.concatenate([p for _, p in self.iter_probabilities(stores, len(paths), tta, engine=engine)])
 
     def extract(self, paths: Sequence[Path], keys: Sequence[str], batch_size: int | None = None,
-                cache_dir: str | Path | None = None) -> tuple[list[StoreFiles], dict]:
+                cache_dir: str | Path | None = None,
+                extract_split=features.extract_split) -> tuple[list[StoreFiles], dict]:
         """Compute the missing backbone features of `paths` (absolute; `keys` their content hashes).
 
         Returns the stores, one per backbone and scale, and the extraction's counts and timing.
+        `extract_split` is the engine's: ``features.extract_split``, or what ``ray_engine.extractor_for`` gives.
         """
         root = Path(cache_dir).expanduser() if cache_dir is not None else None
         cache = self.folder.predict_cache(keys, root)
@@ -143,7 +148,7 @@ class Run:
             write_json(cache.images, [str(p) for p in paths])
             for extractor in extractors:
                 key = functools.partial(source_key, scale=extractor.scale)
-                runs.append(features.extract_split(
+                runs.append(extract_split(
                     extractor, PREDICT_SPLIT, paths, [str(i) for i in range(len(paths))], keys,
                     lambda name: cache.store(key(name)), lambda name: donors(key(name))))
                 stores += [cache.store(key(spec.name)) for spec in extractor.specs]
@@ -154,25 +159,22 @@ class Run:
         return stores, stats
 
     def iter_probabilities(self, stores: Sequence[StoreFiles], n: int, tta: bool = True,
-                           chunk: int = SCORE_CHUNK) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, probabilities) for consecutive chunks of the stored features."""
-        views = VIEWS if tta else VIEWS[:1]
+                           chunk: int = SCORE_CHUNK,
+                           engine: EngineConfig | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, probabilities) for consecutive chunks of the stored features, in row order.
+
+        With a Ray `engine` the chunks are scored by actors holding the heads.
+        """
+        if engine is not None and engine.engine == "ray":
+            from transfer_ensemble import ray_engine
+
+            yield from ray_engine.iter_probabilities(self, stores, n, tta, engine, chunk)
+            return
         for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            x = {view: np.concatenate([_read_rows(store.view(view), start, stop) for store in stores], axis=1)
-                 for view in views}
-            yield start, self._score(x)
+            yield start, score_rows(self.recipe, self.models, stores, start, min(n, start + chunk), tta)
 
     def _score(self, x: dict[str, np.ndarray]) -> np.ndarray:
-        """The recipe's ensemble for the views in `x`: each model scores the views it scores in
-        the submission that `x` has (models of a view not in `x` are left out)."""
-        kind = heads.get(self.recipe.config.head)
-        per_group = {}
-        for group, models in self.models.items():
-            views = [v for v in self.recipe.scored_views(group) if v in x]
-            if views:
-                per_group[group] = [heads.score(kind, model, x, views) for model in models]
-        return ensemble.combine(per_group, self.recipe.temperature)
+        return _combine(self.recipe, self.models, x)
 
     def _extractor(self, extractor: features.Extractor, batch_size: int | None) -> features.Extractor:
         if batch_size is None or batch_size == self.extract_config.batch_size:
@@ -199,6 +201,43 @@ class Run:
                     parts["flipped"].append(both[len(chunk):])
             out.append(self._score({view: np.concatenate(p, axis=1) for view, p in parts.items()}))
         return np.concatenate(out)
+
+
+def _extract_split(engine: EngineConfig):
+    """The engine's ``extract_split``; for Ray this connects now, so a bad address fails first."""
+    if engine.engine == "ray":
+        from transfer_ensemble import ray_engine
+
+        return ray_engine.extractor_for(engine)
+    return features.extract_split
+
+
+def _combine(recipe: Recipe, models: dict[str, list], x: dict[str, np.ndarray]) -> np.ndarray:
+    """The recipe's ensemble for the views in `x`: each model scores the views it scores in the
+    submission that `x` has (models of a view not in `x` are left out), then the temperature."""
+    kind = heads.get(recipe.config.head)
+    per_group = {}
+    for group, group_models in models.items():
+        views = [v for v in recipe.scored_views(group) if v in x]
+        if views:
+            per_group[group] = [heads.score(kind, model, x, views) for model in group_models]
+    return ensemble.combine(per_group, recipe.temperature)
+
+
+def score_rows(recipe: Recipe, models: dict[str, list], stores: Sequence[StoreFiles], start: int, stop: int,
+               tta: bool = True) -> np.ndarray:
+    """The recipe's probabilities for rows [start, stop) of the stored features (both views with `tta`)."""
+    views = VIEWS if tta else VIEWS[:1]
+    x = {view: np.concatenate([_read_rows(store.view(view), start, stop) for store in stores], axis=1)
+         for view in views}
+    return _combine(recipe, models, x)
+
+
+def load_recipe_models(run_dir: str | Path, heads_name: str) -> tuple[Recipe, dict[str, list]]:
+    """A run's head recipe `heads_name` and its fold models, without the backbones (for scoring workers)."""
+    run = RunFolder.existing(run_dir, "predict with")
+    recipe = run.select_recipe(heads_name, "predict")
+    return recipe, _load_models(run, recipe)
 
 
 def _load_models(run: RunFolder, recipe: Recipe) -> dict[str, list]:
@@ -364,12 +403,17 @@ def _write_csv(f: TextIO, fmt: str, names: Sequence[str], chunks: Iterator[tuple
 def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt: str = "probabilities",
                    k: int = 5, tta: bool = True, batch_size: int | None = None,
                    weights: str | None = None, heads_name: str | None = None,
-                   cache_dir: str | Path | None = None) -> dict:
-    """Score the images of a folder or CSV with a trained run and write `out` atomically."""
+                   cache_dir: str | Path | None = None, engine: str | EngineConfig | None = None) -> dict:
+    """Score the images of a folder or CSV with a trained run and write `out` atomically.
+
+    `engine` "ray" (or an EngineConfig) computes the features and scores them on a Ray cluster.
+    """
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
+    engine = engine_config(engine)
     folder = RunFolder.existing(run_dir, "predict with")
     folder.select_recipe(heads_name, "predict")
+    extract_split = _extract_split(engine)
     paths, names = find_images(source)
     keys = check_images(paths, folder.extract_config().max_pixels)
     run = Run.load(run_dir, weights=weights, heads_name=heads_name)
@@ -377,13 +421,14 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
         log.info("--k %d is more than the %d classes: writing all %d", k, len(run.classes), len(run.classes))
         k = len(run.classes)
     start = time.perf_counter()
-    stores, stats = run.extract(paths, keys, batch_size, cache_dir)
+    stores, stats = run.extract(paths, keys, batch_size, cache_dir, extract_split)
     out = Path(out)
     with atomic_path(out, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        predicted = _write_csv(f, fmt, names, run.iter_probabilities(stores, len(paths), tta),
+        predicted = _write_csv(f, fmt, names, run.iter_probabilities(stores, len(paths), tta, engine=engine),
                                run.classes, k)
     return {"out": str(out), "images": len(paths), "classes": len(run.classes), "format": fmt, "k": k,
-            "models": run.n_models if tta else len(run.models["original"]), "tta": tta,
+            "models": run.n_models if tta else sum(len(m) for g, m in run.models.items() if g != "flipped"),
+            "tta": tta,
             "recipe": run.recipe.name, "computed": stats["computed"], "reused": stats["reused"],
             "extract_seconds": stats["seconds"], "seconds": time.perf_counter() - start,
             "cache": stats["cache"], "predicted": predicted}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from transfer_ensemble import ensemble, images, submission
-from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
+from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, merged
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import (SPLITS, VIEWS, Blend, DamagedFile, Recipe, RunData, RunFolder,
@@ -59,15 +59,21 @@ def _bad_image_error(bad: dict[str, list[tuple[Item, str]]]) -> UserError:
     )
 
 
-def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds: int | None = None) -> list[dict]:
+def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds: int | None = None,
+            engine: EngineConfig | None = None) -> list[dict]:
     """Check every image, then compute the features of the train and test splits.
 
     `folds`, when training will follow (`run`), is checked against the class counts first, so a
     class too small for the folds stops the run before the long extraction rather than after.
     The run's records (config.json, dataset.json) change only once the features are complete.
+    `engine` (default local) says where the features are computed; the stores are the same.
     """
     from transfer_ensemble.features import Extractor, extract_split
 
+    if engine is not None and engine.engine == "ray":
+        from transfer_ensemble.ray_engine import extractor_for
+
+        extract_split = extractor_for(engine)
     run = RunFolder(run_dir)
     dataset = load_dataset(data)
     extractors = [Extractor(config, scale) for scale in config.scales]

@@ -1,0 +1,377 @@
+"""Extraction and batch scoring on a Ray cluster (`--engine ray`): Ray Data batch inference.
+
+A dataset of image paths with their store rows is decoded and resized by CPU tasks
+(``map_batches``), then run through the backbones by a pool of actors (one per GPU, or per
+group of CPUs), each building the models once. (Ray Data fuses two steps that reserve the same
+resources, so with CPU-only actors the decoding runs inside the actors, next to a forward pass
+a hundred times slower; with GPU actors it runs in separate CPU tasks.) The driver, this process, writes the features
+that come back into the same feature stores as the local engine (``features.Store``), rows and
+then the done mask, chunk by chunk: a killed job loses at most the chunks in flight, and running
+it again computes only the rows not done. For `predict`, the heads are then held by a pool of
+actors too, each scoring chunks of stored features; the driver writes the CSV in row order.
+
+Every worker reads the images, the weights and the run folder by the same paths as the driver,
+so they must be on storage every node sees. Ray is imported only here, and this module only
+under ``--engine ray``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import re
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import numpy as np
+
+from transfer_ensemble import backbones, features, images, progress
+from transfer_ensemble.config import EngineConfig, ExtractConfig
+from transfer_ensemble.errors import UserError
+from transfer_ensemble.runfolder import VIEWS, StoreFiles
+
+if TYPE_CHECKING:
+    from transfer_ensemble.predict import Run
+
+log = logging.getLogger(__name__)
+
+KILL_AFTER_CHUNKS = "TRANSFER_ENSEMBLE_TEST_KILL_AFTER_CHUNKS"
+"""Test hook: the driver kills itself (SIGKILL) once it has written this many chunks."""
+
+WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3"}
+WRITE_CHUNK_MAX = 4096
+"""Most rows the driver writes (and commits with one done-mask write) at once."""
+CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The actors that hold the models: how many, and what each reserves on the cluster."""
+
+    actors: int
+    gpus: float
+    cpus: float
+
+    def describe(self) -> str:
+        per = f"{self.gpus:g} GPU + {self.cpus:g} CPU" if self.gpus else f"{self.cpus:g} CPU"
+        return f"{self.actors} actor{'s' if self.actors != 1 else ''} ({per} each)"
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise UserError("--engine ray needs Ray, which is not installed in this Python environment. "
+                        "Install it with `pip install 'transfer_ensemble[ray]'` (or `pip install "
+                        "'ray[data]>=2.40'`), or leave --engine out to run here.") from None
+    return ray
+
+
+def check_address(address: str) -> None:
+    """Refuse an address where nothing listens, quickly: ray.init would retry for a minute."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    fix = ("Start the cluster (`ray start --head` on its head node) and pass the address it prints "
+           "(host:6379, or ray://host:10001 for Ray Client), or leave --ray-address and RAY_ADDRESS "
+           "unset to start a local Ray for this run.")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address {address!r} is not a Ray address of the form host:port. {fix}")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise UserError(f"The Ray cluster at {address!r} cannot be reached ({exc.strerror or exc}). {fix}") from None
+
+
+def _quiet(ray) -> None:
+    """Keep Ray's own logs and progress bars off the terminal: the driver shows one bar of its own."""
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its errors are raised here, said once
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+    context.enable_auto_log_stats = False
+    context.verbose_stats_logs = False
+
+
+def runtime_env() -> dict:
+    """What a job's workers need: this package's own code (so they run the driver's version) and quiet logs.
+
+    Pass it to your own ``ray.init(runtime_env=...)`` when you connect before calling this package.
+    """
+    return {"py_modules": [str(Path(__file__).resolve().parent)], "env_vars": WORKER_ENV}
+
+
+def connect(engine: EngineConfig):
+    """Connect to the cluster (`--ray-address`, else RAY_ADDRESS, else start a local Ray); the ray module.
+
+    Reuses a connection this process already has (a Python caller's own ``ray.init``). Workers
+    get this package's own code (``py_modules``), so they run the same version as the driver.
+    """
+    ray = _import_ray()
+    _quiet(ray)
+    if not ray.is_initialized():
+        address = engine.ray_address or os.environ.get("RAY_ADDRESS") or None
+        if address is not None:
+            check_address(address)
+        start = time.perf_counter()
+        try:
+            ray.init(address=address or "local", include_dashboard=False if address is None else None,
+                     log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env())
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"Could not connect to the Ray cluster at {address!r} ({exc}). Check "
+                            f"--ray-address (or RAY_ADDRESS), or leave both unset to start a local "
+                            f"Ray for this run.") from None
+        where = f"the Ray cluster at {address}" if address else "a local Ray started for this run"
+        log.info("connected to %s in %.1f s: %s", where, time.perf_counter() - start, _resources(ray))
+    _quiet(ray)
+    return ray
+
+
+def _resources(ray) -> str:
+    total = ray.cluster_resources()
+    return f"{total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
+
+
+def pool_for(ray, engine: EngineConfig) -> Pool:
+    """The actor pool `engine` asks for, resolved against the cluster; UserError when it cannot fit."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    per_gpu = engine.gpus_per_actor if engine.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    per_cpu = engine.cpus_per_actor if engine.cpus_per_actor is not None else 1.0
+    actors = engine.actors if engine.actors is not None else (max(1, int(gpus // per_gpu)) if per_gpu else 1)
+    if per_gpu and actors * per_gpu > gpus:
+        raise UserError(f"--actors {actors} with --gpus-per-actor {per_gpu:g} need {actors * per_gpu:g} GPUs, "
+                        f"but the Ray cluster has {gpus:g}. Use fewer actors or fewer GPUs per actor "
+                        f"(--gpus-per-actor 0 runs the backbones on CPUs).")
+    if actors * per_cpu + 1 > cpus:
+        raise UserError(f"--actors {actors} with --cpus-per-actor {per_cpu:g} reserve {actors * per_cpu:g} of "
+                        f"the Ray cluster's {cpus:g} CPUs and leave less than one to decode images. Use "
+                        f"fewer actors or fewer CPUs per actor.")
+    return Pool(actors, per_gpu, per_cpu)
+
+
+def extractor_for(engine: EngineConfig) -> Callable[..., dict]:
+    """Connect now (so a bad address fails before any work), and return this engine's ``extract_split``."""
+    ray = connect(engine)
+    return functools.partial(extract_split, pool=pool_for(ray, engine))
+
+
+def _decode(batch: dict, size: int, max_pixels: int) -> dict:
+    """A CPU task: each path's image, decoded and resized (RGB uint8, size x size)."""
+    pixels = np.stack([images.load(path, size, max_pixels) for path in batch["path"]])
+    return {"row": batch["row"], "pixels": pixels}
+
+
+class _Backbones:
+    """An actor's backbones, built once; returns both views' features of each decoded batch."""
+
+    def __init__(self, config: dict, names: list[str], identities: dict[str, str], scale: float = 1.0) -> None:
+        self.extractor = features.Extractor(ExtractConfig.from_json(config, source="the driver"), scale)
+        self.specs = [backbones.get_spec(name) for name in names]
+        self.extractor.ensure_weights_known()
+        for spec in self.specs:
+            found = self.extractor.sources[spec.name].identity
+            if found != identities[spec.name]:
+                raise UserError(f"A Ray worker on {socket.gethostname()} finds other {spec.name} weights "
+                                f"(identity {found}) than the driver ({identities[spec.name]}). Give every "
+                                f"node the same weight files (--weights with a folder on shared storage).")
+        self.extractor.prepare(self.specs)
+
+    def __call__(self, batch: dict) -> dict:
+        pixels = batch["pixels"]
+        both = np.concatenate([pixels, np.stack([images.mirror(p) for p in pixels])])
+        out = {"row": batch["row"]}
+        for spec in self.specs:
+            values = self.extractor.forward(spec, both)
+            out[f"{spec.name}/original"], out[f"{spec.name}/flipped"] = values[:len(pixels)], values[len(pixels):]
+        return out
+
+
+WORKER_ERROR = re.compile(r"transfer_ensemble\.(?:errors\.UserError|images\.(?:ImageReadError|ImageTooLarge)): (.*)")
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    """The UserError or ImageReadError a worker raised, through Ray's wrapping; None if neither.
+
+    Ray keeps the exception object of a failed task, but only the text of one raised in an
+    actor's constructor (ActorDiedError), so that text is read too.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (UserError, images.ImageReadError)):
+            return exc
+        found = WORKER_ERROR.search(str(exc))
+        if found:
+            kind = UserError if "errors.UserError" in found.group(0) else images.ImageReadError
+            return kind(found.group(1).strip())
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+@contextlib.contextmanager
+def _worker_errors(what: str) -> Iterator[None]:
+    """Turn a worker's UserError or bad image into this process's UserError; re-raise the rest."""
+    try:
+        yield
+    except Exception as exc:
+        cause = _cause(exc)
+        if isinstance(cause, images.ImageReadError):
+            raise UserError(f"An image could not be decoded on a Ray worker during {what}: {cause}. "
+                            f"Run the same command again: the image check will list every bad "
+                            f"image.") from None
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise
+
+
+def _kill_hook() -> Callable[[], None]:
+    limit = int(os.environ.get(KILL_AFTER_CHUNKS, "0") or 0)
+    written = [0]
+
+    def after_chunk() -> None:
+        written[0] += 1
+        if limit and written[0] >= limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return after_chunk
+
+
+def write_chunk(batch_size: int, rows: int) -> int:
+    """Rows per write: a batch, or 1% of the rows when that is more (at most WRITE_CHUNK_MAX).
+
+    Each write also rewrites the done mask (one byte per row of the split), so on a million
+    images chunks of 4096 keep that under 250 bytes per image while a kill loses at most 1%.
+    """
+    return max(batch_size, min(WRITE_CHUNK_MAX, rows // 100))
+
+
+def extract_split(extractor: features.Extractor, split: str, paths: Sequence[Path], ids: Sequence[str],
+                  keys: Sequence[str], store_of: Callable[[str], StoreFiles],
+                  donors_of: Callable[[str], Sequence[StoreFiles]] = lambda name: (),
+                  pool: Pool = Pool(1, 0.0, 1.0)) -> dict:
+    """``features.extract_split`` on the Ray cluster ``connect`` joined: the same stores, the same rows.
+
+    The driver opens the stores (reusing and copying rows as the local engine does), sends the
+    rows not done through the decode tasks and the actor pool, and writes each chunk that comes
+    back, rows then done mask, as the local engine writes each batch.
+    """
+    import ray
+
+    extractor.ensure_weights_known()
+    config = extractor.config
+    stores = {}
+    for spec in extractor.specs:
+        meta = features.store_meta(spec, extractor.sources[spec.name], config, list(ids), extractor.scale)
+        stores[spec.name] = features.open_store(store_of(spec.name), meta, list(keys), donors_of(spec.name))
+    n = len(paths)
+    cached = {name: int(store.done.sum()) for name, store in stores.items()}
+    features._log_reuse(split, n, cached)
+    identities = {name: source.identity for name, source in extractor.sources.items()}
+    after_chunk = _kill_hook()
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    computed = 0
+    by_size: dict[int, list[backbones.BackboneSpec]] = {}
+    for spec in extractor.specs:
+        if cached[spec.name] < n:
+            by_size.setdefault(extractor.size(spec), []).append(spec)
+    for size, specs in by_size.items():
+        todo = np.zeros(n, dtype=bool)
+        for spec in specs:
+            todo |= ~stores[spec.name].done
+        rows = np.flatnonzero(todo)
+        dataset = ray.data.from_items([{"row": int(r), "path": str(paths[r])} for r in rows])
+        dataset = dataset.map_batches(_decode, fn_kwargs={"size": size, "max_pixels": config.max_pixels},
+                                      batch_size=config.batch_size, num_cpus=1)
+        dataset = dataset.map_batches(
+            _Backbones, batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.actors),
+            num_gpus=pool.gpus,
+            num_cpus=pool.cpus, fn_constructor_kwargs={"config": config.to_json(),
+                                                       "names": [s.name for s in specs],
+                                                       "identities": identities,
+                                                       "scale": extractor.scale})
+        desc = f"extract {split} [{','.join(s.name for s in specs)} @{size}px] on Ray"
+        log.info("%s: %d images to compute on %s", split, len(rows), pool.describe())
+        launched = time.perf_counter()
+        with progress.bar(total=len(rows), desc=desc, unit="img") as bar, _worker_errors("extraction"):
+            for chunk in dataset.iter_batches(batch_size=write_chunk(config.batch_size, len(rows)),
+                                              batch_format="numpy"):
+                if not bar.n:
+                    log.info("%s: first features back after %.1f s (starting the actors and building the "
+                             "models in them)", split, time.perf_counter() - launched)
+                chunk_rows = chunk["row"].astype(np.int64)
+                for spec in specs:
+                    store = stores[spec.name]
+                    need = ~store.done[chunk_rows]
+                    if need.any():
+                        store.write(chunk_rows[need], {view: chunk[f"{spec.name}/{view}"][need] for view in VIEWS})
+                bar.update(len(chunk_rows))
+                after_chunk()
+        computed += len(rows)
+    seconds = time.perf_counter() - start
+    return {"split": split, "images": n, "computed": computed,
+            "reused": n - computed, "seconds": seconds,
+            "cpu_seconds": time.process_time() - cpu_start,
+            "backbones": {name: {"computed": n - cached[name], "reused": cached[name]}
+                          for name in stores}}
+
+
+class _Heads:
+    """An actor holding a recipe's fold models; scores ranges of rows of the stored features."""
+
+    def __init__(self, run_dir: str, heads_name: str, stores: list[str], tta: bool) -> None:
+        from transfer_ensemble.predict import load_recipe_models
+
+        self.recipe, self.models = load_recipe_models(run_dir, heads_name)
+        self.stores = [StoreFiles(Path(folder)) for folder in stores]
+        self.tta = tta
+
+    def __call__(self, batch: dict) -> dict:
+        from transfer_ensemble.predict import score_rows
+
+        rows, probabilities = [], []
+        for start, stop in zip(batch["start"], batch["stop"]):
+            rows.append(np.arange(start, stop, dtype=np.int64))
+            probabilities.append(score_rows(self.recipe, self.models, self.stores, int(start), int(stop), self.tta))
+        return {"row": np.concatenate(rows), "probabilities": np.concatenate(probabilities)}
+
+
+def iter_probabilities(run: "Run", stores: Sequence[StoreFiles], n: int, tta: bool, engine: EngineConfig,
+                       chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, probabilities) for consecutive runs of rows, scored by actors holding the heads.
+
+    Actors return chunks in any order; they are given back in row order, holding only the chunks
+    that arrived ahead of the next one.
+    """
+    ray = connect(engine)
+    pool = pool_for(ray, engine)
+    bounds = [{"start": s, "stop": min(n, s + chunk)} for s in range(0, n, chunk)]
+    if not bounds:
+        return
+    args = {"run_dir": str(run.run_dir.resolve()), "heads_name": run.recipe.name,
+            "stores": [str(s.folder.resolve()) for s in stores], "tta": tta}
+    dataset = ray.data.from_items(bounds).map_batches(
+        _Heads, batch_size=1, compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus,
+        fn_constructor_kwargs=args)
+    waiting: dict[int, np.ndarray] = {}
+    following = 0
+    with _worker_errors("scoring"):
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            rows = batch["row"]
+            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+            for part_rows, part in zip(np.split(rows, breaks), np.split(batch["probabilities"], breaks)):
+                waiting[int(part_rows[0])] = part
+            while following in waiting:
+                part = waiting.pop(following)
+                yield following, part
+                following += len(part)
