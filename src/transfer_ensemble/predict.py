@@ -383,7 +383,8 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
         predicted = _write_csv(f, fmt, names, run.iter_probabilities(stores, len(paths), tta),
                                run.classes, k)
     return {"out": str(out), "images": len(paths), "classes": len(run.classes), "format": fmt, "k": k,
-            "models": run.n_models if tta else len(run.models["original"]), "tta": tta,
+            "models": run.n_models if tta else sum(len(m) for g, m in run.models.items() if g != "flipped"),
+            "tta": tta,
             "recipe": run.recipe.name, "computed": stats["computed"], "reused": stats["reused"],
             "extract_seconds": stats["seconds"], "seconds": time.perf_counter() - start,
             "cache": stats["cache"], "predicted": predicted}
