@@ -128,7 +128,7 @@ def test_a_changed_test_image_is_recomputed_and_never_submitted_stale(copied, re
                        f"train --run {run} --heads {recipe.name}")
     assert not stale.exists()
 
-    code, _, err = call("train", "--run", str(run))
+    code, _, err = call("train", "--run", str(run), "--heads", recipe.name)
     assert code == 0, err
     assert "predicting them again with 4 finished fold models" in err
     assert {job: recipe.fold(*job).model(".keras").stat().st_mtime_ns for job in recipe.jobs} == models
@@ -164,7 +164,7 @@ def test_features_of_another_size_or_backbone_make_the_heads_stale(copied, call,
                         "--out", str(tmp_path / "p.csv"))
     assert_clear_error(code, err, "has no trained heads for its current features")
 
-    code, out, err = call("train", "--run", str(run))
+    code, out, err = call("train", "--run", str(run), "--head", "seed")
     assert code == 0, err
     assert f"head recipe {name}: the features or labels changed since it was trained" in err
     code, out, err = call("predict", "--run", str(run), "--images", str(data / "test"),
@@ -184,7 +184,7 @@ def test_changed_labels_make_the_heads_stale_though_no_feature_changes(copied, c
     assert code == 0 and "all features were already computed" in out, err
     code, _, err = call("submit", "--run", str(run), "--out", str(tmp_path / "s.csv"))
     assert_clear_error(code, err, "trained on features or labels that have changed since")
-    assert call("train", "--run", str(run))[0] == 0
+    assert call("train", "--run", str(run), "--head", "seed")[0] == 0
     assert call("submit", "--run", str(run), "--out", str(tmp_path / "s.csv"))[0] == 0
 
 
@@ -251,7 +251,7 @@ def test_a_damaged_file_is_named_and_repaired_by_rerunning(copied, reference, ca
     damage(path)
     commands = {
         "extract": ["extract", "--data", str(data), "--run", str(run), *EXTRACT],
-        "train": ["train", "--run", str(run)],
+        "train": ["train", "--run", str(run), "--head", "seed"],
         "submit": ["submit", "--run", str(run), "--out", str(tmp_path / "refused.csv")],
         "report": ["report", "--run", str(run)],
         "predict": ["predict", "--run", str(run), "--images", str(data / "test"), "--out", str(tmp_path / "p.csv")],
