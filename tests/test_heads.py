@@ -14,7 +14,7 @@ import pytest
 
 from conftest import FAST_TRAIN, TINY, make_folders, make_kaggle, run_cli
 from transfer_ensemble import ensemble, heads, workflow
-from transfer_ensemble.config import ExtractConfig, LinearOptions, SeedOptions, TrainConfig
+from transfer_ensemble.config import ExtractConfig, LinearOptions, SeedOptions
 from transfer_ensemble.runfolder import RunFolder
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"

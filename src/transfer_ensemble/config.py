@@ -8,7 +8,7 @@ a ``UserError`` naming the option by its CLI flag, the bad value and what is all
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from transfer_ensemble import backbones

@@ -68,15 +68,16 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
     The run's records (config.json, dataset.json) change only once the features are complete.
     `engine` (default local) says where the features are computed; the stores are the same.
     """
-    from transfer_ensemble.features import Extractor, extract_split
+    from transfer_ensemble import features
 
+    extract_split = features.extract_split
     if engine is not None and engine.engine == "ray":
         from transfer_ensemble.ray_engine import extractor_for
 
         extract_split = extractor_for(engine)
     run = RunFolder(run_dir)
     dataset = load_dataset(data)
-    extractors = [Extractor(config, scale) for scale in config.scales]
+    extractors = [features.Extractor(config, scale) for scale in config.scales]
     with run.lock(), disk_errors(run.path):
         keys, bad = _check_images(run, dataset, config.max_pixels)
         if (bad["train"] or bad["test"]) and config.on_bad_image == "error":
