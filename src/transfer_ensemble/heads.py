@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from transfer_ensemble import backend
 from transfer_ensemble.config import HEAD_KINDS, HeadOptions
 
 
@@ -45,9 +46,8 @@ def _fit_seed_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, 
     """The paper's head: dropout then a dense softmax, Adam, early stopping on the validation
     loss with the best weights restored. Deterministic for a given seed."""
     import keras
-    import tensorflow as tf
 
-    tf.config.experimental.enable_op_determinism()
+    backend.enable_determinism()
     keras.utils.set_random_seed(seed)
     model = _build_seed_head(x_train.shape[1], n_classes, options)
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience,
