@@ -93,6 +93,26 @@ def devices() -> list[str]:
     return ["default"]
 
 
+def peak_memory() -> int | None:
+    """Peak bytes in use on the first GPU since the process started; None without a GPU."""
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"] if tf.config.list_logical_devices("GPU") else None
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        stats = device.memory_stats() if device.platform == "gpu" else None
+        return stats.get("peak_bytes_in_use") if stats else None
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return None
+
+
 @dataclass
 class Replicas:
     """Several devices that each run the same model on part of every batch."""
