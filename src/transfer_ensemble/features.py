@@ -68,8 +68,6 @@ class _Contents:
     done: np.ndarray
 
 
-
-
 def _read_contents(files: StoreFiles) -> _Contents:
     """Read and check a store's records and the shapes of its arrays; DamagedFile otherwise."""
     meta = load_json(files.meta)
@@ -302,7 +300,7 @@ def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: 
         rows = np.flatnonzero(todo)
         desc = f"extract {split} [{','.join(s.name for s in specs)} @{size}px]"
         with progress.bar(total=len(rows), desc=desc, unit="img") as bar:
-            in_flight: list[_Pending] = []
+            in_flight: list[_Pending | _Done] = []
             for batch in _batches(list(paths), rows, size, config):
                 launched = [_Pending(stores[spec.name], batch.rows, need, extractor.dispatch(spec, batch.pixels))
                             for spec in specs if (need := ~stores[spec.name].done[batch.rows]).any()]
@@ -335,7 +333,7 @@ class _Done:
     images: int
 
 
-def _finish(in_flight: list, bar) -> None:
+def _finish(in_flight: list[_Pending | _Done], bar) -> None:
     """Fetch the launched passes of the previous batch and write (and so commit) their rows."""
     for item in in_flight:
         if isinstance(item, _Done):

@@ -369,10 +369,11 @@ def iter_batches(paths: Sequence[Path], rows: Sequence[int], size: int, batch_si
     `workers` threads (default: `default_workers()`) decode up to `prefetch` batches ahead,
     across batch boundaries, and at most `prefetch` finished batches wait in memory, so memory
     is flat whatever the number of images. OpenCV releases the GIL, so decoding runs alongside
-    the model's forward pass. Each thread writes its image (and mirror) straight into its
-    batch's array: no thread copies a whole batch (stacking in one thread held 16 cores of an
-    H200 machine to 1,711 images/s of 500x375 JPEGs; filling in place gave 2,595). With `mirrored`, a batch's pixels are its images followed by their
+    the model's forward pass. With `mirrored`, a batch's pixels are its images followed by their
     left-right mirrors (2 x rows), flipped in the background too, ready for one forward pass.
+    Each thread writes its image (and mirror) straight into its batch's array, so no one thread
+    copies whole batches (stacking them in one thread held the 16 cores of an H200 machine to
+    1,711 images/s of 500x375 JPEGs; filling in place gave 2,595).
     """
     rows = np.asarray(rows, dtype=np.int64)
     chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
