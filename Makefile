@@ -1,4 +1,5 @@
-# The README's commands: `make demo`, `make test` (the full suite, as CI runs it) and
+# The README's commands: `make demo`, `make test` (the full suite as CI runs it: on TensorFlow, then
+# the backend-sensitive tests again on JAX) and
 # `make test-fast` (no model builds or CLI subprocesses, under a minute). All build .venv on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -19,8 +20,10 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py --data demo_data --run runs/demo --out submissions/demo.csv
 
+# The whole suite on TensorFlow, then the backend-sensitive tests (marked `backend`) on JAX.
 test: $(STAMP)
 	$(BIN)/python -m pytest
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -m backend
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

@@ -1,13 +1,14 @@
 """The whole workflow through the CLI on generated images, as a competition entrant runs it."""
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from conftest import FAST_EXTRACT, make_kaggle, run_cli
-from transfer_ensemble import submission
+from transfer_ensemble import backend, submission
 from transfer_ensemble.dataset import load_dataset
 from transfer_ensemble.runfolder import RunFolder
 
@@ -24,20 +25,22 @@ def finished_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.backend
 def test_run_writes_every_artefact_with_the_right_shapes(finished_run):
     data, run, out, result = finished_run
     config = json.loads((run / "config.json").read_text())
     assert config["extract"]["backbones"] == ["xception", "inception_v3"]
     assert config["extract"]["image_size"] == 75 and config["train"]["folds"] == 2
     assert config["classes"] == ["class_2", "class_1", "class_0"]
-    assert config["versions"]["tensorflow"]
+    assert config["versions"]["keras"]
+    assert config["backend"] == backend.name() == os.environ.get("KERAS_BACKEND", "tensorflow")
 
     folder = RunFolder(run)
     for split, n in (("train", 12), ("test", 5)):
         for backbone in ("xception", "inception_v3"):
             store = folder.store(split, backbone)
             meta = json.loads(store.meta.read_text())
-            assert len(meta["ids"]) == n
+            assert len(meta["ids"]) == n and meta["backend"] == backend.name()
             for view in ("original", "flipped"):
                 features = np.load(store.view(view))
                 assert features.shape == (n, 2048) and features.dtype == np.float32
@@ -72,6 +75,7 @@ def test_run_writes_every_artefact_with_the_right_shapes(finished_run):
 
 
 @pytest.mark.slow
+@pytest.mark.backend
 def test_submission_is_valid_and_is_the_average_of_the_ten_models(finished_run):
     data, run, out, _ = finished_run
     dataset = load_dataset(data)
@@ -83,6 +87,7 @@ def test_submission_is_valid_and_is_the_average_of_the_ten_models(finished_run):
 
 
 @pytest.mark.slow
+@pytest.mark.backend
 def test_submit_alone_rewrites_the_same_submission(finished_run, tmp_path):
     _, run, out, _ = finished_run
     again = tmp_path / "again.csv"

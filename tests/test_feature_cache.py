@@ -72,6 +72,7 @@ def copied(reference, tmp_path) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.backend
 def test_resume_after_sigkill_gives_identical_features(reference, tmp_path):
     data, ref_run = reference
     run = tmp_path / "run"

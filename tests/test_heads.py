@@ -58,6 +58,7 @@ def test_an_absent_class_gets_a_column_and_almost_no_probability():
     np.testing.assert_allclose(p.sum(axis=1), 1, atol=1e-5)
 
 
+@pytest.mark.backend
 @pytest.mark.parametrize("head", ["linear", pytest.param("seed", marks=pytest.mark.slow)])
 def test_each_head_saves_loads_and_predicts_the_same(head, tmp_path):
     x, y = _blobs()

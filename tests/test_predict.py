@@ -47,6 +47,7 @@ def _by_stem(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(image=[Path(p).stem for p in frame["image"]]).set_index("image").sort_index()
 
 
+@pytest.mark.backend
 def test_predict_equals_the_submission_on_the_runs_test_images(trained, cli_preds):
     _, run, sub = trained
     preds, result = cli_preds

@@ -48,6 +48,7 @@ def test_weights_dir_without_the_file_names_it(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.backend
 def test_offline_imagenet_failure_is_one_clear_message(tmp_path):
     data = make_kaggle(tmp_path / "data", per_class=2, n_test=2)
     keras_home = tmp_path / "keras_home"

@@ -2,7 +2,8 @@
 
 A store (``runfolder.StoreFiles``) holds one split's features of one backbone, rows keyed by
 the SHA-256 of each image file. A batch's rows are marked done only after their features are
-flushed to disk, so a process killed at any moment loses at most the batch in flight. A store
+flushed to disk, so a process killed at any moment loses at most the two batches in flight (one
+on the device, the one before it being fetched and written). A store
 whose settings match is reused; rows of images it (or a donor store with the same settings)
 already holds are copied, not recomputed; a damaged store is said so and rebuilt.
 """
@@ -21,10 +22,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from transfer_ensemble import backbones, images, progress
+from transfer_ensemble import backbones, backend, images, progress
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import VIEWS, DamagedFile, StoreFiles, load_json, load_npy
+from transfer_ensemble.runfolder import VIEWS, DamagedFile, StoreFiles, feature_settings, load_json, load_npy
 from transfer_ensemble.storage import write_json, write_npy
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,6 @@ class _Contents:
     done: np.ndarray
 
 
-def _settings(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k != "ids"}
-
-
 def _read_contents(files: StoreFiles) -> _Contents:
     """Read and check a store's records and the shapes of its arrays; DamagedFile otherwise."""
     meta = load_json(files.meta)
@@ -101,15 +98,15 @@ def open_store(files: StoreFiles, meta: dict, keys: list[str], donors: Sequence[
     """
     what = f"the {meta['backbone']} features in {files.folder}"
     current = _readable(files, what)
-    if current is not None and _settings(current.meta) == _settings(meta) and current.keys == keys:
-        if current.meta.get("ids") != meta.get("ids"):
+    if current is not None and feature_settings(current.meta) == feature_settings(meta) and current.keys == keys:
+        if current.meta != meta:  # other ids, or a record from before the backend was recorded
             write_json(files.meta, meta)
         return Store(files, current.done.copy())
-    sources = [current] if current is not None and _settings(current.meta) == _settings(meta) else []
+    sources = [current] if current is not None and feature_settings(current.meta) == feature_settings(meta) else []
     for donor in donors:
         if donor != files:
             contents = _readable(donor, f"nothing from {donor.folder}")
-            if contents is not None and _settings(contents.meta) == _settings(meta):
+            if contents is not None and feature_settings(contents.meta) == feature_settings(meta):
                 sources.append(contents)
     if current is not None and not sources:
         log.info("%s were computed with other settings: computing them again", what)
@@ -175,6 +172,7 @@ def store_meta(spec: backbones.BackboneSpec, source: backbones.WeightsSource, co
         "precision": config.precision,
         "preprocess": PREPROCESS,
         "store_version": STORE_VERSION,
+        "backend": backend.name(),
         "ids": ids,
     }
 
@@ -194,51 +192,12 @@ def _precision_policy(precision: str):
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _multi_gpu_strategy():
-    """MirroredStrategy over all GPUs when there are several; None with one GPU or none."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        log.info("extracting on %d GPUs with MirroredStrategy", len(gpus))
-        return tf.distribute.MirroredStrategy()
-    return None
-
-
 @dataclass
 class Backbone:
-    """A built model and the function that runs it, preprocessing included, on a uint8 RGB batch."""
+    """A built model and its compiled forward pass (preprocessing included) on uint8 RGB batches."""
 
     model: object
-    run: Callable[[np.ndarray], np.ndarray]
-
-
-def _single_device_runner(model, spec: backbones.BackboneSpec, size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Cast, ``preprocess_input`` and the model as one graph, traced now for any batch size.
-
-    Preprocessing in the graph runs fused on TensorFlow's threads instead of as NumPy passes on
-    the thread that feeds the model, and the batch crosses into TensorFlow as uint8 (4x smaller).
-    XLA is used where Keras would use it for ``predict`` (``jit_compile`` resolves to a GPU
-    being present and every layer supporting it); never on a CPU-only machine.
-    """
-    import tensorflow as tf
-
-    preprocess = backbones.preprocess_input(spec)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],
-                 jit_compile=bool(model.jit_compile))
-    def run(batch):
-        return tf.cast(model(preprocess(tf.cast(batch, tf.float32)), training=False), tf.float32)
-
-    run.get_concrete_function()
-    return lambda batch: run(batch).numpy()
-
-
-def _multi_device_runner(model, spec: backbones.BackboneSpec) -> Callable[[np.ndarray], np.ndarray]:
-    """``predict`` splits each batch across the strategy's replicas (``predict_on_batch`` would
-    give every replica the whole batch and return each replica's copy)."""
-    preprocess = backbones.preprocess_fn(spec)
-    return lambda batch: model.predict(preprocess(batch), batch_size=len(batch), verbose=0)
+    run: backend.Forward
 
 
 @dataclass
@@ -259,19 +218,19 @@ class Extractor:
                         "nothing. Use this only for tests and smoke runs.")
 
     @functools.cached_property
-    def strategy(self) -> object | None:
-        """MirroredStrategy when there are several GPUs, else None; looked up at the first build."""
-        return _multi_gpu_strategy()
+    def replicas(self) -> backend.Replicas | None:
+        """Every device, when there are several (``backend.replicated``); looked up at the first build."""
+        return backend.replicated()
 
     def model(self, spec: backbones.BackboneSpec) -> Backbone:
         if spec.name not in self._models:
-            strategy = self.strategy
+            replicas = self.replicas
             size = self.size(spec)
-            scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+            scope = replicas.scope() if replicas is not None else contextlib.nullcontext()
             with _precision_policy(self.config.precision), scope:
                 model = backbones.build(spec, self.sources[spec.name], size, self.config.seed)
-            run = (_multi_device_runner(model, spec) if strategy is not None
-                   else _single_device_runner(model, spec, size))
+            run = backend.compile_forward(model, backbones.preprocess_input(spec), size,
+                                          2 * self.config.batch_size, replicas)
             self._models[spec.name] = Backbone(model, run)
             if self.sources[spec.name].path is None and self.config.weights == "imagenet":
                 self.sources[spec.name] = backbones.resolve_weights(spec, "imagenet")
@@ -304,7 +263,13 @@ class Extractor:
 
     def forward(self, spec: backbones.BackboneSpec, pixels: np.ndarray) -> np.ndarray:
         """Pooled features of uint8 RGB `pixels` (batch, h, w, 3), as float32."""
-        return np.asarray(self.model(spec).run(pixels), dtype=np.float32)
+        return self.model(spec).run(pixels)
+
+    def dispatch(self, spec: backbones.BackboneSpec, pixels: np.ndarray) -> Callable[[], np.ndarray]:
+        """Launch the forward pass of `pixels` now; the returned function waits for its features."""
+        forward = self.model(spec).run
+        handle = forward.dispatch(pixels)
+        return lambda: forward.fetch(handle)
 
 
 def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: Sequence[str],
@@ -341,16 +306,13 @@ def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: 
         rows = np.flatnonzero(todo)
         desc = f"extract {split} [{','.join(s.name for s in specs)} @{size}px]"
         with progress.bar(total=len(rows), desc=desc, unit="img") as bar:
+            in_flight: list[_Pending | _Done] = []
             for batch in _batches(list(paths), rows, size, config):
-                b = len(batch.rows)
-                for spec in specs:
-                    store = stores[spec.name]
-                    need = ~store.done[batch.rows]
-                    if not need.any():
-                        continue
-                    out = extractor.forward(spec, batch.pixels)
-                    store.write(batch.rows[need], {"original": out[:b][need], "flipped": out[b:][need]})
-                bar.update(b)
+                launched = [_Pending(stores[spec.name], batch.rows, need, extractor.dispatch(spec, batch.pixels))
+                            for spec in specs if (need := ~stores[spec.name].done[batch.rows]).any()]
+                _finish(in_flight, bar)
+                in_flight = [*launched, _Done(len(batch.rows))]
+            _finish(in_flight, bar)
         computed += len(rows)
     seconds = time.perf_counter() - start
     return {"split": split, "images": n, "computed": computed,
@@ -358,6 +320,34 @@ def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: 
             "cpu_seconds": time.process_time() - cpu_start,
             "backbones": {name: {"computed": n - cached[name], "reused": cached[name]}
                           for name in stores}}
+
+
+@dataclass
+class _Pending:
+    """A batch's forward pass of one backbone, launched; its rows are written once it is fetched."""
+
+    store: Store
+    rows: np.ndarray
+    need: np.ndarray
+    result: Callable[[], np.ndarray]
+
+
+@dataclass
+class _Done:
+    """The end of a batch of `images`, for the progress bar."""
+
+    images: int
+
+
+def _finish(in_flight: list[_Pending | _Done], bar) -> None:
+    """Fetch the launched passes of the previous batch and write (and so commit) their rows."""
+    for item in in_flight:
+        if isinstance(item, _Done):
+            bar.update(item.images)
+            continue
+        out = item.result()
+        b = len(item.rows)
+        item.store.write(item.rows[item.need], {"original": out[:b][item.need], "flipped": out[b:][item.need]})
 
 
 def _log_reuse(split: str, images: int, cached: dict[str, int]) -> None:

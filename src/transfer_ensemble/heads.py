@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from transfer_ensemble import ensemble
+from transfer_ensemble import backend, ensemble
 from transfer_ensemble.config import HEAD_KINDS, LinearOptions, SeedOptions
 
 Views = Sequence[np.ndarray]
@@ -54,9 +54,8 @@ def _fit_seed_head(train: Views, y_train: np.ndarray, val: Views, y_val: np.ndar
     loss with the best weights restored. Deterministic for a given seed. Several views are
     trained on as more rows."""
     import keras
-    import tensorflow as tf
 
-    tf.config.experimental.enable_op_determinism()
+    backend.enable_determinism()
     keras.utils.set_random_seed(seed)
     x_train, x_val = np.concatenate(train), np.concatenate(val)
     y_train, y_val = np.tile(y_train, len(train)), np.tile(y_val, len(val))

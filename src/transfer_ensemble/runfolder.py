@@ -5,7 +5,8 @@ module joins path pieces of a run folder. A run folder is this tool's database, 
 to step like a training checkpoint::
 
     RUN/config.json                 options of the features the run has (written when `extract`
-                                    succeeds), the last `train` options, classes, versions
+                                    succeeds), the last `train` options, classes, and the
+                                    versions and Keras backend of the step that wrote it last
     RUN/dataset.json                images, ids and labels of each split, bad test ids
     RUN/image_check.json            verdict of every image seen, by the SHA-256 of its bytes
     RUN/bad_images.json             images left out by --on-bad-image skip, with reasons
@@ -42,7 +43,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from transfer_ensemble import __version__
+from transfer_ensemble import __version__, backend
 from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
 from transfer_ensemble.dataset import Dataset, Item
 from transfer_ensemble.errors import UserError
@@ -113,12 +114,22 @@ def labels_digest(labels: np.ndarray) -> str:
 
 def package_versions() -> dict:
     versions = {"python": platform.python_version(), "transfer_ensemble": __version__}
-    for name in ("tensorflow", "keras", "numpy", "opencv-python-headless", "scikit-learn", "pandas"):
+    for name in ("tensorflow", "jax", "jaxlib", "torch", "keras", "numpy", "opencv-python-headless",
+                 "scikit-learn", "pandas"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def feature_settings(meta: dict) -> dict:
+    """What a store's features depend on besides the images: its meta.json without the ids.
+
+    The Keras backend that computed them is part of it, except TensorFlow's: stores written
+    before the backend was recorded were all TensorFlow's, and they keep their identity.
+    """
+    return {k: v for k, v in meta.items() if k != "ids" and not (k == "backend" and v == "tensorflow")}
 
 
 @dataclass(frozen=True)
@@ -154,8 +165,7 @@ class StoreFiles:
 
     def identity(self) -> str:
         """What the features were computed from: their settings and each row's image content."""
-        meta = {k: v for k, v in load_json(self.meta).items() if k != "ids"}
-        return digest({"meta": meta, "keys": load_json(self.keys, list)})
+        return digest({"meta": feature_settings(load_json(self.meta)), "keys": load_json(self.keys, list)})
 
 
 @dataclass(frozen=True)
@@ -510,6 +520,7 @@ class RunFolder:
         config = self.read_config_optional()
         config.update(sections)
         config["versions"] = package_versions()
+        config["backend"] = backend.name()
         write_json(self.config_path, config)
         return config
 
@@ -567,8 +578,8 @@ class RunFolder:
         """
         try:
             return {
-                "features": {name: {k: v for k, v in load_json(self.store("train", name).meta).items()
-                                    if k != "ids"} for name in backbones},
+                "features": {name: feature_settings(load_json(self.store("train", name).meta))
+                             for name in backbones},
                 **{split: digest([store.identity() for store in self.stores(split, backbones)])
                    for split in SPLITS},
             }

@@ -1,0 +1,312 @@
+"""The one module that imports TensorFlow, JAX or torch: Keras's backend, whichever it is.
+
+Keras picks its backend itself (``KERAS_BACKEND``, else the "backend" of ``keras.json`` in
+``$KERAS_HOME`` or ``~/.keras``, else TensorFlow); this module never chooses one. It gives the
+rest of the package what differs between backends:
+
+- `name()`: the backend in use, read without importing Keras or a framework;
+- `enable_determinism()`: the same results for the same seed;
+- `devices()` and `replicated()`: several accelerators (or virtual CPU devices) used together,
+  with ``MirroredStrategy`` on TensorFlow and ``keras.distribution.DataParallel`` on JAX;
+- `compile_forward()`: a backbone's compiled forward pass on uint8 batches, preprocessing in
+  the graph, split into `Forward.dispatch` (transfer and launch) and `Forward.fetch` (wait and
+  copy back) so that a caller can launch the next batch before it fetches the current one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("tensorflow", "jax", "torch")
+DEFAULT = "tensorflow"
+
+
+def name() -> str:
+    """The Keras backend this process uses (or will use), as Keras itself decides it."""
+    if "keras" in sys.modules:
+        import keras
+
+        return keras.backend.backend()
+    chosen = os.environ.get("KERAS_BACKEND")
+    if chosen:
+        return chosen
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(Path(home) / "keras.json") as f:
+            return str(json.load(f).get("backend", DEFAULT))
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT
+
+
+def enable_determinism() -> None:
+    """Make the backend's ops deterministic, so that a seeded fit gives the same weights each time.
+
+    TensorFlow needs op determinism switched on. JAX on a CPU is deterministic as it is; on a
+    GPU, XLA's flag ``--xla_gpu_deterministic_ops=true`` must be in ``XLA_FLAGS`` before JAX
+    starts, which this sets only if JAX has not started yet. torch is asked for deterministic
+    algorithms (with a warning where an op has none).
+    """
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    elif backend == "jax":
+        flag = "--xla_gpu_deterministic_ops=true"
+        if flag not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    elif backend == "torch":
+        import torch
+
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def devices() -> list[str]:
+    """The devices a backbone runs on: every GPU, else the CPUs the backend shows (normally one;
+    several only when configured, e.g. for tests: TensorFlow's logical devices, or JAX's
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=N``)."""
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        found = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return [d.name for d in found]
+    if backend == "jax":
+        import jax
+
+        return [str(d) for d in jax.devices()]
+    if backend == "torch":
+        import torch
+
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+    return ["default"]
+
+
+def peak_memory() -> int | None:
+    """Peak bytes in use on the first GPU since the process started; None without a GPU."""
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"] if tf.config.list_logical_devices("GPU") else None
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        stats = device.memory_stats() if device.platform == "gpu" else None
+        return stats.get("peak_bytes_in_use") if stats else None
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return None
+
+
+@dataclass
+class Replicas:
+    """Several devices that each run the same model on part of every batch."""
+
+    backend: str
+    devices: list[str]
+    handle: Any
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Build models inside this, so that their weights are placed on every device."""
+        if self.backend == "tensorflow":
+            with self.handle.scope():
+                yield
+            return
+        import keras
+
+        previous = keras.distribution.distribution()
+        keras.distribution.set_distribution(self.handle)
+        try:
+            yield
+        finally:
+            keras.distribution.set_distribution(previous)
+
+
+def replicated() -> Replicas | None:
+    """Replicas over every device when there are several and the backend can use them; else None."""
+    backend = name()
+    found = devices()
+    if len(found) < 2:
+        return None
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        log.info("extracting on %d devices with MirroredStrategy", len(found))
+        return Replicas(backend, found, tf.distribute.MirroredStrategy(found))
+    if backend == "jax":
+        import keras
+
+        log.info("extracting on %d devices with keras.distribution.DataParallel", len(found))
+        return Replicas(backend, found, keras.distribution.DataParallel())
+    log.info("the %s backend uses one of the %d devices here", backend, len(found))
+    return None
+
+
+@dataclass
+class Forward:
+    """A backbone's compiled forward pass on uint8 RGB batches (batch, size, size, 3).
+
+    `dispatch` sends a batch to the device and launches the pass, returning at once where the
+    backend allows (JAX and GPUs run asynchronously); `fetch` waits for that pass and returns
+    float32 features. Call `dispatch` for the next batch before `fetch` for this one to overlap
+    the transfer and compute of one batch with the copy back and the writing of the other.
+    """
+
+    dispatch: Callable[[np.ndarray], Any]
+    fetch: Callable[[Any], np.ndarray]
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.fetch(self.dispatch(batch))
+
+
+def compile_forward(model: Any, preprocess: Callable, size: int, batch: int,
+                    replicas: Replicas | None = None) -> Forward:
+    """The compiled forward of `model` with `preprocess` (a backbone's ``preprocess_input``),
+    compiled now for batches of `batch` images of `size` x `size` where the backend compiles
+    per shape, so that no compiling happens once batches flow."""
+    backend = name()
+    if backend == "tensorflow":
+        return _tensorflow_forward(model, preprocess, size, replicas)
+    if backend == "jax":
+        return _jax_forward(model, preprocess, size, batch, replicas)
+    if backend == "torch":
+        return _torch_forward(model, preprocess)
+    raise RuntimeError(f"no compiled forward for the Keras backend {backend!r}")
+
+
+def _tensorflow_forward(model: Any, preprocess: Callable, size: int, replicas: Replicas | None) -> Forward:
+    """Cast, ``preprocess_input`` and the model as one ``tf.function``, traced now for any batch size.
+
+    The batch crosses into TensorFlow as uint8 (4x smaller than float32). XLA is used where Keras
+    would use it for ``predict`` (``jit_compile`` resolves to a GPU being present and every layer
+    supporting it); never on a CPU-only machine. Over several devices, ``predict`` splits each
+    batch across the strategy's replicas (``predict_on_batch`` would give every replica the whole
+    batch and return each replica's copy).
+    """
+    import tensorflow as tf
+
+    if replicas is not None:
+        def run_replicated(batch: np.ndarray) -> np.ndarray:
+            pixels = np.asarray(preprocess(batch.astype(np.float32)))
+            return model.predict(pixels, batch_size=len(batch), verbose=0)
+
+        return Forward(run_replicated, lambda out: np.asarray(out, dtype=np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],
+                 jit_compile=bool(model.jit_compile))
+    def run(batch):
+        return tf.cast(model(preprocess(tf.cast(batch, tf.float32)), training=False), tf.float32)
+
+    run.get_concrete_function()
+    return Forward(run, lambda out: np.asarray(out.numpy(), dtype=np.float32))
+
+
+def _jax_forward(model: Any, preprocess: Callable, size: int, batch: int, replicas: Replicas | None) -> Forward:
+    """``jax.jit`` over ``model.stateless_call``, with the weights passed in as arguments.
+
+    Batches go to the device as uint8 with ``jax.device_put``, which (like the jitted call)
+    returns before the work is done. A batch smaller than `batch` (the last one of a split) is
+    padded to it, so that the pass is compiled once, here, not once per batch size.
+    Over several devices the batch is split along its first axis (padded to a multiple of the
+    device count) and the weights are replicated, as ``keras.distribution.DataParallel`` laid
+    them out when the model was built.
+    """
+    import jax
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    @jax.jit
+    def run(trainable, non_trainable, batch):
+        import keras
+
+        outputs, _ = model.stateless_call(trainable, non_trainable, preprocess(batch.astype("float32")),
+                                          training=False)
+        return keras.ops.cast(outputs, "float32")
+
+    sharding, count = None, 1
+    if replicas is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        mesh = replicas.handle.device_mesh.backend_mesh
+        sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+        count = mesh.size
+    padded = [-(-batch // count) * count]
+
+    def dispatch(pixels: np.ndarray) -> tuple[Any, int]:
+        n = len(pixels)
+        padded[0] = max(padded[0], -(-n // count) * count)
+        if n < padded[0]:
+            pixels = np.concatenate([pixels, np.zeros((padded[0] - n, *pixels.shape[1:]), pixels.dtype)])
+        placed = jax.device_put(pixels, sharding) if sharding is not None else jax.device_put(pixels)
+        return run(trainable, non_trainable, placed), n
+
+    def fetch(handle: tuple[Any, int]) -> np.ndarray:
+        out, n = handle
+        return np.asarray(out, dtype=np.float32)[:n]
+
+    fetch(dispatch(np.zeros((padded[0], size, size, 3), np.uint8)))
+    return Forward(dispatch, fetch)
+
+
+def _cache_compiled_programs() -> None:
+    """Keep JAX's compiled programs on disk (``JAX_COMPILATION_CACHE_DIR``, unless set already).
+
+    On JAX, Keras builds a model by running each layer's initializers eagerly, and each op is
+    compiled for its shape first: building Xception and InceptionV3 takes 15 and 30 s of
+    compiling on a CPU, against about 2 s each once the programs are cached. The cache lives in
+    ``$XDG_CACHE_HOME/transfer_ensemble/jax`` (``~/.cache/...``); deleting it is always safe.
+    """
+    if name() != "jax":
+        return
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    settings = {"JAX_COMPILATION_CACHE_DIR": os.path.join(home, "transfer_ensemble", "jax"),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    for key, value in settings.items():
+        os.environ.setdefault(key, value)
+    if "jax" in sys.modules:  # too late for the environment: JAX read it when it was imported
+        import jax
+
+        for key in settings:
+            current = getattr(jax.config, key.lower())
+            jax.config.update(key.lower(), os.environ[key] if isinstance(current, str) or current is None
+                              else type(current)(os.environ[key]))
+
+
+_cache_compiled_programs()
+
+
+def _torch_forward(model: Any, preprocess: Callable) -> Forward:
+    """The Keras model called eagerly under ``torch.inference_mode`` on the backend's device.
+
+    Keras's torch backend runs layers eagerly; the batch is moved to the device as uint8 and
+    cast there, and CUDA kernels run asynchronously until `fetch` copies the result back.
+    """
+    import torch
+    from keras.src.backend.torch.core import get_device
+
+    device = get_device()
+
+    def dispatch(batch: np.ndarray):
+        with torch.inference_mode():
+            pixels = torch.from_numpy(batch).to(device, non_blocking=True)
+            return model(preprocess(pixels.float()), training=False).float()
+
+    return Forward(dispatch, lambda out: out.cpu().numpy().astype(np.float32, copy=False))
