@@ -282,28 +282,15 @@ def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: 
     The models are built before the clock starts, so ``seconds`` (and the bar's rate and ETA)
     measure extraction alone: reading, decoding, the forward passes and the writes.
     """
-    extractor.ensure_weights_known()
     config = extractor.config
-    stores = {}
-    for spec in extractor.specs:
-        meta = store_meta(spec, extractor.sources[spec.name], config, list(ids), extractor.scale)
-        stores[spec.name] = open_store(store_of(spec.name), meta, list(keys), donors_of(spec.name))
+    stores = open_stores(extractor, split, ids, keys, store_of, donors_of)
     n = len(paths)
     cached = {name: int(store.done.sum()) for name, store in stores.items()}
-    _log_reuse(split, n, cached)
     extractor.prepare([s for s in extractor.specs if cached[s.name] < n])
 
     start, cpu_start = time.perf_counter(), time.process_time()
     computed = 0
-    by_size: dict[int, list[backbones.BackboneSpec]] = {}
-    for spec in extractor.specs:
-        if cached[spec.name] < n:
-            by_size.setdefault(extractor.size(spec), []).append(spec)
-    for size, specs in by_size.items():
-        todo = np.zeros(n, dtype=bool)
-        for spec in specs:
-            todo |= ~stores[spec.name].done
-        rows = np.flatnonzero(todo)
+    for size, specs, rows in pending_by_size(extractor, stores):
         desc = f"extract {split} [{','.join(s.name for s in specs)} @{size}px]"
         with progress.bar(total=len(rows), desc=desc, unit="img") as bar:
             in_flight: list[_Pending | _Done] = []
@@ -348,6 +335,37 @@ def _finish(in_flight: list[_Pending | _Done], bar) -> None:
         out = item.result()
         b = len(item.rows)
         item.store.write(item.rows[item.need], {"original": out[:b][item.need], "flipped": out[b:][item.need]})
+
+
+def open_stores(extractor: Extractor, split: str, ids: Sequence[str], keys: Sequence[str],
+                store_of: Callable[[str], StoreFiles],
+                donors_of: Callable[[str], Sequence[StoreFiles]]) -> dict[str, Store]:
+    """One split's store per backbone, opened (reused, filled from donors or rebuilt); logs what
+    they already hold. Both engines start here."""
+    extractor.ensure_weights_known()
+    stores = {}
+    for spec in extractor.specs:
+        meta = store_meta(spec, extractor.sources[spec.name], extractor.config, list(ids), extractor.scale)
+        stores[spec.name] = open_store(store_of(spec.name), meta, list(keys), donors_of(spec.name))
+    _log_reuse(split, len(ids), {name: int(store.done.sum()) for name, store in stores.items()})
+    return stores
+
+
+def pending_by_size(extractor: Extractor,
+                    stores: dict[str, Store]) -> list[tuple[int, list[backbones.BackboneSpec], np.ndarray]]:
+    """What is left to compute, by input size: (size, the backbones run at it, the rows any of
+    them lacks), so each image is decoded once per size."""
+    by_size: dict[int, list[backbones.BackboneSpec]] = {}
+    for spec in extractor.specs:
+        if not stores[spec.name].done.all():
+            by_size.setdefault(extractor.size(spec), []).append(spec)
+    out = []
+    for size, specs in by_size.items():
+        todo = np.zeros(len(stores[specs[0].name].done), dtype=bool)
+        for spec in specs:
+            todo |= ~stores[spec.name].done
+        out.append((size, specs, np.flatnonzero(todo)))
+    return out
 
 
 def _log_reuse(split: str, images: int, cached: dict[str, int]) -> None:

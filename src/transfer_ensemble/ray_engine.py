@@ -267,29 +267,16 @@ def extract_split(extractor: features.Extractor, split: str, paths: Sequence[Pat
     """
     import ray
 
-    extractor.ensure_weights_known()
     config = extractor.config
-    stores = {}
-    for spec in extractor.specs:
-        meta = features.store_meta(spec, extractor.sources[spec.name], config, list(ids), extractor.scale)
-        stores[spec.name] = features.open_store(store_of(spec.name), meta, list(keys), donors_of(spec.name))
+    stores = features.open_stores(extractor, split, ids, keys, store_of, donors_of)
     n = len(paths)
     cached = {name: int(store.done.sum()) for name, store in stores.items()}
-    features._log_reuse(split, n, cached)
     identities = {name: source.identity for name, source in extractor.sources.items()}
     after_chunk = _kill_hook()
 
     start, cpu_start = time.perf_counter(), time.process_time()
     computed = 0
-    by_size: dict[int, list[backbones.BackboneSpec]] = {}
-    for spec in extractor.specs:
-        if cached[spec.name] < n:
-            by_size.setdefault(extractor.size(spec), []).append(spec)
-    for size, specs in by_size.items():
-        todo = np.zeros(n, dtype=bool)
-        for spec in specs:
-            todo |= ~stores[spec.name].done
-        rows = np.flatnonzero(todo)
+    for size, specs, rows in features.pending_by_size(extractor, stores):
         dataset = ray.data.from_items([{"row": int(r), "path": str(paths[r])} for r in rows])
         dataset = dataset.map_batches(_decode, fn_kwargs={"size": size, "max_pixels": config.max_pixels},
                                       batch_size=config.batch_size, num_cpus=1)
