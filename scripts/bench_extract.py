@@ -120,8 +120,10 @@ def child_extract(opts: argparse.Namespace) -> dict:
     from transfer_ensemble import backbones, workflow
     from transfer_ensemble.config import ExtractConfig
 
+    # One scale: (b) is compared with the forward pass (a) at that scale (the second scale is another pass).
     config = ExtractConfig(backbones=backbones.parse_backbones(opts.backbones), weights=opts.weights,
-                           image_size=opts.image_size, batch_size=opts.batch_size, precision=opts.precision)
+                           image_size=opts.image_size, batch_size=opts.batch_size, precision=opts.precision,
+                           scales=(1.0,))
     results = workflow.extract(opts.data, opts.run, config)
     return {"computed": sum(r["computed"] for r in results), "images": sum(r["images"] for r in results),
             "seconds": sum(r["seconds"] for r in results),

@@ -99,8 +99,10 @@ def child(opts: argparse.Namespace) -> dict:
 
     progress.show(False)
 
+    # One scale: (b) is compared with the forward pass (a) at that scale (the second scale is another pass).
     config = ExtractConfig(backbones=backbones.parse_backbones(opts.backbones), weights="random",
-                           image_size=opts.image_size, batch_size=opts.batch_size, precision=opts.precision)
+                           image_size=opts.image_size, batch_size=opts.batch_size, precision=opts.precision,
+                           scales=(1.0,))
     start = time.perf_counter()
     results = workflow.extract(opts.data, opts.run, config)
     wall = time.perf_counter() - start

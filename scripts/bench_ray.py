@@ -46,7 +46,7 @@ def extract(data: Path, run: Path, args: argparse.Namespace, extra: list[str]) -
     """One `extract` process: wall seconds, the extraction seconds it reports, and its connect time."""
     command = [sys.executable, "-m", "transfer_ensemble", "extract", "--data", str(data), "--run", str(run),
                "--weights", "random", "--image-size", str(args.image_size), "--batch-size",
-               str(args.batch_size), *extra]
+               str(args.batch_size), "--scales", "1", *extra]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
