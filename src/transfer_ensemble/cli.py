@@ -102,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for --weights random (default 0)")
     _add_engine_options(p)
 
-    p = sub.add_parser("train", help="train a head recipe (2 x K heads) with cross-validation",
-                       description="Options not given are the ones the run's last training used (or "
-                                   "those of --heads NAME); other options add a recipe beside the earlier ones.")
+    p = sub.add_parser("train", help="train a head recipe (K or 2 x K heads) with cross-validation",
+                       description="Trains --head (default linear, the best by out-of-fold log loss; seed is "
+                                   "the paper's). Folds and seed not given are the run's last ones, and the "
+                                   "head's own options those of the run's last train if it trained that head (or of "
+                                   "--heads NAME); other options add a recipe beside the earlier ones.")
     p.add_argument("--run", required=True, help="run folder that extract wrote")
     _add_train_options(p)
     p.add_argument("--seed", type=int, help="seed of the folds and of head training (default 0)")

@@ -1,8 +1,8 @@
 """Score new images with a trained run: its backbones and one head recipe, combined as `submit` does.
 
-``Run.load(run_dir)`` reads the run, picks its head recipe (the best current one by OOF log loss,
-or the one named), checks that the backbone weights found now are the ones that recipe was
-trained on, and loads its 2 x K fold models once. ``Run.predict(images)`` then scores image paths
+``Run.load(run_dir)`` reads the run, picks its head recipe (the one the last `train` trained, or
+the one named), checks that the backbone weights found now are the ones that recipe was
+trained on, and loads its fold models once. ``Run.predict(images)`` then scores image paths
 or RGB uint8 arrays.
 
 Paths go through the same on-disk feature stores as ``extract``, in a predict cache (default
@@ -63,7 +63,7 @@ class Run:
     @classmethod
     def load(cls, run_dir: str | Path, weights: str | None = None, heads_name: str | None = None) -> "Run":
         """Read a trained run; `weights` (imagenet, random or a folder) defaults to the run's own,
-        `heads_name` to its best current head recipe.
+        `heads_name` to the recipe the last `train` trained ("best": the lowest current OOF log loss).
 
         Raises UserError when the weights found now differ from those the recipe was trained on.
         Reads the run folder only: it may be on read-only storage.

@@ -64,7 +64,7 @@ class RunRecord:
 
 
 def load_record(run: RunFolder, heads_name: str | None = None) -> RunRecord:
-    """Read the run and its recipe `heads_name` (default: the best current one)."""
+    """Read the run and its recipe `heads_name` (default: the one the last `train` trained)."""
     config = run.read_config()
     run_data = run.read_run_data()
     recipe = run.select_recipe(heads_name, "report")
