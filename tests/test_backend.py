@@ -148,14 +148,14 @@ def test_jax_data_parallel_over_two_virtual_devices_gives_one_row_per_image():
 def test_the_seed_head_is_deterministic_on_this_backend():
     """The same seed gives the same head, to the bit, whichever backend this process runs."""
     from transfer_ensemble import heads
-    from transfer_ensemble.config import HeadOptions
+    from transfer_ensemble.config import SeedOptions
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 16)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
-    options = HeadOptions(epochs=3, patience=2, batch_size=16)
+    options = SeedOptions(epochs=3, patience=2, batch_size=16)
     kind = heads.get("seed")
-    runs = [kind.predict(kind.fit(x[:40], y[:40], x[40:], y[40:], 2, options, seed)[0], x)
+    runs = [kind.predict(kind.fit([x[:40]], y[:40], [x[40:]], y[40:], 2, options, seed)[0], x)
             for seed in (3, 3, 4)]
     np.testing.assert_array_equal(runs[0], runs[1])
     assert not np.array_equal(runs[0], runs[2])
