@@ -5,7 +5,7 @@ backbone at 299 px on batches of 128 views (5 timed passes after a warm-up, fetc
 Run on the lent GPU machine with the carried Keras wheel on PYTHONPATH:
     python3 scripts/compare_torch_jax.py
 """
-import json, os, subprocess, sys, time
+import os, subprocess, sys
 import numpy as np
 
 SAVE = """

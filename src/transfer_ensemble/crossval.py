@@ -171,6 +171,12 @@ def _train_fold(recipe: Recipe, kind: heads.HeadKind, group: str, fold: int,
              history["fold_score"]["log_loss"], history["fold_score"]["accuracy"], chosen)
 
 
+def oof_probabilities(recipe: Recipe, n: int, n_classes: int) -> np.ndarray:
+    """A finished recipe's OOF ensemble, calibrated as its submission is (DamagedFile if unreadable)."""
+    return ensemble.combine({g: [load_npy(recipe.oof(g), (n, n_classes))] for g in recipe.groups},
+                            recipe.temperature)
+
+
 def oof_metrics(recipe: Recipe, oof: dict[str, np.ndarray], labels: np.ndarray) -> dict:
     """Log loss and accuracy per fold and view, per view over all OOF rows, and of the ensemble."""
     table = {"per_fold": [], "per_view": {}, "ensemble": None}

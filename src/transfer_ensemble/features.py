@@ -301,12 +301,7 @@ def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: 
                 in_flight = [*launched, _Done(len(batch.rows))]
             _finish(in_flight, bar)
         computed += len(rows)
-    seconds = time.perf_counter() - start
-    return {"split": split, "images": n, "computed": computed,
-            "reused": n - computed, "seconds": seconds,
-            "cpu_seconds": time.process_time() - cpu_start,
-            "backbones": {name: {"computed": n - cached[name], "reused": cached[name]}
-                          for name in stores}}
+    return split_summary(split, n, computed, cached, start, cpu_start)
 
 
 @dataclass
@@ -366,6 +361,14 @@ def pending_by_size(extractor: Extractor,
             todo |= ~stores[spec.name].done
         out.append((size, specs, np.flatnonzero(todo)))
     return out
+
+
+def split_summary(split: str, n: int, computed: int, cached: dict[str, int], start: float,
+                  cpu_start: float) -> dict:
+    """What `extract_split` returns, on either engine: counts per backbone, wall and CPU seconds."""
+    return {"split": split, "images": n, "computed": computed, "reused": n - computed,
+            "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start,
+            "backbones": {name: {"computed": n - done, "reused": done} for name, done in cached.items()}}
 
 
 def _log_reuse(split: str, images: int, cached: dict[str, int]) -> None:

@@ -305,12 +305,7 @@ def extract_split(extractor: features.Extractor, split: str, paths: Sequence[Pat
                 bar.update(len(chunk_rows))
                 after_chunk()
         computed += len(rows)
-    seconds = time.perf_counter() - start
-    return {"split": split, "images": n, "computed": computed,
-            "reused": n - computed, "seconds": seconds,
-            "cpu_seconds": time.process_time() - cpu_start,
-            "backbones": {name: {"computed": n - cached[name], "reused": cached[name]}
-                          for name in stores}}
+    return features.split_summary(split, n, computed, cached, start, cpu_start)
 
 
 class _Heads:

@@ -23,10 +23,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from transfer_ensemble import ensemble, images
+from transfer_ensemble import crossval, images
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import (Blend, DamagedFile, Recipe, RecipeStatus, RunFolder, load_json,
-                                         load_npy)
+from transfer_ensemble.runfolder import Blend, DamagedFile, Recipe, RecipeStatus, RunFolder, load_json
 from transfer_ensemble.storage import write_atomic
 
 log = logging.getLogger(__name__)
@@ -75,8 +74,7 @@ def load_record(run: RunFolder, heads_name: str | None = None) -> RunRecord:
         histories = {group: [load_json(recipe.fold(group, fold).history) for fold in range(recipe.config.folds)]
                      for group in recipe.groups}
         n = len(run_data.dataset.train)
-        oof = ensemble.combine({group: [load_npy(recipe.oof(group), (n, len(run_data.dataset.classes)))]
-                                for group in recipe.groups}, recipe.temperature)
+        oof = crossval.oof_probabilities(recipe, n, len(run_data.dataset.classes))
     except DamagedFile as exc:
         raise UserError(f"The run folder file {exc}. {fix}.") from None
     dataset = run_data.dataset

@@ -312,15 +312,24 @@ class Recipe:
     @property
     def temperature(self) -> float:
         """The calibration temperature fitted on the OOF predictions (1.0 when not calibrated)."""
-        metrics = self.metrics() or {}
-        return float((metrics.get("calibration") or {}).get("temperature", 1.0))
+        return temperature_of(self.metrics())
 
     def metrics(self) -> dict | None:
         """The recipe's scores, or None while it is unfinished or its metrics are damaged."""
-        try:
-            return load_json(self.metrics_path)
-        except DamagedFile:
-            return None
+        return read_metrics(self.metrics_path)
+
+
+def read_metrics(path: Path) -> dict | None:
+    """A recipe's or blend's metrics.json, or None while it is unfinished or damaged."""
+    try:
+        return load_json(path)
+    except DamagedFile:
+        return None
+
+
+def temperature_of(metrics: dict | None) -> float:
+    """The temperature recorded in a recipe's or blend's metrics (1.0 when not calibrated)."""
+    return float(((metrics or {}).get("calibration") or {}).get("temperature", 1.0))
 
 
 def source_key(backbone: str, scale: float) -> str:
@@ -356,14 +365,11 @@ class Blend:
         return self.folder / "metrics.json"
 
     def metrics(self) -> dict | None:
-        try:
-            return load_json(self.metrics_path)
-        except DamagedFile:
-            return None
+        return read_metrics(self.metrics_path)
 
     @property
     def temperature(self) -> float:
-        return float(((self.metrics() or {}).get("calibration") or {}).get("temperature", 1.0))
+        return temperature_of(self.metrics())
 
 
 def blend_name(parts: Sequence[str]) -> str:

@@ -17,7 +17,7 @@ from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, m
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import (SPLITS, VIEWS, Blend, DamagedFile, Recipe, RunData, RunFolder,
-                                         blend_name, labels_digest, load_json, load_npy, source_key)
+                                         blend_name, labels_digest, load_json, source_key)
 from transfer_ensemble.storage import disk_errors, write_json
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,9 @@ def blend(run_dir: str | Path, parts: list[str]) -> dict:
         recipes = [statuses[name].recipe for name in parts]
         run_data = run.read_run_data()
         labels = run_data.labels
-        oofs = [_oof_probabilities(recipe, len(labels), len(run_data.dataset.classes)) for recipe in recipes]
+        from transfer_ensemble.crossval import oof_probabilities
+
+        oofs = [oof_probabilities(recipe, len(labels), len(run_data.dataset.classes)) for recipe in recipes]
         weights = ensemble.fit_blend_weights(labels, oofs)
         metrics = {"weights": dict(zip(parts, weights)),
                    "parts": {name: ensemble.score(labels, oof) for name, oof in zip(parts, oofs)}}
@@ -229,12 +231,6 @@ def blend(run_dir: str | Path, parts: list[str]) -> dict:
         write_json(result.metrics_path, metrics)
         run.update_config(heads=result.name)
         return {"recipe": result.name, "metrics": metrics, "recipes": run.statuses()}
-
-
-def _oof_probabilities(recipe: Recipe, n: int, n_classes: int) -> np.ndarray:
-    """A recipe's OOF ensemble, calibrated as its submission is."""
-    return ensemble.combine({g: [load_npy(recipe.oof(g), (n, n_classes))] for g in recipe.groups},
-                            recipe.temperature)
 
 
 def _blend_test_probabilities(run: RunFolder, blend_: Blend, recipes: list[Recipe], run_data: RunData,
