@@ -89,8 +89,9 @@ def run_child(args: list[str]) -> tuple[dict, float, float]:
 
 
 def child_forward(opts: argparse.Namespace) -> dict:
-    """Seconds per forward batch of 2 x batch_size uint8 images, per backbone, through the same
-    traced function that `extract` runs (cast, preprocess_input and the model, in one graph)."""
+    """Seconds per forward batch of batch_size uint8 images (both views), per backbone, through
+    the same traced function that `extract` runs (mirror, cast, preprocess_input and the model,
+    in one graph)."""
     from transfer_ensemble import backbones
     from transfer_ensemble.config import ExtractConfig
     from transfer_ensemble.features import Extractor
@@ -103,7 +104,7 @@ def child_forward(opts: argparse.Namespace) -> dict:
     for spec in extractor.specs:
         size = extractor.config.size_of(spec)
         backbone = extractor.model(spec)
-        batch = rng.integers(0, 256, (2 * opts.batch_size, size, size, 3), dtype=np.uint8)
+        batch = rng.integers(0, 256, (opts.batch_size, size, size, 3), dtype=np.uint8)
         backbone.run(batch)
         times, cpu_times = [], []
         for _ in range(opts.repeats):

@@ -4,8 +4,9 @@ Made for the lent GPU machine, which has JAX but no TensorFlow: the Keras backen
 KERAS_BACKEND says otherwise, and Keras itself may come from a carried wheel on PYTHONPATH. It
 writes N JPEGs of about 500x375 (default 20,580, the Kaggle set's size; real dogs3 photos from
 --photos, resized and reused, else smooth noise), measures how fast the project's decoding path
-(``images.iter_batches``: read, decode, resize, mirror, all cores) delivers them, and then, for
-each precision, in one child process:
+(``images.iter_batches``: read, decode, resize, all cores) delivers them and how fast
+`extract` itself runs around a model that costs nothing (``bench_decode.feed_rate``: the most
+this CPU can feed the GPU), and then, for each precision, in one child process:
 
 (a) forward: images/s of every backbone on both views, on a uint8 batch from the host, through
     the same compiled pass `extract` uses (``Extractor.dispatch``: transfer, preprocess and
@@ -14,8 +15,8 @@ each precision, in one child process:
     files, over its extraction phase (read, decode, resize, flip, forward, write: the seconds
     `extract` reports; models are built and compiled before that clock starts);
 
-and prints both, the ratio (b)/(a), the extraction seconds, the decode rate and the peak GPU
-memory. The weights are untrained (--weights random): speed does not depend on their values.
+and prints both, the ratio (b)/(a), the extraction seconds, the decode and feed rates and the
+peak GPU memory. The weights are untrained (--weights random): speed does not depend on their values.
 The last line is one JSON object.
 
     python scripts/bench_gpu.py --photos ../shared/data/dogs3
@@ -81,16 +82,6 @@ def write_dataset(root: Path, n: int, photos: Path | None) -> list[Path]:
     return paths
 
 
-def decode_rate(paths: list[Path], size: int, batch_size: int) -> float:
-    """Images/s of the project's decoding path alone (read, decode, resize, mirror; all cores)."""
-    from transfer_ensemble import images
-
-    start = time.perf_counter()
-    for _ in images.iter_batches(paths, np.arange(len(paths)), size, batch_size, mirrored=True):
-        pass
-    return len(paths) / (time.perf_counter() - start)
-
-
 def child(opts: argparse.Namespace) -> dict:
     """(b) extract on the files, then (a) the forward pass alone, in this process, one precision."""
     from transfer_ensemble import backbones, backend, progress, workflow
@@ -115,7 +106,7 @@ def child(opts: argparse.Namespace) -> dict:
     batches = {}
     for spec in extractor.specs:
         size = config.size_of(spec)
-        batches[spec.name] = rng.integers(0, 256, (2 * opts.batch_size, size, size, 3), dtype=np.uint8)
+        batches[spec.name] = rng.integers(0, 256, (opts.batch_size, size, size, 3), dtype=np.uint8)
         extractor.forward(spec, batches[spec.name])
     begin = time.perf_counter()
     previous: list = []
@@ -164,7 +155,8 @@ def main() -> None:
         print(json.dumps(child(opts)), flush=True)
         return
 
-    from transfer_ensemble import backbones
+    from bench_decode import feed_rate, stream_rate
+    from transfer_ensemble import backbones, images
 
     work = opts.work or Path(tempfile.mkdtemp(prefix="bench_gpu_"))
     try:
@@ -173,9 +165,11 @@ def main() -> None:
         print(f"wrote {opts.n} JPEGs of about 500x375 ({'photos from ' + str(opts.photos) if opts.photos else 'synthetic'}) "
               f"in {time.perf_counter() - start:.1f} s", flush=True)
         size = opts.image_size or backbones.get_spec(opts.backbones.split(",")[0]).size
-        decode = decode_rate(paths, size, opts.batch_size)
-        print(f"decode (read, decode, resize to {size}, mirror; {os.cpu_count()} cores): {decode:.0f} images/s",
+        decode = stream_rate(paths, len(paths), size, opts.batch_size, images.default_workers())
+        print(f"decode (read, decode, resize to {size}; {images.default_workers()} threads): {decode:.0f} images/s",
               flush=True)
+        feed = feed_rate(paths, len(paths), size, opts.batch_size)
+        print(f"extract around a model that costs nothing: {feed:.0f} images/s", flush=True)
         rows = []
         for precision in opts.precisions.split(","):
             shutil.rmtree(work / f"run_{precision}", ignore_errors=True)
@@ -202,7 +196,8 @@ def main() -> None:
             ok = row["extract_seconds"] <= TARGET_SECONDS
             verdicts += f"; extraction {row['extract_seconds']:.1f} s target <= {TARGET_SECONDS:.0f} s {'PASS' if ok else 'FAIL'}"
         print(f"{row['precision']:9s} {verdicts}")
-    print(json.dumps({"n": opts.n, "decode_images_per_s": round(decode, 1), "backend": rows[0]["backend"],
+    print(json.dumps({"n": opts.n, "decode_images_per_s": round(decode, 1), "feed_images_per_s": round(feed, 1),
+                      "backend": rows[0]["backend"],
                       "devices": rows[0]["devices"], "batch_size": opts.batch_size,
                       "results": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                                    if k not in ("backend", "devices")} for row in rows]}))

@@ -42,12 +42,12 @@ def photos(count: int, size: int, folder: Path = SHARED_DOGS) -> np.ndarray:
 
 def forward_all(extractor: Extractor, spec: backbones.BackboneSpec, pixels: np.ndarray,
                 batch_size: int) -> np.ndarray:
-    """Features of every photo and its mirror, in batches of originals + flips like `extract`."""
+    """Features of every photo and then of every mirror, in batches as `extract` runs them."""
     out = []
     for start in range(0, len(pixels), batch_size):
         batch = pixels[start:start + batch_size]
-        both = extractor.forward(spec, np.concatenate([batch, batch[:, :, ::-1]]))
-        out.append(both)
+        views = extractor.forward(spec, batch)
+        out.append(np.concatenate([views["original"], views["flipped"]]))
     return np.concatenate(out)
 
 
@@ -59,7 +59,7 @@ def timed(extractors: dict[str, Extractor], spec: backbones.BackboneSpec, pixels
     machine falls on both alike.
     """
     for extractor in extractors.values():
-        extractor.forward(spec, np.concatenate([pixels[:batch_size]] * 2))
+        extractor.forward(spec, pixels[:batch_size])
     times: dict[str, list[float]] = {name: [] for name in extractors}
     features: dict[str, np.ndarray] = {}
     for _ in range(repeats):

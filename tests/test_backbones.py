@@ -29,9 +29,9 @@ def test_family_builds_and_pools_to_its_registered_width(name):
     spec = backbones.get_spec(name)
     extractor = Extractor(ExtractConfig(backbones=(name,), weights="random", image_size=TINY))
     pixels = np.random.default_rng(0).integers(0, 256, (3, TINY, TINY, 3), dtype=np.uint8)
-    out = extractor.forward(spec, pixels)
-    assert out.shape == (3, spec.width)
-    assert out.dtype == np.float32 and np.isfinite(out).all()
+    for out in extractor.forward(spec, pixels).values():
+        assert out.shape == (3, spec.width)
+        assert out.dtype == np.float32 and np.isfinite(out).all()
 
 
 def test_every_registry_entry_names_a_keras_constructor_and_preprocessing():
@@ -77,8 +77,9 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     mirrored = features.Extractor(config)
     got = mirrored.forward(mirrored.specs[0], pixels)
     assert mirrored.replicas.handle.num_replicas_in_sync == 2
-    assert got.shape == expected.shape == (5, 576), (got.shape, expected.shape)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    for view in ("original", "flipped"):
+        assert got[view].shape == expected[view].shape == (5, 576), (got[view].shape, expected[view].shape)
+        np.testing.assert_allclose(got[view], expected[view], rtol=1e-5, atol=1e-6)
     print("ok")
 """)
 

@@ -190,25 +190,27 @@ def test_cache_hit_and_train_and_submit_build_no_backbone(copied, tmp_path):
     assert {(s, b): snapshot(store(run, s, b).folder) for s in ("train", "test") for b in BACKBONES} == before
 
 
-def test_batches_carry_each_image_then_its_mirror(tmp_path):
+def test_batches_carry_the_images_of_their_rows_in_order(tmp_path):
     rng = np.random.default_rng(0)
     paths = []
     for i in range(5):
         paths.append(tmp_path / f"{i}.png")
-        save_rgb(paths[-1], draw(i, rng, size=TINY))
-    batches = list(images.iter_batches(paths, [4, 0, 2], TINY, batch_size=2, mirrored=True))
-    assert [b.rows.tolist() for b in batches] == [[4, 0], [2]]
+        save_rgb(paths[-1], draw(i, rng, size=TINY + 9 * (i % 2)))
+    batches = list(images.iter_batches(paths, [4, 1, 2], TINY, batch_size=2))
+    assert [b.rows.tolist() for b in batches] == [[4, 1], [2]]
     first = batches[0].pixels
-    assert first.shape == (4, TINY, TINY, 3)
+    assert first.shape == (2, TINY, TINY, 3) and batches[1].pixels.shape == (1, TINY, TINY, 3)
     assert np.array_equal(first[0], images.load(paths[4], TINY))
-    assert np.array_equal(first[2], first[0][:, ::-1]) and np.array_equal(first[3], first[1][:, ::-1])
+    assert np.array_equal(first[1], images.load(paths[1], TINY))
 
 
 def fake_load(started: list[int]):
     """A stand-in for images.load: an image whose pixels are its path's number; records each call."""
-    def load(path, size, *_):
+    def load(path, size, max_pixels=None, out=None):
         started.append(int(Path(path).stem))
-        return np.full((size, size, 3), int(Path(path).stem) % 256, dtype=np.uint8)
+        out = np.empty((size, size, 3), np.uint8) if out is None else out
+        out[...] = int(Path(path).stem) % 256
+        return out
     return load
 
 
@@ -235,10 +237,10 @@ def test_stream_raises_a_bad_image_in_order_and_stops_early_without_waiting(monk
     started: list[int] = []
     good = fake_load(started)
 
-    def load(path, size, *_):
+    def load(path, size, max_pixels=None, out=None):
         if Path(path).stem == "37":
             raise images.ImageReadError(f"{path}: not an image")
-        return good(path, size)
+        return good(path, size, max_pixels, out)
 
     monkeypatch.setattr(images, "load", load)
     paths = [Path(f"{i}.png") for i in range(100)]
@@ -260,8 +262,8 @@ def test_stream_keeps_decoding_later_batches_while_one_image_is_slow(monkeypatch
     fast = fake_load(started)
     seen_while_slow = []
 
-    def load(path, size, *_):
-        image = fast(path, size)
+    def load(path, size, max_pixels=None, out=None):
+        image = fast(path, size, max_pixels, out)
         if Path(path).stem == "0":
             time.sleep(0.5)
             seen_while_slow.append(len(started))
@@ -272,3 +274,41 @@ def test_stream_keeps_decoding_later_batches_while_one_image_is_slow(monkeypatch
     batches = list(images.iter_batches(paths, range(64), 2, batch_size=8, workers=4, prefetch=2))
     assert [b.rows.tolist() for b in batches] == [list(range(i, i + 8)) for i in range(0, 64, 8)]
     assert seen_while_slow == [16]
+
+
+class RecordingStore:
+    """A stand-in store for `features.Writer`: records the first row of each write, slowly;
+    raises a full-disk error at row `fail_at`."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.written: list[int] = []
+        self.fail_at = fail_at
+
+    def write_missing(self, rows, values) -> None:
+        time.sleep(0.01)
+        if rows[0] == self.fail_at:
+            raise OSError(28, "No space left on device")
+        self.written.append(int(rows[0]))
+
+
+def test_writer_commits_in_order_and_at_most_depth_batches_wait():
+    from transfer_ensemble.features import Writer
+
+    store = RecordingStore()
+    with Writer() as writer:
+        for i in range(12):
+            writer.put(store, np.array([i]), {})
+            assert i - len(store.written) <= Writer.DEPTH + 1
+    assert store.written == list(range(12))
+
+
+def test_writer_raises_what_its_thread_met_and_stops_soon_after():
+    from transfer_ensemble.features import Writer
+
+    store = RecordingStore(fail_at=3)
+    with pytest.raises(OSError, match="No space left"):
+        with Writer() as writer:
+            for i in range(12):
+                writer.put(store, np.array([i]), {})
+    assert store.written[:3] == [0, 1, 2] and 3 not in store.written
+    assert len(store.written) <= 3 + Writer.DEPTH  # what was queued behind the error at most

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, save_rgb
-from transfer_ensemble import images
+from transfer_ensemble import backbones, images
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.features import Extractor, extract_split
 from transfer_ensemble.runfolder import StoreFiles
@@ -38,8 +38,19 @@ def test_flipped_view_is_the_left_right_mirror(tmp_path):
         np.testing.assert_allclose(flipped[mirror_i], original[asym_i], rtol=1e-4, atol=1e-9)
 
 
-def test_one_mirror_for_files_and_arrays():
-    rng = np.random.default_rng(1)
-    image = rng.integers(0, 255, size=(5, 7, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(images.mirror(image), image[:, ::-1])
-    np.testing.assert_array_equal(images.mirror(images.mirror(image)), image)
+@pytest.mark.slow
+@pytest.mark.backend
+def test_the_pass_mirrors_each_image_in_the_graph():
+    """The compiled pass makes the mirrors itself: its flipped view of an image is its original
+    view of the mirrored image, on every backend, and a batch smaller than the last is cut back
+    to its own rows."""
+    spec = backbones.get_spec("mobilenet_v3_small")
+    extractor = Extractor(ExtractConfig(backbones=(spec.name,), weights="random", image_size=TINY, batch_size=4))
+    pixels = np.random.default_rng(1).integers(0, 256, (3, TINY, TINY, 3), dtype=np.uint8)
+    views = extractor.forward(spec, pixels)
+    mirrored = extractor.forward(spec, np.ascontiguousarray(pixels[:, :, ::-1]))
+    assert views["original"].shape == views["flipped"].shape == (3, spec.width)
+    scale = np.abs(views["original"]).max()  # untrained MobileNetV3 features are about 1e-10
+    assert not np.allclose(views["original"], views["flipped"], rtol=1e-3, atol=0)
+    np.testing.assert_allclose(views["flipped"], mirrored["original"], rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(views["original"], mirrored["flipped"], rtol=1e-4, atol=1e-4 * scale)

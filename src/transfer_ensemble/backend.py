@@ -8,9 +8,10 @@ rest of the package what differs between backends:
 - `enable_determinism()`: the same results for the same seed;
 - `devices()` and `replicated()`: several accelerators (or virtual CPU devices) used together,
   with ``MirroredStrategy`` on TensorFlow and ``keras.distribution.DataParallel`` on JAX;
-- `compile_forward()`: a backbone's compiled forward pass on uint8 batches, preprocessing in
-  the graph, split into `Forward.dispatch` (transfer and launch) and `Forward.fetch` (wait and
-  copy back) so that a caller can launch the next batch before it fetches the current one.
+- `compile_forward()`: a backbone's compiled forward pass on uint8 batches of images, the
+  left-right mirrors and the preprocessing made in the graph, split into `Forward.dispatch`
+  (transfer and launch) and `Forward.fetch` (wait and copy back) so that a caller can launch the
+  next batch before it fetches the current one.
 """
 
 from __future__ import annotations
@@ -160,12 +161,17 @@ def replicated() -> Replicas | None:
 
 @dataclass
 class Forward:
-    """A backbone's compiled forward pass on uint8 RGB batches (batch, size, size, 3).
+    """A backbone's compiled forward pass on uint8 RGB batches of images (n, size, size, 3).
+
+    The pass runs on each image and on its left-right mirror, which the graph makes (so only
+    the images cross to the device, not both views); its output is the float32 features of the
+    images followed by those of their mirrors, (2n, width): the same batch of views, and so the
+    same numbers, as mirroring on the host would give.
 
     `dispatch` sends a batch to the device and launches the pass, returning at once where the
     backend allows (JAX and GPUs run asynchronously); `fetch` waits for that pass and returns
-    float32 features. Call `dispatch` for the next batch before `fetch` for this one to overlap
-    the transfer and compute of one batch with the copy back and the writing of the other.
+    the features. Call `dispatch` for the next batch before `fetch` for this one to overlap the
+    transfer and compute of one batch with the copy back and the writing of the other.
     """
 
     dispatch: Callable[[np.ndarray], Any]
@@ -177,9 +183,9 @@ class Forward:
 
 def compile_forward(model: Any, preprocess: Callable, size: int, batch: int,
                     replicas: Replicas | None = None) -> Forward:
-    """The compiled forward of `model` with `preprocess` (a backbone's ``preprocess_input``),
-    compiled now for batches of `batch` images of `size` x `size` where the backend compiles
-    per shape, so that no compiling happens once batches flow."""
+    """The compiled forward of `model` with `preprocess` (a backbone's ``preprocess_input``) on
+    batches of images and their mirrors (`Forward`), compiled now for batches of `batch` images
+    of `size` x `size` where the backend compiles per shape."""
     backend = name()
     if backend == "tensorflow":
         return _tensorflow_forward(model, preprocess, size, replicas)
@@ -203,15 +209,16 @@ def _tensorflow_forward(model: Any, preprocess: Callable, size: int, replicas: R
 
     if replicas is not None:
         def run_replicated(batch: np.ndarray) -> np.ndarray:
-            pixels = np.asarray(preprocess(batch.astype(np.float32)))
-            return model.predict(pixels, batch_size=len(batch), verbose=0)
+            pixels = np.asarray(preprocess(np.concatenate([batch, batch[:, :, ::-1]]).astype(np.float32)))
+            return model.predict(pixels, batch_size=len(pixels), verbose=0)
 
         return Forward(run_replicated, lambda out: np.asarray(out, dtype=np.float32))
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],
                  jit_compile=bool(model.jit_compile))
     def run(batch):
-        return tf.cast(model(preprocess(tf.cast(batch, tf.float32)), training=False), tf.float32)
+        views = tf.concat([batch, tf.reverse(batch, axis=[2])], axis=0)
+        return tf.cast(model(preprocess(tf.cast(views, tf.float32)), training=False), tf.float32)
 
     run.get_concrete_function()
     return Forward(run, lambda out: np.asarray(out.numpy(), dtype=np.float32))
@@ -221,22 +228,28 @@ def _jax_forward(model: Any, preprocess: Callable, size: int, batch: int, replic
     """``jax.jit`` over ``model.stateless_call``, with the weights passed in as arguments.
 
     Batches go to the device as uint8 with ``jax.device_put``, which (like the jitted call)
-    returns before the work is done. A batch smaller than `batch` (the last one of a split) is
-    padded to it, so that the pass is compiled once, here, not once per batch size.
+    returns before the work is done. On a GPU or TPU a batch smaller than `batch` (the last one
+    of a split) is padded to it, so that the pass is compiled once, here: padding rows cost
+    microseconds there and a compile seconds. On a CPU it is the other way round (a padded row
+    costs as much as a real one, a second or more), so each batch size is compiled as it comes.
     Over several devices the batch is split along its first axis (padded to a multiple of the
     device count) and the weights are replicated, as ``keras.distribution.DataParallel`` laid
-    them out when the model was built.
+    them out when the model was built; the mirrors are then made on the host, so that each
+    device gets its share of both views without exchanging images with the others.
     """
     import jax
+    import jax.numpy as jnp
 
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
+    mirror_in_graph = replicas is None
 
     @jax.jit
     def run(trainable, non_trainable, batch):
         import keras
 
-        outputs, _ = model.stateless_call(trainable, non_trainable, preprocess(batch.astype("float32")),
+        views = jnp.concatenate([batch, batch[:, :, ::-1]]) if mirror_in_graph else batch
+        outputs, _ = model.stateless_call(trainable, non_trainable, preprocess(views.astype("float32")),
                                           training=False)
         return keras.ops.cast(outputs, "float32")
 
@@ -247,21 +260,27 @@ def _jax_forward(model: Any, preprocess: Callable, size: int, batch: int, replic
         mesh = replicas.handle.device_mesh.backend_mesh
         sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
         count = mesh.size
-    padded = [-(-batch // count) * count]
+    pad_to_compiled = jax.devices()[0].platform != "cpu"
+    compiled = [-(-batch // count) * count]
 
-    def dispatch(pixels: np.ndarray) -> tuple[Any, int]:
+    def dispatch(pixels: np.ndarray) -> tuple[Any, int, int]:
         n = len(pixels)
-        padded[0] = max(padded[0], -(-n // count) * count)
-        if n < padded[0]:
-            pixels = np.concatenate([pixels, np.zeros((padded[0] - n, *pixels.shape[1:]), pixels.dtype)])
+        padded = -(-n // count) * count
+        if pad_to_compiled:
+            compiled[0] = padded = max(compiled[0], padded)
+        if n < padded:
+            pixels = np.concatenate([pixels, np.zeros((padded - n, *pixels.shape[1:]), pixels.dtype)])
+        if not mirror_in_graph:
+            pixels = np.concatenate([pixels, pixels[:, :, ::-1]])
         placed = jax.device_put(pixels, sharding) if sharding is not None else jax.device_put(pixels)
-        return run(trainable, non_trainable, placed), n
+        return run(trainable, non_trainable, placed), n, padded
 
-    def fetch(handle: tuple[Any, int]) -> np.ndarray:
-        out, n = handle
-        return np.asarray(out, dtype=np.float32)[:n]
+    def fetch(handle: tuple[Any, int, int]) -> np.ndarray:
+        out, n, padded = handle
+        out = np.asarray(out, dtype=np.float32)
+        return out if n == padded else np.concatenate([out[:n], out[padded:padded + n]])
 
-    fetch(dispatch(np.zeros((padded[0], size, size, 3), np.uint8)))
+    fetch(dispatch(np.zeros((compiled[0], size, size, 3), np.uint8)))
     return Forward(dispatch, fetch)
 
 
@@ -296,8 +315,8 @@ _cache_compiled_programs()
 def _torch_forward(model: Any, preprocess: Callable) -> Forward:
     """The Keras model called eagerly under ``torch.inference_mode`` on the backend's device.
 
-    Keras's torch backend runs layers eagerly; the batch is moved to the device as uint8 and
-    cast there, and CUDA kernels run asynchronously until `fetch` copies the result back.
+    Keras's torch backend runs layers eagerly; the batch is moved to the device as uint8,
+    mirrored and cast there, and CUDA kernels run asynchronously until `fetch` copies the result back.
     """
     import torch
     from keras.src.backend.torch.core import get_device
@@ -307,6 +326,7 @@ def _torch_forward(model: Any, preprocess: Callable) -> Forward:
     def dispatch(batch: np.ndarray):
         with torch.inference_mode():
             pixels = torch.from_numpy(batch).to(device, non_blocking=True)
-            return model(preprocess(pixels.float()), training=False).float()
+            views = torch.cat([pixels, torch.flip(pixels, dims=[2])])
+            return model(preprocess(views.float()), training=False).float()
 
     return Forward(dispatch, lambda out: out.cpu().numpy().astype(np.float32, copy=False))

@@ -2,8 +2,8 @@
 
 A store (``runfolder.StoreFiles``) holds one split's features of one backbone, rows keyed by
 the SHA-256 of each image file. A batch's rows are marked done only after their features are
-flushed to disk, so a process killed at any moment loses at most the two batches in flight (one
-on the device, the one before it being fetched and written). A store
+flushed to disk, so a process killed at any moment loses at most the few batches in flight (one
+on the device, one being fetched, and up to `Writer.DEPTH` waiting to be written). A store
 whose settings match is reused; rows of images it (or a donor store with the same settings)
 already holds are copied, not recomputed; a damaged store is said so and rebuilt.
 """
@@ -16,6 +16,8 @@ import logging
 import os
 import shutil
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -56,6 +58,53 @@ class Store:
         if commit:
             self.done[rows] = True
             write_npy(self.files.done, self.done)
+
+    def write_missing(self, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """`write` and commit those of `rows` (with their `values`) that are not done yet."""
+        need = ~self.done[rows]
+        if need.any():
+            self.write(rows[need], {view: array[need] for view, array in values.items()})
+
+
+class Writer:
+    """Writes fetched features into their stores and commits them, in order, in one background
+    thread, so that the thread feeding the device never waits on the disk.
+
+    Each write ends with an ``msync`` of the feature files and an fsynced, atomic replacement
+    of the done mask: about 3 ms a batch of 128 images per backbone on the local disk here, more
+    on a network one, against 60 ms for the batch's forward pass on an H200. Up to `DEPTH`
+    batches wait; `put` blocks beyond that, and raises an error the thread met (a full disk,
+    say), as `close` does.
+    """
+
+    DEPTH = 2
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-writer")
+        self._pending: deque[Future] = deque()
+
+    def put(self, store: Store, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """Queue `Store.write_missing` of `rows`; wait for the oldest write while too many wait."""
+        self._pending.append(self._pool.submit(store.write_missing, rows, values))
+        while len(self._pending) > self.DEPTH:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Wait until everything queued is written and committed."""
+        while self._pending:
+            self._pending.popleft().result()
+        self._pool.shutdown()
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> None:
+        if exc is None:
+            self.close()
+            return
+        for future in self._pending:  # an error or an interrupt: commit nothing more
+            future.cancel()
+        self._pool.shutdown(wait=True)
 
 
 @dataclass
@@ -230,7 +279,7 @@ class Extractor:
             with _precision_policy(self.config.precision), scope:
                 model = backbones.build(spec, self.sources[spec.name], size, self.config.seed)
             run = backend.compile_forward(model, backbones.preprocess_input(spec), size,
-                                          2 * self.config.batch_size, replicas)
+                                          self.config.batch_size, replicas)
             self._models[spec.name] = Backbone(model, run)
             if self.sources[spec.name].path is None and self.config.weights == "imagenet":
                 self.sources[spec.name] = backbones.resolve_weights(spec, "imagenet")
@@ -261,15 +310,23 @@ class Extractor:
         """The input size `spec` runs at in this extractor."""
         return self.config.size_of(spec, self.scale)
 
-    def forward(self, spec: backbones.BackboneSpec, pixels: np.ndarray) -> np.ndarray:
-        """Pooled features of uint8 RGB `pixels` (batch, h, w, 3), as float32."""
-        return self.model(spec).run(pixels)
+    def forward(self, spec: backbones.BackboneSpec, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """Pooled float32 features of uint8 RGB images `pixels` (n, h, w, 3) and of their
+        left-right mirrors: {"original": (n, width), "flipped": (n, width)}."""
+        return self.dispatch(spec, pixels)()
 
-    def dispatch(self, spec: backbones.BackboneSpec, pixels: np.ndarray) -> Callable[[], np.ndarray]:
+    def dispatch(self, spec: backbones.BackboneSpec,
+                 pixels: np.ndarray) -> Callable[[], dict[str, np.ndarray]]:
         """Launch the forward pass of `pixels` now; the returned function waits for its features."""
         forward = self.model(spec).run
         handle = forward.dispatch(pixels)
-        return lambda: forward.fetch(handle)
+        n = len(pixels)
+
+        def result() -> dict[str, np.ndarray]:
+            both = forward.fetch(handle)
+            return dict(zip(VIEWS, (both[:n], both[n:])))
+
+        return result
 
 
 def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: Sequence[str],
@@ -290,17 +347,18 @@ def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: 
 
     start, cpu_start = time.perf_counter(), time.process_time()
     computed = 0
-    for size, specs, rows in pending_by_size(extractor, stores):
-        desc = f"extract {split} [{','.join(s.name for s in specs)} @{size}px]"
-        with progress.bar(total=len(rows), desc=desc, unit="img") as bar:
-            in_flight: list[_Pending | _Done] = []
-            for batch in _batches(list(paths), rows, size, config):
-                launched = [_Pending(stores[spec.name], batch.rows, need, extractor.dispatch(spec, batch.pixels))
-                            for spec in specs if (need := ~stores[spec.name].done[batch.rows]).any()]
-                _finish(in_flight, bar)
-                in_flight = [*launched, _Done(len(batch.rows))]
-            _finish(in_flight, bar)
-        computed += len(rows)
+    with Writer() as writer:
+        for size, specs, rows in pending_by_size(extractor, stores):
+            desc = f"extract {split} [{','.join(s.name for s in specs)} @{size}px]"
+            with progress.bar(total=len(rows), desc=desc, unit="img") as bar:
+                previous: tuple[list[_Pending], int] = ([], 0)
+                for batch in _batches(list(paths), rows, size, config):
+                    launched = [_Pending(stores[spec.name], batch.rows, extractor.dispatch(spec, batch.pixels))
+                                for spec in specs if not stores[spec.name].done[batch.rows].all()]
+                    _finish(*previous, writer, bar)
+                    previous = (launched, len(batch.rows))
+                _finish(*previous, writer, bar)
+            computed += len(rows)
     return split_summary(split, n, computed, cached, start, cpu_start)
 
 
@@ -310,26 +368,14 @@ class _Pending:
 
     store: Store
     rows: np.ndarray
-    need: np.ndarray
-    result: Callable[[], np.ndarray]
+    result: Callable[[], dict[str, np.ndarray]]
 
 
-@dataclass
-class _Done:
-    """The end of a batch of `images`, for the progress bar."""
-
-    images: int
-
-
-def _finish(in_flight: list[_Pending | _Done], bar) -> None:
-    """Fetch the launched passes of the previous batch and write (and so commit) their rows."""
+def _finish(in_flight: list[_Pending], images: int, writer: Writer, bar) -> None:
+    """Fetch the launched passes of the previous batch (of `images`) and hand them to the writer."""
     for item in in_flight:
-        if isinstance(item, _Done):
-            bar.update(item.images)
-            continue
-        out = item.result()
-        b = len(item.rows)
-        item.store.write(item.rows[item.need], {"original": out[:b][item.need], "flipped": out[b:][item.need]})
+        writer.put(item.store, item.rows, item.result())
+    bar.update(images)
 
 
 def open_stores(extractor: Extractor, split: str, ids: Sequence[str], keys: Sequence[str],
@@ -385,8 +431,7 @@ def _log_reuse(split: str, images: int, cached: dict[str, int]) -> None:
 
 def _batches(paths: list[Path], rows: np.ndarray, size: int, config: ExtractConfig):
     try:
-        yield from images.iter_batches(paths, rows, size, config.batch_size, mirrored=True,
-                                       max_pixels=config.max_pixels)
+        yield from images.iter_batches(paths, rows, size, config.batch_size, max_pixels=config.max_pixels)
     except images.ImageReadError as exc:
         raise UserError(f"An image could not be decoded during extraction: {exc}. Run the same command "
                         f"again: the image check will list every bad image.") from None

@@ -261,23 +261,23 @@ def _looks_like_text(sample: bytes) -> bool:
     return all(c.isprintable() or c in "\r\n\t" for c in text)
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize to size x size: area averaging when shrinking, bilinear when enlarging."""
+def resize(image: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Resize to size x size: area averaging when shrinking, bilinear when enlarging; into `out`
+    (a C-contiguous uint8 array of that shape) when given."""
     h, w = image.shape[:2]
     if (h, w) == (size, size):
-        return image
+        if out is None:
+            return image
+        out[...] = image
+        return out
     shrinking = h * w > size * size
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return cv2.resize(image, (size, size), dst=out,
+                      interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def load(path: str | Path, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """The model input for one image: RGB uint8, size x size x 3."""
-    return resize(decode(path, max_pixels), size)
-
-
-def mirror(image: np.ndarray) -> np.ndarray:
-    """The left-right mirror of an RGB image (height, width, 3): the flipped view."""
-    return cv2.flip(image, 1)
+def load(path: str | Path, size: int, max_pixels: int = MAX_PIXELS, out: np.ndarray | None = None) -> np.ndarray:
+    """The model input for one image: RGB uint8, size x size x 3 (written into `out` when given)."""
+    return resize(decode(path, max_pixels), size, out)
 
 
 @dataclass(frozen=True)
@@ -362,18 +362,16 @@ class Batch:
 
 
 def iter_batches(paths: Sequence[Path], rows: Sequence[int], size: int, batch_size: int,
-                 workers: int | None = None, prefetch: int = 4, mirrored: bool = False,
+                 workers: int | None = None, prefetch: int = 4,
                  max_pixels: int = MAX_PIXELS) -> Iterator[Batch]:
     """Decode ``paths[r]`` for each row r in `rows`, in order, in background threads.
 
     `workers` threads (default: `default_workers()`) decode up to `prefetch` batches ahead,
     across batch boundaries, and at most `prefetch` finished batches wait in memory, so memory
     is flat whatever the number of images. OpenCV releases the GIL, so decoding runs alongside
-    the model's forward pass. With `mirrored`, a batch's pixels are its images followed by their
-    left-right mirrors (2 x rows), flipped in the background too, ready for one forward pass.
-    Each thread writes its image (and mirror) straight into its batch's array, so no one thread
-    copies whole batches (stacking them in one thread held the 16 cores of an H200 machine to
-    1,711 images/s of 500x375 JPEGs; filling in place gave 2,595).
+    the model's forward pass. Each thread resizes its image straight into its batch's array, so
+    no one thread copies whole batches (stacking them in one thread held the 16 cores of an
+    H200 machine to 1,711 images/s of 500x375 JPEGs; filling in place gave 2,595).
     """
     rows = np.asarray(rows, dtype=np.int64)
     chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
@@ -383,13 +381,9 @@ def iter_batches(paths: Sequence[Path], rows: Sequence[int], size: int, batch_si
     buffers: dict[int, np.ndarray] = {}
 
     def fill(position: int) -> None:
-        """Decode the image at `position` of `rows` into its batch's array (and its mirror)."""
+        """Decode the image at `position` of `rows` into its batch's array."""
         k, slot = divmod(position, batch_size)
-        image = load(paths[rows[position]], size, max_pixels)
-        out = buffers[k]
-        out[slot] = image
-        if mirrored:
-            out[len(chunks[k]) + slot] = mirror(image)
+        load(paths[rows[position]], size, max_pixels, buffers[k][slot])
 
     def produce() -> None:
         try:
@@ -403,8 +397,7 @@ def iter_batches(paths: Sequence[Path], rows: Sequence[int], size: int, batch_si
                     for position in itertools.islice(ahead, prefetch * batch_size - len(pending)):
                         j = position // batch_size
                         if j not in buffers:
-                            views = 2 * len(chunks[j]) if mirrored else len(chunks[j])
-                            buffers[j] = np.empty((views, size, size, 3), dtype=np.uint8)
+                            buffers[j] = np.empty((len(chunks[j]), size, size, 3), dtype=np.uint8)
                         pending.append(pool.submit(fill, position))
                     for _ in chunk:
                         pending.popleft().result()

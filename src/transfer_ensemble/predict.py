@@ -195,10 +195,9 @@ class Run:
             for extractor, spec in ((e, spec) for e in self.extractors for spec in e.specs):
                 size = extractor.size(spec)
                 pixels = [_as_model_input(it, size, start + i) for i, it in enumerate(chunk)]
-                both = extractor.forward(spec, np.stack(pixels + [images.mirror(p) for p in pixels]))
-                parts["original"].append(both[:len(chunk)])
-                if tta:
-                    parts["flipped"].append(both[len(chunk):])
+                both = extractor.forward(spec, np.stack(pixels))
+                for view in views:
+                    parts[view].append(both[view])
             out.append(self._score({view: np.concatenate(p, axis=1) for view, p in parts.items()}))
         return np.concatenate(out)
 

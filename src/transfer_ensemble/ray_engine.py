@@ -188,12 +188,10 @@ class _Backbones:
         self.extractor.prepare(self.specs)
 
     def __call__(self, batch: dict) -> dict:
-        pixels = batch["pixels"]
-        both = np.concatenate([pixels, np.stack([images.mirror(p) for p in pixels])])
         out = {"row": batch["row"]}
         for spec in self.specs:
-            values = self.extractor.forward(spec, both)
-            out[f"{spec.name}/original"], out[f"{spec.name}/flipped"] = values[:len(pixels)], values[len(pixels):]
+            for view, values in self.extractor.forward(spec, batch["pixels"]).items():
+                out[f"{spec.name}/{view}"] = values
         return out
 
 
@@ -298,10 +296,7 @@ def extract_split(extractor: features.Extractor, split: str, paths: Sequence[Pat
                              "models in them)", split, time.perf_counter() - launched)
                 chunk_rows = chunk["row"].astype(np.int64)
                 for spec in specs:
-                    store = stores[spec.name]
-                    need = ~store.done[chunk_rows]
-                    if need.any():
-                        store.write(chunk_rows[need], {view: chunk[f"{spec.name}/{view}"][need] for view in VIEWS})
+                    stores[spec.name].write_missing(chunk_rows, {view: chunk[f"{spec.name}/{view}"] for view in VIEWS})
                 bar.update(len(chunk_rows))
                 after_chunk()
         computed += len(rows)
