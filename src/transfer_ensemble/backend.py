@@ -192,7 +192,7 @@ def compile_forward(model: Any, preprocess: Callable, size: int, batch: int,
     if backend == "jax":
         return _jax_forward(model, preprocess, size, batch, replicas)
     if backend == "torch":
-        return _torch_forward(model, preprocess)
+        return _torch_forward(model, preprocess, size, batch)
     raise RuntimeError(f"no compiled forward for the Keras backend {backend!r}")
 
 
@@ -260,28 +260,61 @@ def _jax_forward(model: Any, preprocess: Callable, size: int, batch: int, replic
         mesh = replicas.handle.device_mesh.backend_mesh
         sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
         count = mesh.size
-    pad_to_compiled = jax.devices()[0].platform != "cpu"
-    compiled = [-(-batch // count) * count]
+    padding = _Padding(batch, count, fixed=jax.devices()[0].platform != "cpu")
+    executables: dict[int, Any] = {}
+
+    def executable(images: int) -> Any:
+        """The pass compiled ahead of time for batches of `images` (padded) images, without
+        running it: a warm-up batch would cost a full forward pass on a CPU."""
+        if images not in executables:
+            views = images if mirror_in_graph else 2 * images
+            shape = jax.ShapeDtypeStruct((views, size, size, 3), np.uint8, sharding=sharding)
+            executables[images] = run.lower(trainable, non_trainable, shape).compile()
+        return executables[images]
 
     def dispatch(pixels: np.ndarray) -> tuple[Any, int, int]:
-        n = len(pixels)
-        padded = -(-n // count) * count
-        if pad_to_compiled:
-            compiled[0] = padded = max(compiled[0], padded)
-        if n < padded:
-            pixels = np.concatenate([pixels, np.zeros((padded - n, *pixels.shape[1:]), pixels.dtype)])
+        n, pixels = len(pixels), padding.pad(pixels)
+        padded = len(pixels)
         if not mirror_in_graph:
             pixels = np.concatenate([pixels, pixels[:, :, ::-1]])
         placed = jax.device_put(pixels, sharding) if sharding is not None else jax.device_put(pixels)
-        return run(trainable, non_trainable, placed), n, padded
+        return executable(padded)(trainable, non_trainable, placed), n, padded
 
     def fetch(handle: tuple[Any, int, int]) -> np.ndarray:
         out, n, padded = handle
-        out = np.asarray(out, dtype=np.float32)
-        return out if n == padded else np.concatenate([out[:n], out[padded:padded + n]])
+        return _unpad(np.asarray(out, dtype=np.float32), n, padded)
 
-    fetch(dispatch(np.zeros((compiled[0], size, size, 3), np.uint8)))
+    executable(padding.size)
     return Forward(dispatch, fetch)
+
+
+@dataclass
+class _Padding:
+    """Pads a batch of images with blank ones for a pass compiled per batch shape.
+
+    Sizes are rounded up to a multiple of `count` (the devices sharing a batch); with `fixed`,
+    also up to the largest batch seen (at first `batch`), so that one shape is compiled.
+    """
+
+    batch: int
+    count: int = 1
+    fixed: bool = True
+
+    def __post_init__(self) -> None:
+        self.size = -(-self.batch // self.count) * self.count
+
+    def pad(self, pixels: np.ndarray) -> np.ndarray:
+        padded = -(-len(pixels) // self.count) * self.count
+        if self.fixed:
+            self.size = padded = max(self.size, padded)
+        if len(pixels) == padded:
+            return pixels
+        return np.concatenate([pixels, np.zeros((padded - len(pixels), *pixels.shape[1:]), pixels.dtype)])
+
+
+def _unpad(out: np.ndarray, n: int, padded: int) -> np.ndarray:
+    """The rows of the first `n` images and of their mirrors, from a pass over `padded` images."""
+    return out if n == padded else np.concatenate([out[:n], out[padded:padded + n]])
 
 
 def _cache_compiled_programs() -> None:
@@ -312,21 +345,43 @@ def _cache_compiled_programs() -> None:
 _cache_compiled_programs()
 
 
-def _torch_forward(model: Any, preprocess: Callable) -> Forward:
-    """The Keras model called eagerly under ``torch.inference_mode`` on the backend's device.
+def _torch_forward(model: Any, preprocess: Callable, size: int, batch: int) -> Forward:
+    """``torch.compile`` (TorchInductor) over the mirror, cast, preprocessing and the Keras model,
+    run under ``torch.inference_mode`` on the backend's device.
 
-    Keras's torch backend runs layers eagerly; the batch is moved to the device as uint8,
-    mirrored and cast there, and CUDA kernels run asynchronously until `fetch` copies the result back.
+    Compiled, the pass ran twice as fast as Keras's eager torch layers on this 2-core CPU
+    (Xception and InceptionV3 at 150 px; features equal to 2e-7) after a compile of 30 to 95 s
+    per backbone (TorchInductor caches it on disk for later runs). A compile costs more than
+    padding, so every batch is padded to the compiled one, on any device. Where a model does not
+    compile, a warning says so and it runs eagerly. The batch is moved to the device as uint8,
+    and CUDA kernels run asynchronously until `fetch` copies the result back.
     """
     import torch
     from keras.src.backend.torch.core import get_device
 
     device = get_device()
 
-    def dispatch(batch: np.ndarray):
-        with torch.inference_mode():
-            pixels = torch.from_numpy(batch).to(device, non_blocking=True)
-            views = torch.cat([pixels, torch.flip(pixels, dims=[2])])
-            return model(preprocess(views.float()), training=False).float()
+    def both_views(pixels):
+        views = torch.cat([pixels, torch.flip(pixels, dims=[2])])
+        return model(preprocess(views.float()), training=False).float()
 
-    return Forward(dispatch, lambda out: out.cpu().numpy().astype(np.float32, copy=False))
+    padding = _Padding(batch)
+    run = [torch.compile(both_views, dynamic=False)]
+
+    def dispatch(pixels: np.ndarray):
+        n, pixels = len(pixels), padding.pad(pixels)
+        with torch.inference_mode():
+            placed = torch.from_numpy(pixels).to(device, non_blocking=True)
+            return run[0](placed), n, len(pixels)
+
+    def fetch(handle) -> np.ndarray:
+        out, n, padded = handle
+        return _unpad(out.cpu().numpy().astype(np.float32, copy=False), n, padded)
+
+    try:
+        fetch(dispatch(np.zeros((padding.size, size, size, 3), np.uint8)))
+    except Exception as exc:  # torch._dynamo and Inductor raise many kinds of error
+        log.warning("torch.compile could not compile %s (%s: %s); running it eagerly, which is slower",
+                    model.name, type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        run[0] = both_views
+    return Forward(dispatch, fetch)
