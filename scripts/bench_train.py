@@ -29,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from transfer_ensemble import backbones, backend, progress, workflow  # noqa: E402
