@@ -312,3 +312,15 @@ def test_writer_raises_what_its_thread_met_and_stops_soon_after():
                 writer.put(store, np.array([i]), {})
     assert store.written[:3] == [0, 1, 2] and 3 not in store.written
     assert len(store.written) <= 3 + Writer.DEPTH  # what was queued behind the error at most
+
+
+def test_writer_keeps_what_was_computed_when_the_extraction_fails():
+    from transfer_ensemble.features import Writer
+
+    store = RecordingStore()
+    with pytest.raises(KeyboardInterrupt):
+        with Writer() as writer:
+            for i in range(3):
+                writer.put(store, np.array([i]), {})
+            raise KeyboardInterrupt
+    assert store.written == [0, 1, 2]

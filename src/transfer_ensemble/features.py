@@ -99,12 +99,15 @@ class Writer:
         return self
 
     def __exit__(self, kind, exc, traceback) -> None:
+        """Wait for the queued writes, also when the block raised: features already computed are
+        kept (a resumed run will not compute them again); only the block's error is raised."""
         if exc is None:
             self.close()
             return
-        for future in self._pending:  # an error or an interrupt: commit nothing more
-            future.cancel()
-        self._pool.shutdown(wait=True)
+        for future in self._pending:
+            with contextlib.suppress(Exception):
+                future.result()
+        self._pool.shutdown()
 
 
 @dataclass
