@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 from conftest import TINY, run_cli
@@ -61,34 +56,3 @@ def test_cli_rejects_a_wrong_backbone_before_building_anything(tmp_path):
                      "--backbones", "xceptoin")
     assert result.returncode == 2
     assert "Unknown backbone 'xceptoin'" in result.stderr and "mobilenet_v3_small" in result.stderr
-
-
-MIRRORED_SCRIPT = textwrap.dedent("""
-    import numpy as np, tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from transfer_ensemble import features
-    from transfer_ensemble.config import ExtractConfig
-    config = ExtractConfig(backbones=("mobilenet_v3_small",), weights="random", image_size=64)
-    pixels = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
-    single = features.Extractor(config)
-    single.replicas = None
-    expected = single.forward(single.specs[0], pixels)
-    mirrored = features.Extractor(config)
-    got = mirrored.forward(mirrored.specs[0], pixels)
-    assert mirrored.replicas.handle.num_replicas_in_sync == 2
-    for view in ("original", "flipped"):
-        assert got[view].shape == expected[view].shape == (5, 576), (got[view].shape, expected[view].shape)
-        np.testing.assert_allclose(got[view], expected[view], rtol=1e-5, atol=1e-6)
-    print("ok")
-""")
-
-
-@pytest.mark.slow
-def test_mirrored_strategy_splits_batches_across_replicas():
-    """Two logical CPUs stand in for two GPUs: each image gets exactly one feature row."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"}
-    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True, text=True,
-                            env=env, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("ok")

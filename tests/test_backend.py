@@ -111,9 +111,13 @@ def test_tensorflow_and_other_backends_give_the_same_features_from_one_weights_f
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(a).max())
 
 
-JAX_DEVICES = textwrap.dedent("""
+REPLICAS = textwrap.dedent("""
     import sys
     import numpy as np
+    if sys.argv[1] == "tensorflow":  # two logical CPUs; JAX gets two devices from XLA_FLAGS
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from transfer_ensemble import backend, features
     from transfer_ensemble.config import ExtractConfig
     config = ExtractConfig(backbones=("mobilenet_v3_small",), weights="random", image_size=64)
@@ -124,8 +128,11 @@ JAX_DEVICES = textwrap.dedent("""
     parallel = features.Extractor(config)
     got = parallel.forward(parallel.specs[0], pixels)
     assert len(backend.devices()) == 2 and len(parallel.replicas.devices) == 2, backend.devices()
-    weights = parallel.model(parallel.specs[0]).model.weights[0].value
-    assert len(weights.sharding.device_set) == 2, weights.sharding
+    if sys.argv[1] == "tensorflow":
+        assert parallel.replicas.handle.num_replicas_in_sync == 2
+    else:
+        weights = parallel.model(parallel.specs[0]).model.weights[0].value
+        assert len(weights.sharding.device_set) == 2, weights.sharding
     for view in ("original", "flipped"):
         assert got[view].shape == expected[view].shape == (5, 576), (got[view].shape, expected[view].shape)
         np.testing.assert_allclose(got[view], expected[view], rtol=1e-5, atol=1e-6)
@@ -134,13 +141,15 @@ JAX_DEVICES = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_jax_data_parallel_over_two_virtual_devices_gives_one_row_per_image():
-    """Two virtual CPU devices stand in for two GPUs: the weights are on both, the odd batch of 5
-    is padded, split and trimmed, and each image gets exactly its single-device features."""
-    if not _installed("jax"):
-        pytest.skip("jax is not installed")
-    out = _python(JAX_DEVICES, env={"KERAS_BACKEND": "jax",
-                                    "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+@pytest.mark.parametrize("name", ["tensorflow", "jax"])
+def test_replicas_over_two_virtual_devices_give_each_image_its_own_features(name):
+    """Two virtual CPU devices stand in for two GPUs (MirroredStrategy on TensorFlow,
+    DataParallel on JAX): the weights are on both, the odd batch of 5 is split (padded and
+    trimmed on JAX), and each image gets exactly its single-device features, in both views."""
+    if not _installed(name):
+        pytest.skip(f"{name} is not installed")
+    out = _python(REPLICAS, name, env={"KERAS_BACKEND": name,
+                                       "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert out == "ok"
 
 
