@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -43,35 +44,42 @@ TARGET_RSS_GROWTH = 0.15
 TARGET_CACHE_HIT = 0.05
 
 
-def source_photos() -> list[Path]:
-    return sorted(SHARED_DOGS.rglob("*.jpg")) if SHARED_DOGS.is_dir() else []
+def source_photos(folder: Path | None = SHARED_DOGS) -> list[Path]:
+    """The JPEG photos under `folder` (default dogs3), sorted; none where it is missing."""
+    return sorted(folder.rglob("*.jpg")) if folder is not None and folder.is_dir() else []
 
 
-def photo(index: int, sources: list[Path], rng: np.random.Generator) -> np.ndarray:
-    """A BGR photo of about 500x375: a real one from dogs3 when available, else smooth noise."""
+def photo(index: int, sources: list[Path]) -> np.ndarray:
+    """A BGR photo of about 500x375: a source photo (mirrored on odd rounds), else smooth noise."""
     if sources:
         image = cv2.imdecode(np.fromfile(sources[index % len(sources)], dtype=np.uint8), cv2.IMREAD_COLOR)
         if index // len(sources) % 2:
             image = image[:, ::-1]
     else:
+        rng = np.random.default_rng(index)
         image = cv2.GaussianBlur(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8), (0, 0), 3)
     h, w = image.shape[:2]
-    size = PHOTO_SIZE if w >= h else PHOTO_SIZE[::-1]
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return cv2.resize(image, PHOTO_SIZE if w >= h else PHOTO_SIZE[::-1], interpolation=cv2.INTER_AREA)
 
 
-def write_dataset(root: Path, n: int) -> Path:
-    """Folder layout: 3/4 of the images in train/<two classes>/, the rest in a flat test/."""
-    sources = source_photos()
-    rng = np.random.default_rng(0)
+def write_dataset(root: Path, n: int, sources: list[Path] | None = None) -> list[Path]:
+    """N JPEGs of `photo`s (from `sources`, default dogs3) in the folder layout: 3/4 in
+    train/<two classes>/, the rest in a flat test/; written on every core. Returns their paths."""
+    sources = source_photos() if sources is None else sources
     n_train = max(2, n * 3 // 4)
-    for i in range(n):
-        folder = root / "train" / f"class{i % 2}" if i < n_train else root / "test"
+    paths = [root / "train" / f"class{i % 2}" / f"img{i:06d}.jpg" if i < n_train else root / "test" / f"img{i:06d}.jpg"
+             for i in range(n)]
+    for folder in {p.parent for p in paths}:
         folder.mkdir(parents=True, exist_ok=True)
-        ok, data = cv2.imencode(".jpg", photo(i, sources, rng), [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+    def write(i: int) -> None:
+        ok, data = cv2.imencode(".jpg", photo(i, sources), [cv2.IMWRITE_JPEG_QUALITY, 90])
         assert ok
-        (folder / f"img{i:06d}.jpg").write_bytes(data.tobytes())
-    return root
+        paths[i].write_bytes(data.tobytes())
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(write, range(n)))
+    return paths
 
 
 def run_child(args: list[str]) -> tuple[dict, float, float]:

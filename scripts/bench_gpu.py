@@ -33,53 +33,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import cv2
 import numpy as np
 
-PHOTO_SIZE = (500, 375)
 KAGGLE_N = 20_580
 TARGET_RATIO = 0.9
 TARGET_SECONDS = 15.0
-
-
-def photo(index: int, sources: list[Path]) -> np.ndarray:
-    """A BGR photo of about 500x375: a dogs3 photo (mirrored on odd rounds), else smooth noise."""
-    if sources:
-        image = cv2.imdecode(np.fromfile(sources[index % len(sources)], dtype=np.uint8), cv2.IMREAD_COLOR)
-        if index // len(sources) % 2:
-            image = image[:, ::-1]
-    else:
-        rng = np.random.default_rng(index)
-        image = cv2.GaussianBlur(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8), (0, 0), 3)
-    h, w = image.shape[:2]
-    return cv2.resize(image, PHOTO_SIZE if w >= h else PHOTO_SIZE[::-1], interpolation=cv2.INTER_AREA)
-
-
-def write_dataset(root: Path, n: int, photos: Path | None) -> list[Path]:
-    """Folder layout: 3/4 of the images in train/<two classes>/, the rest in a flat test/."""
-    sources = sorted(photos.rglob("*.jpg")) if photos is not None else []
-    if photos is not None and not sources:
-        sys.exit(f"--photos {photos} holds no .jpg files; pass a folder of JPEG photos or leave it out")
-    n_train = max(2, n * 3 // 4)
-    paths = [root / "train" / f"class{i % 2}" / f"img{i:06d}.jpg" if i < n_train else root / "test" / f"img{i:06d}.jpg"
-             for i in range(n)]
-    for folder in {p.parent for p in paths}:
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def write(i: int) -> None:
-        ok, data = cv2.imencode(".jpg", photo(i, sources), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        assert ok
-        paths[i].write_bytes(data.tobytes())
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        list(pool.map(write, range(n)))
-    return paths
 
 
 def child(opts: argparse.Namespace) -> dict:
@@ -156,12 +119,16 @@ def main() -> None:
         return
 
     from bench_decode import feed_rate, stream_rate
+    from bench_extract import source_photos, write_dataset
     from transfer_ensemble import backbones, images
 
     work = opts.work or Path(tempfile.mkdtemp(prefix="bench_gpu_"))
     try:
         start = time.perf_counter()
-        paths = write_dataset(work / "data", opts.n, opts.photos)
+        sources = source_photos(opts.photos) if opts.photos is not None else []
+        if opts.photos is not None and not sources:
+            sys.exit(f"--photos {opts.photos} holds no .jpg files; pass a folder of JPEG photos or leave it out")
+        paths = write_dataset(work / "data", opts.n, sources)
         print(f"wrote {opts.n} JPEGs of about 500x375 ({'photos from ' + str(opts.photos) if opts.photos else 'synthetic'}) "
               f"in {time.perf_counter() - start:.1f} s", flush=True)
         size = opts.image_size or backbones.get_spec(opts.backbones.split(",")[0]).size

@@ -73,7 +73,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
         root = Path(tmp)
-        data = write_dataset(root / "data", args.n)
+        data = root / "data"
+        write_dataset(data, args.n)
         local = extract(data, root / "run_local", args, [])
         own_ray = extract(data, root / "run_ray_local", args, ["--engine", "ray"])
 
