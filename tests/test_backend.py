@@ -157,16 +157,18 @@ def test_replicas_over_two_virtual_devices_give_each_image_its_own_features(name
 @pytest.mark.backend
 def test_the_seed_head_is_deterministic_on_this_backend():
     """The same seed gives the same head, to the bit, whichever backend this process runs."""
-    from transfer_ensemble import heads
-    from transfer_ensemble.config import SeedOptions
+    from transfer_ensemble.heads import SeedHead
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 16)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
-    options = SeedOptions(epochs=3, patience=2, batch_size=16)
-    kind = heads.get("seed")
-    runs = [kind.predict(kind.fit([x[:40]], y[:40], [x[40:]], y[40:], 2, options, seed)[0], x)
-            for seed in (3, 3, 4)]
+
+    def fitted(seed: int):
+        head = SeedHead(epochs=3, patience=2, batch_size=16, n_classes=2)
+        head.fit([x[:40]], y[:40], [x[40:]], y[40:], seed)
+        return head.predict_proba(x)
+
+    runs = [fitted(seed) for seed in (3, 3, 4)]
     np.testing.assert_array_equal(runs[0], runs[1])
     assert not np.array_equal(runs[0], runs[2])
 

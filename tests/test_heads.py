@@ -14,7 +14,8 @@ import pytest
 
 from conftest import FAST_TRAIN, TINY, make_folders, make_kaggle, run_cli
 from transfer_ensemble import ensemble, heads, workflow
-from transfer_ensemble.config import ExtractConfig, LinearOptions, SeedOptions
+from transfer_ensemble.config import ExtractConfig
+from transfer_ensemble.heads import linear, solver
 from transfer_ensemble.runfolder import RunFolder
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
@@ -34,26 +35,27 @@ def test_the_linear_solver_finds_scikit_learns_logistic_regression():
     from sklearn.linear_model import LogisticRegression
 
     x, y = _blobs()
-    theta, _ = heads.fit_multinomial(x, y, 4, c=0.1, tol=1e-7, max_iter=2000)
-    ours = heads.softmax(x @ theta[:-4].reshape(16, 4) + theta[-4:])
+    theta, _ = solver.fit_multinomial(x, y, 4, c=0.1, tol=1e-7, max_iter=2000)
+    ours = solver.softmax(x @ theta[:-4].reshape(16, 4) + theta[-4:])
     theirs = LogisticRegression(C=0.1, tol=1e-10, max_iter=5000).fit(x, y).predict_proba(x)
     np.testing.assert_allclose(ours, theirs, atol=1e-3)  # float32 products: agreement to ~1e-4
 
 
 def test_the_linear_head_never_looks_at_the_validation_rows():
     x, y = _blobs()
-    kind = heads.get("linear")
-    a, history = kind.fit([x, x[:, ::-1]], y, [x[:10]], y[:10], 4, LinearOptions(), 3)
-    b, _ = kind.fit([x, x[:, ::-1]], y, [x[10:40] * 5], y[10:40][::-1], 4, LinearOptions(), 3)
-    np.testing.assert_array_equal(kind.predict(a, x), kind.predict(b, x))
-    assert history["C"] in heads.C_GRID and history["inner_log_loss"]
+    a, b = heads.LinearHead(), heads.LinearHead()
+    report = a.fit([x, x[:, ::-1]], y, [x[:10]], y[:10], 3)
+    b.fit([x, x[:, ::-1]], y, [x[10:40] * 5], y[10:40][::-1], 3)
+    np.testing.assert_array_equal(a.predict_proba(x), b.predict_proba(x))
+    assert report.chosen["C"] in linear.C_GRID and report.search and report.summary == f"C {report.chosen['C']}"
 
 
 def test_an_absent_class_gets_a_column_and_almost_no_probability():
     x, y = _blobs(k=4)
     keep = y != 2
-    model, _ = heads.get("linear").fit([x[keep]], y[keep], [x[:4]], y[:4], 4, LinearOptions(), 0)
-    p = heads.get("linear").predict(model, x)
+    model = heads.get("linear").create(n_classes=4)
+    model.fit([x[keep]], y[keep], [x[:4]], y[:4], 0)
+    p = model.predict_proba(x)
     assert p.shape == (len(x), 4) and p[:, 2].max() < 1e-3
     np.testing.assert_allclose(p.sum(axis=1), 1, atol=1e-5)
 
@@ -63,11 +65,11 @@ def test_an_absent_class_gets_a_column_and_almost_no_probability():
 def test_each_head_saves_loads_and_predicts_the_same(head, tmp_path):
     x, y = _blobs()
     kind = heads.get(head)
-    options = SeedOptions(epochs=3) if head == "seed" else LinearOptions()
-    model, _ = kind.fit([x[:200]], y[:200], [x[200:]], y[200:], 4, options, 0)
+    model = kind.create(heads.SeedOptions(epochs=3) if head == "seed" else None)
+    model.fit([x[:200]], y[:200], [x[200:]], y[200:], 0)
     path = tmp_path / f"model{kind.suffix}"
-    kind.save(model, path)
-    np.testing.assert_array_equal(kind.predict(kind.load(path), x), kind.predict(model, x))
+    model.save(path)
+    np.testing.assert_array_equal(kind.load(path).predict_proba(x), model.predict_proba(x))
 
 
 # ---- calibration and blending ----------------------------------------------------------------
@@ -77,7 +79,7 @@ def test_a_temperature_fitted_on_over_confident_predictions_lowers_their_log_los
     y = rng.integers(0, 5, 2000)
     logits = rng.normal(size=(2000, 5))
     logits[np.arange(2000), y] += 1.0
-    calibrated = ensemble.calibrate(heads.softmax(logits), 1.0)
+    calibrated = ensemble.calibrate(solver.softmax(logits), 1.0)
     over = ensemble.calibrate(calibrated, 1 / 3)  # the same ranking, three times too sharp
     t = ensemble.fit_temperature(y, over)
     assert 2.4 < t < 3.6
@@ -117,7 +119,7 @@ def test_no_choice_reads_the_test_labels(tmp_path):
     results = [workflow.train(run, {"folds": 2}) for run in (first, second)]
     a, b = (r["metrics"] for r in results)
     assert a["calibration"]["temperature"] == b["calibration"]["temperature"]
-    assert [r["C"] for r in a["oof"]["per_fold"]] == [r["C"] for r in b["oof"]["per_fold"]]
+    assert [r["chosen"]["C"] for r in a["oof"]["per_fold"]] == [r["chosen"]["C"] for r in b["oof"]["per_fold"]]
     assert a["oof"] == b["oof"]
     assert a["holdout"]["ensemble"]["log_loss"] != b["holdout"]["ensemble"]["log_loss"], "labels were not shuffled"
     recipe = results[0]["recipe"]

@@ -1,6 +1,8 @@
 """The `transfer-ensemble` command line: parse arguments, call the workflow, print a summary.
 
-Nothing here imports TensorFlow, so `--help`, validation errors and `submit` start instantly.
+Every option of config.py's dataclasses and of each head kind (heads/) becomes a flag here, from
+its declaration: nothing in this file lists them. Nothing here imports TensorFlow, so `--help`,
+validation errors and `submit` start instantly.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from typing import Sequence
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from transfer_ensemble import __version__, noise, progress
+from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, merged
 from transfer_ensemble.errors import UserError
+from transfer_ensemble.heads import FitReport
+from transfer_ensemble.options import COMMAND_LINE, Option, Overrides, declared
 
 log = logging.getLogger("transfer_ensemble")
 
+DATA_HELP = "data folder (Kaggle or folder layout)"
 HEADS_HELP = ("head recipe to use (default: the one the last `train` trained; 'best': the current "
               "recipe with the lowest OOF log loss)")
 
@@ -31,59 +37,47 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_extract_options(p: argparse.ArgumentParser, data_required: bool = True) -> None:
-    p.add_argument("--data", required=data_required, help="data folder (Kaggle or folder layout)")
-    p.add_argument("--backbones", help="comma-separated backbone names, concatenated in this order "
-                                       "(default: xception,inception_v3)")
-    p.add_argument("--weights", help="imagenet (default; Keras cache or download), random (tests only), "
-                                     "or a folder of Keras .h5 weight files")
-    p.add_argument("--image-size", type=int, help="input size in pixels (default: each backbone's native "
-                                                  "size, 299 for both defaults)")
-    p.add_argument("--batch-size", type=int, help="images per forward batch (default 32)")
-    p.add_argument("--precision", help="backbone precision: float32 (default) or bfloat16")
-    p.add_argument("--on-bad-image", help="error (default): list undecodable images and stop; "
-                                          "skip: leave them out")
-    p.add_argument("--scales", help="input sizes to extract at, as multiples of --image-size (default "
-                                    "1,1.5: a second scale for the default head; 1 alone is the paper's)")
-    p.add_argument("--max-pixels", type=int, help="refuse images of more pixels than this, as bad images "
-                                                  "(default 178956970, Pillow's decompression-bomb limit)")
+def _declared(sections: Sequence[type]) -> list[tuple[str, Option, str | None]]:
+    """(name, Option, argparse group title) of every option of `sections`: config dataclasses, with
+    TrainConfig bringing every registered head kind's options in a group per kind."""
+    from transfer_ensemble import heads
+    from transfer_ensemble.config import TrainConfig
+
+    out = []
+    for cls in sections:
+        out += [(name, meta, meta.group or (f"--engine {meta.owner} options" if meta.owner else None))
+                for name, _, meta in declared(cls)]
+        if cls is TrainConfig:
+            for entry in heads.HEADS.values():
+                out += [(name, meta, f"--head {entry.name} options") for name, _, meta in declared(entry.options)]
+    return out
 
 
-def _add_engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", help="where features are computed: local (default, this process) or ray "
-                                    "(a Ray cluster; needs `pip install 'transfer_ensemble[ray]'`)")
-    p.add_argument("--ray-address", help="Ray cluster to use with --engine ray (default: $RAY_ADDRESS, else "
-                                         "a local Ray started for this run)")
-    p.add_argument("--actors", type=int, help="actors holding the models (default: one per GPU of the "
-                                              "cluster, else 1)")
-    p.add_argument("--gpus-per-actor", type=float, help="GPUs each actor reserves (default: 1 when the "
-                                                        "cluster has GPUs, else 0)")
-    p.add_argument("--cpus-per-actor", type=float, help="CPUs each actor reserves (default 1)")
+_TYPES = {"int": int, "real": float, "text": str}
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--head", help="kind of head: linear (the default: logistic regression, chosen by "
-                                  "out-of-fold log loss) or seed (the paper's dropout + softmax head; "
-                                  "--head seed reproduces the paper's submission)")
-    p.add_argument("--folds", type=int, help="cross-validation folds (default 5)")
-    views = p.add_argument_group("scales, views and calibration (defaults depend on --head: seed none, linear all)")
-    views.add_argument("--multiscale", action=argparse.BooleanOptionalAction,
-                       help="give the heads the features of every extracted scale side by side")
-    views.add_argument("--pool-views", action=argparse.BooleanOptionalAction,
-                       help="one model per fold trained on the rows of every view, not one per view")
-    views.add_argument("--tta", action=argparse.BooleanOptionalAction,
-                       help="each model scores every view of an image and averages (test-time augmentation)")
-    views.add_argument("--temperature", action=argparse.BooleanOptionalAction,
-                       help="calibrate the ensemble with a temperature fitted on out-of-fold predictions")
-    seed = p.add_argument_group("--head seed options")
-    seed.add_argument("--epochs", type=int, help="most epochs per head (default 50)")
-    seed.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 5)")
-    seed.add_argument("--dropout", type=float, help="dropout before the softmax layer (default 0.5)")
-    seed.add_argument("--head-batch-size", type=int, help="head training batch size (default 128)")
-    seed.add_argument("--learning-rate", type=float, help="Adam learning rate (default 0.001)")
-    linear = p.add_argument_group("--head linear options")
-    linear.add_argument("--power", action=argparse.BooleanOptionalAction,
-                        help="signed square root and L2 normalisation of the features (default on)")
+def _add_options(p: argparse.ArgumentParser, sections: Sequence[type]) -> None:
+    """One argparse option per flag declared by `sections` (an option two sections or two head kinds
+    share, such as --seed or --epochs, is added once, with each help)."""
+    by_flag: dict[str, list[tuple[str, Option, str | None]]] = {}
+    for name, meta, group in _declared(sections):
+        if meta.flag:
+            by_flag.setdefault(meta.flag, []).append((name, meta, group))
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for flag, uses in by_flag.items():
+        _, meta, group = uses[0]
+        kinds = {use[1].rule.kind for use in uses}
+        if len(kinds) > 1:
+            raise ValueError(f"{flag} is declared with two types: {sorted(kinds)}")
+        helps = list(dict.fromkeys(m.help() if callable(m.help) else m.help for _, m, _ in uses))
+        owners = [g for _, _, g in uses if g]
+        if len(set(owners)) > 1:
+            helps.append("(" + ", ".join(g.removesuffix(" options") for g in dict.fromkeys(owners)) + ")")
+        target = p if group is None else groups.setdefault(group, p.add_argument_group(group))
+        if meta.rule.kind == "bool":
+            target.add_argument(flag, dest=meta.dest, action=argparse.BooleanOptionalAction, help="; ".join(helps))
+        else:
+            target.add_argument(flag, dest=meta.dest, type=_TYPES[meta.rule.kind], help="; ".join(helps))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,10 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("extract", help="compute backbone features of the train and test images")
-    _add_extract_options(p)
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--run", required=True, help="run folder (created if missing)")
-    p.add_argument("--seed", type=int, help="seed for --weights random (default 0)")
-    _add_engine_options(p)
+    _add_options(p, [ExtractConfig, EngineConfig])
 
     p = sub.add_parser("train", help="train a head recipe (K or 2 x K heads) with cross-validation",
                        description="Trains --head (default linear, the best by out-of-fold log loss; seed is "
@@ -108,8 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "head's own options those of the run's last train if it trained that head (or of "
                                    "--heads NAME); other options add a recipe beside the earlier ones.")
     p.add_argument("--run", required=True, help="run folder that extract wrote")
-    _add_train_options(p)
-    p.add_argument("--seed", type=int, help="seed of the folds and of head training (default 0)")
+    _add_options(p, [TrainConfig])
     p.add_argument("--heads", help="start from this recipe's options (retrain or finish it)")
     p.add_argument("--blend", help="comma-separated trained recipes to mix, with weights fitted on their "
                                    "out-of-fold predictions (then a temperature); train them first")
@@ -120,13 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", help=HEADS_HELP)
 
     p = sub.add_parser("run", help="extract, train and submit in one go")
-    _add_extract_options(p, data_required=False)
-    _add_train_options(p)
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--run", help="run folder (default: the one in --config)")
     p.add_argument("--out", help="submission CSV to write")
-    p.add_argument("--seed", type=int, help="seed of folds, head training and random weights (default 0)")
     p.add_argument("--config", help="a run's config.json: repeat that run (options given here override it)")
-    _add_engine_options(p)
+    _add_options(p, [ExtractConfig, TrainConfig, EngineConfig])
 
     p = sub.add_parser("demo-data", help="write the small synthetic demo data set (Kaggle layout)")
     p.add_argument("--out", required=True, help="folder to write")
@@ -151,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", help=HEADS_HELP)
     p.add_argument("--cache-dir", help="where to keep the images' features (default RUN/predict/); use it "
                                        "when the run folder is read-only")
-    _add_engine_options(p)
+    _add_options(p, [EngineConfig])
 
     p = sub.add_parser("report", help="rebuild RUN/report.html: recipes, curves, metrics, calibration, errors")
     p.add_argument("--run", required=True, help="trained run folder")
@@ -159,39 +149,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def extract_overrides(args: argparse.Namespace) -> dict:
+def _given(args: argparse.Namespace, cls: type) -> Overrides:
+    """The options of `cls` given as flags (None where not given), under config.json's names."""
+    return Overrides({name: getattr(args, meta.dest, None) for name, meta, _ in _declared([cls]) if meta.flag},
+                     COMMAND_LINE)
+
+
+def extract_overrides(args: argparse.Namespace) -> Overrides:
     """The extraction options given as flags (None where not given)."""
-    keys = ("backbones", "weights", "image_size", "batch_size", "precision", "seed", "on_bad_image", "max_pixels",
-            "scales")
-    return {key: getattr(args, key, None) for key in keys}
+    return _given(args, ExtractConfig)
 
 
-def train_overrides(args: argparse.Namespace) -> dict:
-    """The training options given as flags (None where not given), under config.json's names."""
-    keys = ("head", "folds", "seed", "multiscale", "pool_views", "tta", "temperature", "epochs", "patience", "dropout",
-            "learning_rate", "power")
-    return {**{key: getattr(args, key, None) for key in keys}, "batch_size": getattr(args, "head_batch_size", None)}
+def train_overrides(args: argparse.Namespace) -> Overrides:
+    """The training options (TrainConfig's and every head kind's) given as flags (None where not given)."""
+    return _given(args, TrainConfig)
 
 
 def extract_config(args: argparse.Namespace, saved: dict | None = None, source: str = "config.json"):
     """The extraction options: flags over `saved` (a run's config) over the defaults."""
-    from transfer_ensemble.config import ExtractConfig, merged
-
     return merged(ExtractConfig, saved, extract_overrides(args), source)
 
 
 def engine_config(args: argparse.Namespace):
     """Where the features are computed (--engine and the Ray options); not recorded in the run."""
-    from transfer_ensemble.config import EngineConfig
-
-    keys = ("engine", "ray_address", "actors", "gpus_per_actor", "cpus_per_actor")
-    return EngineConfig.from_flags({key: getattr(args, key, None) for key in keys})
+    return EngineConfig.from_flags(dict(_given(args, EngineConfig)))
 
 
 def train_config(args: argparse.Namespace, saved: dict | None = None, source: str = "config.json"):
     """The training options: flags over `saved` over the defaults."""
-    from transfer_ensemble.config import TrainConfig, merged
-
     return merged(TrainConfig, saved, train_overrides(args), source)
 
 
@@ -219,7 +204,7 @@ def print_extract_summary(results: list[dict]) -> None:
 
 def print_metrics(metrics: dict) -> None:
     oof = metrics["oof"]
-    rows = [[r["view"], r["fold"], r["n"], r.get("best_epoch") or r.get("C") or "", r["log_loss"], r["accuracy"]]
+    rows = [[r["view"], r["fold"], r["n"], FitReport.from_history(r).summary, r["log_loss"], r["accuracy"]]
             for r in oof["per_fold"]]
     rows += [[view, "all (OOF)", s["n"], "", s["log_loss"], s["accuracy"]] for view, s in oof["per_view"].items()]
     e = oof["ensemble"]
@@ -227,7 +212,7 @@ def print_metrics(metrics: dict) -> None:
     for name, s in metrics.get("holdout", {}).items():
         rows.append([name if name in oof["per_view"] else "ensemble", "hold-out test", s["n"], "",
                      s["log_loss"], s["accuracy"]])
-    _print_table(rows, ["models", "fold", "validation images", "best epoch or C", "log loss", "accuracy"])
+    _print_table(rows, ["models", "fold", "validation images", "chosen by training", "log loss", "accuracy"])
     calib = metrics.get("calibration")
     if calib:
         hold = (f"; hold-out {calib['holdout_before']['log_loss']:.4f} -> {calib['holdout_after']['log_loss']:.4f}"
@@ -270,10 +255,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from transfer_ensemble import workflow
 
     if args.blend is not None:
-        given = [k for k, v in train_overrides(args).items() if v is not None] + (["heads"] if args.heads else [])
+        flags = {name: meta.flag for name, meta, _ in _declared([TrainConfig])}
+        given = [flags[k] for k, v in train_overrides(args).items() if v is not None] \
+            + (["--heads"] if args.heads else [])
         if given:
             raise UserError(f"--blend mixes recipes already trained, so it takes no training options (got "
-                            f"{', '.join('--' + k.replace('_', '-') for k in given)}). Train each recipe with "
+                            f"{', '.join(given)}). Train each recipe with "
                             f"its options first, then run `train --run {args.run} --blend A,B` alone.")
         print_blend(workflow.blend(args.run, [name.strip() for name in args.blend.split(",") if name.strip()]))
         return
@@ -338,7 +325,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     train = train_config(args, saved.get("train"), source)
     engine = engine_config(args)
     print_extract_summary(workflow.extract(data, run_dir, extract, folds=train.folds, engine=engine))
-    result = workflow.train(run_dir, train.to_json())
+    result = workflow.train(run_dir, train)
     submitted = workflow.submit(run_dir, out, heads=result["recipe"], record_out=True)
     print_train(result)
     print()

@@ -1,24 +1,31 @@
-"""Every option's default and validation, shared by the CLI flags, a run's config.json and Python callers.
+"""Every option's default, flag, help and validation, shared by the CLI, a run's config.json and Python callers.
 
-The dataclasses check themselves when built, so a bad value is refused wherever it comes from;
-``from_json`` and ``merged`` also say which file (or the command line) gave it. Every refusal is
-a ``UserError`` naming the option by its CLI flag, the bad value and what is allowed.
+Each option is one dataclass field declared with ``options.option`` (flag, help, rule, owner):
+argparse's options (cli.py), the override dicts, merging and the checks are derived from those
+fields. The head kinds' options live beside each head (heads/seed.py, heads/linear.py) and are
+owned by it; the Ray options are owned by ``--engine ray``. The dataclasses check themselves
+when built, so a bad value is refused wherever it comes from; ``from_json`` and ``merged`` also
+say which file, flag or Python call gave it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
-from transfer_ensemble import backbones
+from transfer_ensemble import backbones, heads
 from transfer_ensemble.errors import UserError
+from transfer_ensemble.heads import LinearOptions, SeedOptions  # noqa: F401  (their options, for callers)
+from transfer_ensemble.options import (
+    COMMAND_LINE, Checker, Overrides, PythonOrigin, Rule, Where, boolean, check_values, choice, declared,
+    describe as _describe, flags_of, nowhere as _nowhere, option, real, refuse_unknown, whole,
+)
 
 MAX_SEED: int = 2**32 // 1000 - 1  # per-fold seeds are seed*1000 + view*100 + fold and must stay < 2**32
 MAX_FOLDS: int = 100
 PRECISIONS = ("float32", "bfloat16")
 BAD_IMAGE_POLICIES = ("error", "skip")
-HEAD_KINDS = ("seed", "linear")
 DEFAULT_HEAD = "linear"
 """The head `train` uses when --head is not given: the recipe with the lowest out-of-fold log loss on
 the development sets (``scripts/bench_quality.py``; the README has the table)."""
@@ -29,141 +36,61 @@ SCALE_RANGE = (0.25, 4.0)
 ENGINES = ("local", "ray")
 MAX_PIXELS = 178_956_970
 """Default cap on an image's pixels (Pillow's decompression-bomb limit)."""
-
-COMMAND_LINE = "the command line"
-
-_FLAGS = {
-    "backbones": "--backbones", "weights": "--weights", "image_size": "--image-size",
-    "precision": "--precision", "on_bad_image": "--on-bad-image", "folds": "--folds", "seed": "--seed",
-    "head": "--head", "epochs": "--epochs", "patience": "--patience", "dropout": "--dropout",
-    "learning_rate": "--learning-rate", "max_pixels": "--max-pixels", "pool_views": "--pool-views",
-    "tta": "--tta", "temperature": "--temperature", "power": "--power", "scales": "--scales",
-    "multiscale": "--multiscale",
-    "engine": "--engine", "ray_address": "--ray-address", "actors": "--actors",
-    "gpus_per_actor": "--gpus-per-actor", "cpus_per_actor": "--cpus-per-actor",
-}
 RECIPE_KEYS = ("multiscale", "pool_views", "tta", "temperature")
+VIEWS_GROUP = "scales, views and calibration (defaults depend on --head)"
 
-Where = Callable[[str], "str | None"]
-
-
-def _nowhere(key: str) -> None:
-    return None
+__all__ = ["COMMAND_LINE", "EngineConfig", "ExtractConfig", "LinearOptions", "MAX_FOLDS", "MAX_SEED", "Overrides",
+           "PythonOrigin", "SeedOptions", "TrainConfig", "engine_config", "merged"]
 
 
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a true/false value"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, float):
-        return "a decimal number"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return f"a {type(value).__name__}"
+def head_kinds() -> tuple[str, ...]:
+    """The registered head kinds (heads.HEADS is the only list)."""
+    return heads.names()
 
 
-class _Checker:
-    """Builds the one-paragraph errors for one section, with the flag and origin of each key."""
-
-    def __init__(self, where: Where, flags: dict[str, str]):
-        self.where = where
-        self.flags = flags
-
-    def fail(self, key: str, value: Any, problem: str) -> UserError:
-        origin = self.where(key)
-        if origin is None:
-            at = ""
-        elif origin == COMMAND_LINE:
-            at = " (given on the command line)"
-        else:
-            at = f' (the "{key}" entry of {origin})'
-        return UserError(f"{self.flags[key]} {value!r}{at} {problem}.")
-
-    def whole(self, key: str, value: Any, low: int | None, high: int | None = None, why: str = "") -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            hint = ""
-            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-                hint = f": write {value.strip()} without quotes"
-            raise self.fail(key, value, f"must be a whole number, not {value!r} ({_describe(value)}){hint}")
-        if low is not None and (value < low or (high is not None and value > high)):
-            allowed = f"from {low} to {high}" if high is not None else f"of at least {low}"
-            raise self.fail(key, value, f"is out of range: it must be a whole number {allowed}{why}")
-        return value
-
-    def real(self, key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(key, value, f"must be a number, not {value!r} ({_describe(value)})")
-        if not math.isfinite(value):
-            raise self.fail(key, value, "must be a finite number, not NaN or infinity")
-        return value
-
-    def flag(self, key: str, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(key, value, f"must be true or false, not {value!r} ({_describe(value)})")
-        return value
-
-    def choice(self, key: str, value: Any, allowed: tuple[str, ...]) -> str:
-        if not isinstance(value, str) or value not in allowed:
-            raise self.fail(key, value, f"is not allowed: it must be one of {', '.join(map(repr, allowed))}")
-        return value
+def _seed_rule() -> Rule:
+    return whole(0, MAX_SEED, " (each fold's seed is seed*1000 + view*100 + fold, and it must fit in 32 bits)")
 
 
-def _check_seed(check: _Checker, seed: Any) -> None:
-    check.whole("seed", seed, 0, MAX_SEED,
-                " (each fold's seed is seed*1000 + view*100 + fold, and it must fit in 32 bits)")
-
-
-def _backbone_names(value: Any, where: Where) -> tuple[str, ...]:
+def _check_backbones(check: Checker, key: str, value: Any, values: dict) -> tuple[str, ...]:
     """`value` (a comma-separated string or a list of names) as registry names, via parse_backbones."""
     if not isinstance(value, (str, list, tuple)) or not all(isinstance(n, str) for n in value):
-        raise _Checker(where, {**_FLAGS, "batch_size": "--head-batch-size"}).fail(
-            "backbones", value, 'must be a comma-separated string or a list of backbone names, '
-                                'e.g. "xception,inception_v3"')
+        raise check.fail(key, value, 'must be a comma-separated string or a list of backbone names, '
+                                     'e.g. "xception,inception_v3"')
     try:
         return backbones.parse_backbones(value)
     except UserError as exc:
-        origin = where("backbones")
+        origin = check.where(key)
         if origin is None:
             raise
-        at = COMMAND_LINE if origin == COMMAND_LINE else f'the "backbones" entry of {origin}'
+        at = origin if origin == COMMAND_LINE or isinstance(origin, PythonOrigin) \
+            else f'the "{key}" entry of {origin}'
         raise UserError(f"{exc} (The value {value!r} came from {at}.)") from None
 
 
-def _check_extract(v: dict, where: Where) -> dict:
-    """Check a complete set of ExtractConfig values; returns them with the backbones normalised."""
-    check = _Checker(where, {**_FLAGS, "batch_size": "--batch-size"})
-    v = {**v, "backbones": _backbone_names(v["backbones"], where)}
-    if not isinstance(v["weights"], str) or not v["weights"].strip():
-        raise check.fail("weights", v["weights"],
-                         "must be 'imagenet', 'random' or the path of a folder of Keras .h5 weight files")
-    if v["image_size"] is not None:
-        check.whole("image_size", v["image_size"], None)
-        for name in v["backbones"]:
-            minimum = backbones.REGISTRY[name].min_size
-            if v["image_size"] < minimum:
-                raise check.fail("image_size", v["image_size"],
-                                 f"is below {name}'s minimum input size of {minimum} px: use "
-                                 f"--image-size {minimum} or more, or leave it unset for each "
-                                 f"backbone's native size")
-    check.whole("batch_size", v["batch_size"], 1)
-    check.choice("precision", v["precision"], PRECISIONS)
-    _check_seed(check, v["seed"])
-    check.choice("on_bad_image", v["on_bad_image"], BAD_IMAGE_POLICIES)
-    check.whole("max_pixels", v["max_pixels"], 1)
-    v["scales"] = _check_scales(check, v["scales"], v["backbones"], v["image_size"])
-    return v
+def _check_weights(check: Checker, key: str, value: Any, values: dict) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise check.fail(key, value, "must be 'imagenet', 'random' or the path of a folder of Keras .h5 weight files")
+    return value
 
 
-def _check_scales(check: _Checker, value: Any, names: tuple[str, ...], image_size: int | None) -> tuple[float, ...]:
+def _check_image_size(check: Checker, key: str, value: Any, values: dict) -> int:
+    check.whole(key, value, None)
+    for name in values["backbones"]:
+        minimum = backbones.REGISTRY[name].min_size
+        if value < minimum:
+            raise check.fail(key, value, f"is below {name}'s minimum input size of {minimum} px: use "
+                                         f"{check.name(key)} {minimum} or more, or leave it unset for each "
+                                         f"backbone's native size")
+    return value
+
+
+def _check_scales(check: Checker, key: str, value: Any, values: dict) -> tuple[float, ...]:
     """`value` (a comma-separated string or a list of numbers) as distinct scales, 1 first."""
+    names, image_size = values["backbones"], values["image_size"]
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items:
-        raise check.fail("scales", value, 'must be a comma-separated list of numbers, e.g. "1,1.5"')
+        raise check.fail(key, value, 'must be a comma-separated list of numbers, e.g. "1,1.5"')
     scales = []
     for item in items:
         try:
@@ -172,18 +99,18 @@ def _check_scales(check: _Checker, value: Any, names: tuple[str, ...], image_siz
             scale = None
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
                 or not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
-            raise check.fail("scales", value, f"must be numbers from {SCALE_RANGE[0]} to {SCALE_RANGE[1]}, "
-                                              f"not {item!r}")
+            raise check.fail(key, value, f"must be numbers from {SCALE_RANGE[0]} to {SCALE_RANGE[1]}, "
+                                         f"not {item!r}")
         scales.append(float(scale))
     if 1.0 not in scales or len(set(scales)) != len(scales):
-        raise check.fail("scales", value, "must hold 1 (the --image-size scale itself) and each scale once")
+        raise check.fail(key, value, "must hold 1 (the --image-size scale itself) and each scale once")
     for name in names:
         spec = backbones.REGISTRY[name]
         for scale in scales:
             size = scaled_size(image_size if image_size is not None else spec.size, scale)
             if size < spec.min_size:
-                raise check.fail("scales", value, f"gives {name} an input of {size} px at scale {scale}, "
-                                                  f"below its minimum of {spec.min_size} px")
+                raise check.fail(key, value, f"gives {name} an input of {size} px at scale {scale}, "
+                                             f"below its minimum of {spec.min_size} px")
     return tuple([1.0] + sorted(s for s in scales if s != 1.0))
 
 
@@ -191,31 +118,10 @@ def scaled_size(size: int, scale: float) -> int:
     return int(round(size * scale))
 
 
-def _check_head(v: dict, where: Where) -> None:
-    check = _Checker(where, {**_FLAGS, "batch_size": "--head-batch-size"})
-    check.whole("epochs", v["epochs"], 1)
-    check.whole("patience", v["patience"], 1)
-    if not 0 <= check.real("dropout", v["dropout"]) < 1:
-        raise check.fail("dropout", v["dropout"], "is out of range: it must be at least 0 and below 1 "
-                                                  "(the fraction of features dropped)")
-    check.whole("batch_size", v["batch_size"], 1)
-    if not 0 < check.real("learning_rate", v["learning_rate"]) <= 1:
-        raise check.fail("learning_rate", v["learning_rate"],
-                         "is out of range: it must be above 0 and at most 1 "
-                         "(Adam learning rates are typically 1e-4 to 1e-2)")
-
-
-def _check_linear(v: dict, where: Where) -> None:
-    _Checker(where, _FLAGS).flag("power", v["power"])
-
-
-def _check_train(v: dict, where: Where) -> None:
-    check = _Checker(where, _FLAGS)
-    check.whole("folds", v["folds"], 2, MAX_FOLDS)
-    _check_seed(check, v["seed"])
-    check.choice("head", v["head"], HEAD_KINDS)
-    for key in RECIPE_KEYS:
-        check.flag(key, v[key])
+def _check_ray_address(check: Checker, key: str, value: Any, values: dict) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise check.fail(key, value, "must be a Ray cluster address such as 10.0.0.5:6379 or ray://head:10001")
+    return value
 
 
 def _values(cls: type, obj: dict, defaults: dict | None = None) -> dict:
@@ -232,43 +138,75 @@ def _section(obj: Any, source: str) -> dict:
     return obj
 
 
+def head_option_owners() -> dict[str, tuple[str, ...]]:
+    """Each head option's name and the head kinds that own it (two kinds may share a name, e.g. epochs)."""
+    owners: dict[str, list[str]] = {}
+    for entry in heads.HEADS.values():
+        for name, _, _ in declared(entry.options):
+            owners.setdefault(name, []).append(entry.name)
+    return {name: tuple(kinds) for name, kinds in owners.items()}
+
+
+def head_option_flags() -> dict[str, str]:
+    """Every head option's flag by name; a name shared by two kinds must have one flag."""
+    flags: dict[str, str] = {}
+    for entry in heads.HEADS.values():
+        for name, flag in flags_of(entry.options).items():
+            if flags.setdefault(name, flag) != flag:
+                raise ValueError(f"head option {name!r} has two flags: {flags[name]} and {flag}")
+    return flags
+
+
 def _extract_from(obj: dict, where: Where) -> "ExtractConfig":
-    return ExtractConfig(**_check_extract(_values(ExtractConfig, obj), where))
+    return ExtractConfig(**check_values(ExtractConfig, _values(ExtractConfig, obj), where))
 
 
 def _train_from(obj: dict, where: Where) -> "TrainConfig":
-    head = obj.get("head", DEFAULT_HEAD)
-    _Checker(where, _FLAGS).choice("head", head, HEAD_KINDS)
-    kind = HEAD_OPTIONS[head]
-    foreign = sorted(k for k in obj if k in _OPTION_OWNER and _OPTION_OWNER[k] != head)
+    flags = {**flags_of(TrainConfig), **head_option_flags()}
+    check = Checker(where, flags)
+    head = check.choice("head", obj.get("head", DEFAULT_HEAD), head_kinds())
+    entry = heads.get(head)
+    owners = head_option_owners()
+    foreign = sorted(k for k in obj if k in owners and head not in owners[k])
     if foreign:
         key = foreign[0]
-        raise _Checker(where, {**_FLAGS, "batch_size": "--head-batch-size"}).fail(
-            key, obj[key], f"is an option of --head {_OPTION_OWNER[key]}, not of --head {head}: add "
-                           f"--head {_OPTION_OWNER[key]}, or leave {_FLAGS.get(key, key)} out")
-    options = _values(kind.cls, obj)
-    kind.check(options, where)
-    train = _values(TrainConfig, obj, RECIPE_DEFAULTS[head])
-    _check_train(train, where)
-    return TrainConfig(**train, options=kind.cls(**options))
+        kinds = " or ".join(f"--head {kind}" for kind in owners[key])
+        raise check.fail(key, obj[key], f"is an option of {kinds}, not of --head {head}: add "
+                                        f"--head {owners[key][0]}, or leave {check.name(key)} out")
+    options = check_values(entry.options, _values(entry.options, obj), where)
+    train = check_values(TrainConfig, _values(TrainConfig, obj, entry.recipe), where)
+    return TrainConfig(**train, options=entry.options(**options))
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
     """How features are extracted: which backbones, their weights, input size, batching and precision."""
 
-    backbones: tuple[str, ...] = backbones.DEFAULT_BACKBONES
-    weights: str = "imagenet"
-    image_size: int | None = None
-    batch_size: int = 32
-    precision: str = "float32"
-    seed: int = 0
-    on_bad_image: str = "error"
-    max_pixels: int = MAX_PIXELS
-    scales: tuple[float, ...] = DEFAULT_SCALES
+    backbones: tuple[str, ...] = option(backbones.DEFAULT_BACKBONES, "--backbones",
+                                        "comma-separated backbone names, concatenated in this order "
+                                        "(default: xception,inception_v3)", Rule("text", _check_backbones))
+    weights: str = option("imagenet", "--weights", "imagenet (default; Keras cache or download), random "
+                                                   "(tests only), or a folder of Keras .h5 weight files",
+                          Rule("text", _check_weights))
+    image_size: int | None = option(None, "--image-size", "input size in pixels (default: each backbone's "
+                                                          "native size, 299 for both defaults)",
+                                    Rule("int", _check_image_size), optional=True)
+    batch_size: int = option(32, "--batch-size", "images per forward batch (default 32)", whole(1))
+    precision: str = option("float32", "--precision", "backbone precision: float32 (default) or bfloat16",
+                            choice(PRECISIONS))
+    seed: int = option(0, "--seed", "seed for --weights random (default 0)", _seed_rule())
+    on_bad_image: str = option("error", "--on-bad-image", "error (default): list undecodable images and stop; "
+                                                          "skip: leave them out", choice(BAD_IMAGE_POLICIES))
+    max_pixels: int = option(MAX_PIXELS, "--max-pixels", "refuse images of more pixels than this, as bad images "
+                                                         "(default 178956970, Pillow's decompression-bomb limit)",
+                             whole(1))
+    scales: tuple[float, ...] = option(DEFAULT_SCALES, "--scales",
+                                       "input sizes to extract at, as multiples of --image-size (default 1,1.5: "
+                                       "a second scale for the default head; 1 alone is the paper's)",
+                                       Rule("text", _check_scales))
 
     def __post_init__(self) -> None:
-        checked = _check_extract({f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
+        checked = check_values(ExtractConfig, {f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
         object.__setattr__(self, "backbones", checked["backbones"])
         object.__setattr__(self, "scales", checked["scales"])
 
@@ -287,47 +225,9 @@ class ExtractConfig:
         return _extract_from(_section(obj, source), lambda key: source)
 
 
-@dataclass(frozen=True)
-class SeedOptions:
-    """The `seed` head (the paper's): dropout and a dense softmax layer, trained with Adam and early stopping."""
-
-    epochs: int = 50
-    patience: int = 5
-    dropout: float = 0.5
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-
-    def __post_init__(self) -> None:
-        _check_head({f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
-
-
-@dataclass(frozen=True)
-class LinearOptions:
-    """The `linear` head: multinomial logistic regression (scikit-learn) on standardised features,
-    its L2 regularisation chosen by an inner search on the training rows of each fold."""
-
-    power: bool = True  # signed square root, then L2 normalisation, before standardising
-
-    def __post_init__(self) -> None:
-        _check_linear({"power": self.power}, _nowhere)
-
-
-@dataclass(frozen=True)
-class HeadKindOptions:
-    cls: type
-    check: Callable[[dict, Where], None]
-
-
-HEAD_OPTIONS = {"seed": HeadKindOptions(SeedOptions, _check_head),
-                "linear": HeadKindOptions(LinearOptions, _check_linear)}
-_OPTION_OWNER = {f.name: head for head, kind in HEAD_OPTIONS.items() for f in fields(kind.cls)}
-
-RECIPE_DEFAULTS = {
-    "seed": {"multiscale": False, "pool_views": False, "tta": False, "temperature": False},
-    "linear": {"multiscale": True, "pool_views": True, "tta": True, "temperature": True},
-}
-"""How each head kind is trained on the views and scored, unless told: the seed's are the paper's
-(one model per view, each scoring its own view, no calibration), so --head seed reproduces it."""
+def _head_help() -> str:
+    kinds = "; ".join(f"{entry.name}: {entry.help}" if entry.help else entry.name for entry in heads.HEADS.values())
+    return f"kind of head (default {DEFAULT_HEAD}; {kinds})"
 
 
 @dataclass(frozen=True)
@@ -336,30 +236,36 @@ class TrainConfig:
     and what it is given (`multiscale`: the features of every scale the run extracted, side by
     side, else the first scale's; `pool_views`: one model per fold trained on every view's rows,
     else one per view; `tta`: each model scores every view; `temperature`: a temperature fitted on
-    the out-of-fold predictions calibrates the ensemble). None takes the head kind's default."""
+    the out-of-fold predictions calibrates the ensemble). None takes the head kind's default
+    (its registry entry's `recipe`)."""
 
-    folds: int = 5
-    seed: int = 0
-    head: str = DEFAULT_HEAD
-    multiscale: bool | None = None
-    pool_views: bool | None = None
-    tta: bool | None = None
-    temperature: bool | None = None
+    folds: int = option(5, "--folds", "cross-validation folds (default 5)", whole(2, MAX_FOLDS))
+    seed: int = option(0, "--seed", "seed of the folds and of head training (default 0)", _seed_rule())
+    head: str = option(DEFAULT_HEAD, "--head", _head_help, choice(head_kinds))
+    multiscale: bool | None = option(None, "--multiscale", "give the heads the features of every extracted "
+                                                           "scale side by side", boolean(), group=VIEWS_GROUP)
+    pool_views: bool | None = option(None, "--pool-views", "one model per fold trained on the rows of every "
+                                                           "view, not one per view", boolean(), group=VIEWS_GROUP)
+    tta: bool | None = option(None, "--tta", "each model scores every view of an image and averages "
+                                             "(test-time augmentation)", boolean(), group=VIEWS_GROUP)
+    temperature: bool | None = option(None, "--temperature", "calibrate the ensemble with a temperature fitted "
+                                                             "on out-of-fold predictions", boolean(),
+                                      group=VIEWS_GROUP)
     options: Any = None
 
     def __post_init__(self) -> None:
-        _check_train({"folds": self.folds, "seed": self.seed, "head": self.head,
-                      **{k: True for k in RECIPE_KEYS}}, _nowhere)
-        for key, default in RECIPE_DEFAULTS[self.head].items():
+        check = Checker(_nowhere, flags_of(TrainConfig))
+        check.choice("head", self.head, head_kinds())
+        entry = heads.get(self.head)
+        for key, default in entry.recipe.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, default)
-        _check_train({"folds": self.folds, "seed": self.seed, "head": self.head,
-                      **{k: getattr(self, k) for k in RECIPE_KEYS}}, _nowhere)
-        cls = HEAD_OPTIONS[self.head].cls
+        check_values(TrainConfig, {f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
         if self.options is None:
-            object.__setattr__(self, "options", cls())
-        if not isinstance(self.options, cls):
-            raise UserError(f"The options of --head {self.head} must be a {cls.__name__}, not {self.options!r}.")
+            object.__setattr__(self, "options", entry.options())
+        if not isinstance(self.options, entry.options):
+            raise UserError(f"The options of --head {self.head} must be a {entry.options.__name__}, "
+                            f"not {self.options!r}.")
 
     def to_json(self) -> dict:
         """A flat dict: folds, seed, head, how views are used, and the head's options."""
@@ -373,25 +279,6 @@ class TrainConfig:
         return _train_from(_section(obj, source), lambda key: source)
 
 
-def _check_engine(v: dict, where: Where) -> None:
-    check = _Checker(where, _FLAGS)
-    check.choice("engine", v["engine"], ENGINES)
-    if v["engine"] == "local":
-        given = [k for k in ("ray_address", "actors", "gpus_per_actor", "cpus_per_actor") if v[k] is not None]
-        if given:
-            raise check.fail(given[0], v[given[0]], "is a Ray option: add --engine ray, or leave it out")
-    if v["ray_address"] is not None and (not isinstance(v["ray_address"], str) or not v["ray_address"].strip()):
-        raise check.fail("ray_address", v["ray_address"],
-                         "must be a Ray cluster address such as 10.0.0.5:6379 or ray://head:10001")
-    if v["actors"] is not None:
-        check.whole("actors", v["actors"], 1)
-    if v["gpus_per_actor"] is not None and check.real("gpus_per_actor", v["gpus_per_actor"]) < 0:
-        raise check.fail("gpus_per_actor", v["gpus_per_actor"],
-                         "is out of range: it must be 0 (CPU actors) or more (0.5 puts two actors on a GPU)")
-    if v["cpus_per_actor"] is not None and check.real("cpus_per_actor", v["cpus_per_actor"]) <= 0:
-        raise check.fail("cpus_per_actor", v["cpus_per_actor"], "is out of range: it must be above 0")
-
-
 @dataclass(frozen=True)
 class EngineConfig:
     """Where features are computed: in this process (local) or by a pool of actors on a Ray cluster.
@@ -402,21 +289,32 @@ class EngineConfig:
     None means 1 when the cluster has GPUs, else 0; `cpus_per_actor` None means 1.
     """
 
-    engine: str = "local"
-    ray_address: str | None = None
-    actors: int | None = None
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float | None = None
+    engine: str = option("local", "--engine", "where features are computed: local (default, this process) or ray "
+                                              "(a Ray cluster; needs `pip install 'transfer_ensemble[ray]'`)",
+                         choice(ENGINES))
+    ray_address: str | None = option(None, "--ray-address", "Ray cluster to use with --engine ray (default: "
+                                                             "$RAY_ADDRESS, else a local Ray started for this run)",
+                                     Rule("text", _check_ray_address), owner="ray", owner_key="engine",
+                                     optional=True)
+    actors: int | None = option(None, "--actors", "actors holding the models (default: one per GPU of the "
+                                                  "cluster, else 1)", whole(1), owner="ray", owner_key="engine",
+                                optional=True)
+    gpus_per_actor: float | None = option(None, "--gpus-per-actor", "GPUs each actor reserves (default: 1 when "
+                                                                    "the cluster has GPUs, else 0)",
+                                          real(0, allowed="0 (CPU actors) or more (0.5 puts two actors on a GPU)"),
+                                          owner="ray", owner_key="engine", optional=True)
+    cpus_per_actor: float | None = option(None, "--cpus-per-actor", "CPUs each actor reserves (default 1)",
+                                          real(0, above=True), owner="ray", owner_key="engine", optional=True)
 
     def __post_init__(self) -> None:
-        _check_engine({f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
+        check_values(EngineConfig, {f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
 
     @classmethod
     def from_flags(cls, values: dict) -> "EngineConfig":
         """From command-line values (None where a flag was not given); refusals name the flag."""
         given = {k: v for k, v in values.items() if v is not None}
         merged_values = {f.name: given.get(f.name, f.default) for f in fields(cls)}
-        _check_engine(merged_values, lambda key: COMMAND_LINE)
+        check_values(cls, merged_values, lambda key: COMMAND_LINE)
         return cls(**merged_values)
 
 
@@ -427,14 +325,25 @@ def engine_config(engine: "str | EngineConfig | None") -> EngineConfig:
     return EngineConfig() if engine is None else EngineConfig(engine=engine)
 
 
-def merged(cls, saved: dict | None, overrides: dict, source: str = "config.json", head_from_saved: bool = True):
-    """`cls` from `overrides` (flags; None means not given) over `saved` (from `source`) over defaults.
+def option_names(cls: type) -> tuple[str, ...]:
+    """The keys `merged` accepts for `cls` (a TrainConfig's include every head kind's options)."""
+    names = tuple(name for name, _, _ in declared(cls))
+    return names + tuple(head_option_owners()) if cls is TrainConfig else names
 
-    A refused value is reported as coming from the command line when a flag gave it, else from `source`.
-    For a TrainConfig, saved options of another head kind than the one trained are not used (only
-    the folds and the seed carry over), and with `head_from_saved` false the head is the one given,
-    else DEFAULT_HEAD (a bare `train` trains the default head with the run's folds and seed).
+
+def merged(cls, saved: dict | None, overrides: dict, source: str = "config.json", head_from_saved: bool = True):
+    """`cls` from `overrides` (None means not given) over `saved` (from `source`) over defaults.
+
+    `overrides` is an options.Overrides saying where it came from (the command line, or a Python
+    call such as ``workflow.train(..., overrides)``); a plain dict is taken as the command line.
+    A key that is no option is refused, naming the close match. A refused value is reported as
+    coming from there when given, else from `source`. For a TrainConfig, saved options of another
+    head kind than the one trained are not used (only the folds and the seed carry over), and with
+    `head_from_saved` false the head is the one given, else DEFAULT_HEAD (a bare `train` trains the
+    default head with the run's folds and seed).
     """
+    origin = getattr(overrides, "origin", COMMAND_LINE)
+    refuse_unknown(overrides, option_names(cls), origin)
     given = {k: v for k, v in overrides.items() if v is not None}
     saved = {} if saved is None else _section(saved, source)
     if cls is TrainConfig:
@@ -445,7 +354,7 @@ def merged(cls, saved: dict | None, overrides: dict, source: str = "config.json"
     values = {**saved, **given}
 
     def where(key: str) -> str:
-        return COMMAND_LINE if key in given else source
+        return origin if key in given else source
 
     if cls is ExtractConfig:
         return _extract_from(values, where)

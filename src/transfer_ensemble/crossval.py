@@ -34,7 +34,7 @@ def _file_sha256(path: Path) -> str | None:
         return None
 
 
-def _write_done(files: FoldFiles, view: str, fold: int, kind: heads.HeadKind, test_identity: str) -> None:
+def _write_done(files: FoldFiles, view: str, fold: int, kind: heads.HeadEntry, test_identity: str) -> None:
     """Mark a fold complete: the model it saved (by hash) and the test features it predicted."""
     write_json(files.done, {"fold": fold, "view": view, "test_features": test_identity,
                             "model_sha256": _file_sha256(files.model(kind.suffix))})
@@ -73,7 +73,7 @@ def _prepare_recipe(run: RunFolder, recipe: Recipe) -> None:
     run.write_recipe(recipe)
 
 
-def _fold_state(files: FoldFiles, kind: heads.HeadKind, val_idx: np.ndarray, n_test: int, n_classes: int,
+def _fold_state(files: FoldFiles, kind: heads.HeadEntry, val_idx: np.ndarray, n_test: int, n_classes: int,
                 test_identity: str) -> tuple[str, str]:
     """("done" | "predict" | "train", why): what a fold needs."""
     if not files.done.exists():
@@ -141,7 +141,7 @@ def train_recipe(run: RunFolder, recipe: Recipe, features: dict[str, dict[str, n
     return oof
 
 
-def _train_fold(recipe: Recipe, kind: heads.HeadKind, group: str, fold: int,
+def _train_fold(recipe: Recipe, kind: heads.HeadEntry, group: str, fold: int,
                 features: dict[str, dict[str, np.ndarray]], labels: np.ndarray, assignment: np.ndarray,
                 n_classes: int, test_identity: str) -> None:
     files = recipe.fold(group, fold)
@@ -150,25 +150,23 @@ def _train_fold(recipe: Recipe, kind: heads.HeadKind, group: str, fold: int,
     train_idx = np.flatnonzero(assignment != fold)
     val_idx = np.flatnonzero(assignment == fold)
     views = recipe.train_views(group)
-    model, history = kind.fit([features[v]["train"][train_idx] for v in views], labels[train_idx],
-                              [features[v]["train"][val_idx] for v in views], labels[val_idx], n_classes,
-                              recipe.config.options, fold_seed(recipe.config.seed, group, fold))
+    model = kind.create(recipe.config.options, n_classes)
+    report = model.fit([features[v]["train"][train_idx] for v in views], labels[train_idx],
+                       [features[v]["train"][val_idx] for v in views], labels[val_idx],
+                       fold_seed(recipe.config.seed, group, fold))
     scored = recipe.scored_views(group)
     val_pred = heads.score(kind, model, {v: features[v]["train"][val_idx] for v in scored}, scored)
-    history["fold"] = fold
-    history["view"] = group
-    history["fold_score"] = ensemble.score(labels[val_idx], val_pred)
+    history = {**report.to_json(), "fold": fold, "view": group,
+               "fold_score": ensemble.score(labels[val_idx], val_pred)}
     with atomic_path(files.model(kind.suffix), suffix=kind.suffix) as tmp:
-        kind.save(model, tmp)
+        model.save(tmp)
     write_npy(files.val_index, val_idx)
     write_npy(files.val_pred, val_pred)
     write_npy(files.test_pred, heads.score(kind, model, {v: features[v]["test"] for v in scored}, scored))
     write_json(files.history, history)
     _write_done(files, group, fold, kind, test_identity)
-    chosen = f"C {history['C']}" if "C" in history else \
-        f"best epoch {history.get('best_epoch', '-')} of {history.get('epochs_run', '-')}"
     log.info("%s fold %d: val log loss %.4f, accuracy %.3f, %s", group, fold,
-             history["fold_score"]["log_loss"], history["fold_score"]["accuracy"], chosen)
+             history["fold_score"]["log_loss"], history["fold_score"]["accuracy"], report.summary)
 
 
 def oof_probabilities(recipe: Recipe, n: int, n_classes: int) -> np.ndarray:
@@ -182,18 +180,21 @@ def oof_metrics(recipe: Recipe, oof: dict[str, np.ndarray], labels: np.ndarray) 
     table = {"per_fold": [], "per_view": {}, "ensemble": None}
     for view, fold in recipe.jobs:
         history = load_json(recipe.fold(view, fold).history)
+        report = heads.FitReport.from_history(history)
         table["per_fold"].append({"view": view, "fold": fold, **history["fold_score"],
-                                  "best_epoch": history.get("best_epoch"), "C": history.get("C")})
+                                  "summary": report.summary, "chosen": report.chosen})
     for group in recipe.groups:
         table["per_view"][group] = ensemble.score(labels, oof[group])
     table["ensemble"] = ensemble.score(labels, ensemble.combine({group: [oof[group]] for group in recipe.groups}))
     return table
 
 
-def training_warnings(name: str, oof_log_loss: float, n_classes: int, histories: list[dict],
-                      epochs: int | None) -> list[str]:
+def training_warnings(name: str, oof_log_loss: float, n_classes: int,
+                      reports: "list[heads.FitReport | dict]", epochs: int | None) -> list[str]:
     """What a user should know about a finished recipe: heads that learned nothing, or that every
-    fold model was stopped by the epoch cap rather than by early stopping."""
+    fold model was stopped by the epoch cap rather than by early stopping. `reports`: each fold
+    model's FitReport (or its history.json)."""
+    reports = [r if isinstance(r, heads.FitReport) else heads.FitReport.from_history(r) for r in reports]
     out = []
     chance = math.log(n_classes) if n_classes > 1 else 0.0
     if n_classes > 1 and oof_log_loss >= 0.95 * chance:
@@ -202,7 +203,7 @@ def training_warnings(name: str, oof_log_loss: float, n_classes: int, histories:
                    f"frequencies scores. Check the labels and the features (--weights random gives "
                    f"meaningless ones)"
                    + (", or train longer (--epochs) or faster (--learning-rate)." if epochs is not None else "."))
-    if histories and epochs is not None and all(h.get("epochs_run") == epochs for h in histories):
+    if reports and epochs is not None and all(r.epochs_run == epochs for r in reports):
         out.append(f"Every fold model of recipe {name} ran all {epochs} epochs: early stopping never "
                    f"stopped one, so the validation loss may still have been falling. Raise --epochs.")
     return out

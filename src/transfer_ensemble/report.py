@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from transfer_ensemble import crossval, images
+from transfer_ensemble.heads import FitReport
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import Blend, DamagedFile, Recipe, RecipeStatus, RunFolder, load_json
 from transfer_ensemble.storage import write_atomic
@@ -53,7 +54,7 @@ class RunRecord:
     data_root: Path
     train_paths: list[Path]
     labels: np.ndarray
-    histories: dict[str, list[dict]]
+    histories: dict[str, list[FitReport]]
     oof: np.ndarray
     n_test: int
 
@@ -71,8 +72,8 @@ def load_record(run: RunFolder, heads_name: str | None = None) -> RunRecord:
         recipe = run.select_recipe(recipe.parts[int(np.argmax(recipe.weights))], "report")
     fix = f"Run `transfer-ensemble train --run {run.path} --heads {recipe.name}` to repair it"
     try:
-        histories = {group: [load_json(recipe.fold(group, fold).history) for fold in range(recipe.config.folds)]
-                     for group in recipe.groups}
+        histories = {group: [FitReport.from_history(load_json(recipe.fold(group, fold).history))
+                             for fold in range(recipe.config.folds)] for group in recipe.groups}
         n = len(run_data.dataset.train)
         oof = crossval.oof_probabilities(recipe, n, len(run_data.dataset.classes))
     except DamagedFile as exc:
@@ -145,12 +146,12 @@ def _search_section(record: RunRecord) -> Section:
     rows = []
     for group, histories in record.histories.items():
         for fold, history in enumerate(histories):
-            curve = history.get("inner_log_loss") or {}
+            curve = history.search
             if curve:
                 cs = [float(c) for c in curve]
                 ax.plot(cs, list(curve.values()), marker="o", markersize=3, label=f"{group}, fold {fold}")
-            rows.append([f"{group}, fold {fold}", history.get("C"), history.get("iterations"),
-                         min(curve.values()) if curve else history.get("inner_search", "")])
+            rows.append([f"{group}, fold {fold}", history.chosen.get("C"), history.iterations,
+                         min(curve.values()) if curve else history.note])
     ax.set_xscale("log")
     ax.set_xlabel("C (inverse L2 strength)", fontsize=8)
     ax.set_ylabel("held-out log loss", fontsize=8)
@@ -164,10 +165,18 @@ def _search_section(record: RunRecord) -> Section:
     return Section("loss", "Regularisation search", body, [("inner_search.png", png)])
 
 
+def _fits_section(record: RunRecord) -> Section:
+    """What each fold model's training chose, for a kind of head with no curves to plot."""
+    rows = [[f"{group}, fold {fold}", report.summary] for group, reports in record.histories.items()
+            for fold, report in enumerate(reports)]
+    return Section("loss", "Fold models", "<p>What training chose for each fold model.</p>\n"
+                   + _table(["model", "chosen by training"], rows, 2), [])
+
+
 def _loss_section(record: RunRecord) -> Section:
     first = next(iter(record.histories.values()))
-    if "loss" not in first[0]:
-        return _search_section(record)
+    if not first[0].curves.get("loss"):
+        return _search_section(record) if first[0].search or "C" in first[0].chosen else _fits_section(record)
     groups = list(record.histories)
     folds = len(first)
     columns = min(folds, 5)
@@ -178,12 +187,12 @@ def _loss_section(record: RunRecord) -> Section:
     for v, view in enumerate(groups):
         for fold, history in enumerate(record.histories[view]):
             ax = axes[v * blocks + fold // columns][fold % columns]
-            epochs = np.arange(1, len(history["loss"]) + 1)
-            ax.plot(epochs, history["loss"], color=TRAIN_COLOR, label="training loss")
-            ax.plot(epochs, history["val_loss"], color=VAL_COLOR, label="validation loss")
-            best = int(history["best_epoch"])
+            epochs = np.arange(1, len(history.curves["loss"]) + 1)
+            ax.plot(epochs, history.curves["loss"], color=TRAIN_COLOR, label="training loss")
+            ax.plot(epochs, history.curves["val_loss"], color=VAL_COLOR, label="validation loss")
+            best = int(history.best_epoch)
             ax.axvline(best, color="0.4", linestyle="--", linewidth=1, label="early-stopping epoch")
-            ax.plot([best], [history["val_loss"][best - 1]], "o", color=VAL_COLOR)
+            ax.plot([best], [history.curves["val_loss"][best - 1]], "o", color=VAL_COLOR)
             ax.set_title(f"{view}, fold {fold}: best epoch {best}", fontsize=9)
             ax.tick_params(labelsize=8)
             ax.ticklabel_format(axis="y", useOffset=False)
@@ -237,9 +246,9 @@ def _options_text(status: RecipeStatus) -> str:
         text = "blend of " + ", ".join(f"{name} x {w:.2f}" for name, w in zip(recipe.parts, recipe.weights))
     else:
         text = ", ".join(f"{k} {v}" for k, v in recipe.config.to_json().items())
-        chosen = sorted({str(r["C"]) for r in (metrics.get("oof") or {}).get("per_fold", []) if r.get("C")})
-        if chosen:
-            text += f"; chosen C {', '.join(chosen)}"
+        rows = [FitReport.from_history(r) for r in (metrics.get("oof") or {}).get("per_fold", [])]
+        for key in dict.fromkeys(k for r in rows for k in r.chosen):
+            text += f"; chosen {key} {', '.join(sorted({str(r.chosen[key]) for r in rows if key in r.chosen}))}"
     if "calibration" in metrics:
         text += f"; temperature {metrics['calibration']['temperature']:.3f}"
     return text
@@ -269,7 +278,7 @@ def _scores_section(record: RunRecord) -> Section:
              for view, s in oof["per_view"].items()]
     e = oof["ensemble"]
     rows.append(["ensemble (OOF)", e["n"], "", e["log_loss"], e["accuracy"]])
-    table = _table(["model", "images", "best epoch or C", "log loss", "accuracy"], rows)
+    table = _table(["model", "images", "chosen by training", "log loss", "accuracy"], rows)
     body = ("<p>Each fold model scored on its own validation fold; then each model group's out-of-fold "
             "(OOF) predictions over all training images, and their ensemble, which is how the "
             "submission combines them. Lower log loss is better.</p>\n" + table)
@@ -291,9 +300,8 @@ def _scores_section(record: RunRecord) -> Section:
 
 
 def _chosen(row: dict) -> str:
-    if row.get("best_epoch") is not None:
-        return str(row["best_epoch"])
-    return f"C {row['C']}" if row.get("C") is not None else ""
+    """A metrics.json per-fold row's summary of what training chose (old rows: from their keys)."""
+    return FitReport.from_history(row).summary
 
 
 def calibration(probabilities: np.ndarray, labels: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:

@@ -16,6 +16,8 @@ from transfer_ensemble import ensemble, images, submission
 from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, merged
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.errors import UserError
+from transfer_ensemble.heads import FitReport
+from transfer_ensemble.options import python_overrides
 from transfer_ensemble.runfolder import (SPLITS, VIEWS, Blend, DamagedFile, Recipe, RunData, RunFolder,
                                          blend_name, labels_digest, load_json, source_key)
 from transfer_ensemble.storage import disk_errors, write_json
@@ -125,9 +127,14 @@ def _check_classes_left(dataset: Dataset, bad_train: list[tuple[Item, str]]) -> 
         )
 
 
-def train_config_for(run: RunFolder, overrides: dict | None = None, heads: str | None = None) -> TrainConfig:
+def train_config_for(run: RunFolder, overrides: "dict | TrainConfig | None" = None,
+                     heads: str | None = None) -> TrainConfig:
     """`train`'s options: those of the recipe `heads`, else the run's last ones (the folds and the
-    seed, and the head's options if it is the same head), with the options given on top."""
+    seed, and the head's options if it is the same head), with the options given on top; or
+    `overrides` itself when it is a complete TrainConfig."""
+    if isinstance(overrides, TrainConfig):
+        return overrides
+    overrides = python_overrides(overrides, "workflow.train(..., overrides)")
     if heads is None:
         return run.train_config(overrides)
     match = [r for r in run.recipes() if r.name == heads]
@@ -135,11 +142,12 @@ def train_config_for(run: RunFolder, overrides: dict | None = None, heads: str |
         known = ", ".join(r.name for r in run.recipes()) or "none yet"
         raise UserError(f"--heads {heads!r}: the run {run.path} has no such head recipe (it has: {known}). "
                         f"Pass one of those names, or give the head options themselves.")
-    return merged(TrainConfig, match[0].config.to_json(), overrides or {}, source=str(match[0].record_path))
+    return merged(TrainConfig, match[0].config.to_json(), overrides, source=str(match[0].record_path))
 
 
-def train(run_dir: str | Path, overrides: dict | None = None, heads: str | None = None) -> dict:
-    """Train (or finish) one head recipe: the run's recorded options with `overrides` on top.
+def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None, heads: str | None = None) -> dict:
+    """Train (or finish) one head recipe: the run's recorded options with `overrides` on top (a
+    dict of option names, e.g. ``{"folds": 3}``; an unknown name is refused), or a TrainConfig.
 
     Other recipes trained on the run are kept beside it. Returns the recipe's name and metrics
     and every recipe's status.
@@ -171,7 +179,7 @@ def train(run_dir: str | Path, overrides: dict | None = None, heads: str | None 
                 metrics["calibration"]["holdout_before"] = \
                     _holdout_metrics(run, recipe, run_data, inputs["test"], 1.0)["ensemble"]
                 metrics["calibration"]["holdout_after"] = metrics["holdout"]["ensemble"]
-        histories = [load_json(recipe.fold(*job).history) for job in recipe.jobs]
+        histories = [FitReport.from_history(load_json(recipe.fold(*job).history)) for job in recipe.jobs]
         metrics["warnings"] = training_warnings(recipe.name, metrics["oof"]["ensemble"]["log_loss"],
                                                 len(dataset.classes), histories,
                                                 getattr(config.options, "epochs", None))
