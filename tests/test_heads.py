@@ -216,3 +216,45 @@ def test_real_xception_features_beat_chance_with_the_default(dogs3, tmp_path):
     submitted = workflow.submit(run, tmp_path / "sub.csv")
     frame = pd.read_csv(submitted["submission"])
     assert len(frame) == 4 and np.allclose(frame.iloc[:, 1:].sum(axis=1), 1, atol=1e-6)
+
+
+# ---- a head kind registered from outside the package ---------------------------------------------
+
+@pytest.fixture
+def knn_head():
+    """Any scikit-learn classifier is a head in one line (heads.sklearn); registered for this test only."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from transfer_ensemble.heads.sklearn import sklearn_head
+
+    entry = heads.register(sklearn_head("knn", lambda: KNeighborsClassifier(3)))
+    yield entry
+    heads.unregister("knn")
+
+
+def test_the_sklearn_adapter_saves_loads_and_fills_absent_classes(knn_head, tmp_path):
+    x, y = _blobs(k=4)
+    keep = y != 1
+    model = knn_head.create(n_classes=4)
+    report = model.fit([x[keep], x[keep][:, ::-1]], y[keep], [x[:4]], y[:4], 0)
+    assert report.summary == "KNeighborsClassifier"
+    p = model.predict_proba(x)
+    assert p.shape == (len(x), 4) and p[:, 1].max() == 0 and np.allclose(p.sum(axis=1), 1)
+    model.save(tmp_path / f"model{knn_head.suffix}")
+    np.testing.assert_array_equal(knn_head.load(tmp_path / f"model{knn_head.suffix}").predict_proba(x), p)
+
+
+@pytest.mark.slow
+def test_a_registered_toy_head_trains_reports_and_submits_a_recipe(knn_head, tmp_path):
+    data = make_kaggle(tmp_path / "data", n_classes=3, per_class=4, n_test=3)
+    run = tmp_path / "run"
+    workflow.extract(data, run, ExtractConfig(backbones=("mobilenet_v2",), weights="random", image_size=32,
+                                              batch_size=8, scales=(1.0,)))
+    result = workflow.train(run, {"head": "knn", "folds": 2})
+    assert result["recipe"] == "knn-folds2"
+    rows = result["metrics"]["oof"]["per_fold"]
+    assert [r["summary"] for r in rows] == ["KNeighborsClassifier"] * 2 and "calibration" in result["metrics"]
+    assert (run / "heads" / "knn-folds2" / "pooled" / "fold0" / "model.pkl").exists()
+    frame = pd.read_csv(workflow.submit(run, tmp_path / "sub.csv")["submission"])
+    assert len(frame) == 3 and np.allclose(frame.iloc[:, 1:].sum(axis=1), 1, atol=1e-6)
+    assert "Fold models" in (run / "report.html").read_text()

@@ -48,6 +48,12 @@ def head_kinds() -> tuple[str, ...]:
     return heads.names()
 
 
+def __getattr__(name: str) -> Any:
+    if name == "HEAD_KINDS":  # the tuple callers used before the registry was the only list
+        return heads.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _seed_rule() -> Rule:
     return whole(0, MAX_SEED, " (each fold's seed is seed*1000 + view*100 + fold, and it must fit in 32 bits)")
 
@@ -327,7 +333,7 @@ def engine_config(engine: "str | EngineConfig | None") -> EngineConfig:
 
 def option_names(cls: type) -> tuple[str, ...]:
     """The keys `merged` accepts for `cls` (a TrainConfig's include every head kind's options)."""
-    names = tuple(name for name, _, _ in declared(cls))
+    names = tuple(f.name for f in fields(cls) if f.name != "options")
     return names + tuple(head_option_owners()) if cls is TrainConfig else names
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from transfer_ensemble import ensemble, images, submission
-from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, merged
+from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, merged, option_names
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
-from transfer_ensemble.options import python_overrides
+from transfer_ensemble.options import python_overrides, refuse_unknown
 from transfer_ensemble.runfolder import (SPLITS, VIEWS, Blend, DamagedFile, Recipe, RunData, RunFolder,
                                          blend_name, labels_digest, load_json, source_key)
 from transfer_ensemble.storage import disk_errors, write_json
@@ -152,6 +152,9 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None, he
     Other recipes trained on the run are kept beside it. Returns the recipe's name and metrics
     and every recipe's status.
     """
+    if not isinstance(overrides, TrainConfig):
+        overrides = python_overrides(overrides, "workflow.train(..., overrides)")
+        refuse_unknown(overrides, option_names(TrainConfig), overrides.origin)
     run = RunFolder.existing(run_dir, "train")
     with run.lock(), disk_errors(run.path):
         config = train_config_for(run, overrides, heads)
