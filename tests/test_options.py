@@ -7,6 +7,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from transfer_ensemble import cli, heads, workflow
@@ -63,14 +64,30 @@ class _EpochOptions:
     neighbours: int = option(3, "--neighbours", "neighbours of the toy head", whole(1))
 
 
+class _Centroids:
+    """A scikit-learn-style classifier (fit, predict, classes_), kept tiny so this file needs no sklearn import."""
+
+    def fit(self, x, y):
+        self.classes_ = np.unique(y)
+        self.centres_ = np.stack([x[y == c].mean(axis=0) for c in self.classes_])
+        return self
+
+    def predict(self, x):
+        return self.classes_[np.argmin(((x[:, None] - self.centres_[None]) ** 2).sum(axis=2), axis=1)]
+
+
 @pytest.fixture
 def toy_head():
-    from sklearn.neighbors import KNeighborsClassifier
-
-    entry = heads.register(sklearn_head("toy", lambda epochs, neighbours: KNeighborsClassifier(neighbours),
-                                        _EpochOptions))
+    entry = heads.register(sklearn_head("toy", lambda epochs, neighbours: _Centroids(), _EpochOptions))
     yield entry
     heads.unregister("toy")
+
+
+def test_a_classifier_without_predict_proba_is_a_head(toy_head):
+    x = np.array([[0.0, 0], [0, 1], [5, 5], [5, 6]], dtype=np.float32)
+    model = toy_head.create(_EpochOptions(), n_classes=3)
+    assert model.fit([x], np.array([0, 0, 2, 2]), [x[:1]], np.array([0]), 0).summary == "_Centroids"
+    np.testing.assert_array_equal(model.predict_proba(x[[0, 3]]), [[1, 0, 0], [0, 0, 1]])
 
 
 def test_two_heads_may_own_an_option_of_the_same_name(toy_head):
