@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
-from transfer_ensemble import backbones
+from transfer_ensemble import backbones, engines
 from transfer_ensemble.errors import UserError
 
 MAX_SEED: int = 2**32 // 1000 - 1  # per-fold seeds are seed*1000 + view*100 + fold and must stay < 2**32
@@ -26,7 +26,7 @@ DEFAULT_SCALES = (1.0, 1.5)
 """The input sizes features are extracted at, as multiples of --image-size (or of each backbone's
 native size): the second scale lowered out-of-fold log loss by about 12% on fashion10 (README)."""
 SCALE_RANGE = (0.25, 4.0)
-ENGINES = ("local", "ray")
+ENGINES = engines.NAMES
 MAX_PIXELS = 178_956_970
 """Default cap on an image's pixels (Pillow's decompression-bomb limit)."""
 
