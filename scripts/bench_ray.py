@@ -80,7 +80,7 @@ def main() -> None:
 
         import ray
 
-        from transfer_ensemble import ray_engine
+        from transfer_ensemble.engines import ray as ray_engine
 
         start = time.perf_counter()
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,

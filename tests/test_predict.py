@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pandas as pd
 import pytest
 
 from conftest import FAST_EXTRACT, FAST_TRAIN, draw, make_kaggle, run_cli, save_rgb
-from transfer_ensemble import ensemble, images, predict
+from transfer_ensemble import ensemble, images, predict, storage
+from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import RunFolder
 
 pytestmark = pytest.mark.slow  # every test uses the module's trained run (the CLI in a subprocess)
@@ -179,3 +181,43 @@ def test_train_wrote_the_report(trained):
     for section in SECTIONS:
         assert f'<section id="{section}">' in page
     assert len(list((run / "report").glob("*.png"))) >= 4
+
+
+def test_a_second_predict_of_the_same_images_is_told_to_wait_or_use_another_cache(trained, tmp_path):
+    _, run, _ = trained
+    rng = np.random.default_rng(5)
+    paths = [tmp_path / "same" / f"img{i}.png" for i in range(2)]
+    for i, path in enumerate(paths):
+        save_rgb(path, draw(i, rng))
+    cache = RunFolder(run).predict_cache(predict.check_images(paths), tmp_path / "cache")
+    scorer = predict.Run.load(run)
+    with storage.run_lock(cache.folder):  # the first predict, still scoring these images
+        with pytest.raises(UserError) as refused:
+            scorer.predict(paths, cache_dir=tmp_path / "cache")
+    message = str(refused.value)
+    assert "Another predict" in message and "the same images" in message and "--cache-dir" in message
+    assert "--run folder" not in message
+    assert scorer.predict(paths, cache_dir=tmp_path / "cache").shape == (2, len(scorer.classes))
+
+
+def test_train_reads_the_datasets_records_and_hashes_each_store_once(trained, tmp_path, monkeypatch):
+    """One `train` (here finishing an already trained recipe, with its report) builds the run's
+    state once: dataset.json read once, each store's keys.json once, not once per statuses()."""
+    from transfer_ensemble import runfolder, workflow
+
+    _, run, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    reads: list[Path] = []
+    real = runfolder.load_json
+
+    def counting(path, *args, **kwargs):
+        reads.append(Path(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(runfolder, "load_json", counting)
+    result = workflow.train(copy, heads=RunFolder(copy).read_config()["heads"])
+    assert [s.state for s in result["recipes"]] == ["current"]
+    keys = sorted(p for p in reads if p.name == "keys.json")
+    assert len(keys) == 4 and len(set(keys)) == 4, keys  # 2 backbones x (train, test), one scale
+    assert [p for p in reads if p.name == "dataset.json"] == [copy / "dataset.json"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pandas as pd
 import pytest
 
 from conftest import FAST_EXTRACT, FAST_TRAIN, draw, make_kaggle, run_cli, save_rgb
-from transfer_ensemble import ray_engine
+from transfer_ensemble.engines import ray as ray_engine
 from transfer_ensemble.config import EngineConfig
 from transfer_ensemble.errors import UserError
 
@@ -134,6 +135,39 @@ def test_an_unreachable_ray_address_is_refused_quickly():
         ray_engine.check_address("127.0.0.1:1")
     with pytest.raises(UserError, match=r"--ray-address 'nowhere' is not a Ray address of the form host:port"):
         ray_engine.check_address("nowhere")
+
+
+def test_an_address_from_RAY_ADDRESS_is_blamed_on_the_variable_not_the_flag(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "garbage")
+    with pytest.raises(UserError) as refused:
+        ray_engine.check_address(*ray_engine.address_of(EngineConfig(engine="ray")))
+    assert "RAY_ADDRESS 'garbage' is not a Ray address" in str(refused.value)
+    assert "--ray-address 'garbage'" not in str(refused.value)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(UserError, match=r"The Ray cluster at '127\.0\.0\.1:1' \(from RAY_ADDRESS\) cannot be reached"):
+        ray_engine.check_address(*ray_engine.address_of(EngineConfig(engine="ray")))
+    flag = EngineConfig(engine="ray", ray_address="nowhere")
+    assert ray_engine.address_of(flag) == ("nowhere", "--ray-address")
+
+
+@pytest.mark.slow
+def test_the_cli_names_RAY_ADDRESS_when_the_bad_address_came_from_it(kaggle_data, tmp_path):
+    result = run_cli("extract", "--data", str(kaggle_data), "--run", str(tmp_path / "run"), *FAST_EXTRACT,
+                     "--engine", "ray", env={"RAY_ADDRESS": "garbage"})
+    assert result.returncode == 2, result.stderr
+    assert "error: RAY_ADDRESS 'garbage' is not a Ray address" in result.stderr
+    assert "--ray-address 'garbage'" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_the_registry_is_the_list_of_engines_and_imports_ray_only_when_used():
+    from transfer_ensemble import config, engines
+
+    assert config.ENGINES == engines.NAMES == ("local", "ray")
+    code = ("import sys; from transfer_ensemble import engines, predict, workflow; "
+            "from transfer_ensemble.config import EngineConfig; "
+            "e = engines.get(EngineConfig()); print(type(e).__name__, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["LocalEngine", "False"]
 
 
 @pytest.mark.slow

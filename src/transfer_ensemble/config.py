@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from transfer_ensemble import backbones, heads
+from transfer_ensemble import backbones, engines, heads
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import LinearOptions, SeedOptions  # noqa: F401  (their options, for callers)
 from transfer_ensemble.options import (
@@ -33,7 +33,7 @@ DEFAULT_SCALES = (1.0, 1.5)
 """The input sizes features are extracted at, as multiples of --image-size (or of each backbone's
 native size): the second scale lowered out-of-fold log loss by about 12% on fashion10 (README)."""
 SCALE_RANGE = (0.25, 4.0)
-ENGINES = ("local", "ray")
+ENGINES = engines.NAMES
 MAX_PIXELS = 178_956_970
 """Default cap on an image's pixels (Pillow's decompression-bomb limit)."""
 RECIPE_KEYS = ("multiscale", "pool_views", "tta", "temperature")

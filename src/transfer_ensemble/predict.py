@@ -15,6 +15,7 @@ content, not recomputed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import csv
@@ -29,13 +30,14 @@ from typing import Iterator, Sequence, TextIO
 import numpy as np
 import pandas as pd
 
-from transfer_ensemble import ensemble, features, heads, images
+from transfer_ensemble import engines, features, images
 from transfer_ensemble.config import MAX_PIXELS, EngineConfig, ExtractConfig, engine_config
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import (PREDICT_SPLIT, SPLITS, VIEWS, Blend, PredictCache, Recipe, RunFolder,
                                          StoreFiles, source_key)
-from transfer_ensemble.storage import atomic_path, run_lock, write_json
+from transfer_ensemble.scoring import Scorer
+from transfer_ensemble.storage import FolderBusy, atomic_path, run_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +52,18 @@ class Run:
 
     folder: RunFolder
     classes: list[str]
-    recipe: Recipe
+    scorer: Scorer
     extract_config: ExtractConfig
-    models: dict[str, list] = field(repr=False)
     extractors: list[features.Extractor] = field(repr=False)  # one per scale the recipe uses
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.scorer.recipe
+
+    @property
+    def models(self) -> dict[str, list]:
+        """The recipe's fold models per group."""
+        return self.scorer.models
 
     @property
     def extractor(self) -> features.Extractor:
@@ -69,12 +79,12 @@ class Run:
         Reads the run folder only: it may be on read-only storage.
         """
         run = RunFolder.existing(run_dir, "predict with")
+        return cls._open(run, _select_recipe(run, heads_name), weights)
+
+    @classmethod
+    def _open(cls, run: RunFolder, recipe: Recipe, weights: str | None) -> "Run":
+        """`load` once the run folder is read and its recipe chosen."""
         saved = run.extract_config()
-        recipe = run.select_recipe(heads_name, "predict")
-        if isinstance(recipe, Blend):
-            raise UserError(f"predict scores with one head recipe, and {recipe.name!r} (the last one trained "
-                            f"on {run.path}) is a blend. Pass --heads with one of its recipes "
-                            f"({', '.join(recipe.parts)}), or --heads best.")
         if weights is None and saved.weights not in ("imagenet", "random") \
                 and not Path(saved.weights).expanduser().is_dir():
             raise UserError(f"The run {run.path} was extracted with the weights in {saved.weights}, which "
@@ -86,7 +96,7 @@ class Run:
         for extractor in extractors:
             _check_feature_identity(run, recipe, extractor, weights_given=weights is not None)
         classes = run.read_run_data().dataset.classes
-        return cls(run, classes, recipe, extract_config, _load_models(run, recipe), extractors)
+        return cls(run, classes, Scorer.load(run, recipe), extract_config, extractors)
 
     @property
     def run_dir(self) -> Path:
@@ -94,7 +104,7 @@ class Run:
 
     @property
     def n_models(self) -> int:
-        return sum(len(m) for m in self.models.values())
+        return self.scorer.n_models
 
     def predict(self, images_or_paths: Sequence[str | os.PathLike | np.ndarray] | np.ndarray,
                 tta: bool = True, batch_size: int | None = None,
@@ -105,8 +115,8 @@ class Run:
         is a batch of them. With `tta` (the default) the models score the views they score in the
         submission; without it, the original view only (the flipped view's models are left out).
         Paths use the on-disk feature stores (under `cache_dir`, default RUN/predict/), arrays
-        are scored in memory, in this process. `engine` "ray" (or an EngineConfig) computes the
-        features of paths and scores them on a Ray cluster (``ray_engine``); "local" or None here.
+        are scored in memory, in this process. `engine` names one of ``engines.ENGINES`` (or is an
+        EngineConfig) to compute the features of paths and score them there; None is "local", here.
         """
         items = list(images_or_paths) if not isinstance(images_or_paths, np.ndarray) \
             else list(images_or_paths) if images_or_paths.ndim == 4 else [images_or_paths]
@@ -118,20 +128,20 @@ class Run:
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise UserError(f"{len(missing)} images do not exist: {_first_few(missing)}.")
-        engine = engine_config(engine)
-        extract_split = _extract_split(engine)
+        where = engines.get(engine_config(engine))
         keys = check_images(paths, self.extract_config.max_pixels)
-        stores, _ = self.extract(paths, keys, batch_size, cache_dir, extract_split)
-        return np.concatenate([p for _, p in self.iter_probabilities(stores, len(paths), tta, engine=engine)])
+        stores, _ = self.extract(paths, keys, batch_size, cache_dir, where)
+        return np.concatenate([p for _, p in self.iter_probabilities(stores, len(paths), tta, engine=where)])
 
     def extract(self, paths: Sequence[Path], keys: Sequence[str], batch_size: int | None = None,
                 cache_dir: str | Path | None = None,
-                extract_split=features.extract_split) -> tuple[list[StoreFiles], dict]:
-        """Compute the missing backbone features of `paths` (absolute; `keys` their content hashes).
+                engine: engines.Engine | None = None) -> tuple[list[StoreFiles], dict]:
+        """Compute the missing backbone features of `paths` (absolute; `keys` their content hashes)
+        with `engine` (``engines.get``; default local).
 
         Returns the stores, one per backbone and scale, and the extraction's counts and timing.
-        `extract_split` is the engine's: ``features.extract_split``, or what ``ray_engine.extractor_for`` gives.
         """
+        engine = engine or engines.get(engine_config(None))
         root = Path(cache_dir).expanduser() if cache_dir is not None else None
         cache = self.folder.predict_cache(keys, root)
         others = [c for c in self.folder.predict_caches(root) if c != cache]
@@ -148,7 +158,7 @@ class Run:
             write_json(cache.images, [str(p) for p in paths])
             for extractor in extractors:
                 key = functools.partial(source_key, scale=extractor.scale)
-                runs.append(extract_split(
+                runs.append(engine.extract_split(
                     extractor, PREDICT_SPLIT, paths, [str(i) for i in range(len(paths))], keys,
                     lambda name: cache.store(key(name)), lambda name: donors(key(name))))
                 stores += [cache.store(key(spec.name)) for spec in extractor.specs]
@@ -159,22 +169,13 @@ class Run:
         return stores, stats
 
     def iter_probabilities(self, stores: Sequence[StoreFiles], n: int, tta: bool = True,
-                           chunk: int = SCORE_CHUNK,
-                           engine: EngineConfig | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, probabilities) for consecutive chunks of the stored features, in row order.
-
-        With a Ray `engine` the chunks are scored by actors holding the heads.
-        """
-        if engine is not None and engine.engine == "ray":
-            from transfer_ensemble import ray_engine
-
-            yield from ray_engine.iter_probabilities(self, stores, n, tta, engine, chunk)
-            return
-        for start in range(0, n, chunk):
-            yield start, score_rows(self.recipe, self.models, stores, start, min(n, start + chunk), tta)
-
-    def _score(self, x: dict[str, np.ndarray]) -> np.ndarray:
-        return _combine(self.recipe, self.models, x)
+                           chunk: int = SCORE_CHUNK, engine: "engines.Engine | str | EngineConfig | None" = None
+                           ) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, probabilities) for consecutive chunks of the stored features, in row order,
+        scored by `engine` (an engine from ``engines.get``, or its name or config; default local)."""
+        if engine is None or isinstance(engine, (str, EngineConfig)):
+            engine = engines.get(engine_config(engine))
+        return engine.score(self.scorer, stores, n, tta, chunk)
 
     def _extractor(self, extractor: features.Extractor, batch_size: int | None) -> features.Extractor:
         if batch_size is None or batch_size == self.extract_config.batch_size:
@@ -198,65 +199,23 @@ class Run:
                 both = extractor.forward(spec, np.stack(pixels))
                 for view in views:
                     parts[view].append(both[view])
-            out.append(self._score({view: np.concatenate(p, axis=1) for view, p in parts.items()}))
+            out.append(self.scorer.combine({view: np.concatenate(p, axis=1) for view, p in parts.items()}))
         return np.concatenate(out)
 
 
-def _extract_split(engine: EngineConfig):
-    """The engine's ``extract_split``; for Ray this connects now, so a bad address fails first."""
-    if engine.engine == "ray":
-        from transfer_ensemble import ray_engine
-
-        return ray_engine.extractor_for(engine)
-    return features.extract_split
-
-
-def _combine(recipe: Recipe, models: dict[str, list], x: dict[str, np.ndarray]) -> np.ndarray:
-    """The recipe's ensemble for the views in `x`: each model scores the views it scores in the
-    submission that `x` has (models of a view not in `x` are left out), then the temperature."""
-    kind = heads.get(recipe.config.head)
-    per_group = {}
-    for group, group_models in models.items():
-        views = [v for v in recipe.scored_views(group) if v in x]
-        if views:
-            per_group[group] = [heads.score(kind, model, x, views) for model in group_models]
-    return ensemble.combine(per_group, recipe.temperature)
-
-
-def score_rows(recipe: Recipe, models: dict[str, list], stores: Sequence[StoreFiles], start: int, stop: int,
-               tta: bool = True) -> np.ndarray:
-    """The recipe's probabilities for rows [start, stop) of the stored features (both views with `tta`)."""
-    views = VIEWS if tta else VIEWS[:1]
-    x = {view: np.concatenate([_read_rows(store.view(view), start, stop) for store in stores], axis=1)
-         for view in views}
-    return _combine(recipe, models, x)
-
-
-def load_recipe_models(run_dir: str | Path, heads_name: str) -> tuple[Recipe, dict[str, list]]:
-    """A run's head recipe `heads_name` and its fold models, without the backbones (for scoring workers)."""
-    run = RunFolder.existing(run_dir, "predict with")
+def _select_recipe(run: RunFolder, heads_name: str | None) -> Recipe:
+    """The recipe predict scores with: one head recipe (a blend is refused)."""
     recipe = run.select_recipe(heads_name, "predict")
-    return recipe, _load_models(run, recipe)
+    if isinstance(recipe, Blend):
+        raise UserError(f"predict scores with one head recipe, and {recipe.name!r} (the last one trained "
+                        f"on {run.path}) is a blend. Pass --heads with one of its recipes "
+                        f"({', '.join(recipe.parts)}), or --heads best.")
+    return recipe
 
 
-def _load_models(run: RunFolder, recipe: Recipe) -> dict[str, list]:
-    """The recipe's fold models per group; a clear error naming a model file that does not load."""
-    kind = heads.get(recipe.config.head)
-    models: dict[str, list] = {group: [] for group in recipe.groups}
-    for view, fold in recipe.jobs:
-        path = recipe.fold(view, fold).model(kind.suffix)
-        try:
-            models[view].append(kind.load(path))
-        except Exception as exc:  # Keras raises many types for a missing or corrupt file.
-            raise UserError(f"The fold model {path} cannot be loaded ({type(exc).__name__}: "
-                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}). "
-                            f"Run `transfer-ensemble train --run {run.path} --heads {recipe.name}`: it "
-                            f"retrains damaged folds.") from None
-    return models
-
-
-def _cache_lock(cache: PredictCache, in_run: bool, run_dir: Path):
-    """The predict cache's own lock; a clear error when its folder cannot be made."""
+def _cache_lock(cache: PredictCache, in_run: bool, run_dir: Path) -> contextlib.AbstractContextManager:
+    """The predict cache's own lock; a clear error when its folder cannot be made (now) or another
+    predict holds it (on entering)."""
     try:
         cache.folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -265,15 +224,21 @@ def _cache_lock(cache: PredictCache, in_run: bool, run_dir: Path):
         hint = (f"The run folder {run_dir} is only read by predict: pass --cache-dir DIR (cache_dir= in "
                 f"Python) with a folder you can write" if in_run else "Pass --cache-dir with a folder you can write")
         raise UserError(f"Cannot create the feature cache {cache.folder}: {why}. {hint}.") from None
-    return run_lock(cache.folder)
+    return _hold_cache_lock(cache)
 
 
-def _read_rows(path: Path, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a stored feature array, mapped only while they are copied out."""
-    array = np.load(path, mmap_mode="r")
-    rows = np.array(array[start:stop], dtype=np.float32)
-    del array
-    return rows
+@contextlib.contextmanager
+def _hold_cache_lock(cache: PredictCache) -> Iterator[None]:
+    """Hold the cache's lock; refused clearly while another predict scores the same images into it."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(run_lock(cache.folder))
+        except FolderBusy as exc:
+            raise UserError(f"Another predict (pid {exc.owner}) is scoring the same images right now, into "
+                            f"the feature cache {cache.folder}. Wait for it to finish, then run this again: "
+                            f"it reuses the features that one computed. Or pass --cache-dir (cache_dir= in "
+                            f"Python) with another folder to compute them separately now.") from None
+        yield
 
 
 def _as_model_input(item, size: int, index: int) -> np.ndarray:
@@ -407,25 +372,26 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
                    cache_dir: str | Path | None = None, engine: str | EngineConfig | None = None) -> dict:
     """Score the images of a folder or CSV with a trained run and write `out` atomically.
 
-    `engine` "ray" (or an EngineConfig) computes the features and scores them on a Ray cluster.
+    `engine` names one of ``engines.ENGINES`` (or is an EngineConfig): where the features are
+    computed and scored (default local). The run folder is read, and the engine connected, once.
     """
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
-    engine = engine_config(engine)
+    config = engine_config(engine)
     folder = RunFolder.existing(run_dir, "predict with")
-    folder.select_recipe(heads_name, "predict")
-    extract_split = _extract_split(engine)
+    recipe = _select_recipe(folder, heads_name)
+    where = engines.get(config)
     paths, names = find_images(source)
     keys = check_images(paths, folder.extract_config().max_pixels)
-    run = Run.load(run_dir, weights=weights, heads_name=heads_name)
+    run = Run._open(folder, recipe, weights)
     if fmt == "top-k" and k > len(run.classes):
         log.info("--k %d is more than the %d classes: writing all %d", k, len(run.classes), len(run.classes))
         k = len(run.classes)
     start = time.perf_counter()
-    stores, stats = run.extract(paths, keys, batch_size, cache_dir, extract_split)
+    stores, stats = run.extract(paths, keys, batch_size, cache_dir, where)
     out = Path(out)
     with atomic_path(out, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        predicted = _write_csv(f, fmt, names, run.iter_probabilities(stores, len(paths), tta, engine=engine),
+        predicted = _write_csv(f, fmt, names, run.iter_probabilities(stores, len(paths), tta, engine=where),
                                run.classes, k)
     return {"out": str(out), "images": len(paths), "classes": len(run.classes), "format": fmt, "k": k,
             "models": run.n_models if tta else sum(len(m) for g, m in run.models.items() if g != "flipped"),

@@ -31,6 +31,7 @@ since is never used: `train` recomputes it, `submit`, `predict` and `report` ref
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -394,6 +395,9 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        # While a step holds the lock: dataset.json and the features' identities, read once for the
+        # whole step (no other process changes them meanwhile; extract's write_run_data resets it).
+        self._held: dict | None = None
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -479,8 +483,12 @@ class RunFolder:
         created = _first_missing(self.path)
         try:
             with run_lock(self.path):
-                self.remove_stale_temporaries()
-                yield self
+                self._held = {}
+                try:
+                    self.remove_stale_temporaries()
+                    yield self
+                finally:
+                    self._held = None
         except UserError:
             if created is not None and not (self.path / "features").exists():
                 shutil.rmtree(created, ignore_errors=True)
@@ -546,6 +554,15 @@ class RunFolder:
 
     # dataset.json and the image check
     def read_run_data(self) -> RunData:
+        """dataset.json (read once while the lock is held: callers share it and must not change it)."""
+        if self._held is not None and "run_data" in self._held:
+            return self._held["run_data"]
+        run_data = self._read_run_data()
+        if self._held is not None:
+            self._held["run_data"] = run_data
+        return run_data
+
+    def _read_run_data(self) -> RunData:
         try:
             obj = load_json(self.dataset_path)
             return RunData(Dataset.from_json(obj), list(obj.get("bad_test_ids", [])))
@@ -559,6 +576,8 @@ class RunFolder:
 
     def write_run_data(self, run_data: RunData) -> None:
         write_json(self.dataset_path, run_data.to_json())
+        if self._held is not None:
+            self._held.clear()  # extract recorded new features
 
     def read_image_check(self) -> dict[str, str | None]:
         """Verdicts of images checked before, by content hash; {} when missing or damaged."""
@@ -580,8 +599,15 @@ class RunFolder:
         """The identity of the run's current features: settings per source (see `feature_sources`),
         and each split's rows.
 
-        Raises UserError naming the file when a store is damaged.
+        Raises UserError naming the file when a store is damaged. Computed once per set of sources
+        while the lock is held (hashing every store's keys.json is the slow part of `statuses`).
         """
+        held = self._held.setdefault("feature_inputs", {}) if self._held is not None else {}
+        if tuple(backbones) not in held:
+            held[tuple(backbones)] = self._feature_inputs(backbones)
+        return copy.deepcopy(held[tuple(backbones)])
+
+    def _feature_inputs(self, backbones: Sequence[str]) -> dict:
         try:
             return {
                 "features": {name: feature_settings(load_json(self.store("train", name).meta))

@@ -174,6 +174,14 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+class FolderBusy(UserError):
+    """``run_lock``'s refusal: another process holds the lock (`owner`: the pid it wrote, or "unknown")."""
+
+    def __init__(self, message: str, owner: str) -> None:
+        super().__init__(message)
+        self.owner = owner
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on the run folder; the OS drops it when the process dies."""
@@ -189,10 +197,10 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
         except BlockingIOError:
             lock_file.seek(0)
             owner = lock_file.read().strip() or "unknown"
-            raise UserError(
+            raise FolderBusy(
                 f"The run folder {run_dir} is in use by another transfer-ensemble process "
                 f"(pid {owner}). Two processes writing one run folder would corrupt it. Wait for "
-                f"that process to finish, or use another --run folder."
+                f"that process to finish, or use another --run folder.", owner
             ) from None
         if lock_file.writable():
             lock_file.seek(0)

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer_ensemble import ensemble, images, submission
-from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, merged, option_names
+from transfer_ensemble import engines, ensemble, images, submission
+from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, engine_config, merged, option_names
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
 from transfer_ensemble.options import python_overrides, refuse_unknown
 from transfer_ensemble.runfolder import (SPLITS, VIEWS, Blend, DamagedFile, Recipe, RunData, RunFolder,
                                          blend_name, labels_digest, load_json, source_key)
+from transfer_ensemble.scoring import blend_test_probabilities, test_probabilities
 from transfer_ensemble.storage import disk_errors, write_json
 
 log = logging.getLogger(__name__)
@@ -68,15 +69,12 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
     `folds`, when training will follow (`run`), is checked against the class counts first, so a
     class too small for the folds stops the run before the long extraction rather than after.
     The run's records (config.json, dataset.json) change only once the features are complete.
-    `engine` (default local) says where the features are computed; the stores are the same.
+    `engine` (default local; see ``engines``) says where the features are computed; the stores
+    are the same.
     """
     from transfer_ensemble import features
 
-    extract_split = features.extract_split
-    if engine is not None and engine.engine == "ray":
-        from transfer_ensemble.ray_engine import extractor_for
-
-        extract_split = extractor_for(engine)
+    where = engines.get(engine_config(engine))
     run = RunFolder(run_dir)
     dataset = load_dataset(data)
     extractors = [features.Extractor(config, scale) for scale in config.scales]
@@ -99,8 +97,9 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
                         "their reasons in %s.", len(bad["train"]), _named(bad["train"]),
                         len(bad["test"]), _named(bad["test"]), run.bad_images_path)
         splits = {"train": dataset.train, "test": run_data.good_test}
-        results = [extract_split(extractor, split, [it.path for it in items], [it.id for it in items], keys[split],
-                                 lambda name, split=split, s=extractor.scale: run.store(split, source_key(name, s)))
+        results = [where.extract_split(extractor, split, [it.path for it in items], [it.id for it in items],
+                                       keys[split], lambda name, split=split, s=extractor.scale:
+                                       run.store(split, source_key(name, s)))
                    for extractor in extractors for split, items in splits.items()]
         run.write_bad_images({split: [{"id": it.id, "path": str(it.path), "reason": r} for it, r in bad[split]]
                               for split in bad})
@@ -234,7 +233,7 @@ def blend(run_dir: str | Path, parts: list[str]) -> dict:
         metrics["oof"] = {"ensemble": metrics["calibration"]["after"]}
         result = Blend(blend_name(parts), parts, weights, {r.name: r.inputs for r in recipes}, run.blend(parts))
         if run_data.dataset.test_is_labelled:
-            probabilities = _blend_test_probabilities(run, result, recipes, run_data,
+            probabilities = blend_test_probabilities(run, result, recipes, run_data,
                                                       metrics["calibration"]["temperature"])
             metrics["holdout"] = {"ensemble": ensemble.score(np.array([it.label for it in run_data.dataset.test]),
                                                              probabilities)}
@@ -242,13 +241,6 @@ def blend(run_dir: str | Path, parts: list[str]) -> dict:
         write_json(result.metrics_path, metrics)
         run.update_config(heads=result.name)
         return {"recipe": result.name, "metrics": metrics, "recipes": run.statuses()}
-
-
-def _blend_test_probabilities(run: RunFolder, blend_: Blend, recipes: list[Recipe], run_data: RunData,
-                              temperature: float) -> np.ndarray:
-    parts = [test_probabilities(run, r, run_data, run.feature_inputs(run.feature_sources(r.config))["test"])[0]
-             for r in recipes]
-    return ensemble.calibrate(ensemble.blend(parts, blend_.weights), temperature)
 
 
 def _load_features(run: RunFolder, run_data: RunData, sources: list[str]) -> dict:
@@ -262,27 +254,6 @@ def _load_features(run: RunFolder, run_data: RunData, sources: list[str]) -> dic
         raise UserError(f"The features in {exc.path.parent if exc.path.suffix else exc.path} are not usable: "
                         f"{exc}. Run `transfer-ensemble extract --data DIR --run {run.path}` again: it "
                         f"recomputes what is missing or damaged.") from None
-
-
-def _class_frequencies(run_data: RunData) -> np.ndarray:
-    counts = np.bincount(run_data.labels, minlength=len(run_data.dataset.classes)).astype(np.float64)
-    return counts / counts.sum()
-
-
-def test_probabilities(run: RunFolder, recipe: Recipe, run_data: RunData, test_identity: str,
-                       temperature: float | None = None) -> tuple[np.ndarray, dict]:
-    """The ensemble's probabilities for every test id, and each view's models combined on their own.
-
-    `temperature` defaults to the recipe's. Test images that did not decode get the training
-    class frequencies.
-    """
-    per_view = run.fold_test_predictions(recipe, len(run_data.good_test), test_identity)
-    views = {view: ensemble.combine({view: preds}) for view, preds in per_view.items()}
-    full = np.tile(_class_frequencies(run_data), (len(run_data.dataset.test), 1))
-    bad = set(run_data.bad_test_ids)
-    good_rows = [i for i, it in enumerate(run_data.dataset.test) if it.id not in bad]
-    full[good_rows] = ensemble.combine(per_view, recipe.temperature if temperature is None else temperature)
-    return full, views
 
 
 def _holdout_metrics(run: RunFolder, recipe: Recipe, run_data: RunData, test_identity: str,
@@ -307,7 +278,7 @@ def submit(run_dir: str | Path, out: str | Path, heads: str | None = None, recor
         recipe = run.select_recipe(heads)
         if isinstance(recipe, Blend):
             parts = [run.select_recipe(name) for name in recipe.parts]
-            probabilities = _blend_test_probabilities(run, recipe, parts, run_data, recipe.temperature)
+            probabilities = blend_test_probabilities(run, recipe, parts, run_data, recipe.temperature)
             models = sum(len(part.jobs) for part in parts)
         else:
             test_identity = run.feature_inputs(run.feature_sources(recipe.config))["test"]

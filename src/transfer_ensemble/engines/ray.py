@@ -1,4 +1,4 @@
-"""Extraction and batch scoring on a Ray cluster (`--engine ray`): Ray Data batch inference.
+"""The Ray engine (`--engine ray`): extraction and batch scoring on a Ray cluster, by Ray Data batch inference.
 
 A dataset of image paths with their store rows is decoded and resized by CPU tasks
 (``map_batches``), then run through the backbones by a pool of actors (one per GPU, or per
@@ -12,13 +12,12 @@ actors too, each scoring chunks of stored features; the driver writes the CSV in
 
 Every worker reads the images, the weights and the run folder by the same paths as the driver,
 so they must be on storage every node sees. Ray is imported only here, and this module only
-under ``--engine ray``.
+under ``--engine ray`` (``engines.get``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import re
@@ -27,7 +26,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -35,9 +34,7 @@ from transfer_ensemble import backbones, features, images, progress
 from transfer_ensemble.config import EngineConfig, ExtractConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import VIEWS, StoreFiles
-
-if TYPE_CHECKING:
-    from transfer_ensemble.predict import Run
+from transfer_ensemble.scoring import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +71,18 @@ def _import_ray():
     return ray
 
 
-def check_address(address: str) -> None:
-    """Refuse an address where nothing listens, quickly: ray.init would retry for a minute."""
+def address_of(engine: EngineConfig) -> tuple[str | None, str]:
+    """The cluster to join (None: start a local Ray) and where that came from, for messages."""
+    if engine.ray_address:
+        return engine.ray_address, "--ray-address"
+    return os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
+
+
+def check_address(address: str, source: str = "--ray-address") -> None:
+    """Refuse an address where nothing listens, quickly: ray.init would retry for a minute.
+
+    `source` is where the address came from (the flag, or the RAY_ADDRESS variable).
+    """
     if address == "auto":
         return
     hostport = address.split("://", 1)[-1].rstrip("/")
@@ -83,12 +90,14 @@ def check_address(address: str) -> None:
     fix = ("Start the cluster (`ray start --head` on its head node) and pass the address it prints "
            "(host:6379, or ray://host:10001 for Ray Client), or leave --ray-address and RAY_ADDRESS "
            "unset to start a local Ray for this run.")
+    given = "" if source == "--ray-address" else f" (from {source})"
     if not host or not port.isdigit():
-        raise UserError(f"--ray-address {address!r} is not a Ray address of the form host:port. {fix}")
+        raise UserError(f"{source} {address!r} is not a Ray address of the form host:port. {fix}")
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        raise UserError(f"The Ray cluster at {address!r} cannot be reached ({exc.strerror or exc}). {fix}") from None
+        raise UserError(f"The Ray cluster at {address!r}{given} cannot be reached ({exc.strerror or exc}). "
+                        f"{fix}") from None
 
 
 def _quiet(ray) -> None:
@@ -108,7 +117,7 @@ def runtime_env() -> dict:
 
     Pass it to your own ``ray.init(runtime_env=...)`` when you connect before calling this package.
     """
-    return {"py_modules": [str(Path(__file__).resolve().parent)], "env_vars": WORKER_ENV}
+    return {"py_modules": [str(Path(__file__).resolve().parents[1])], "env_vars": WORKER_ENV}
 
 
 def connect(engine: EngineConfig):
@@ -120,17 +129,17 @@ def connect(engine: EngineConfig):
     ray = _import_ray()
     _quiet(ray)
     if not ray.is_initialized():
-        address = engine.ray_address or os.environ.get("RAY_ADDRESS") or None
+        address, source = address_of(engine)
         if address is not None:
-            check_address(address)
+            check_address(address, source)
         start = time.perf_counter()
         try:
             ray.init(address=address or "local", include_dashboard=False if address is None else None,
                      log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env())
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError(f"Could not connect to the Ray cluster at {address!r} ({exc}). Check "
-                            f"--ray-address (or RAY_ADDRESS), or leave both unset to start a local "
-                            f"Ray for this run.") from None
+            raise UserError(f"Could not connect to the Ray cluster at {address!r}, given by {source} ({exc}). "
+                            f"Check {source}, or leave --ray-address and RAY_ADDRESS unset to start a "
+                            f"local Ray for this run.") from None
         where = f"the Ray cluster at {address}" if address else "a local Ray started for this run"
         log.info("connected to %s in %.1f s: %s", where, time.perf_counter() - start, _resources(ray))
     _quiet(ray)
@@ -160,10 +169,23 @@ def pool_for(ray, engine: EngineConfig) -> Pool:
     return Pool(actors, per_gpu, per_cpu)
 
 
-def extractor_for(engine: EngineConfig) -> Callable[..., dict]:
-    """Connect now (so a bad address fails before any work), and return this engine's ``extract_split``."""
-    ray = connect(engine)
-    return functools.partial(extract_split, pool=pool_for(ray, engine))
+class RayEngine:
+    """The engine on a Ray cluster: connects (and sizes its actor pool) when built, so a bad address
+    or a pool that cannot fit fails before any work."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.ray = connect(config)
+        self.pool = pool_for(self.ray, config)
+
+    def extract_split(self, extractor: features.Extractor, split: str, paths: Sequence[Path], ids: Sequence[str],
+                      keys: Sequence[str], store_of: Callable[[str], StoreFiles],
+                      donors_of: Callable[[str], Sequence[StoreFiles]] = lambda name: ()) -> dict:
+        return extract_split(extractor, split, paths, ids, keys, store_of, donors_of, pool=self.pool)
+
+    def score(self, scorer: Scorer, stores: Sequence[StoreFiles], n: int, tta: bool,
+              chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+        return iter_probabilities(self.ray, self.pool, scorer, stores, n, tta, chunk)
 
 
 def _decode(batch: dict, size: int, max_pixels: int) -> dict:
@@ -307,35 +329,29 @@ class _Heads:
     """An actor holding a recipe's fold models; scores ranges of rows of the stored features."""
 
     def __init__(self, run_dir: str, heads_name: str, stores: list[str], tta: bool) -> None:
-        from transfer_ensemble.predict import load_recipe_models
-
-        self.recipe, self.models = load_recipe_models(run_dir, heads_name)
+        self.scorer = Scorer.open(run_dir, heads_name)
         self.stores = [StoreFiles(Path(folder)) for folder in stores]
         self.tta = tta
 
     def __call__(self, batch: dict) -> dict:
-        from transfer_ensemble.predict import score_rows
-
         rows, probabilities = [], []
         for start, stop in zip(batch["start"], batch["stop"]):
             rows.append(np.arange(start, stop, dtype=np.int64))
-            probabilities.append(score_rows(self.recipe, self.models, self.stores, int(start), int(stop), self.tta))
+            probabilities.append(self.scorer.score_rows(self.stores, int(start), int(stop), self.tta))
         return {"row": np.concatenate(rows), "probabilities": np.concatenate(probabilities)}
 
 
-def iter_probabilities(run: "Run", stores: Sequence[StoreFiles], n: int, tta: bool, engine: EngineConfig,
+def iter_probabilities(ray, pool: Pool, scorer: Scorer, stores: Sequence[StoreFiles], n: int, tta: bool,
                        chunk: int) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, probabilities) for consecutive runs of rows, scored by actors holding the heads.
 
     Actors return chunks in any order; they are given back in row order, holding only the chunks
     that arrived ahead of the next one.
     """
-    ray = connect(engine)
-    pool = pool_for(ray, engine)
     bounds = [{"start": s, "stop": min(n, s + chunk)} for s in range(0, n, chunk)]
     if not bounds:
         return
-    args = {"run_dir": str(run.run_dir.resolve()), "heads_name": run.recipe.name,
+    args = {"run_dir": str(scorer.run.path.resolve()), "heads_name": scorer.recipe.name,
             "stores": [str(s.folder.resolve()) for s in stores], "tta": tta}
     dataset = ray.data.from_items(bounds).map_batches(
         _Heads, batch_size=1, compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus,
