@@ -177,7 +177,7 @@ class _Backbones:
 
     def __init__(self, config: dict, names: list[str], identities: dict[str, str], scale: float = 1.0) -> None:
         self.extractor = features.Extractor(ExtractConfig.from_json(config, source="the driver"), scale)
-        self.specs = [backbones.get_spec(name) for name in names]
+        self.specs = [spec for spec in self.extractor.specs if spec.name in names]
         self.extractor.ensure_weights_known()
         for spec in self.specs:
             found = self.extractor.sources[spec.name].identity
