@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from transfer_ensemble import backbones, features, images, progress
+from transfer_ensemble import features, images, progress
 from transfer_ensemble.config import EngineConfig, ExtractConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import VIEWS, StoreFiles

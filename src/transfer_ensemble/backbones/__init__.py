@@ -54,7 +54,10 @@ def listing() -> str:
     rows += [(s.name, s.builder, str(s.width), str(s.size), str(s.size_multiple), s.pooling)
              for s in REGISTRY.values()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return (f"{table}\n\nwidth: pooled features per image; a size (--image-size times each --scales entry) is "
+            f"rounded to the nearest multiple (a ViT's patch size). keras_hub backbones need the [hub] extra "
+            f"and --weights imagenet (downloaded), random or a folder of saved presets.")
 
 
 def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsSource:
