@@ -32,8 +32,8 @@ def test_family_builds_and_pools_to_its_registered_width(name):
 def test_every_registry_entry_names_a_keras_constructor_and_preprocessing():
     import keras
 
-    assert len(backbones.REGISTRY) >= 30
-    for spec in backbones.REGISTRY.values():
+    assert len(backbones.keras_apps.TABLE) >= 30
+    for spec in backbones.keras_apps.TABLE.values():
         assert callable(getattr(keras.applications, spec.constructor)), spec.name
         assert callable(getattr(keras.applications, spec.module).preprocess_input), spec.name
         assert spec.width > 0 and spec.size >= 224 and spec.weights_file.endswith(".h5")

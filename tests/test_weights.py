@@ -66,3 +66,29 @@ def test_offline_imagenet_failure_is_one_clear_message(tmp_path):
     assert str(keras_home / "models") in message
     assert "--weights WEIGHTS_DIR" in message
     assert "Downloading" not in result.stdout, "Keras's download message must go to stderr"
+
+
+def test_random_weights_identity_names_the_backend_other_than_tensorflow(monkeypatch):
+    from transfer_ensemble import backend
+
+    spec = backbones.get_spec("xception")
+    monkeypatch.setattr(backend, "name", lambda: "tensorflow")
+    assert backbones.resolve_weights(spec, "random", 3).identity == "random:seed=3"  # as stores recorded it
+    monkeypatch.setattr(backend, "name", lambda: "jax")
+    assert backbones.resolve_weights(spec, "random", 3).identity == "random:seed=3:backend=jax"
+    assert backbones.resolve_weights(backbones.get_spec("dinov2_small"), "random").identity == \
+        "random:seed=0:backend=jax"
+
+
+def test_a_run_on_random_jax_weights_is_refused_by_predict_on_tensorflow(tmp_path):
+    data = make_kaggle(tmp_path / "data", per_class=2, n_test=2)
+    run = tmp_path / "run"
+    options = ["--weights", "random", "--backbones", "mobilenet_v3_small", "--image-size", "32", "--scales", "1"]
+    trained = run_cli("run", "--data", str(data), "--run", str(run), "--out", str(tmp_path / "sub.csv"), *options,
+                      "--head", "seed", "--folds", "2", "--epochs", "2", "--patience", "1",
+                      env={"KERAS_BACKEND": "jax"})
+    assert trained.returncode == 0, trained.stderr
+    result = run_cli("predict", "--run", str(run), "--images", str(data / "test"), "--out", str(tmp_path / "p.csv"),
+                     env={"KERAS_BACKEND": "tensorflow"})
+    assert result.returncode == 2, result.stderr
+    assert "random:seed=0:backend=jax" in result.stderr and "Traceback" not in result.stderr

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from transfer_ensemble import __version__, noise, progress
+from transfer_ensemble import __version__, backbones, noise, progress
 from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, merged
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where to keep the images' features (default RUN/predict/); use it "
                                        "when the run folder is read-only")
     _add_options(p, [EngineConfig])
+
+    sub.add_parser("backbones", help="list the backbones --backbones takes, with width and native size")
 
     p = sub.add_parser("report", help="rebuild RUN/report.html: recipes, curves, metrics, calibration, errors")
     p.add_argument("--run", required=True, help="trained run folder")
@@ -369,7 +371,11 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {path} and its images in {RunFolder(args.run).report_dir}")
 
 
-COMMANDS = {"extract": cmd_extract, "train": cmd_train, "submit": cmd_submit, "run": cmd_run,
+def cmd_backbones(args: argparse.Namespace) -> None:
+    print(backbones.listing())
+
+
+COMMANDS = {"backbones": cmd_backbones, "extract": cmd_extract, "train": cmd_train, "submit": cmd_submit, "run": cmd_run,
             "demo-data": cmd_demo_data, "predict": cmd_predict, "report": cmd_report}
 
 
@@ -380,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    if getattr(args, "backbones", None) == "list":
+        args.command = "backbones"
     try:
         with noise.filtered_stderr(), logging_redirect_tqdm():
             COMMANDS[args.command](args)

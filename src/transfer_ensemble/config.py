@@ -113,7 +113,7 @@ def _check_scales(check: Checker, key: str, value: Any, values: dict) -> tuple[f
     for name in names:
         spec = backbones.REGISTRY[name]
         for scale in scales:
-            size = scaled_size(image_size if image_size is not None else spec.size, scale)
+            size = spec.fit_size(scaled_size(image_size if image_size is not None else spec.size, scale))
             if size < spec.min_size:
                 raise check.fail(key, value, f"gives {name} an input of {size} px at scale {scale}, "
                                              f"below its minimum of {spec.min_size} px")
@@ -218,8 +218,8 @@ class ExtractConfig:
 
     def size_of(self, spec: backbones.BackboneSpec, scale: float = 1.0) -> int:
         """The input size `spec` is run at: --image-size if given, else the backbone's native size,
-        times `scale`."""
-        return scaled_size(self.image_size if self.image_size is not None else spec.size, scale)
+        times `scale`, rounded to the multiple the backbone needs (a ViT's patch size)."""
+        return spec.fit_size(scaled_size(self.image_size if self.image_size is not None else spec.size, scale))
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"backbones": list(self.backbones),

@@ -32,7 +32,6 @@ from transfer_ensemble.storage import write_json, write_npy
 
 log = logging.getLogger(__name__)
 
-PREPROCESS = "opencv-imdecode-rgb;area-or-linear-resize;keras-preprocess_input-in-graph;flip=lr"
 STORE_VERSION = 2  # rows keyed by the SHA-256 of the image file
 COPY_CHUNK = 1024
 
@@ -222,7 +221,7 @@ def store_meta(spec: backbones.BackboneSpec, source: backbones.WeightsSource, co
         "weights": source.identity,
         "image_size": config.size_of(spec, scale),
         "precision": config.precision,
-        "preprocess": PREPROCESS,
+        **backbones.settings(spec),
         "store_version": STORE_VERSION,
         "backend": backend.name(),
         "ids": ids,
@@ -262,9 +261,10 @@ class Extractor:
     _models: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.specs = [backbones.get_spec(n) for n in self.config.backbones]
+        specs = [backbones.get_spec(n) for n in self.config.backbones]
         self.sources = {s.name: backbones.resolve_weights(s, self.config.weights, self.config.seed)
-                        for s in self.specs}
+                        for s in specs}
+        self.specs = [backbones.bind(s, self.sources[s.name]) for s in specs]
         if self.config.weights == "random":
             log.warning("--weights random: the backbones are untrained, so features and scores mean "
                         "nothing. Use this only for tests and smoke runs.")
@@ -302,7 +302,7 @@ class Extractor:
 
     def ensure_weights_known(self) -> None:
         """Build (and so download) ImageNet backbones whose weight file is not cached yet."""
-        missing = [s for s in self.specs if self.sources[s.name].identity == "imagenet:download"]
+        missing = [s for s in self.specs if backbones.needs_download(self.sources[s.name])]
         for spec in missing:
             try:
                 self.model(spec)

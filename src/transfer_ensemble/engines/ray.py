@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from transfer_ensemble import backbones, features, images, progress
+from transfer_ensemble import features, images, progress
 from transfer_ensemble.config import EngineConfig, ExtractConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.runfolder import VIEWS, StoreFiles
@@ -199,7 +199,7 @@ class _Backbones:
 
     def __init__(self, config: dict, names: list[str], identities: dict[str, str], scale: float = 1.0) -> None:
         self.extractor = features.Extractor(ExtractConfig.from_json(config, source="the driver"), scale)
-        self.specs = [backbones.get_spec(name) for name in names]
+        self.specs = [spec for spec in self.extractor.specs if spec.name in names]
         self.extractor.ensure_weights_known()
         for spec in self.specs:
             found = self.extractor.sources[spec.name].identity

@@ -1,49 +1,34 @@
-"""Registry of keras.applications backbones used as frozen, globally pooled feature extractors.
+"""The keras.applications builder: its table of backbones, frozen and globally average pooled.
 
 Each entry names the Keras constructor, the module whose ``preprocess_input`` it needs, its
-native input size and the width of its pooled output, like Keras's own application registry.
-TensorFlow is imported only when a backbone is built.
+native input size, the width of its pooled output and the .h5 file Keras publishes for it, like
+Keras's own application registry. Keras is imported only when a backbone is built.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
-
+from transfer_ensemble.backbones.spec import BackboneSpec, Preprocessing, WeightsSource, file_sha256
 from transfer_ensemble.errors import UserError
 
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    constructor: str
-    module: str
-    size: int
-    width: int
-    weights_file: str
-    min_size: int = 32
+BUILDER = "keras.applications"
 
 
 def _spec(name: str, constructor: str, module: str, size: int, width: int, weights_file: str,
           min_size: int = 32) -> BackboneSpec:
-    return BackboneSpec(name, constructor, module, size, width, weights_file, min_size)
+    return BackboneSpec(name, BUILDER, size, width, Preprocessing(module=module), min_size=min_size,
+                        constructor=constructor, weights_file=weights_file)
 
 
 _TF = "_weights_tf_dim_ordering_tf_kernels_notop.h5"
 _EFF = "efficientnet{}_notop.h5"
 _V2 = "efficientnetv2-{}_notop.h5"
 
-REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in [
+TABLE: dict[str, BackboneSpec] = {s.name: s for s in [
     _spec("xception", "Xception", "xception", 299, 2048, "xception" + _TF, min_size=71),
     _spec("inception_v3", "InceptionV3", "inception_v3", 299, 2048, "inception_v3" + _TF, min_size=75),
     _spec("inception_resnet_v2", "InceptionResNetV2", "inception_resnet_v2", 299, 1536,
@@ -74,48 +59,10 @@ REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in [
           "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"),
 ]}
 
-DEFAULT_BACKBONES = ("xception", "inception_v3")
-
-
-def get_spec(name: str) -> BackboneSpec:
-    key = name.strip().lower().replace("-", "_")
-    if key not in REGISTRY:
-        raise UserError(f"Unknown backbone {name!r}. --backbones takes a comma-separated list of: "
-                        f"{', '.join(REGISTRY)}.")
-    return REGISTRY[key]
-
-
-def parse_backbones(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    names = text.split(",") if isinstance(text, str) else list(text)
-    specs = [get_spec(n).name for n in names if n.strip()]
-    if not specs:
-        raise UserError("--backbones is empty: name at least one, e.g. --backbones xception,inception_v3.")
-    if len(set(specs)) != len(specs):
-        raise UserError(f"--backbones names a backbone twice ({','.join(specs)}); name each once.")
-    return tuple(specs)
-
-
 def keras_cache_dir() -> Path:
     """Where Keras keeps downloaded weights: $KERAS_HOME/models, else ~/.keras/models."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     return Path(home) / "models"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class WeightsSource:
-    """Where one backbone's weights come from, and an identity that changes when they do."""
-
-    kind: str
-    path: Path | None
-    identity: str
 
 
 def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsSource:
@@ -142,10 +89,6 @@ def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsS
     return WeightsSource("file", path, f"sha256:{file_sha256(path)}")
 
 
-class WeightsUnavailableError(UserError):
-    """ImageNet weights are neither cached nor downloadable (typically: no internet)."""
-
-
 def offline_message(specs: list[BackboneSpec], cause: BaseException | None = None) -> str:
     files = ", ".join(s.weights_file for s in specs)
     why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
@@ -156,6 +99,16 @@ def offline_message(specs: list[BackboneSpec], cause: BaseException | None = Non
         f"either copy the files into {keras_cache_dir()} (or $KERAS_HOME/models) or into a folder "
         f"you pass as --weights WEIGHTS_DIR. For a smoke test without weights use --weights random."
     )
+
+
+def bind(spec: BackboneSpec, source: WeightsSource) -> BackboneSpec:
+    """The spec as these weights have it: a keras.applications model is the same whatever its weights."""
+    return spec
+
+
+def settings(spec: BackboneSpec) -> dict:
+    """The store settings this builder adds: its preprocessing, exactly as stores have recorded it."""
+    return {"preprocess": spec.preprocessing.record()}
 
 
 def build(spec: BackboneSpec, source: WeightsSource, image_size: int, seed: int = 0):
@@ -174,16 +127,3 @@ def build(spec: BackboneSpec, source: WeightsSource, image_size: int, seed: int 
         model = constructor(weights=str(source.path), **kwargs)
     model.trainable = False
     return model
-
-
-def preprocess_input(spec: BackboneSpec) -> Callable:
-    """The backbone's own ``preprocess_input``, for float32 RGB pixels in [0, 255] (array or tensor)."""
-    import keras
-
-    return getattr(keras.applications, spec.module).preprocess_input
-
-
-def preprocess_fn(spec: BackboneSpec) -> Callable[[np.ndarray], np.ndarray]:
-    """``preprocess_input`` on a NumPy batch of RGB pixels in [0, 255], as float32."""
-    preprocess = preprocess_input(spec)
-    return lambda pixels: np.asarray(preprocess(pixels.astype(np.float32)))

@@ -1,0 +1,297 @@
+"""The keras_hub builder: presets of DINOv2, SigLIP / SigLIP 2, CLIP and EfficientNet, frozen,
+with each family's pooled feature, as a Keras model whose output is float32 features.
+
+A family says which keras_hub class builds it, its published preprocessing and how its output
+is pooled: ViTs by their class token (``cls``), the mean of their patch tokens (``mean``) or both
+side by side (``cls+mean``, as DINOv2's linear probes); SigLIP by its own attention-pooling head
+(``map``); convolutional nets by global average pooling (``avg``). A preset entry gives its native
+size, patch size, pooled width and the architecture built for ``--weights random``. keras_hub is
+imported only when one of these backbones is built; reading a preset folder needs only json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from transfer_ensemble.backbones.spec import BackboneSpec, Preprocessing, WeightsSource, file_sha256
+from transfer_ensemble.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BUILDER = "keras_hub"
+IMAGENET_MEAN_STD = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+HALF = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+CLIP = Preprocessing(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+
+
+@dataclass(frozen=True)
+class Family:
+    """A keras_hub model family: the class of its (vision) backbone, the class a full preset
+    may hold it in, its published preprocessing and its pooled feature."""
+
+    cls: str
+    preprocessing: Preprocessing
+    pooling: str
+    full_cls: str = ""
+
+
+FAMILIES = {
+    "dinov2": Family("DINOV2Backbone", IMAGENET_MEAN_STD, "cls+mean"),
+    "siglip": Family("SigLIPVisionEncoder", HALF, "map", full_cls="SigLIPBackbone"),
+    "clip": Family("CLIPVisionEncoder", CLIP, "cls", full_cls="CLIPBackbone"),
+    "efficientnet": Family("EfficientNetBackbone", IMAGENET_MEAN_STD, "avg"),
+}
+
+
+def _pooled_width(family: str, hidden: int) -> int:
+    return 2 * hidden if FAMILIES[family].pooling == "cls+mean" else hidden
+
+
+def _vit(name: str, family: str, size: int, patch: int, hidden: int, layers: int, heads: int,
+         intermediate: int, **extra) -> BackboneSpec:
+    arch = dict(patch_size=patch, num_layers=layers, hidden_dim=hidden, num_heads=heads,
+                intermediate_dim=intermediate, image_shape=(size, size, 3), **extra)
+    return BackboneSpec(name, BUILDER, size, _pooled_width(family, hidden), FAMILIES[family].preprocessing,
+                        min_size=patch, size_multiple=patch, family=family,
+                        pooling=FAMILIES[family].pooling, arch=arch)
+
+
+def _dinov2(name: str, hidden: int, layers: int, heads: int, registers: int = 0) -> BackboneSpec:
+    return _vit(name, "dinov2", 224, 14, hidden, layers, heads, 4 * hidden, num_register_tokens=registers,
+                position_embedding_shape=(518, 518, 3))
+
+
+_B0 = dict(stackwise_kernel_sizes=[3, 3, 5, 3, 5, 5, 3], stackwise_num_repeats=[1, 2, 2, 3, 3, 4, 1],
+           stackwise_input_filters=[32, 16, 24, 40, 80, 112, 192],
+           stackwise_output_filters=[16, 24, 40, 80, 112, 192, 320],
+           stackwise_expansion_ratios=[1, 6, 6, 6, 6, 6, 6], stackwise_squeeze_and_excite_ratios=[0.25] * 7,
+           stackwise_strides=[1, 2, 2, 2, 1, 2, 1], stackwise_block_types=["v1"] * 7, min_depth=None,
+           include_stem_padding=True, use_depth_divisor_as_min_depth=True, cap_round_filter_decrease=True,
+           stem_conv_padding="valid", num_features=1280)
+
+
+def _efficientnet(name: str, size: int, width: int, width_coefficient: float, depth_coefficient: float) -> BackboneSpec:
+    arch = dict(_B0, width_coefficient=width_coefficient, depth_coefficient=depth_coefficient)
+    return BackboneSpec(name, BUILDER, size, width, IMAGENET_MEAN_STD, min_size=32, family="efficientnet",
+                        pooling="avg", arch=arch)
+
+
+TABLE: dict[str, BackboneSpec] = {s.name: s for s in [
+    _dinov2("dinov2_small", 384, 12, 6),
+    _dinov2("dinov2_base", 768, 12, 12),
+    _dinov2("dinov2_large", 1024, 24, 16),
+    _dinov2("dinov2_with_registers_small", 384, 12, 6, registers=4),
+    _dinov2("dinov2_with_registers_base", 768, 12, 12, registers=4),
+    _dinov2("dinov2_with_registers_large", 1024, 24, 16, registers=4),
+    _vit("siglip2_base_patch16_224", "siglip", 224, 16, 768, 12, 12, 3072),
+    _vit("siglip2_so400m_patch14_224", "siglip", 224, 14, 1152, 27, 16, 4304),
+    _vit("siglip2_so400m_patch14_384", "siglip", 384, 14, 1152, 27, 16, 4304),
+    _vit("siglip_so400m_patch14_384", "siglip", 384, 14, 1152, 27, 16, 4304),
+    _vit("clip_vit_base_patch16", "clip", 224, 16, 768, 12, 12, 3072),
+    _vit("clip_vit_large_patch14", "clip", 224, 14, 1024, 24, 16, 4096),
+    _vit("clip_vit_large_patch14_336", "clip", 336, 14, 1024, 24, 16, 4096),
+    _efficientnet("efficientnet_b0_ra_imagenet", 224, 1280, 1.0, 1.0),
+    _efficientnet("efficientnet_b3_ra2_imagenet", 288, 1536, 1.2, 1.4),
+]}
+
+WEIGHT_FILES = ("config.json", "model.weights.h5")
+
+
+def fetch_command(name: str, folder: str = "WEIGHTS_DIR") -> str:
+    return (f"python -c \"import keras_hub; keras_hub.models.Backbone.from_preset('{name}')"
+            f".save_to_preset('{folder}/{name}')\"")
+
+
+def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsSource:
+    """'random' (the table's architecture), 'imagenet' (the published preset, downloaded by
+    keras_hub) or a folder holding FOLDER/<preset name>/ as ``Backbone.save_to_preset`` wrote it."""
+    if weights == "random":
+        return WeightsSource("random", None, f"random:seed={seed}")
+    if weights == "imagenet":
+        return WeightsSource("imagenet", None, f"keras_hub:{spec.name}")
+    folder = Path(weights).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"--weights {weights!r} is neither 'imagenet', 'random' nor an existing folder. "
+                        f"For {spec.name}, pass a folder holding {spec.name}/ as keras_hub's "
+                        f"save_to_preset writes it: {fetch_command(spec.name)}")
+    preset = folder / spec.name
+    missing = [name for name in WEIGHT_FILES if not (preset / name).is_file()]
+    if missing:
+        found = sorted(p.name for p in folder.iterdir())[:8]
+        raise UserError(
+            f"The weights folder {folder} has no keras_hub preset {spec.name}: {preset} lacks "
+            f"{', '.join(missing)} (the folder holds {', '.join(found) or 'nothing'}). Write it once on a "
+            f"machine with internet with {fetch_command(spec.name, str(folder))} and copy it here.")
+    identity = hashlib.sha256("".join(file_sha256(preset / name) for name in WEIGHT_FILES).encode()).hexdigest()
+    return WeightsSource("file", preset, f"sha256:{identity}")
+
+
+def _read_config(spec: BackboneSpec, preset: Path) -> dict:
+    """The (vision) backbone's config in a saved preset, checked against the family's class."""
+    family = FAMILIES[spec.family]
+    try:
+        saved = json.loads((preset / "config.json").read_text())
+        kind, config = saved["class_name"], saved["config"]
+        if kind == family.full_cls:
+            kind, config = config["vision_encoder"]["class_name"], config["vision_encoder"]["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{preset / 'config.json'} is not a keras_hub preset config ({exc}). Write the "
+                        f"folder again with {fetch_command(spec.name)}.") from None
+    if kind != family.cls:
+        raise UserError(f"{preset} holds a {kind}, not the {family.cls} that {spec.name} is. Save "
+                        f"{spec.name} there with {fetch_command(spec.name)}.")
+    return config
+
+
+def _preprocessing(spec: BackboneSpec, preset: Path) -> Preprocessing:
+    """The preset's own image converter (x * scale + offset) where it saved one, else the family's."""
+    path = preset / "image_converter.json"
+    if not path.is_file():
+        return spec.preprocessing
+    config = json.loads(path.read_text())["config"]
+    scale, offset = config.get("scale"), config.get("offset")
+    scale = [scale] * 3 if isinstance(scale, (int, float)) else scale or [1.0] * 3
+    offset = [offset] * 3 if isinstance(offset, (int, float)) else offset or [0.0] * 3
+    std = tuple(float(1 / 255 / s) for s in scale)
+    return Preprocessing(mean=tuple(float(-o * d) for o, d in zip(offset, std)), std=std)
+
+
+def bind(spec: BackboneSpec, source: WeightsSource) -> BackboneSpec:
+    """The spec as a preset folder has it: its width, native size, patch size and preprocessing."""
+    if source.kind != "file":
+        return spec
+    config = _read_config(spec, source.path)
+    shape = config.get("image_shape") or config.get("input_shape") or [None]
+    size = shape[0] or spec.size
+    if spec.family == "efficientnet":
+        width = _efficientnet_width(config)
+        patch = 1
+    else:
+        width, patch = _pooled_width(spec.family, int(config["hidden_dim"])), int(config["patch_size"])
+    return replace(spec, size=int(size), width=width, size_multiple=patch,
+                   min_size=patch if patch > 1 else spec.min_size, preprocessing=_preprocessing(spec, source.path))
+
+
+def _efficientnet_width(config: dict) -> int:
+    from keras_hub.src.models.efficientnet.efficientnet_backbone import round_filters
+
+    coefficients = config.get("stackwise_width_coefficients") or [config.get("width_coefficient", 1.0)]
+    return int(round_filters(filters=config.get("num_features", 1280), width_coefficient=coefficients[-1],
+                             min_depth=config.get("min_depth", 8), depth_divisor=config.get("depth_divisor", 8),
+                             use_depth_divisor_as_min_depth=config.get("use_depth_divisor_as_min_depth", False),
+                             cap_round_filter_decrease=config.get("cap_round_filter_decrease", False)))
+
+
+def settings(spec: BackboneSpec) -> dict:
+    """The store settings this builder adds: the preprocessing and the pooled feature."""
+    return {"preprocess": spec.preprocessing.record(), "pooling": spec.pooling}
+
+
+def offline_message(specs: list[BackboneSpec], cause: BaseException | None = None) -> str:
+    names = ", ".join(s.name for s in specs)
+    why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+    return (f"Could not fetch the keras_hub preset{'s' if len(specs) > 1 else ''} {names}{why}. This "
+            f"machine seems to be offline. Fix: on a machine with internet, save each preset once, e.g. "
+            f"{fetch_command(specs[0].name)}, copy WEIGHTS_DIR here and pass --weights WEIGHTS_DIR "
+            f"(it may hold the keras.applications .h5 files too). For a smoke test without weights use "
+            f"--weights random.")
+
+
+def build(spec: BackboneSpec, source: WeightsSource, image_size: int, seed: int = 0):
+    """The frozen backbone at `image_size` with its pooling, as one Keras model of float32 output."""
+    import keras
+    import keras_hub
+
+    if source.kind == "random":
+        keras.utils.set_random_seed(seed)
+        arch = dict(spec.arch)
+        if "image_shape" in arch:
+            arch["image_shape"] = (image_size, image_size, 3)
+        net = getattr(keras_hub.models, FAMILIES[spec.family].cls)(**arch)
+    else:
+        handle = str(source.path) if source.path is not None else spec.name
+        with contextlib.redirect_stdout(sys.stderr):
+            net = keras_hub.models.Backbone.from_preset(handle)
+        net = _at_size(getattr(net, "vision_encoder", net), image_size)
+    net.trainable = False
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    tokens = net({"images": inputs} if isinstance(net.input, dict) else inputs)
+    pooled = _Pool(spec.pooling, getattr(net, "num_register_tokens", 0))(tokens)
+    model = keras.Model(inputs, pooled, name=spec.name)
+    model.trainable = False
+    return model
+
+
+def _at_size(net, size: int):
+    """`net` rebuilt for `size` x `size` inputs where its position embeddings are fixed in
+    size (CLIP, SigLIP): the grid of embeddings is resized bicubically, as DINOv2 does in its graph."""
+    shape = getattr(net, "image_shape", None)
+    if shape is None or shape[0] == size:
+        return net
+    import keras
+    import numpy as np
+
+    config = dict(net.get_config(), image_shape=(size, size, 3))
+    resized = type(net).from_config(config)
+    for target, value in zip(resized.weights, net.weights):
+        value = keras.ops.convert_to_numpy(value)
+        if tuple(target.shape) != value.shape:
+            if "int" in str(target.dtype):  # position ids: 0, 1, ..., n - 1
+                value = np.arange(math.prod(target.shape)).reshape(target.shape)
+            else:
+                value = _resize_grid(value, tuple(target.shape))
+        target.assign(value.astype(keras.backend.standardize_dtype(target.dtype)))
+    return resized
+
+
+def _resize_grid(table, shape):
+    """A position-embedding table, (tokens, dim) after any leading axes of 1, with a square grid
+    (after an optional class token) resized to `shape`."""
+    import keras
+    import numpy as np
+
+    flat = table.reshape(-1, table.shape[-1])
+    rows = math.prod(shape) // table.shape[-1]
+    extra = flat.shape[0] - math.isqrt(flat.shape[0]) ** 2
+    side, new_side = math.isqrt(flat.shape[0] - extra), math.isqrt(rows - extra)
+    grid = flat[extra:].reshape(1, side, side, -1).astype(np.float32)
+    grid = keras.ops.convert_to_numpy(keras.ops.image.resize(grid, (new_side, new_side), interpolation="bicubic"))
+    return np.concatenate([flat[:extra], grid.reshape(new_side * new_side, -1)]).reshape(shape).astype(table.dtype)
+
+
+def _pool_layer():
+    import keras
+
+    class Pool(keras.layers.Layer):
+        """Pooled float32 features of a backbone's tokens or feature map."""
+
+        def __init__(self, mode: str, registers: int = 0, **kwargs):
+            super().__init__(**kwargs)
+            self.mode, self.registers = mode, registers
+
+        def call(self, x):
+            ops = keras.ops
+            x = ops.cast(x, "float32")
+            if self.mode == "map":
+                return x
+            if self.mode == "avg":
+                return ops.mean(x, axis=(1, 2))
+            cls, patches = x[:, 0], ops.mean(x[:, 1 + self.registers:], axis=1)
+            if self.mode == "cls":
+                return cls
+            if self.mode == "mean":
+                return patches
+            return ops.concatenate([cls, patches], axis=-1)
+
+    return Pool
+
+
+def _Pool(mode: str, registers: int):
+    return _pool_layer()(mode, registers, dtype="float32")
