@@ -67,8 +67,10 @@ class BackboneSpec:
         return self.preprocessing.module
 
     def fit_size(self, size: int) -> int:
-        """`size` rounded to the nearest multiple of `size_multiple` (a ViT's patch size)."""
-        if self.size_multiple <= 1:
+        """`size` rounded to the nearest multiple of `size_multiple` (a ViT's patch size); the
+        native size stays as published (SigLIP 2's 384 px with 14 px patches: the patch embedding
+        drops the remainder, as the preset was trained)."""
+        if self.size_multiple <= 1 or size == self.size:
             return size
         return max(self.size_multiple, int(round(size / self.size_multiple)) * self.size_multiple)
 
