@@ -45,6 +45,8 @@ def _add_extract_options(p: argparse.ArgumentParser, data_required: bool = True)
                                           "skip: leave them out")
     p.add_argument("--scales", help="input sizes to extract at, as multiples of --image-size (default "
                                     "1,1.5: a second scale for the default head; 1 alone is the paper's)")
+    p.add_argument("--views", help="views of each image to extract, comma-separated names or shorthands "
+                                   "(pair, center_pair, five_crop, ten_crop; default original,flipped); see docs/views.md")
     p.add_argument("--max-pixels", type=int, help="refuse images of more pixels than this, as bad images "
                                                   "(default 178956970, Pillow's decompression-bomb limit)")
 
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 def extract_overrides(args: argparse.Namespace) -> dict:
     """The extraction options given as flags (None where not given)."""
     keys = ("backbones", "weights", "image_size", "batch_size", "precision", "seed", "on_bad_image", "max_pixels",
-            "scales")
+            "scales", "views")
     return {key: getattr(args, key, None) for key in keys}
 
 

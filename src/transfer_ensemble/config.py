@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
-from transfer_ensemble import backbones
+from transfer_ensemble import backbones, views
 from transfer_ensemble.errors import UserError
 
 MAX_SEED: int = 2**32 // 1000 - 1  # per-fold seeds are seed*1000 + view*100 + fold and must stay < 2**32
@@ -38,7 +38,7 @@ _FLAGS = {
     "head": "--head", "epochs": "--epochs", "patience": "--patience", "dropout": "--dropout",
     "learning_rate": "--learning-rate", "max_pixels": "--max-pixels", "pool_views": "--pool-views",
     "tta": "--tta", "temperature": "--temperature", "power": "--power", "scales": "--scales",
-    "multiscale": "--multiscale",
+    "multiscale": "--multiscale", "views": "--views",
     "engine": "--engine", "ray_address": "--ray-address", "actors": "--actors",
     "gpus_per_actor": "--gpus-per-actor", "cpus_per_actor": "--cpus-per-actor",
 }
@@ -156,6 +156,10 @@ def _check_extract(v: dict, where: Where) -> dict:
     check.choice("on_bad_image", v["on_bad_image"], BAD_IMAGE_POLICIES)
     check.whole("max_pixels", v["max_pixels"], 1)
     v["scales"] = _check_scales(check, v["scales"], v["backbones"], v["image_size"])
+    try:
+        v["views"] = views.parse(v["views"])
+    except ValueError as exc:
+        raise check.fail("views", v["views"], str(exc)) from None
     return v
 
 
@@ -266,11 +270,12 @@ class ExtractConfig:
     on_bad_image: str = "error"
     max_pixels: int = MAX_PIXELS
     scales: tuple[float, ...] = DEFAULT_SCALES
+    views: tuple[str, ...] = views.DEFAULT_VIEWS
 
     def __post_init__(self) -> None:
         checked = _check_extract({f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
-        object.__setattr__(self, "backbones", checked["backbones"])
-        object.__setattr__(self, "scales", checked["scales"])
+        for key in ("backbones", "scales", "views"):
+            object.__setattr__(self, key, checked[key])
 
     def size_of(self, spec: backbones.BackboneSpec, scale: float = 1.0) -> int:
         """The input size `spec` is run at: --image-size if given, else the backbone's native size,
@@ -279,7 +284,8 @@ class ExtractConfig:
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"backbones": list(self.backbones),
-                                                                       "scales": list(self.scales)}
+                                                                       "scales": list(self.scales),
+                                                                       "views": list(self.views)}
 
     @classmethod
     def from_json(cls, obj: dict, source: str = "config.json") -> "ExtractConfig":

@@ -34,7 +34,7 @@ import numpy as np
 from transfer_ensemble import backbones, features, images, progress
 from transfer_ensemble.config import EngineConfig, ExtractConfig
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import VIEWS, StoreFiles
+from transfer_ensemble.runfolder import StoreFiles
 
 if TYPE_CHECKING:
     from transfer_ensemble.predict import Run
@@ -296,7 +296,8 @@ def extract_split(extractor: features.Extractor, split: str, paths: Sequence[Pat
                              "models in them)", split, time.perf_counter() - launched)
                 chunk_rows = chunk["row"].astype(np.int64)
                 for spec in specs:
-                    stores[spec.name].write_missing(chunk_rows, {view: chunk[f"{spec.name}/{view}"] for view in VIEWS})
+                    stores[spec.name].write_missing(chunk_rows, {view: chunk[f"{spec.name}/{view}"]
+                                                                  for view in stores[spec.name].views})
                 bar.update(len(chunk_rows))
                 after_chunk()
         computed += len(rows)
