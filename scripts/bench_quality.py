@@ -11,6 +11,11 @@ The default recipes climb from the paper's head to the default: seed; the linear
 one scale, one model per view; + TTA; + temperature; + pooled views; + the second scale (the
 default, `train` with no options); then the default without each of pooling, TTA and the
 temperature, and a blend of the seed and the default (weights fitted on OOF predictions). Hold-out scores are printed, never used to choose anything.
+Then the view ladder (--view-rows): the same run folder extracted again with each set of views and
+scales (only the views and scales it lacks are computed, and timed), and the default recipe
+trained on it; each row has its forward-pass pixels relative to the paper's (image + mirror at one
+scale) and its OOF and hold-out scores (docs/views.md). The default extraction is chosen on the
+OOF column only.
 Then `scripts/bench_train.py`: the CLI's `train` + `submit` of the default recipe on a run folder
 of the Kaggle dog-breed shape (10,000 images x 4,096 synthetic features, 120 classes, 5 folds).
 The last line is one JSON object, with
@@ -76,6 +81,49 @@ LADDER = ("seed;"
           "linear:temperature=false")
 
 
+VIEW_ROWS = ("pair@1;pair@1,1.5;original,flipped,center@1,1.5;center_pair@1,1.5;pair@1,1.25,1.5;"
+             "original,flipped,center@1,1.25,1.5;five_crop@1;ten_crop@1;pair@1,1.5,2")
+
+
+def view_rows(text: str) -> list[tuple[str, str]]:
+    """'pair@1,1.5;ten_crop@1' -> [(views, scales), ...]."""
+    return [tuple(part.strip().split("@")) for part in text.split(";") if part.strip()]
+
+
+def _scores(metrics: dict) -> dict:
+    oof, hold = metrics["oof"]["ensemble"], metrics["holdout"]["ensemble"]
+    return {"oof_log_loss": round(oof["log_loss"], 4), "oof_accuracy": round(oof["accuracy"], 4),
+            "holdout_log_loss": round(hold["log_loss"], 4), "holdout_accuracy": round(hold["accuracy"], 4)}
+
+
+def measure_views(name: str, data: Path, run: Path, extract: ExtractConfig, rows: list[tuple[str, str]],
+                  folds: int, log_file: Path | None, seed: bool = False) -> list[dict]:
+    """Each (views, scales) row: extract what it lacks (timed), train the default recipe (and, with
+    `seed`, the seed recipe on the first row), print and append the row to `log_file` as it comes."""
+    from dataclasses import replace
+
+    from transfer_ensemble import views
+
+    out = []
+    for view_set, scales in rows:
+        config = replace(extract, views=view_set, scales=scales)
+        start = time.perf_counter()
+        workflow.extract(data, run, config)
+        row = {"data": name, "views": list(config.views), "scales": list(config.scales),
+               "pixels": round(views.pixel_cost(config.views, config.scales), 3),
+               "extract_seconds": round(time.perf_counter() - start, 1)}
+        for label, options in ([("seed", {"head": "seed"})] if seed and not out else []) + [("default", {})]:
+            start = time.perf_counter()
+            result = workflow.train(run, TrainConfig.from_json({"folds": folds, **options}).to_json())
+            row[label] = {**_scores(result["metrics"]), "train_seconds": round(time.perf_counter() - start, 1)}
+        out.append(row)
+        print(f"{name} views {view_set} @ {scales}: {json.dumps(row)}", flush=True)
+        if log_file is not None:
+            with open(log_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return out
+
+
 def measure(name: str, data: Path, run: Path, extract: ExtractConfig, recipes: list[dict], folds: int) -> dict:
     start = time.perf_counter()
     workflow.extract(data, run, extract)
@@ -138,6 +186,13 @@ def main() -> int:
     parser.add_argument("--recipes", default=LADDER, help="';'-separated head:key=value,...; 'default' is "
                                                            "`train` with no options (default: the ladder above)")
     parser.add_argument("--skip-speed", action="store_true", help="leave out the train + submit timing")
+    parser.add_argument("--view-rows", default=VIEW_ROWS, help="';'-separated VIEWS@SCALES rows of the view "
+                                                               "ladder ('' leaves it out)")
+    parser.add_argument("--only", choices=("fashion10", "dogs3"), help="one data set only")
+    parser.add_argument("--skip-ladder", action="store_true", help="the view ladder only")
+    parser.add_argument("--view-seed", action="store_true", help="also train the seed recipe on the view "
+                                                                 "ladder's first row")
+    parser.add_argument("--log", help="append each view-ladder row to this file as JSON, as it comes")
     opts = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     for needed in (SHARED / "data" / "fashion10", SHARED / "data" / "dogs3", Path(opts.weights)):
@@ -149,14 +204,22 @@ def main() -> int:
     logging.getLogger("transfer_ensemble").setLevel(logging.WARNING)
     recipes = recipe_flags(opts.recipes)
     dogs = dogs_subset(SHARED / "data" / "dogs3", work / f"dogs3_{opts.per_class}_per_breed", opts.per_class)
+    sets = {"fashion10": (SHARED / "data" / "fashion10", work / "fashion10_run", opts.folds),
+            f"dogs3_{opts.per_class}_per_breed": (dogs, work / f"dogs3_{opts.per_class}_run",
+                                                  min(opts.folds, opts.per_class))}
+    if opts.only:
+        sets = {k: v for k, v in sets.items() if k.startswith(opts.only)}
+    results = {}
+    log_file = Path(opts.log) if opts.log else None
     with noise.filtered_stderr():
-        results = {
-            "fashion10": measure("fashion10", SHARED / "data" / "fashion10", work / "fashion10_run", extract,
-                                 recipes, opts.folds),
-            f"dogs3_{opts.per_class}_per_breed": measure(f"dogs3, {opts.per_class} per breed", dogs,
-                                                         work / f"dogs3_{opts.per_class}_run", extract, recipes,
-                                                         min(opts.folds, opts.per_class)),
-        }
+        for key, (data, run, folds) in sets.items():
+            rows = view_rows(opts.view_rows)
+            results[key] = {}
+            if rows:
+                results[key]["views"] = measure_views(key, data, run, extract, rows, folds, log_file,
+                                                          opts.view_seed)
+            if not opts.skip_ladder:
+                results[key].update(measure(key, data, run, extract, recipes, folds))
     speed = None if opts.skip_speed else train_submit_seconds()
     print(json.dumps({"image_size": opts.image_size, "scales": list(extract.scales), "backbones": ["xception"],
                       "results": results, "train_submit": speed}))

@@ -25,7 +25,8 @@ import pytest
 from conftest import FAST_TRAIN, TINY, make_kaggle, run_cli
 from transfer_ensemble import cli, storage
 from transfer_ensemble.config import SeedOptions, TrainConfig
-from transfer_ensemble.runfolder import VIEWS, FoldFiles, Recipe, RunFolder
+from transfer_ensemble.runfolder import FoldFiles, Recipe, RunFolder
+from transfer_ensemble.views import PAIR as VIEWS
 
 FOLDS = 2
 JOBS = [(view, fold) for view in VIEWS for fold in range(FOLDS)]

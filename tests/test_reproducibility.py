@@ -14,7 +14,8 @@ import pytest
 
 from conftest import FAST_TRAIN, TINY, make_kaggle, run_cli
 from transfer_ensemble.crossval import fold_assignment
-from transfer_ensemble.runfolder import VIEWS, RunFolder
+from transfer_ensemble.runfolder import RunFolder
+from transfer_ensemble.views import PAIR as VIEWS
 
 SEED = "3"
 EXTRACT = ["--weights", "random", "--image-size", str(TINY), "--batch-size", "8"]

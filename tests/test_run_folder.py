@@ -21,7 +21,8 @@ from conftest import FAST_TRAIN, TINY, draw, make_kaggle, run_cli, save_rgb
 from transfer_ensemble import cli, ensemble, features, predict
 from transfer_ensemble.config import LinearOptions, SeedOptions, TrainConfig
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import (VIEWS, DamagedFile, RunFolder, StoreFiles, load_json, load_npy,
+from transfer_ensemble.views import PAIR as VIEWS
+from transfer_ensemble.runfolder import (DamagedFile, RunFolder, StoreFiles, load_json, load_npy,
                                          recipe_name)
 
 EXTRACT = ["--backbones", "xception", "--weights", "random", "--image-size", str(TINY), "--batch-size", "8"]

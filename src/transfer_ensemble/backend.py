@@ -9,7 +9,8 @@ rest of the package what differs between backends:
 - `devices()` and `replicated()`: several accelerators (or virtual CPU devices) used together,
   with ``MirroredStrategy`` on TensorFlow and ``keras.distribution.DataParallel`` on JAX;
 - `compile_forward()`: a backbone's compiled forward pass on uint8 batches of images, the
-  left-right mirrors and the preprocessing made in the graph, split into `Forward.dispatch`
+  views (``views.transform``: mirrors, crops) and the preprocessing made in the graph, split
+  into `Forward.dispatch`
   (transfer and launch) and `Forward.fetch` (wait and copy back) so that a caller can launch the
   next batch before it fetches the current one.
 """
@@ -23,9 +24,11 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+from transfer_ensemble.views import PAIR, transform
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +166,11 @@ def replicated() -> Replicas | None:
 class Forward:
     """A backbone's compiled forward pass on uint8 RGB batches of images (n, size, size, 3).
 
-    The pass runs on each image and on its left-right mirror, which the graph makes (so only
-    the images cross to the device, not both views); its output is the float32 features of the
-    images followed by those of their mirrors, (2n, width): the same batch of views, and so the
-    same numbers, as mirroring on the host would give.
+    The pass runs on each of its views of the images (by default the image and its left-right
+    mirror), which the graph makes with ``views.transform`` (so only the images cross to the
+    device, not every view); its output is the float32 features of the images in the first view,
+    then in the second and so on, (len(views) * n, width): the same batch of views, and so the
+    same numbers, as making the views on the host would give.
 
     `dispatch` sends a batch to the device and launches the pass, returning at once where the
     backend allows (JAX and GPUs run asynchronously); `fetch` waits for that pass and returns
@@ -182,21 +186,23 @@ class Forward:
 
 
 def compile_forward(model: Any, preprocess: Callable, size: int, batch: int,
-                    replicas: Replicas | None = None) -> Forward:
+                    replicas: Replicas | None = None, views: Sequence[str] = PAIR) -> Forward:
     """The compiled forward of `model` with `preprocess` (a backbone's ``preprocess_input``) on
-    batches of images and their mirrors (`Forward`), compiled now for batches of `batch` images
-    of `size` x `size` where the backend compiles per shape."""
+    `views` of batches of images (`Forward`), compiled now for batches of `batch` images of
+    `size` x `size` where the backend compiles per shape."""
     backend = name()
+    views = tuple(views)
     if backend == "tensorflow":
-        return _tensorflow_forward(model, preprocess, size, replicas)
+        return _tensorflow_forward(model, preprocess, size, replicas, views)
     if backend == "jax":
-        return _jax_forward(model, preprocess, size, batch, replicas)
+        return _jax_forward(model, preprocess, size, batch, replicas, views)
     if backend == "torch":
-        return _torch_forward(model, preprocess, size, batch)
+        return _torch_forward(model, preprocess, size, batch, views)
     raise RuntimeError(f"no compiled forward for the Keras backend {backend!r}")
 
 
-def _tensorflow_forward(model: Any, preprocess: Callable, size: int, replicas: Replicas | None) -> Forward:
+def _tensorflow_forward(model: Any, preprocess: Callable, size: int, replicas: Replicas | None,
+                        views: tuple[str, ...]) -> Forward:
     """Cast, ``preprocess_input`` and the model as one ``tf.function``, traced now for any batch size.
 
     The batch crosses into TensorFlow as uint8 (4x smaller than float32). XLA is used where Keras
@@ -209,7 +215,7 @@ def _tensorflow_forward(model: Any, preprocess: Callable, size: int, replicas: R
 
     if replicas is not None:
         def run_replicated(batch: np.ndarray) -> np.ndarray:
-            pixels = np.asarray(preprocess(np.concatenate([batch, batch[:, :, ::-1]]).astype(np.float32)))
+            pixels = np.asarray(preprocess(np.asarray(transform(batch, views, size))))
             return model.predict(pixels, batch_size=len(pixels), verbose=0)
 
         return Forward(run_replicated, lambda out: np.asarray(out, dtype=np.float32))
@@ -217,14 +223,14 @@ def _tensorflow_forward(model: Any, preprocess: Callable, size: int, replicas: R
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],
                  jit_compile=bool(model.jit_compile))
     def run(batch):
-        views = tf.concat([batch, tf.reverse(batch, axis=[2])], axis=0)
-        return tf.cast(model(preprocess(tf.cast(views, tf.float32)), training=False), tf.float32)
+        return tf.cast(model(preprocess(transform(batch, views, size)), training=False), tf.float32)
 
     run.get_concrete_function()
     return Forward(run, lambda out: np.asarray(out.numpy(), dtype=np.float32))
 
 
-def _jax_forward(model: Any, preprocess: Callable, size: int, batch: int, replicas: Replicas | None) -> Forward:
+def _jax_forward(model: Any, preprocess: Callable, size: int, batch: int, replicas: Replicas | None,
+                 views: tuple[str, ...]) -> Forward:
     """``jax.jit`` over ``model.stateless_call``, with the weights passed in as arguments.
 
     Batches go to the device as uint8 with ``jax.device_put``, which (like the jitted call)
@@ -234,23 +240,22 @@ def _jax_forward(model: Any, preprocess: Callable, size: int, batch: int, replic
     costs as much as a real one, a second or more), so each batch size is compiled as it comes.
     Over several devices the batch is split along its first axis (padded to a multiple of the
     device count) and the weights are replicated, as ``keras.distribution.DataParallel`` laid
-    them out when the model was built; the mirrors are then made on the host, so that each
-    device gets its share of both views without exchanging images with the others.
+    them out when the model was built; the views are then made on the host, so that each
+    device gets its share of every view without exchanging images with the others.
     """
     import jax
-    import jax.numpy as jnp
 
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
-    mirror_in_graph = replicas is None
+    views_in_graph = replicas is None
+    count_views = len(views)
 
     @jax.jit
     def run(trainable, non_trainable, batch):
         import keras
 
-        views = jnp.concatenate([batch, batch[:, :, ::-1]]) if mirror_in_graph else batch
-        outputs, _ = model.stateless_call(trainable, non_trainable, preprocess(views.astype("float32")),
-                                          training=False)
+        pixels = transform(batch, views, size) if views_in_graph else batch.astype("float32")
+        outputs, _ = model.stateless_call(trainable, non_trainable, preprocess(pixels), training=False)
         return keras.ops.cast(outputs, "float32")
 
     sharding, count = None, 1
@@ -267,22 +272,22 @@ def _jax_forward(model: Any, preprocess: Callable, size: int, batch: int, replic
         """The pass compiled ahead of time for batches of `images` (padded) images, without
         running it: a warm-up batch would cost a full forward pass on a CPU."""
         if images not in executables:
-            views = images if mirror_in_graph else 2 * images
-            shape = jax.ShapeDtypeStruct((views, size, size, 3), np.uint8, sharding=sharding)
+            rows, dtype = (images, np.uint8) if views_in_graph else (count_views * images, np.float32)
+            shape = jax.ShapeDtypeStruct((rows, size, size, 3), dtype, sharding=sharding)
             executables[images] = run.lower(trainable, non_trainable, shape).compile()
         return executables[images]
 
     def dispatch(pixels: np.ndarray) -> tuple[Any, int, int]:
         n, pixels = len(pixels), padding.pad(pixels)
         padded = len(pixels)
-        if not mirror_in_graph:
-            pixels = np.concatenate([pixels, pixels[:, :, ::-1]])
+        if not views_in_graph:
+            pixels = np.asarray(transform(pixels, views, size))
         placed = jax.device_put(pixels, sharding) if sharding is not None else jax.device_put(pixels)
         return executable(padded)(trainable, non_trainable, placed), n, padded
 
     def fetch(handle: tuple[Any, int, int]) -> np.ndarray:
         out, n, padded = handle
-        return _unpad(np.asarray(out, dtype=np.float32), n, padded)
+        return _unpad(np.asarray(out, dtype=np.float32), n, padded, count_views)
 
     executable(padding.size)
     return Forward(dispatch, fetch)
@@ -312,9 +317,9 @@ class _Padding:
         return np.concatenate([pixels, np.zeros((padded - len(pixels), *pixels.shape[1:]), pixels.dtype)])
 
 
-def _unpad(out: np.ndarray, n: int, padded: int) -> np.ndarray:
-    """The rows of the first `n` images and of their mirrors, from a pass over `padded` images."""
-    return out if n == padded else np.concatenate([out[:n], out[padded:padded + n]])
+def _unpad(out: np.ndarray, n: int, padded: int, count_views: int = 2) -> np.ndarray:
+    """The rows of the first `n` images in each of `count_views` views, from a pass over `padded` images."""
+    return out if n == padded else np.concatenate([out[k * padded:k * padded + n] for k in range(count_views)])
 
 
 def _cache_compiled_programs() -> None:
@@ -345,8 +350,8 @@ def _cache_compiled_programs() -> None:
 _cache_compiled_programs()
 
 
-def _torch_forward(model: Any, preprocess: Callable, size: int, batch: int) -> Forward:
-    """``torch.compile`` (TorchInductor) over the mirror, cast, preprocessing and the Keras model,
+def _torch_forward(model: Any, preprocess: Callable, size: int, batch: int, views: tuple[str, ...]) -> Forward:
+    """``torch.compile`` (TorchInductor) over the views, cast, preprocessing and the Keras model,
     run under ``torch.inference_mode`` on the backend's device.
 
     Compiled, the pass ran twice as fast as Keras's eager torch layers on this 2-core CPU
@@ -362,8 +367,7 @@ def _torch_forward(model: Any, preprocess: Callable, size: int, batch: int) -> F
     device = get_device()
 
     def both_views(pixels):
-        views = torch.cat([pixels, torch.flip(pixels, dims=[2])])
-        return model(preprocess(views.float()), training=False).float()
+        return model(preprocess(transform(pixels, views, size)), training=False).float()
 
     padding = _Padding(batch)
     run = [torch.compile(both_views, dynamic=False)]
@@ -376,7 +380,7 @@ def _torch_forward(model: Any, preprocess: Callable, size: int, batch: int) -> F
 
     def fetch(handle) -> np.ndarray:
         out, n, padded = handle
-        return _unpad(out.cpu().numpy().astype(np.float32, copy=False), n, padded)
+        return _unpad(out.cpu().numpy().astype(np.float32, copy=False), n, padded, len(views))
 
     try:
         fetch(dispatch(np.zeros((padding.size, size, size, 3), np.uint8)))

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from transfer_ensemble import backbones, engines, heads
+from transfer_ensemble import backbones, engines, heads, views
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import LinearOptions, SeedOptions  # noqa: F401  (their options, for callers)
 from transfer_ensemble.options import (
@@ -89,6 +89,14 @@ def _check_image_size(check: Checker, key: str, value: Any, values: dict) -> int
                                          f"{check.name(key)} {minimum} or more, or leave it unset for each "
                                          f"backbone's native size")
     return value
+
+
+def _check_views(check: Checker, key: str, value: Any, values: dict) -> tuple[str, ...]:
+    """`value` (comma-separated view names or shorthands, or a list) as registered view names."""
+    try:
+        return views.parse(value)
+    except ValueError as exc:
+        raise check.fail(key, value, str(exc)) from None
 
 
 def _check_scales(check: Checker, key: str, value: Any, values: dict) -> tuple[float, ...]:
@@ -210,11 +218,15 @@ class ExtractConfig:
                                        "input sizes to extract at, as multiples of --image-size (default 1,1.5: "
                                        "a second scale for the default head; 1 alone is the paper's)",
                                        Rule("text", _check_scales))
+    views: tuple[str, ...] = option(views.DEFAULT_VIEWS, "--views",
+                                    "views of each image to extract, comma-separated names or shorthands (pair, "
+                                    "center_pair, five_crop, ten_crop; default original,flipped); see docs/views.md",
+                                    Rule("text", _check_views))
 
     def __post_init__(self) -> None:
         checked = check_values(ExtractConfig, {f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
-        object.__setattr__(self, "backbones", checked["backbones"])
-        object.__setattr__(self, "scales", checked["scales"])
+        for key in ("backbones", "scales", "views"):
+            object.__setattr__(self, key, checked[key])
 
     def size_of(self, spec: backbones.BackboneSpec, scale: float = 1.0) -> int:
         """The input size `spec` is run at: --image-size if given, else the backbone's native size,
@@ -223,7 +235,8 @@ class ExtractConfig:
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"backbones": list(self.backbones),
-                                                                       "scales": list(self.scales)}
+                                                                       "scales": list(self.scales),
+                                                                       "views": list(self.views)}
 
     @classmethod
     def from_json(cls, obj: dict, source: str = "config.json") -> "ExtractConfig":

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer_ensemble import ensemble, heads, progress
+from transfer_ensemble import ensemble, heads, progress, views
 from transfer_ensemble.config import TrainConfig
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import POOLED, VIEWS, DamagedFile, FoldFiles, Recipe, RunFolder, load_json, load_npy
+from transfer_ensemble.runfolder import DamagedFile, FoldFiles, Recipe, RunFolder, load_json, load_npy
 from transfer_ensemble.storage import atomic_path, write_json, write_npy
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,10 @@ def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 
 def fold_seed(seed: int, group: str, fold: int) -> int:
-    """The seed of one fold model (config.MAX_SEED keeps it below 2**32)."""
-    return seed * 1000 + (VIEWS + (POOLED,)).index(group) * 100 + fold
+    """The seed of one fold model: ``seed*1000 + offset*100 + fold`` with the group's fixed offset
+    (``views.seed_offset``), so adding a view changes no seed; kept below 2**32 (config.MAX_SEED
+    does that for the first offsets on its own)."""
+    return (seed * 1000 + views.seed_offset(group) * 100 + fold) % 2**32
 
 
 def _prepare_recipe(run: RunFolder, recipe: Recipe) -> None:
@@ -107,7 +109,7 @@ def train_recipe(run: RunFolder, recipe: Recipe, features: dict[str, dict[str, n
     config = recipe.config
     kind = heads.get(config.head)
     assignment = fold_assignment(labels, config.folds, config.seed)
-    n_test = len(features[VIEWS[0]]["test"])
+    n_test = len(features[recipe.views[0]]["test"])
     states = {job: _fold_state(recipe.fold(*job), kind, np.flatnonzero(assignment == job[1]), n_test,
                                n_classes, test_identity) for job in recipe.jobs}
     for (view, fold), (state, why) in states.items():
@@ -121,7 +123,7 @@ def train_recipe(run: RunFolder, recipe: Recipe, features: dict[str, dict[str, n
     if len(todo) < len(states):
         log.info("%s: reusing %d finished fold models; training %d", recipe.name, len(states) - len(todo),
                  len(todo))
-    test = {view: features[view]["test"] for view in VIEWS}
+    test = {view: features[view]["test"] for view in recipe.views}
     for group, fold in (job for job, (state, _) in states.items() if state == "predict"):
         files = recipe.fold(group, fold)
         model = kind.load(files.model(kind.suffix))

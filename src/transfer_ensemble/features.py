@@ -1,7 +1,8 @@
 """Stream images through the frozen backbones into on-disk feature stores, once per image.
 
-A store (``runfolder.StoreFiles``) holds one split's features of one backbone, rows keyed by
-the SHA-256 of each image file. A batch's rows are marked done only after their features are
+A store (``runfolder.StoreFiles``) holds one split's features of one backbone, one array per
+view (``views``), rows keyed by the SHA-256 of each image file; each view has its own done mask,
+so a view added to a store is computed alone. A batch's rows are marked done only after their features are
 flushed to disk, so a process killed at any moment loses at most the few batches in flight (one
 on the device, one being fetched, and up to `Writer.DEPTH` waiting to be written). A store
 whose settings match is reused; rows of images it (or a donor store with the same settings)
@@ -24,10 +25,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from transfer_ensemble import backbones, backend, images, progress
+from transfer_ensemble import backbones, backend, images, progress, views
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import VIEWS, DamagedFile, StoreFiles, feature_settings, load_json, load_npy
+from transfer_ensemble.runfolder import DamagedFile, StoreFiles, feature_settings, load_json, load_npy
 from transfer_ensemble.storage import write_json, write_npy
 
 log = logging.getLogger(__name__)
@@ -36,33 +37,60 @@ STORE_VERSION = 2  # rows keyed by the SHA-256 of the image file
 COPY_CHUNK = 1024
 
 
+def _masks(files: StoreFiles, held: Sequence[str], n: int, read: bool) -> dict[str, np.ndarray]:
+    """Each held view's done mask (views sharing a mask file share the array): read, or all False."""
+    by_file: dict[Path, np.ndarray] = {}
+    for view in held:
+        path = files.done_of(view)
+        if path not in by_file:
+            by_file[path] = load_npy(path, (n,), bool).copy() if read else np.zeros(n, dtype=bool)
+    return {view: by_file[files.done_of(view)] for view in held}
+
+
 @dataclass
 class Store:
-    """An open store: its files plus the in-memory done mask.
+    """An open store: its files, the in-memory done mask of each view it holds, and the views
+    this extraction wants (`done` is their rows done in every one of them).
 
     The feature files are mapped only while a batch is written, so resident memory does not grow
     with the number of images as it would with pages of a long-lived memory map.
     """
 
     files: StoreFiles
-    done: np.ndarray
+    masks: dict[str, np.ndarray]
+    views: tuple[str, ...] = views.PAIR
+
+    @property
+    def done(self) -> np.ndarray:
+        """Rows done in every wanted view."""
+        return np.logical_and.reduce([self.masks[v] for v in self.views])
+
+    def missing_views(self, rows: np.ndarray) -> tuple[str, ...]:
+        """The wanted views some of `rows` lack."""
+        return tuple(v for v in self.views if not self.masks[v][rows].all())
 
     def write(self, rows: np.ndarray, values: dict[str, np.ndarray], commit: bool = True) -> None:
-        """Write each view's rows and flush them to disk; then, if `commit`, mark the rows done."""
+        """Write each view's rows and flush them to disk; then, if `commit`, mark them done in those views."""
         for view, array in values.items():
             target = np.load(self.files.view(view), mmap_mode="r+")
             target[rows] = array
             target.flush()
             del target
         if commit:
-            self.done[rows] = True
-            write_npy(self.files.done, self.done)
+            for view in values:
+                self.masks[view][rows] = True
+            for path in {self.files.done_of(view) for view in values}:
+                write_npy(path, self.masks[next(v for v in values if self.files.done_of(v) == path)])
 
     def write_missing(self, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
-        """`write` and commit those of `rows` (with their `values`) that are not done yet."""
-        need = ~self.done[rows]
-        if need.any():
-            self.write(rows[need], {view: array[need] for view, array in values.items()})
+        """`write` and commit those of `rows` (with their `values`) not done yet, by done mask."""
+        by_mask: dict[Path, list[str]] = {}
+        for view in values:
+            by_mask.setdefault(self.files.done_of(view), []).append(view)
+        for group in by_mask.values():
+            need = ~self.masks[group[0]][rows]
+            if need.any():
+                self.write(rows[need], {view: values[view][need] for view in group})
 
 
 class Writer:
@@ -111,23 +139,31 @@ class Writer:
 
 @dataclass
 class _Contents:
-    """A readable store's records: its settings, row keys and done mask."""
+    """A readable store's records: its settings, row keys and each held view's done mask."""
 
     files: StoreFiles
     meta: dict
     keys: list
-    done: np.ndarray
+    masks: dict[str, np.ndarray]
+
+
+def held_views(meta: dict) -> tuple[str, ...]:
+    """The views a store holds (stores from before views were recorded hold the pair)."""
+    return tuple(meta.get("views", views.PAIR))
 
 
 def _read_contents(files: StoreFiles) -> _Contents:
     """Read and check a store's records and the shapes of its arrays; DamagedFile otherwise."""
     meta = load_json(files.meta)
     keys = load_json(files.keys, list)
-    done = load_npy(files.done, (len(keys),), bool)
+    held = held_views(meta)
+    if not set(views.PAIR) <= set(held) or not set(held) <= set(views.REGISTRY):
+        raise DamagedFile(files.meta, f"lists views {list(held)}, not the pair and known views")
+    masks = _masks(files, held, len(keys), read=True)
     width = meta.get("width")
-    for view in VIEWS:
+    for view in held:
         load_npy(files.view(view), (len(keys), width), np.float32, mmap=True)
-    return _Contents(files, meta, keys, done)
+    return _Contents(files, meta, keys, masks)
 
 
 def _readable(files: StoreFiles, what: str) -> _Contents | None:
@@ -141,18 +177,27 @@ def _readable(files: StoreFiles, what: str) -> _Contents | None:
         return None
 
 
-def open_store(files: StoreFiles, meta: dict, keys: list[str], donors: Sequence[StoreFiles] = ()) -> Store:
-    """Open or create the store so that it matches `meta` and `keys`, reusing what it can.
+def open_store(files: StoreFiles, meta: dict, keys: list[str], donors: Sequence[StoreFiles] = (),
+               wanted: Sequence[str] = views.PAIR) -> Store:
+    """Open or create the store so that it matches `meta` and `keys` and holds the `wanted`
+    views, reusing what it can.
 
     Finished rows of images (by content) that this store or a `donor` with the same settings
-    already holds are copied into place; the rest are left to compute.
+    already holds are copied into place, view by view; a view the store lacks is added empty
+    (its other views are kept); the rest are left to compute.
     """
+    wanted = tuple(wanted)
     what = f"the {meta['backbone']} features in {files.folder}"
     current = _readable(files, what)
     if current is not None and feature_settings(current.meta) == feature_settings(meta) and current.keys == keys:
-        if current.meta != meta:  # other ids, or a record from before the backend was recorded
-            write_json(files.meta, meta)
-        return Store(files, current.done.copy())
+        held = held_views(current.meta)
+        added = [v for v in wanted if v not in held]
+        for view in added:
+            _new_view(files, view, len(keys), meta["width"])
+        record = {**meta, "views": [v for v in views.REGISTRY if v in held or v in added]}
+        if current.meta != record:  # other ids, new views, or a record from before the backend was recorded
+            write_json(files.meta, record)
+        return Store(files, _masks(files, record["views"], len(keys), read=True), wanted)
     sources = [current] if current is not None and feature_settings(current.meta) == feature_settings(meta) else []
     for donor in donors:
         if donor != files:
@@ -161,47 +206,56 @@ def open_store(files: StoreFiles, meta: dict, keys: list[str], donors: Sequence[
                 sources.append(contents)
     if current is not None and not sources:
         log.info("%s were computed with other settings: computing them again", what)
-    return _new_store(files, meta, keys, sources)
+    return _new_store(files, meta, keys, sources, wanted)
 
 
-def _new_store(files: StoreFiles, meta: dict, keys: list[str], sources: Sequence[_Contents]) -> Store:
-    """Write a fresh store beside `files` and swap it in with one rename.
+def _new_view(files: StoreFiles, view: str, rows: int, width: int) -> None:
+    """An empty view array (disk reserved) and, for a view with a mask of its own, its empty mask."""
+    np.lib.format.open_memmap(files.view(view), mode="w+", dtype=np.float32, shape=(rows, width)).flush()
+    _reserve(files.view(view))
+    if files.done_of(view) != files.done or not files.done.exists():
+        write_npy(files.done_of(view), np.zeros(rows, dtype=bool))
 
-    Rows found in `sources` are copied in chunks, so that memory stays flat.
+
+def _new_store(files: StoreFiles, meta: dict, keys: list[str], sources: Sequence[_Contents],
+               wanted: tuple[str, ...]) -> Store:
+    """Write a fresh store of the `wanted` views beside `files` and swap it in with one rename.
+
+    Rows found in `sources` are copied view by view in chunks, so that memory stays flat.
     """
     staging = files.staging()
     if staging.folder.exists():
         shutil.rmtree(staging.folder)
     staging.folder.mkdir(parents=True)
-    done = np.zeros(len(keys), dtype=bool)
-    for view in VIEWS:
-        np.lib.format.open_memmap(staging.view(view), mode="w+", dtype=np.float32,
-                                  shape=(len(keys), meta["width"])).flush()
-        _reserve(staging.view(view))
-    wanted = {key: row for row, key in enumerate(keys)}
-    reused = 0
+    held = tuple(v for v in views.REGISTRY if v in wanted)
+    for view in held:
+        _new_view(staging, view, len(keys), meta["width"])
+    store = Store(staging, _masks(staging, held, len(keys), read=False), held)
+    row_of = {key: row for row, key in enumerate(keys)}
+    reused = {view: 0 for view in held}
     for source in sources:
-        pairs = [(wanted.pop(key), old) for old, key in enumerate(source.keys)
-                 if source.done[old] and key in wanted]
-        new_rows = np.array([p[0] for p in pairs], dtype=np.int64)
-        old_rows = np.array([p[1] for p in pairs], dtype=np.int64)
-        for start in range(0, len(new_rows), COPY_CHUNK):
-            part = slice(start, start + COPY_CHUNK)
-            rows = {view: np.array(np.load(source.files.view(view), mmap_mode="r")[old_rows[part]])
-                    for view in VIEWS}
-            Store(staging, done).write(new_rows[part], rows, commit=False)
-        done[new_rows] = True
-        reused += len(new_rows)
-    write_npy(staging.done, done)
+        for view in (v for v in held if v in source.masks):
+            pairs = [(row_of[key], old) for old, key in enumerate(source.keys)
+                     if source.masks[view][old] and key in row_of and not store.masks[view][row_of[key]]]
+            new_rows = np.array([p[0] for p in pairs], dtype=np.int64)
+            old_rows = np.array([p[1] for p in pairs], dtype=np.int64)
+            for start in range(0, len(new_rows), COPY_CHUNK):
+                part = slice(start, start + COPY_CHUNK)
+                rows = np.array(np.load(source.files.view(view), mmap_mode="r")[old_rows[part]])
+                store.write(new_rows[part], {view: rows}, commit=False)
+            store.masks[view][new_rows] = True
+            reused[view] += len(new_rows)
+    for path in {staging.done_of(view): view for view in held}.items():
+        write_npy(path[0], store.masks[path[1]])
     write_json(staging.keys, keys)
-    write_json(staging.meta, meta)
+    write_json(staging.meta, {**meta, "views": list(held)})
     if files.folder.exists():
         shutil.rmtree(files.folder)
     staging.folder.rename(files.folder)
     if sources:
         log.info("%s: reused %d of %d rows from earlier features, %d to compute",
-                 files.folder, reused, len(keys), len(keys) - reused)
-    return Store(files, done)
+                 files.folder, min(reused.values()), len(keys), len(keys) - min(reused.values()))
+    return Store(files, _masks(files, held, len(keys), read=True), held)
 
 
 def _reserve(path: Path) -> None:
@@ -245,10 +299,22 @@ def _precision_policy(precision: str):
 
 @dataclass
 class Backbone:
-    """A built model and its compiled forward pass (preprocessing included) on uint8 RGB batches."""
+    """A built model and its compiled forward passes (views and preprocessing included) on uint8
+    RGB batches: `run` of the paper's pair, the others (one per group of views sharing a crop,
+    ``views.passes``) compiled on first use."""
 
     model: object
     run: backend.Forward
+    compile: Callable[[tuple[str, ...]], backend.Forward] = field(repr=False, default=None)
+    passes: dict = field(default_factory=dict, repr=False)
+
+    def forward(self, group: tuple[str, ...]) -> backend.Forward:
+        """The compiled pass of one group of views."""
+        if group == views.PAIR:
+            return self.run
+        if group not in self.passes:
+            self.passes[group] = self.compile(group)
+        return self.passes[group]
 
 
 @dataclass
@@ -281,9 +347,11 @@ class Extractor:
             scope = replicas.scope() if replicas is not None else contextlib.nullcontext()
             with _precision_policy(self.config.precision), scope:
                 model = backbones.build(spec, self.sources[spec.name], size, self.config.seed)
-            run = backend.compile_forward(model, backbones.preprocess_input(spec), size,
-                                          self.config.batch_size, replicas)
-            self._models[spec.name] = Backbone(model, run)
+            def compile_pass(group: tuple[str, ...], model=model, spec=spec, size=size) -> backend.Forward:
+                return backend.compile_forward(model, backbones.preprocess_input(spec), size,
+                                               self.config.batch_size, replicas, group)
+
+            self._models[spec.name] = Backbone(model, compile_pass(views.PAIR), compile_pass)
             if self.sources[spec.name].path is None and self.config.weights == "imagenet":
                 self.sources[spec.name] = backbones.resolve_weights(spec, "imagenet")
         return self._models[spec.name]
@@ -313,21 +381,28 @@ class Extractor:
         """The input size `spec` runs at in this extractor."""
         return self.config.size_of(spec, self.scale)
 
-    def forward(self, spec: backbones.BackboneSpec, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """Pooled float32 features of uint8 RGB images `pixels` (n, h, w, 3) and of their
-        left-right mirrors: {"original": (n, width), "flipped": (n, width)}."""
-        return self.dispatch(spec, pixels)()
+    def forward(self, spec: backbones.BackboneSpec, pixels: np.ndarray,
+                wanted: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Pooled float32 features of uint8 RGB images `pixels` (n, h, w, 3) in each of the
+        `wanted` views (default: the config's): {"original": (n, width), "flipped": ..., ...}."""
+        return self.dispatch(spec, pixels, wanted)()
 
-    def dispatch(self, spec: backbones.BackboneSpec,
-                 pixels: np.ndarray) -> Callable[[], dict[str, np.ndarray]]:
-        """Launch the forward pass of `pixels` now; the returned function waits for its features."""
-        forward = self.model(spec).run
-        handle = forward.dispatch(pixels)
+    def dispatch(self, spec: backbones.BackboneSpec, pixels: np.ndarray,
+                 wanted: Sequence[str] | None = None) -> Callable[[], dict[str, np.ndarray]]:
+        """Launch the forward passes of `pixels` now (one per group of views sharing a crop); the
+        returned function waits for their features."""
+        backbone = self.model(spec)
+        groups = views.passes(self.config.views if wanted is None else wanted)
+        launched = [(group, backbone.forward(group), None) for group in groups]
+        launched = [(group, forward, forward.dispatch(pixels)) for group, forward, _ in launched]
         n = len(pixels)
 
         def result() -> dict[str, np.ndarray]:
-            both = forward.fetch(handle)
-            return dict(zip(VIEWS, (both[:n], both[n:])))
+            out = {}
+            for group, forward, handle in launched:
+                stacked = forward.fetch(handle)
+                out.update({view: stacked[k * n:(k + 1) * n] for k, view in enumerate(group)})
+            return out
 
         return result
 
@@ -356,8 +431,9 @@ def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: 
             with progress.bar(total=len(rows), desc=desc, unit="img") as bar:
                 previous: tuple[list[_Pending], int] = ([], 0)
                 for batch in _batches(list(paths), rows, size, config):
-                    launched = [_Pending(stores[spec.name], batch.rows, extractor.dispatch(spec, batch.pixels))
-                                for spec in specs if not stores[spec.name].done[batch.rows].all()]
+                    launched = [_Pending(stores[spec.name], batch.rows,
+                                         extractor.dispatch(spec, batch.pixels, stores[spec.name].missing_views(batch.rows)))
+                                for spec in specs if stores[spec.name].missing_views(batch.rows)]
                     _finish(*previous, writer, bar)
                     previous = (launched, len(batch.rows))
                 _finish(*previous, writer, bar)
@@ -390,7 +466,8 @@ def open_stores(extractor: Extractor, split: str, ids: Sequence[str], keys: Sequ
     stores = {}
     for spec in extractor.specs:
         meta = store_meta(spec, extractor.sources[spec.name], extractor.config, list(ids), extractor.scale)
-        stores[spec.name] = open_store(store_of(spec.name), meta, list(keys), donors_of(spec.name))
+        stores[spec.name] = open_store(store_of(spec.name), meta, list(keys), donors_of(spec.name),
+                                       extractor.config.views)
     _log_reuse(split, len(ids), {name: int(store.done.sum()) for name, store in stores.items()})
     return stores
 
@@ -449,9 +526,12 @@ def load_features(stores: Sequence[StoreFiles], view: str, expected_ids: Sequenc
     parts = []
     for files in stores:
         contents = _read_contents(files)
-        if not contents.done.all():
-            raise DamagedFile(files.folder, f"is incomplete ({int(contents.done.sum())} of "
-                                            f"{len(contents.done)} images)")
+        if view not in contents.masks:
+            raise DamagedFile(files.folder, f"holds no {view} view (it has {', '.join(contents.masks)})")
+        done = contents.masks[view]
+        if not done.all():
+            raise DamagedFile(files.folder, f"is incomplete ({int(done.sum())} of {len(done)} images "
+                                            f"in the {view} view)")
         if contents.meta.get("ids") != list(expected_ids):
             raise DamagedFile(files.meta, "lists other images than the run's data set")
         parts.append(np.load(files.view(view), mmap_mode="r"))

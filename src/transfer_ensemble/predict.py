@@ -34,7 +34,7 @@ from transfer_ensemble import engines, features, images
 from transfer_ensemble.config import MAX_PIXELS, EngineConfig, ExtractConfig, engine_config
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import (PREDICT_SPLIT, SPLITS, VIEWS, Blend, PredictCache, Recipe, RunFolder,
+from transfer_ensemble.runfolder import (POOLED, PREDICT_SPLIT, SPLITS, Blend, PredictCache, Recipe, RunFolder,
                                          StoreFiles, source_key)
 from transfer_ensemble.scoring import Scorer
 from transfer_ensemble.storage import FolderBusy, atomic_path, run_lock, write_json
@@ -90,7 +90,7 @@ class Run:
             raise UserError(f"The run {run.path} was extracted with the weights in {saved.weights}, which "
                             f"is no longer a folder. Pass --weights with a folder holding the same weight "
                             f"files (they are checked against the run's).")
-        extract_config = replace(saved, weights=weights or saved.weights)
+        extract_config = replace(saved, weights=weights or saved.weights, views=recipe.views)
         scales = extract_config.scales if recipe.config.multiscale else extract_config.scales[:1]
         extractors = [features.Extractor(extract_config, scale) for scale in scales]
         for extractor in extractors:
@@ -113,7 +113,7 @@ class Run:
 
         Each item is an image path or an RGB uint8 array (height, width, 3); a 4-d uint8 array
         is a batch of them. With `tta` (the default) the models score the views they score in the
-        submission; without it, the original view only (the flipped view's models are left out).
+        submission; without it, the original view only (other views' own models are left out).
         Paths use the on-disk feature stores (under `cache_dir`, default RUN/predict/), arrays
         are scored in memory, in this process. `engine` names one of ``engines.ENGINES`` (or is an
         EngineConfig) to compute the features of paths and score them there; None is "local", here.
@@ -188,7 +188,7 @@ class Run:
         for extractor in self.extractors:
             extractor.ensure_weights_known()
         batch_size = batch_size or self.extract_config.batch_size
-        views = VIEWS if tta else VIEWS[:1]
+        views = self.recipe.views if tta else self.recipe.views[:1]
         out = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
@@ -196,7 +196,7 @@ class Run:
             for extractor, spec in ((e, spec) for e in self.extractors for spec in e.specs):
                 size = extractor.size(spec)
                 pixels = [_as_model_input(it, size, start + i) for i, it in enumerate(chunk)]
-                both = extractor.forward(spec, np.stack(pixels))
+                both = extractor.forward(spec, np.stack(pixels), views)
                 for view in views:
                     parts[view].append(both[view])
             out.append(self.scorer.combine({view: np.concatenate(p, axis=1) for view, p in parts.items()}))
@@ -394,7 +394,8 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
         predicted = _write_csv(f, fmt, names, run.iter_probabilities(stores, len(paths), tta, engine=where),
                                run.classes, k)
     return {"out": str(out), "images": len(paths), "classes": len(run.classes), "format": fmt, "k": k,
-            "models": run.n_models if tta else sum(len(m) for g, m in run.models.items() if g != "flipped"),
+            "models": run.n_models if tta else sum(len(m) for g, m in run.models.items()
+                                                     if g in (POOLED, run.recipe.views[0])),
             "tta": tta,
             "recipe": run.recipe.name, "computed": stats["computed"], "reused": stats["reused"],
             "extract_seconds": stats["seconds"], "seconds": time.perf_counter() - start,

@@ -44,7 +44,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from transfer_ensemble import __version__, backend
+from transfer_ensemble import __version__, backend, views
 from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
 from transfer_ensemble.dataset import Dataset, Item
 from transfer_ensemble.errors import UserError
@@ -52,7 +52,6 @@ from transfer_ensemble.storage import read_json, run_lock, write_json
 
 log = logging.getLogger(__name__)
 
-VIEWS = ("original", "flipped")
 POOLED = "pooled"  # the model group of a recipe with pooled views: one model per fold on every view
 SPLITS = ("train", "test")
 PREDICT_SPLIT = "predict"
@@ -128,9 +127,11 @@ def feature_settings(meta: dict) -> dict:
     """What a store's features depend on besides the images: its meta.json without the ids.
 
     The Keras backend that computed them is part of it, except TensorFlow's: stores written
-    before the backend was recorded were all TensorFlow's, and they keep their identity.
+    before the backend was recorded were all TensorFlow's, and they keep their identity. The
+    views a store holds are not: each view's features stay what they were when a view is added.
     """
-    return {k: v for k, v in meta.items() if k != "ids" and not (k == "backend" and v == "tensorflow")}
+    return {k: v for k, v in meta.items()
+            if k not in ("ids", "views") and not (k == "backend" and v == "tensorflow")}
 
 
 @dataclass(frozen=True)
@@ -138,9 +139,11 @@ class StoreFiles:
     """A feature store: one split's features of one backbone.
 
     ``meta.json``: what the features depend on besides the images (backbone, width, weights
-    identity, image size, precision, preprocessing) and the ids in row order; ``keys.json``: the
-    SHA-256 of each row's image file; ``original.npy``, ``flipped.npy``: float32 (rows, width);
-    ``done.npy``: which rows are complete, replaced atomically after each batch.
+    identity, image size, precision, preprocessing), the views it holds and the ids in row
+    order; ``keys.json``: the SHA-256 of each row's image file; ``<view>.npy`` for each view
+    (``original.npy``, ``flipped.npy``, ...): float32 (rows, width); ``done.npy``: which rows
+    of the pair (original and flipped) are complete, and ``done_<view>.npy`` of each other
+    view, replaced atomically after each batch.
     """
 
     folder: Path
@@ -159,6 +162,10 @@ class StoreFiles:
 
     def view(self, view: str) -> Path:
         return self.folder / f"{view}.npy"
+
+    def done_of(self, view: str) -> Path:
+        """The done mask of `view`: the pair shares ``done.npy`` (as stores always have)."""
+        return self.done if view in views.PAIR else self.folder / f"done_{view}.npy"
 
     def staging(self) -> "StoreFiles":
         """Where a replacement store is built before it is renamed over this one."""
@@ -271,7 +278,8 @@ class RunData:
 @dataclass
 class Recipe:
     """The fold heads trained with one kind of head and one set of options: K per view (the
-    paper's 2 x K), or K models each trained on every view (`pool_views`)."""
+    paper's 2 x K), or K models each trained on every view (`pool_views`). Its views are the
+    ones recorded in `inputs` (the paper's pair where none are)."""
 
     name: str
     config: TrainConfig
@@ -293,18 +301,23 @@ class Recipe:
         return self.folder / RECIPE_RECORD
 
     @property
+    def views(self) -> tuple[str, ...]:
+        """The views the recipe is trained on and scores, in registry order."""
+        return tuple(self.inputs.get("views", views.PAIR))
+
+    @property
     def groups(self) -> tuple[str, ...]:
         """The model groups: one per view, or the one pooled group."""
-        return (POOLED,) if self.config.pool_views else VIEWS
+        return (POOLED,) if self.config.pool_views else self.views
 
     def train_views(self, group: str) -> tuple[str, ...]:
         """The views whose rows a group's models are trained on."""
-        return VIEWS if group == POOLED else (group,)
+        return self.views if group == POOLED else (group,)
 
     def scored_views(self, group: str) -> tuple[str, ...]:
         """The views a group's models score, averaged: every view with TTA, else their own
         (for pooled models, the original)."""
-        return VIEWS if self.config.tta else self.train_views(group)[:1]
+        return self.views if self.config.tta else self.train_views(group)[:1]
 
     @property
     def jobs(self) -> list[tuple[str, int]]:
@@ -468,6 +481,17 @@ class RunFolder:
         scales = extract.scales if config.multiscale else extract.scales[:1]
         return [source_key(name, scale) for scale in scales for name in extract.backbones]
 
+    def recipe_views(self, config: TrainConfig) -> tuple[str, ...]:
+        """The views a recipe of `config` uses: the run's (``--views``), or the pair for heads that
+        keep to the paper's views (``views.PAIR_HEADS``)."""
+        return views.PAIR if config.head in views.PAIR_HEADS else self.extract_config().views
+
+    def views_input(self, config: TrainConfig) -> dict:
+        """The views entry of a recipe's inputs: none for the pair, so recipes from before views
+        were recorded keep their identity."""
+        chosen = self.recipe_views(config)
+        return {} if chosen == views.PAIR else {"views": list(chosen)}
+
     def recipe(self, config: TrainConfig, inputs: dict | None = None) -> Recipe:
         name = recipe_name(config)
         return Recipe(name, config, inputs or {}, self.heads_dir / name)
@@ -629,7 +653,7 @@ class RunFolder:
             if folder.name.startswith(BLEND_PREFIX):
                 continue
             record = folder / RECIPE_RECORD
-            if folder.name in VIEWS and not record.exists():
+            if folder.name in views.PAIR and not record.exists():
                 log.warning("%s holds fold models in the layout of transfer-ensemble before head recipes; "
                             "they are not used: `train` trains them again as a recipe", folder)
                 continue
@@ -683,7 +707,8 @@ class RunFolder:
             current = inputs[sources]
             metrics = recipe.metrics()
             fresh = bool(current) and recipe.inputs.get("features") == current["features"] \
-                and recipe.inputs.get("train") == current["train"] and recipe.inputs.get("labels") == labels
+                and recipe.inputs.get("train") == current["train"] and recipe.inputs.get("labels") == labels \
+                and recipe.inputs.get("views") == self.views_input(recipe.config).get("views")
             state = "stale" if not fresh else "current" if metrics is not None else "unfinished"
             out.append(RecipeStatus(recipe, state, metrics))
         states = {s.recipe.name: s for s in out}

@@ -17,7 +17,7 @@ import numpy as np
 
 from transfer_ensemble import ensemble, heads
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import VIEWS, Blend, Recipe, RunData, RunFolder, StoreFiles
+from transfer_ensemble.runfolder import Blend, Recipe, RunData, RunFolder, StoreFiles
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Scorer:
 
     def score_rows(self, stores: Sequence[StoreFiles], start: int, stop: int, tta: bool = True) -> np.ndarray:
         """The recipe's probabilities for rows [start, stop) of the stored features (both views with `tta`)."""
-        views = VIEWS if tta else VIEWS[:1]
+        views = self.recipe.views if tta else self.recipe.views[:1]
         x = {view: np.concatenate([read_rows(store.view(view), start, stop) for store in stores], axis=1)
              for view in views}
         return self.combine(x)

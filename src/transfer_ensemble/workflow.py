@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes,
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
 from transfer_ensemble.options import python_overrides, refuse_unknown
-from transfer_ensemble.runfolder import (SPLITS, VIEWS, Blend, DamagedFile, Recipe, RunData, RunFolder,
+from transfer_ensemble.runfolder import (SPLITS, Blend, DamagedFile, Recipe, RunData, RunFolder,
                                          blend_name, labels_digest, load_json, source_key)
 from transfer_ensemble.scoring import blend_test_probabilities, test_probabilities
 from transfer_ensemble.storage import disk_errors, write_json
@@ -163,9 +164,9 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None, he
         check_folds(dataset, config.folds)
         labels = run_data.labels
         inputs = run.feature_inputs(sources)
-        features = _load_features(run, run_data, sources)
         recipe = run.recipe(config, {"features": inputs["features"], "train": inputs["train"],
-                                     "labels": labels_digest(labels)})
+                                     "labels": labels_digest(labels), **run.views_input(config)})
+        features = _load_features(run, run_data, sources, recipe.views)
         from transfer_ensemble.crossval import oof_metrics, train_recipe, training_warnings
 
         oof = train_recipe(run, recipe, features, labels, len(dataset.classes), inputs["test"])
@@ -243,13 +244,13 @@ def blend(run_dir: str | Path, parts: list[str]) -> dict:
         return {"recipe": result.name, "metrics": metrics, "recipes": run.statuses()}
 
 
-def _load_features(run: RunFolder, run_data: RunData, sources: list[str]) -> dict:
+def _load_features(run: RunFolder, run_data: RunData, sources: list[str], views: Sequence[str]) -> dict:
     from transfer_ensemble.features import load_features
 
     ids = {"train": [it.id for it in run_data.dataset.train], "test": [it.id for it in run_data.good_test]}
     try:
         return {view: {split: load_features(run.stores(split, sources), view, ids[split]) for split in SPLITS}
-                for view in VIEWS}
+                for view in views}
     except DamagedFile as exc:
         raise UserError(f"The features in {exc.path.parent if exc.path.suffix else exc.path} are not usable: "
                         f"{exc}. Run `transfer-ensemble extract --data DIR --run {run.path}` again: it "

@@ -33,7 +33,7 @@ import numpy as np
 from transfer_ensemble import features, images, progress
 from transfer_ensemble.config import EngineConfig, ExtractConfig
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import VIEWS, StoreFiles
+from transfer_ensemble.runfolder import StoreFiles
 from transfer_ensemble.scoring import Scorer
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,8 @@ def extract_split(extractor: features.Extractor, split: str, paths: Sequence[Pat
                              "models in them)", split, time.perf_counter() - launched)
                 chunk_rows = chunk["row"].astype(np.int64)
                 for spec in specs:
-                    stores[spec.name].write_missing(chunk_rows, {view: chunk[f"{spec.name}/{view}"] for view in VIEWS})
+                    stores[spec.name].write_missing(chunk_rows, {view: chunk[f"{spec.name}/{view}"]
+                                                                  for view in stores[spec.name].views})
                 bar.update(len(chunk_rows))
                 after_chunk()
         computed += len(rows)

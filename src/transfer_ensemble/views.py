@@ -1,0 +1,141 @@
+"""The views of an image the backbones see: each one an entry here, with its transform as data.
+
+A view is the image as decoded at the backbone's input size (``original``), optionally cropped
+(a square of `Crop.fraction` of the side at `Crop.anchor`, resized back to the input size) and
+optionally mirrored left to right. The compiled pass (``backend.compile_forward``) applies the
+transforms to the uint8 batch in the graph, with `transform` below (keras.ops, so the same code
+runs inside TensorFlow's, JAX's and torch's compiled passes); a store keeps one ``<view>.npy``
+per view.
+
+Each view has a fixed `seed_offset`: fold seeds are ``seed*1000 + offset*100 + fold``, so the
+original (0), flipped (1) and the pooled group (2) seed as they always have, and adding a view
+changes no existing seed. To add a view: one `View(...)` line in `REGISTRY`, with the next
+unused offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+ANCHORS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A square crop of `fraction` of the input's side at `anchor`, resized back to the input size."""
+
+    fraction: float
+    anchor: str = "center"
+
+    def box(self, size: int) -> tuple[int, int, int]:
+        """(top, left, side) of the crop in a `size` x `size` image."""
+        side = max(1, int(round(self.fraction * size)))
+        far = size - side
+        top = {"center": far // 2, "top_left": 0, "top_right": 0, "bottom_left": far, "bottom_right": far}[self.anchor]
+        left = {"center": far // 2, "top_left": 0, "top_right": far, "bottom_left": 0, "bottom_right": far}[self.anchor]
+        return top, left, side
+
+
+@dataclass(frozen=True)
+class View:
+    """One view: its name (the store's file name), its transform, and its fold-seed offset."""
+
+    name: str
+    seed_offset: int
+    mirror: bool = False
+    crop: Crop | None = None
+
+    @property
+    def pixels(self) -> float:
+        """Forward-pass pixels of this view relative to the original's (a crop is resized back)."""
+        return 1.0
+
+
+CROP = 0.875
+"""The side of the crop views, as a fraction of the input's side."""
+
+POOLED_OFFSET = 2  # the seed offset of a recipe's pooled group (runfolder.POOLED)
+
+_ENTRIES = [
+    View("original", 0),
+    View("flipped", 1, mirror=True),
+    View("center", 3, crop=Crop(CROP, "center")),
+    View("center_flipped", 4, mirror=True, crop=Crop(CROP, "center")),
+]
+for _i, _anchor in enumerate(ANCHORS[1:]):
+    _ENTRIES.append(View(_anchor, 5 + 2 * _i, crop=Crop(CROP, _anchor)))
+    _ENTRIES.append(View(f"{_anchor}_flipped", 6 + 2 * _i, mirror=True, crop=Crop(CROP, _anchor)))
+
+REGISTRY: dict[str, View] = {v.name: v for v in _ENTRIES}
+PAIR = ("original", "flipped")
+"""The paper's views, in every store: the image and its mirror."""
+DEFAULT_VIEWS = PAIR
+"""The views `extract` computes when --views is not given (see docs/views.md for the measurements)."""
+PAIR_HEADS = ("seed",)
+"""Heads that keep to the paper's pair whatever views the run has: the paper's recipe is untouched."""
+SETS = {"pair": PAIR, "center_pair": PAIR + ("center", "center_flipped"),
+        "five_crop": PAIR + tuple(v.name for v in _ENTRIES[2:] if not v.mirror),
+        "ten_crop": tuple(REGISTRY)}
+"""Shorthands --views accepts for common view sets."""
+
+
+def get(name: str) -> View:
+    return REGISTRY[name]
+
+
+def parse(value: Any) -> tuple[str, ...]:
+    """A --views value (comma-separated names or shorthands, or a list) as registry names in
+    registry order; it always holds the paper's pair. ValueError saying what is wrong otherwise."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise ValueError('must be a comma-separated list of view names, e.g. "original,flipped,center"')
+    names: set[str] = set(PAIR)
+    for item in (i.strip() for i in items):
+        if item in SETS:
+            names.update(SETS[item])
+        elif item in REGISTRY:
+            names.add(item)
+        elif item:
+            raise ValueError(f"names {item!r}, which is not a view: the views are {', '.join(REGISTRY)}, "
+                             f"and the shorthands {', '.join(SETS)}")
+    return tuple(n for n in REGISTRY if n in names)
+
+
+def seed_offset(group: str) -> int:
+    """The fold-seed offset of a model group: a view's own, or the pooled group's."""
+    return POOLED_OFFSET if group == "pooled" else REGISTRY[group].seed_offset
+
+
+def pixel_cost(views: Sequence[str], scales: Sequence[float]) -> float:
+    """Forward-pass pixels of an extraction, relative to the paper's (image + mirror at scale 1)."""
+    return sum(REGISTRY[v].pixels for v in views) * sum(s * s for s in scales) / 2
+
+
+def passes(views: Sequence[str]) -> list[tuple[str, ...]]:
+    """`views` in groups that share a crop, in order: one compiled pass per group, so the pair's
+    features are the same numbers whatever other views a store holds."""
+    groups: dict[Crop | None, list[str]] = {}
+    for name in views:
+        groups.setdefault(REGISTRY[name].crop, []).append(name)
+    return [tuple(g) for g in groups.values()]
+
+
+def transform(batch: Any, names: Sequence[str], size: int) -> Any:
+    """The float32 views `names` of a uint8 batch (n, size, size, 3), stacked view after view
+    ((len(names) * n, size, size, 3)), with keras.ops: the same code in every backend's pass."""
+    from keras import ops
+
+    pixels = ops.cast(batch, "float32")
+    out = []
+    for name in names:
+        view = REGISTRY[name]
+        x = pixels
+        if view.crop is not None:
+            top, left, side = view.crop.box(size)
+            x = ops.image.resize(x[:, top:top + side, left:left + side, :], (size, size),
+                                 interpolation="bilinear", antialias=False)
+        if view.mirror:
+            x = ops.flip(x, axis=2)
+        out.append(x)
+    return out[0] if len(out) == 1 else ops.concatenate(out, axis=0)
