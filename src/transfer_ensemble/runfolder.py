@@ -44,7 +44,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from transfer_ensemble import __version__, backend
-from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
+from transfer_ensemble.config import ExtractConfig, TrainConfig, merged, scale_label
 from transfer_ensemble.dataset import Dataset, Item
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.storage import read_json, run_lock, write_json
@@ -334,7 +334,7 @@ def temperature_of(metrics: dict | None) -> float:
 
 def source_key(backbone: str, scale: float) -> str:
     """The name of a backbone's feature store at one scale: the backbone's own at the first."""
-    return backbone if scale == 1.0 else f"{backbone}@{scale:g}x"
+    return backbone if scale == 1.0 else f"{backbone}@{scale_label(scale)}x"
 
 
 def recipe_name(config: TrainConfig) -> str:

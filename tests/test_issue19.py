@@ -1,0 +1,39 @@
+"""Regression tests of issue 19: streams, stores that match the record, clear refusals, small waste.
+
+Fast tests call functions directly; the few that need a trained run share one (Xception,
+random weights, 75 px, 2 folds), trained in-process by `trained` below.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from importlib import util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY, make_folders, make_kaggle, run_cli
+from transfer_ensemble import cli, features
+from transfer_ensemble.config import ExtractConfig
+from transfer_ensemble.dataset import load_dataset
+from transfer_ensemble.errors import UserError
+from transfer_ensemble.runfolder import VIEWS, StoreFiles
+
+
+def _meta(ids: list[str]) -> dict:
+    return {"backbone": "toy", "width": 3, "weights": "random:seed=0", "image_size": 8, "ids": ids}
+
+
+# item 3
+@pytest.mark.parametrize("scales", ["1,1.5,1.5000001", "1,1.00001", "1,1.49,1.5"])
+def test_scales_that_share_a_store_name_or_a_pixel_size_are_refused(scales):
+    with pytest.raises(UserError, match="--scales"):
+        ExtractConfig(backbones=("xception",), image_size=TINY, scales=scales)
+    assert ExtractConfig(backbones=("xception",), image_size=TINY, scales="1,1.5").scales == (1.0, 1.5)
