@@ -37,3 +37,10 @@ def test_scales_that_share_a_store_name_or_a_pixel_size_are_refused(scales):
     with pytest.raises(UserError, match="--scales"):
         ExtractConfig(backbones=("xception",), image_size=TINY, scales=scales)
     assert ExtractConfig(backbones=("xception",), image_size=TINY, scales="1,1.5").scales == (1.0, 1.5)
+
+
+# item 7
+def test_a_data_set_of_one_class_is_refused_before_extracting(tmp_path):
+    data = make_kaggle(tmp_path / "data", n_classes=1)
+    with pytest.raises(UserError, match="two or more classes"):
+        load_dataset(data)
