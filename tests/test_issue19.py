@@ -44,3 +44,18 @@ def test_a_data_set_of_one_class_is_refused_before_extracting(tmp_path):
     data = make_kaggle(tmp_path / "data", n_classes=1)
     with pytest.raises(UserError, match="two or more classes"):
         load_dataset(data)
+
+
+# item 12
+def test_classes_left_empty_by_skipped_images_name_them_and_their_reasons(tmp_path):
+    from transfer_ensemble import workflow
+
+    dataset = load_dataset(make_kaggle(tmp_path / "data", n_classes=2, per_class=2))
+    bad = [(it, "has 2,304 pixels, more than the 40 allowed (--max-pixels)") for it in dataset.train
+           if it.label == 0]
+    dataset.train = [it for it in dataset.train if it.label != 0]
+    with pytest.raises(UserError) as info:
+        workflow._check_classes_left(dataset, bad)
+    message = str(info.value)
+    assert "undecodable" not in message and "listed above" not in message
+    assert all(str(it.path) in message for it, _ in bad) and "--max-pixels" in message

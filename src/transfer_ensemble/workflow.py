@@ -119,9 +119,11 @@ def _check_classes_left(dataset: Dataset, bad_train: list[tuple[Item, str]]) -> 
     empty = empty_classes(dataset)
     if empty:
         raise UserError(
-            f"After leaving out the {len(bad_train)} undecodable training images, these classes "
-            f"of {dataset.root} have no training image left: {', '.join(map(repr, empty[:8]))}. "
-            f"Fix or replace their images (the bad ones are listed above with the reason)."
+            f"After leaving out the {len(bad_train)} bad training images (--on-bad-image skip), these "
+            f"classes of {dataset.root} have no training image left: {', '.join(map(repr, empty[:8]))}. "
+            f"The images left out, with the reason:\n"
+            f"{images.listing([(it.path, reason) for it, reason in bad_train])}\n"
+            f"Fix or replace them (or raise --max-pixels for images that are only too large)."
         )
 
 
