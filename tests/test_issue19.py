@@ -59,3 +59,15 @@ def test_classes_left_empty_by_skipped_images_name_them_and_their_reasons(tmp_pa
     message = str(info.value)
     assert "undecodable" not in message and "listed above" not in message
     assert all(str(it.path) in message for it, _ in bad) and "--max-pixels" in message
+
+
+# item 13
+def test_submit_on_a_data_folder_says_it_is_no_run_folder_and_writes_nothing(tmp_path):
+    from transfer_ensemble import workflow
+
+    data = make_kaggle(tmp_path / "data")
+    before = sorted(p.name for p in data.iterdir())
+    with pytest.raises(UserError, match="not a run folder"):
+        workflow.submit(data, tmp_path / "sub.csv")
+    assert sorted(p.name for p in data.iterdir()) == before
+    assert not (tmp_path / "sub.csv").exists()

@@ -406,6 +406,11 @@ class RunFolder:
             raise UserError(f"The run folder {run.path} does not exist, so there is nothing to {command}. "
                             f"Check --run, or run `transfer-ensemble extract --data DIR --run {run.path}` "
                             f"first.")
+        if not (run.config_path.exists() or run.dataset_path.exists()):
+            raise UserError(f"{run.path} is not a run folder: it has neither config.json nor dataset.json, "
+                            f"which `extract` writes when it finishes, so there is nothing to {command} (and "
+                            f"nothing was written there). Pass --run with the folder that `transfer-ensemble "
+                            f"extract --data DIR --run RUN` wrote (a data folder goes to --data).")
         return run
 
     # Paths.
