@@ -71,3 +71,13 @@ def test_submit_on_a_data_folder_says_it_is_no_run_folder_and_writes_nothing(tmp
         workflow.submit(data, tmp_path / "sub.csv")
     assert sorted(p.name for p in data.iterdir()) == before
     assert not (tmp_path / "sub.csv").exists()
+
+
+# item 16
+def test_a_damaged_donor_store_is_reported_as_not_reused(tmp_path, caplog):
+    donor = features.open_store(StoreFiles(tmp_path / "donor"), _meta(["a"]), ["ka"])
+    donor.files.view("flipped").write_bytes(b"broken")
+    with caplog.at_level(logging.WARNING):
+        features.open_store(StoreFiles(tmp_path / "new"), _meta(["x"]), ["ka"], donors=[donor.files])
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "recomputing nothing" not in warned and "not reused" in warned and str(donor.files.folder) in warned

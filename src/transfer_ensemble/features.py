@@ -131,14 +131,15 @@ def _read_contents(files: StoreFiles) -> _Contents:
     return _Contents(files, meta, keys, done)
 
 
-def _readable(files: StoreFiles, what: str) -> _Contents | None:
-    """The store's contents, or None when it does not exist or is damaged (said once, in the log)."""
+def _readable(files: StoreFiles, consequence: str) -> _Contents | None:
+    """The store's contents, or None when it does not exist or is damaged (said once, in the log,
+    with the `consequence`)."""
     if not files.folder.exists():
         return None
     try:
         return _read_contents(files)
     except DamagedFile as exc:
-        log.warning("%s: recomputing %s", exc, what)
+        log.warning("%s: %s", exc, consequence)
         return None
 
 
@@ -149,7 +150,7 @@ def open_store(files: StoreFiles, meta: dict, keys: list[str], donors: Sequence[
     already holds are copied into place; the rest are left to compute.
     """
     what = f"the {meta['backbone']} features in {files.folder}"
-    current = _readable(files, what)
+    current = _readable(files, f"recomputing {what}")
     if current is not None and feature_settings(current.meta) == feature_settings(meta) and current.keys == keys:
         if current.meta != meta:  # other ids, or a record from before the backend was recorded
             write_json(files.meta, meta)
@@ -157,7 +158,8 @@ def open_store(files: StoreFiles, meta: dict, keys: list[str], donors: Sequence[
     sources = [current] if current is not None and feature_settings(current.meta) == feature_settings(meta) else []
     for donor in donors:
         if donor != files:
-            contents = _readable(donor, f"nothing from {donor.folder}")
+            contents = _readable(donor, f"its features are not reused (the store {donor.folder} is left "
+                                        f"as it is)")
             if contents is not None and feature_settings(contents.meta) == feature_settings(meta):
                 sources.append(contents)
     if current is not None and not sources:
