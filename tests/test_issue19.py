@@ -81,3 +81,13 @@ def test_a_damaged_donor_store_is_reported_as_not_reused(tmp_path, caplog):
         features.open_store(StoreFiles(tmp_path / "new"), _meta(["x"]), ["ka"], donors=[donor.files])
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "recomputing nothing" not in warned and "not reused" in warned and str(donor.files.folder) in warned
+
+
+# item 18
+def test_an_image_named_several_times_copies_its_cached_row_for_every_duplicate(tmp_path):
+    donor = features.open_store(StoreFiles(tmp_path / "donor"), _meta(["a", "b"]), ["ka", "kb"])
+    donor.write(np.array([0, 1]), {view: np.array([[1, 1, 1], [2, 2, 2]], np.float32) for view in VIEWS})
+    store = features.open_store(StoreFiles(tmp_path / "new"), _meta(["0", "1", "2", "3"]), ["ka", "kb", "ka", "ka"],
+                                donors=[donor.files])
+    assert store.done.tolist() == [True] * 4
+    np.testing.assert_array_equal(np.load(store.files.view("original")), [[1] * 3, [2] * 3, [1] * 3, [1] * 3])

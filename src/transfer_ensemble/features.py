@@ -181,11 +181,13 @@ def _new_store(files: StoreFiles, meta: dict, keys: list[str], sources: Sequence
         np.lib.format.open_memmap(staging.view(view), mode="w+", dtype=np.float32,
                                   shape=(len(keys), meta["width"])).flush()
         _reserve(staging.view(view))
-    wanted = {key: row for row, key in enumerate(keys)}
+    wanted: dict[str, list[int]] = {}
+    for row, key in enumerate(keys):
+        wanted.setdefault(key, []).append(row)  # an image listed several times: every row
     reused = 0
     for source in sources:
-        pairs = [(wanted.pop(key), old) for old, key in enumerate(source.keys)
-                 if source.done[old] and key in wanted]
+        pairs = [(new, old) for old, key in enumerate(source.keys)
+                 if source.done[old] and key in wanted for new in wanted.pop(key)]
         new_rows = np.array([p[0] for p in pairs], dtype=np.int64)
         old_rows = np.array([p[1] for p in pairs], dtype=np.int64)
         for start in range(0, len(new_rows), COPY_CHUNK):
