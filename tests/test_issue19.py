@@ -91,3 +91,28 @@ def test_an_image_named_several_times_copies_its_cached_row_for_every_duplicate(
                                 donors=[donor.files])
     assert store.done.tolist() == [True] * 4
     np.testing.assert_array_equal(np.load(store.files.view("original")), [[1] * 3, [2] * 3, [1] * 3, [1] * 3])
+
+
+# item 19
+def test_the_demo_on_random_weights_says_what_its_scores_mean(monkeypatch, capsys):
+    spec = util.spec_from_file_location("demo_script", Path(__file__).parents[1] / "scripts" / "demo.py")
+    demo_script = util.module_from_spec(spec)
+    spec.loader.exec_module(demo_script)
+    from transfer_ensemble.backbones import WeightsUnavailableError
+
+    calls = []
+
+    def extract(data, run, config, **kwargs):
+        calls.append(config.weights)
+        if config.weights != "random":
+            raise WeightsUnavailableError("offline")
+        return []
+
+    monkeypatch.setattr(demo_script.workflow, "extract", extract)
+    monkeypatch.setattr(demo_script.workflow, "train", lambda run, overrides: {"recipe": "linear"})
+    monkeypatch.setattr(demo_script.workflow, "submit", lambda run, out, heads: {})
+    demo_script.run_workflow(["--data", "d", "--run", "r", "--out", "o.csv"])
+    note = capsys.readouterr().err
+    assert calls == ["imagenet", "random"]
+    assert "ln(4)" not in note and "1.386" not in note
+    assert "separable" in note and "random" in note.lower()
