@@ -116,3 +116,56 @@ def test_the_demo_on_random_weights_says_what_its_scores_mean(monkeypatch, capsy
     assert calls == ["imagenet", "random"]
     assert "ln(4)" not in note and "1.386" not in note
     assert "separable" in note and "random" in note.lower()
+
+
+# item shared (the trained run of items 5, 6, 8, 17, 10, 2 and 1)
+EXTRACT = ["--backbones", "xception", "--weights", "random", "--image-size", str(TINY), "--batch-size", "8",
+           "--scales", "1"]
+SEED_TTA = ["--head", "seed", "--folds", "2", "--epochs", "3", "--patience", "2", "--tta", "--temperature",
+            "--dropout", "0.25", "--learning-rate", "0.002", "--head-batch-size", "16"]
+LINEAR = ["--folds", "2", "--no-pool-views", "--no-power", "--no-temperature", "--no-tta", "--no-multiscale"]
+SEED_POOLED = ["--head", "seed", "--folds", "2", "--epochs", "2", "--patience", "1", "--pool-views", "--tta",
+               "--temperature", "--multiscale", "--dropout", "0.3", "--learning-rate", "0.003",
+               "--head-batch-size", "8"]
+
+
+def _recipe_of(run: Path, args: list[str]) -> str:
+    from transfer_ensemble.runfolder import recipe_name
+
+    return recipe_name(cli.train_config(cli.build_parser().parse_args(["train", "--run", str(run), *args])))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """A run (3 classes x 4 images, 5 test images) with three recipes of long names: a seed recipe
+    with TTA (per-view models), a linear one, and a pooled seed one; no blend yet."""
+    base = tmp_path_factory.mktemp("issue19")
+    data = make_kaggle(base / "data", n_classes=3, per_class=4, n_test=5)
+    run = base / "run"
+    assert cli.main(["extract", "--data", str(data), "--run", str(run), *EXTRACT]) == 0
+    for args in (SEED_TTA, LINEAR, SEED_POOLED):
+        assert cli.main(["-q", "train", "--run", str(run), *args]) == 0
+    return data, run, [_recipe_of(run, args) for args in (SEED_TTA, LINEAR, SEED_POOLED)]
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+# item 5
+@pytest.mark.slow
+def test_predict_without_tta_averages_the_original_views_models_only(trained):
+    from transfer_ensemble import predict
+
+    _, run, names = trained
+    model = predict.Run.load(run, heads_name=names[0])
+    assert set(model.models) == set(VIEWS) and model.recipe.config.tta
+    x = {"original": np.random.default_rng(0).normal(size=(4, 2048)).astype(np.float32)}
+    np.testing.assert_allclose(predict._combine(model.recipe, model.models, x),
+                               predict._combine(model.recipe, {"original": model.models["original"]}, x))
+    np.testing.assert_allclose(model.predict([np.zeros((80, 80, 3), np.uint8)], tta=False),
+                               predict._combine(model.recipe, {"original": model.models["original"]},
+                                                {"original": model.extractor.forward(
+                                                    model.extractor.specs[0],
+                                                    np.zeros((1, TINY, TINY, 3), np.uint8))["original"]}),
+                               atol=1e-6)

@@ -211,15 +211,21 @@ def _extract_split(engine: EngineConfig):
     return features.extract_split
 
 
+def scored_groups(models: dict[str, list], views: Sequence[str]) -> list[str]:
+    """The model groups `predict` averages when it has the features of `views`: the models of a
+    view not among them are left out (--no-tta: the original view's), pooled models are kept."""
+    return [group for group in models if group not in VIEWS or group in views]
+
+
 def _combine(recipe: Recipe, models: dict[str, list], x: dict[str, np.ndarray]) -> np.ndarray:
-    """The recipe's ensemble for the views in `x`: each model scores the views it scores in the
-    submission that `x` has (models of a view not in `x` are left out), then the temperature."""
+    """The recipe's ensemble for the views in `x`: each model of `scored_groups` scores the views
+    it scores in the submission that `x` has, then the temperature."""
     kind = heads.get(recipe.config.head)
     per_group = {}
-    for group, group_models in models.items():
+    for group in scored_groups(models, list(x)):
         views = [v for v in recipe.scored_views(group) if v in x]
         if views:
-            per_group[group] = [heads.score(kind, model, x, views) for model in group_models]
+            per_group[group] = [heads.score(kind, model, x, views) for model in models[group]]
     return ensemble.combine(per_group, recipe.temperature)
 
 
@@ -428,7 +434,7 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
         predicted = _write_csv(f, fmt, names, run.iter_probabilities(stores, len(paths), tta, engine=engine),
                                run.classes, k)
     return {"out": str(out), "images": len(paths), "classes": len(run.classes), "format": fmt, "k": k,
-            "models": run.n_models if tta else sum(len(m) for g, m in run.models.items() if g != "flipped"),
+            "models": sum(len(run.models[g]) for g in scored_groups(run.models, VIEWS if tta else VIEWS[:1])),
             "tta": tta,
             "recipe": run.recipe.name, "computed": stats["computed"], "reused": stats["reused"],
             "extract_seconds": stats["seconds"], "seconds": time.perf_counter() - start,
