@@ -169,3 +169,24 @@ def test_predict_without_tta_averages_the_original_views_models_only(trained):
                                                     model.extractor.specs[0],
                                                     np.zeros((1, TINY, TINY, 3), np.uint8))["original"]}),
                                atol=1e-6)
+
+
+# item 6
+@pytest.mark.slow
+def test_predict_heads_best_is_the_best_recipe_when_a_blend_scores_lower(trained, tmp_path):
+    from transfer_ensemble import predict, workflow
+    from transfer_ensemble.runfolder import Blend, RunFolder
+
+    _, run, names = trained
+    run = _copy(run, tmp_path)
+    result = workflow.blend(run, names[:2])
+    metrics_path = RunFolder(run).heads_dir / result["recipe"] / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["oof"]["ensemble"]["log_loss"] = 0.0  # the blend is the best by OOF log loss
+    metrics_path.write_text(json.dumps(metrics))
+    assert isinstance(RunFolder(run).select_recipe("best"), Blend)
+    best = min((s for s in RunFolder(run).statuses() if not isinstance(s.recipe, Blend)),
+               key=lambda s: s.oof_log_loss)
+    assert predict.Run.load(run, heads_name="best").recipe.name == best.recipe.name
+    with pytest.raises(UserError, match="given as --heads"):
+        predict.Run.load(run, heads_name=result["recipe"])

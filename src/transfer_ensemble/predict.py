@@ -63,18 +63,20 @@ class Run:
     @classmethod
     def load(cls, run_dir: str | Path, weights: str | None = None, heads_name: str | None = None) -> "Run":
         """Read a trained run; `weights` (imagenet, random or a folder) defaults to the run's own,
-        `heads_name` to the recipe the last `train` trained ("best": the lowest current OOF log loss).
+        `heads_name` to the recipe the last `train` trained ("best": the current recipe, not blend,
+        with the lowest OOF log loss).
 
         Raises UserError when the weights found now differ from those the recipe was trained on.
         Reads the run folder only: it may be on read-only storage.
         """
         run = RunFolder.existing(run_dir, "predict with")
         saved = run.extract_config()
-        recipe = run.select_recipe(heads_name, "predict")
+        recipe = run.select_recipe(heads_name, "predict", blends=False)
         if isinstance(recipe, Blend):
-            raise UserError(f"predict scores with one head recipe, and {recipe.name!r} (the last one trained "
-                            f"on {run.path}) is a blend. Pass --heads with one of its recipes "
-                            f"({', '.join(recipe.parts)}), or --heads best.")
+            which = "the last one trained on" if heads_name is None else "given as --heads, of"
+            raise UserError(f"predict scores with one head recipe, and {recipe.name!r} ({which} {run.path}) "
+                            f"is a blend. Pass --heads with one of its recipes ({', '.join(recipe.parts)}), "
+                            f"or --heads best (the recipe, not blend, with the lowest OOF log loss).")
         if weights is None and saved.weights not in ("imagenet", "random") \
                 and not Path(saved.weights).expanduser().is_dir():
             raise UserError(f"The run {run.path} was extracted with the weights in {saved.weights}, which "
@@ -241,7 +243,7 @@ def score_rows(recipe: Recipe, models: dict[str, list], stores: Sequence[StoreFi
 def load_recipe_models(run_dir: str | Path, heads_name: str) -> tuple[Recipe, dict[str, list]]:
     """A run's head recipe `heads_name` and its fold models, without the backbones (for scoring workers)."""
     run = RunFolder.existing(run_dir, "predict with")
-    recipe = run.select_recipe(heads_name, "predict")
+    recipe = run.select_recipe(heads_name, "predict", blends=False)
     return recipe, _load_models(run, recipe)
 
 
@@ -419,7 +421,7 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
     engine = engine_config(engine)
     folder = RunFolder.existing(run_dir, "predict with")
-    folder.select_recipe(heads_name, "predict")
+    folder.select_recipe(heads_name, "predict", blends=False)
     extract_split = _extract_split(engine)
     paths, names = find_images(source)
     keys = check_images(paths, folder.extract_config().max_pixels)

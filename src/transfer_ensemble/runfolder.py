@@ -679,9 +679,11 @@ class RunFolder:
         """Whether every store of `sources` exists (a recipe may use a scale the run no longer has)."""
         return all(self.store(split, name).meta.exists() for split in SPLITS for name in sources)
 
-    def select_recipe(self, name: str | None = None, command: str = "submit") -> "Recipe | Blend":
+    def select_recipe(self, name: str | None = None, command: str = "submit",
+                      blends: bool = True) -> "Recipe | Blend":
         """The recipe `name`; with None, the one the last `train` trained; with BEST, the current
-        one with the lowest OOF log loss. UserError if there is none or it cannot be used."""
+        one with the lowest OOF log loss (of the recipes alone, not `blends`, for a command that
+        cannot score blends). UserError if there is none or it cannot be used."""
         statuses = self.statuses()
         train = f"`transfer-ensemble train --run {self.path}`"
         if name is None:
@@ -711,7 +713,7 @@ class RunFolder:
                 raise UserError(f"The head recipe {name!r} of {self.path} is unfinished. Run "
                                 f"{train[:-1]} --heads {name}` to finish it.")
             return status.recipe
-        current = [s for s in statuses if s.state == "current"]
+        current = [s for s in statuses if s.state == "current" and (blends or not isinstance(s.recipe, Blend))]
         if not current:
             stale = [s.recipe.name for s in statuses if s.state == "stale"]
             unfinished = [s.recipe.name for s in statuses if s.state == "unfinished"]
