@@ -190,3 +190,33 @@ def test_predict_heads_best_is_the_best_recipe_when_a_blend_scores_lower(trained
     assert predict.Run.load(run, heads_name="best").recipe.name == best.recipe.name
     with pytest.raises(UserError, match="given as --heads"):
         predict.Run.load(run, heads_name=result["recipe"])
+
+
+# item 8
+@pytest.mark.slow
+def test_class_names_with_dollars_are_plotted_as_written(trained, tmp_path):
+    from transfer_ensemble import report
+
+    _, run, names = trained
+    run = _copy(run, tmp_path)
+    dataset = json.loads((run / "dataset.json").read_text())
+    dataset["classes"] = ["cost_$1_$2", "a$b$c", "$x^2$ and $"]
+    (run / "dataset.json").write_text(json.dumps(dataset))
+    for name in names[:2]:
+        assert report.rebuild(run, name).exists()
+    assert "cost_$1_$2" in (run / "report.html").read_text()
+
+
+# item 17
+@pytest.mark.slow
+def test_a_rebuilt_report_holds_only_its_own_images(trained, tmp_path):
+    from transfer_ensemble import report
+
+    _, run, names = trained
+    run = _copy(run, tmp_path)
+    report.rebuild(run, names[1])
+    assert (run / "report" / "inner_search.png").exists()  # the linear recipe's report
+    report.rebuild(run, names[0])
+    page = (run / "report.html").read_text()
+    pngs = {p.name for p in (run / "report").glob("*.png")}
+    assert "inner_search.png" not in pngs and pngs and all(f'data-file="{name}"' in page for name in pngs)
