@@ -220,3 +220,18 @@ def test_a_rebuilt_report_holds_only_its_own_images(trained, tmp_path):
     page = (run / "report.html").read_text()
     pngs = {p.name for p in (run / "report").glob("*.png")}
     assert "inner_search.png" not in pngs and pngs and all(f'data-file="{name}"' in page for name in pngs)
+
+
+# item 9
+@pytest.mark.slow
+@pytest.mark.parametrize("chosen", ["bogus", "torch"])
+def test_a_backend_that_is_not_installed_is_refused_before_any_folder_is_made(tmp_path, chosen):
+    if chosen == "torch" and util.find_spec("torch") is not None:
+        pytest.skip("torch is installed here, so KERAS_BACKEND=torch is a valid choice")
+    data = make_kaggle(tmp_path / "data")
+    result = run_cli("extract", "--data", str(data), "--run", str(tmp_path / "run"), *EXTRACT,
+                     env={"KERAS_BACKEND": chosen})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"KERAS_BACKEND={chosen}" in result.stderr and "tensorflow" in result.stderr
+    assert "keras.json" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -29,7 +29,7 @@ from typing import Iterator, Sequence, TextIO
 import numpy as np
 import pandas as pd
 
-from transfer_ensemble import ensemble, features, heads, images
+from transfer_ensemble import backend, ensemble, features, heads, images
 from transfer_ensemble.config import MAX_PIXELS, EngineConfig, ExtractConfig, engine_config
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
@@ -69,6 +69,7 @@ class Run:
         Raises UserError when the weights found now differ from those the recipe was trained on.
         Reads the run folder only: it may be on read-only storage.
         """
+        backend.check_available()
         run = RunFolder.existing(run_dir, "predict with")
         saved = run.extract_config()
         recipe = run.select_recipe(heads_name, "predict", blends=False)
@@ -420,6 +421,7 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
     engine = engine_config(engine)
+    backend.check_available()
     folder = RunFolder.existing(run_dir, "predict with")
     folder.select_recipe(heads_name, "predict", blends=False)
     extract_split = _extract_split(engine)

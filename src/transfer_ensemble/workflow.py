@@ -68,8 +68,9 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
     The run's records (config.json, dataset.json) change only once the features are complete.
     `engine` (default local) says where the features are computed; the stores are the same.
     """
-    from transfer_ensemble import features
+    from transfer_ensemble import backend, features
 
+    backend.check_available()
     extract_split = features.extract_split
     if engine is not None and engine.engine == "ray":
         from transfer_ensemble.ray_engine import extractor_for
@@ -146,6 +147,9 @@ def train(run_dir: str | Path, overrides: dict | None = None, heads: str | None 
     Other recipes trained on the run are kept beside it. Returns the recipe's name and metrics
     and every recipe's status.
     """
+    from transfer_ensemble import backend
+
+    backend.check_available()
     run = RunFolder.existing(run_dir, "train")
     with run.lock(), disk_errors(run.path):
         config = train_config_for(run, overrides, heads)
