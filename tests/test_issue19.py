@@ -235,3 +235,52 @@ def test_a_backend_that_is_not_installed_is_refused_before_any_folder_is_made(tm
     assert f"KERAS_BACKEND={chosen}" in result.stderr and "tensorflow" in result.stderr
     assert "keras.json" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+# item 1
+def _submit_into(run: Path, out: str, **streams) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "transfer_ensemble", "submit", "--run", str(run), "--out", out],
+                          env=env, text=True, timeout=600, **streams)
+
+
+@pytest.mark.slow
+def test_out_dev_stdout_appends_to_the_redirected_file_and_keeps_the_summary_off_it(trained, tmp_path):
+    _, run, _ = trained
+    reference = tmp_path / "reference.csv"
+    assert _submit_into(run, str(reference), capture_output=True).returncode == 0
+    log_file = tmp_path / "out.log"
+    log_file.write_text("earlier line\n")
+    inode = log_file.stat().st_ino
+    with open(log_file, "a") as f:
+        result = _submit_into(run, "/dev/stdout", stdout=f, stderr=subprocess.PIPE)
+    assert result.returncode == 0, result.stderr
+    assert log_file.stat().st_ino == inode
+    assert log_file.read_text() == "earlier line\n" + reference.read_text()
+    assert "wrote /dev/stdout" in result.stderr
+
+
+@pytest.mark.slow
+def test_out_dev_stdout_into_a_pipe_and_dev_stderr_get_the_csv(trained, tmp_path):
+    _, run, _ = trained
+    reference = tmp_path / "reference.csv"
+    assert _submit_into(run, str(reference), capture_output=True).returncode == 0
+    piped = _submit_into(run, "/dev/stdout", capture_output=True)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == reference.read_text()
+    to_stderr = _submit_into(run, "/dev/stderr", capture_output=True)
+    assert to_stderr.returncode == 0, to_stderr.stderr
+    assert reference.read_text() in to_stderr.stderr and "wrote /dev/stderr" in to_stderr.stdout
+
+
+@pytest.mark.slow
+def test_predict_out_dev_stdout_writes_only_the_csv_there(trained, tmp_path):
+    data, run, names = trained
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-m", "transfer_ensemble", "predict", "--run", str(run), "--images",
+                             str(data / "test"), "--out", "/dev/stdout", "--heads", names[1]],
+                            env=env, text=True, timeout=600, capture_output=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split(",")[0] == "image" and len(lines) == 6
+    assert "wrote /dev/stdout" in result.stderr
