@@ -180,7 +180,7 @@ def test_predict_heads_best_is_the_best_recipe_when_a_blend_scores_lower(trained
     _, run, names = trained
     run = _copy(run, tmp_path)
     result = workflow.blend(run, names[:2])
-    metrics_path = RunFolder(run).heads_dir / result["recipe"] / "metrics.json"
+    metrics_path = RunFolder(run).blend(names[:2]) / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
     metrics["oof"]["ensemble"]["log_loss"] = 0.0  # the blend is the best by OOF log loss
     metrics_path.write_text(json.dumps(metrics))
@@ -284,3 +284,35 @@ def test_predict_out_dev_stdout_writes_only_the_csv_there(trained, tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].split(",")[0] == "image" and len(lines) == 6
     assert "wrote /dev/stdout" in result.stderr
+
+
+# item 10
+@pytest.mark.slow
+def test_a_blend_of_long_recipe_names_gets_a_folder_name_within_file_system_limits(trained, tmp_path, capsys):
+    from transfer_ensemble import workflow
+    from transfer_ensemble.runfolder import Blend, RunFolder
+
+    _, run, names = trained
+    run = _copy(run, tmp_path)
+    full = "blend-" + "+".join(names)
+    assert len(full.encode()) > 255
+    result = workflow.blend(run, names)
+    assert result["recipe"] == full
+    folders = [p.name for p in RunFolder(run).heads_dir.iterdir()]
+    assert all(len(name.encode()) <= 255 for name in folders) and set(names) <= set(folders)
+    assert json.loads((RunFolder(run).heads_dir / next(n for n in folders if n.startswith("blend-"))
+                       / "blend.json").read_text())["name"] == full
+    selected = RunFolder(run).select_recipe(full)
+    assert isinstance(selected, Blend) and selected.name == full
+    assert cli.main(["submit", "--run", str(run), "--out", str(tmp_path / "sub.csv")]) == 0
+    assert full in capsys.readouterr().out
+
+
+# item 10
+def test_folder_names_keep_short_names_and_shorten_long_ones_distinctly():
+    from transfer_ensemble.runfolder import folder_name
+
+    assert folder_name("seed-folds2-tta") == "seed-folds2-tta"  # the names runs have now are kept
+    long_a, long_b = "blend-" + "é" * 200 + "+a", "blend-" + "é" * 200 + "+b"
+    a, b = folder_name(long_a), folder_name(long_b)
+    assert a != b and a.startswith("blend-éé") and len(a.encode()) <= 255 and len(b.encode()) <= 255

@@ -19,6 +19,8 @@ to step like a training checkpoint::
     RUN/heads/<recipe>/metrics.json     OOF (and hold-out) scores, the temperature; written last
     RUN/heads/blend-<a>+<b>/blend.json  a blend: its recipes, weights fitted on their OOF
                                     predictions, and what each was trained on; metrics.json
+                                    (a recipe or blend name over 200 bytes: its folder is the
+                                    name's start and a digest, see `folder_name`)
     RUN/report.html, RUN/report/    the run report
     RUN/predict/<key>/              feature stores of images `predict` scored
 
@@ -376,6 +378,28 @@ def blend_name(parts: Sequence[str]) -> str:
     return BLEND_PREFIX + "+".join(parts)
 
 
+MAX_FOLDER_BYTES = 200
+"""The longest recipe or blend folder name: file systems allow 255 bytes, less room for the
+temporary and staging names written beside and inside it."""
+
+
+def folder_name(name: str) -> str:
+    """The folder of a recipe or blend called `name`: the name itself while it fits in
+    MAX_FOLDER_BYTES, else its readable start and a digest of the whole (the record keeps the name)."""
+    raw = name.encode()
+    if len(raw) <= MAX_FOLDER_BYTES:
+        return name
+    start = raw[:MAX_FOLDER_BYTES - 17].decode("utf-8", "ignore")
+    return f"{start}-{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
+def _recorded_name(record: dict, path: Path) -> str:
+    """A recipe's or blend's name: as its record at `path` has it where the folder's name is
+    that name shortened (`folder_name`), else the folder's own name."""
+    name = record.get("name")
+    return name if isinstance(name, str) and folder_name(name) == path.parent.name else path.parent.name
+
+
 @dataclass
 class RecipeStatus:
     """A recipe as `train`'s summary and the report list it."""
@@ -471,7 +495,7 @@ class RunFolder:
 
     def recipe(self, config: TrainConfig, inputs: dict | None = None) -> Recipe:
         name = recipe_name(config)
-        return Recipe(name, config, inputs or {}, self.heads_dir / name)
+        return Recipe(name, config, inputs or {}, self.heads_dir / folder_name(name))
 
     # The lock, and what a killed step left.
     @contextlib.contextmanager
@@ -615,14 +639,14 @@ class RunFolder:
             try:
                 obj = load_json(record)
                 config = TrainConfig.from_json(obj["config"], source=str(record))
-                found.append(Recipe(folder.name, config, obj["inputs"], folder))
+                found.append(Recipe(_recorded_name(obj, record), config, obj["inputs"], folder))
             except (DamagedFile, KeyError, TypeError, UserError) as exc:
                 log.warning("%s: the head recipe in %s is unreadable and is ignored (train it again "
                             "to replace it)", exc, folder)
         return found
 
     def blend(self, parts: Sequence[str]) -> Path:
-        return self.heads_dir / blend_name(parts)
+        return self.heads_dir / folder_name(blend_name(parts))
 
     def blends(self) -> list[Blend]:
         """Every blend fitted on this run (unreadable records are skipped, with a warning)."""
@@ -632,7 +656,7 @@ class RunFolder:
         for folder in sorted(self.heads_dir.glob(BLEND_PREFIX + "*")):
             try:
                 obj = load_json(folder / BLEND_RECORD)
-                found.append(Blend(folder.name, list(obj["parts"]), [float(w) for w in obj["weights"]],
+                found.append(Blend(_recorded_name(obj, folder / BLEND_RECORD), list(obj["parts"]), [float(w) for w in obj["weights"]],
                                    dict(obj["part_inputs"]), folder))
             except (DamagedFile, KeyError, TypeError, ValueError) as exc:
                 log.warning("%s: the blend in %s is unreadable and is ignored (fit it again to replace it)",
