@@ -286,6 +286,36 @@ def test_predict_out_dev_stdout_writes_only_the_csv_there(trained, tmp_path):
     assert "wrote /dev/stdout" in result.stderr
 
 
+# item 2
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_train_and_submit_refuse_stores_an_unfinished_extract_rewrote(trained, tmp_path, monkeypatch, capsys):
+    from transfer_ensemble.runfolder import RunFolder
+
+    data, run, names = trained
+    run = _copy(run, tmp_path)
+    config_before = (run / "config.json").read_text()
+
+    def killed(self, **sections):
+        raise _Killed  # stopped once the stores were rewritten, before the record
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunFolder, "update_config", killed)
+        with pytest.raises(_Killed):
+            cli.main(["extract", "--data", str(data), "--run", str(run), *EXTRACT, "--image-size", "76"])
+    assert (run / "config.json").read_text() == config_before
+    capsys.readouterr()
+    assert cli.main(["train", "--run", str(run), *LINEAR]) == 2
+    err = capsys.readouterr().err
+    assert "finish the extract" in err.lower() and "image_size" in err
+    assert cli.main(["submit", "--run", str(run), "--out", str(tmp_path / "sub.csv"), "--heads", names[1]]) == 2
+    assert "finish the extract" in capsys.readouterr().err.lower()
+    assert not (tmp_path / "sub.csv").exists()
+
+
 # item 10
 @pytest.mark.slow
 def test_a_blend_of_long_recipe_names_gets_a_folder_name_within_file_system_limits(trained, tmp_path, capsys):

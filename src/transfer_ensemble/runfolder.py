@@ -612,6 +612,7 @@ class RunFolder:
         Raises UserError naming the file when a store is damaged.
         """
         try:
+            self._check_extraction_finished(backbones)
             return {
                 "features": {name: feature_settings(load_json(self.store("train", name).meta))
                              for name in backbones},
@@ -621,6 +622,33 @@ class RunFolder:
         except DamagedFile as exc:
             raise self._damaged(exc, f"Run `transfer-ensemble extract --data DIR --run {self.path}` "
                                      f"again: it recomputes what is damaged") from None
+
+    def store_settings(self, sources: Sequence[str]) -> dict:
+        """What each source's features depend on (its train store's), for config.json once
+        `extract` has finished: `feature_inputs` then refuses stores that differ from it."""
+        return {name: feature_settings(load_json(self.store("train", name).meta)) for name in sources}
+
+    def _check_extraction_finished(self, sources: Sequence[str]) -> None:
+        """UserError when a store of `sources` holds features of other settings than the extraction
+        config.json records: an `extract` with other options was stopped after rewriting it."""
+        recorded = self.read_config_optional().get("features")
+        if not isinstance(recorded, dict):
+            return  # a run from before the stores' settings were recorded
+        for split in SPLITS:
+            for name in sources:
+                then, store = recorded.get(name), self.store(split, name)
+                now = feature_settings(load_json(store.meta))
+                if then is None or now == then:
+                    continue
+                differ = ", ".join(f"{k} {then.get(k)!r} recorded, {now.get(k)!r} in the store"
+                                   for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k))
+                raise UserError(
+                    f"The features in {store.folder} are not the ones {self.config_path} records ({differ}): "
+                    f"an `extract` with other options was stopped before it finished, so the run's "
+                    f"features no longer match its record, and nothing is trained or submitted from "
+                    f"them. Finish the extract: run that `transfer-ensemble extract --data DIR --run "
+                    f"{self.path} ...` again with the same options (it resumes where it stopped), or with "
+                    f"the options config.json records to go back to them.")
 
     # Head recipes.
     def recipes(self) -> list[Recipe]:

@@ -104,7 +104,9 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
         run.write_bad_images({split: [{"id": it.id, "path": str(it.path), "reason": r} for it, r in bad[split]]
                               for split in bad})
         run.write_run_data(run_data)
-        run.update_config(data=str(dataset.root), extract=config.to_json(), classes=dataset.classes)
+        sources = [source_key(spec.name, extractor.scale) for extractor in extractors for spec in extractor.specs]
+        run.update_config(data=str(dataset.root), extract=config.to_json(), classes=dataset.classes,
+                          features=run.store_settings(sources))
         return results
 
 
