@@ -625,8 +625,13 @@ class RunFolder:
 
     def store_settings(self, sources: Sequence[str]) -> dict:
         """What each source's features depend on (its train store's), for config.json once
-        `extract` has finished: `feature_inputs` then refuses stores that differ from it."""
-        return {name: feature_settings(load_json(self.store("train", name).meta)) for name in sources}
+        `extract` has finished: `feature_inputs` then refuses stores that differ from it. A store
+        that cannot be read is left out (`feature_inputs` names it when it is used)."""
+        settings = {}
+        for name in sources:
+            with contextlib.suppress(DamagedFile):
+                settings[name] = feature_settings(load_json(self.store("train", name).meta))
+        return settings
 
     def _check_extraction_finished(self, sources: Sequence[str]) -> None:
         """UserError when a store of `sources` holds features of other settings than the extraction
