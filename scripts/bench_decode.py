@@ -44,9 +44,9 @@ def stream_rate(paths: list[Path], n: int, size: int, batch_size: int, workers: 
     return n / (time.perf_counter() - start)
 
 
-def free_forward(model, preprocess, size: int, batch: int, replicas=None) -> backend.Forward:
-    """A stand-in for `backend.compile_forward` whose pass costs nothing: zeros for both views."""
-    return backend.Forward(lambda pixels: len(pixels), lambda n: np.zeros((2 * n, 2048), np.float32))
+def free_forward(model, preprocess, size: int, batch: int, replicas=None, views=("original", "flipped")) -> backend.Forward:
+    """A stand-in for `backend.compile_forward` whose pass costs nothing: zeros for every view."""
+    return backend.Forward(lambda pixels: len(pixels), lambda n: np.zeros((len(views) * n, 2048), np.float32))
 
 
 def feed_rate(paths: list[Path], n: int, size: int, batch_size: int) -> float:

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from transfer_ensemble import backbones, backend, progress, workflow  # noqa: E402
 from transfer_ensemble.config import ExtractConfig, TrainConfig  # noqa: E402
-from transfer_ensemble.runfolder import VIEWS, RunFolder  # noqa: E402
+from transfer_ensemble.runfolder import RunFolder  # noqa: E402
+from transfer_ensemble.views import DEFAULT_VIEWS as VIEWS  # noqa: E402  (the default extraction's views)
 
 TARGET_SECONDS = 60.0
 
@@ -89,14 +90,14 @@ def write_images(root: Path, labels: np.ndarray, n_train: int) -> None:
 def lookup_forward(features: dict[tuple[str, int], dict[str, np.ndarray]]):
     """A stand-in for `backend.compile_forward`: each image's row, read from its colour, gives its
     synthetic features of the backbone and input size asked for, for every view."""
-    def compile_forward(model, preprocess, size, batch, replicas=None) -> backend.Forward:
+    def compile_forward(model, preprocess, size, batch, replicas=None, group=tuple(VIEWS)) -> backend.Forward:
         views = features[(model, size)]
 
         def dispatch(pixels: np.ndarray) -> np.ndarray:
             rgb = pixels[:, 0, 0, :].astype(np.int64)
             return rgb[:, 0] << 16 | rgb[:, 1] << 8 | rgb[:, 2]
 
-        return backend.Forward(dispatch, lambda rows: np.concatenate([views[v][rows] for v in VIEWS]))
+        return backend.Forward(dispatch, lambda rows: np.concatenate([views[v][rows] for v in group]))
 
     return compile_forward
 

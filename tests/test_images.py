@@ -324,6 +324,7 @@ def test_skip_refuses_when_a_class_has_no_good_image_left(tmp_path: Path, capsys
                      "--weights", "random", "--image-size", str(TINY)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert (f"After leaving out the 2 undecodable training images, these classes of {data} have no "
-            f"training image left: 'class_1'.") in err
+    assert (f"After leaving out the 2 bad training images (--on-bad-image skip), these classes of {data} "
+            f"have no training image left: 'class_1'.") in err
+    assert str(data / "train" / "tr1_0.png") in err
     assert not (tmp_path / "run" / "features").exists()

@@ -18,6 +18,7 @@ rest of the package what differs between backends:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -51,6 +52,46 @@ def name() -> str:
             return str(json.load(f).get("backend", DEFAULT))
     except (OSError, ValueError, AttributeError):
         return DEFAULT
+
+
+FRAMEWORKS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+"""The package each Keras backend imports."""
+
+
+def _choice() -> tuple[str, str]:
+    """The backend Keras will pick, and where that choice comes from (for messages)."""
+    chosen = os.environ.get("KERAS_BACKEND")
+    if chosen:
+        return chosen, f"KERAS_BACKEND={chosen} (the environment)"
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    path = Path(home) / "keras.json"
+    chosen = name()
+    return chosen, (f'the "backend" entry of {path} ({chosen!r})' if path.exists() else f"the default ({chosen})")
+
+
+def installed() -> list[str]:
+    """The Keras backends whose framework is installed here (found without importing it)."""
+    return [b for b in BACKENDS if importlib.util.find_spec(FRAMEWORKS[b]) is not None]
+
+
+def check_available() -> None:
+    """UserError, before anything is written, when Keras would start on a backend that is not
+    installed (or is no backend): which are installed, and how to pick one."""
+    if "keras" in sys.modules:
+        return  # Keras started on its backend already
+    chosen, where = _choice()
+    if chosen in BACKENDS and chosen in installed():
+        return
+    from transfer_ensemble.errors import UserError
+
+    what = "is not installed here" if chosen in BACKENDS else \
+        f"is not a Keras backend (Keras knows {', '.join(BACKENDS)})"
+    found = ", ".join(installed()) or "none"
+    raise UserError(f"Keras would run on the backend {chosen!r}, from {where}, which {what}. Installed "
+                    f"backends: {found}. Pick one with the environment variable KERAS_BACKEND (e.g. "
+                    f"`export KERAS_BACKEND={(installed() or [DEFAULT])[0]}`) or the \"backend\" entry of "
+                    f"keras.json in $KERAS_HOME (default ~/.keras)"
+                    f"{f', or install {chosen}' if chosen in BACKENDS else ''}. Nothing was written.")
 
 
 def enable_determinism() -> None:

@@ -238,12 +238,21 @@ def print_train(result: dict) -> None:
     print_recipes(result["recipes"])
 
 
+def summary_stream(out: str | os.PathLike):
+    """Where a command's summary goes: stdout, unless the CSV `out` itself went there."""
+    from transfer_ensemble.storage import stream_fd
+
+    return sys.stderr if stream_fd(out) == 1 else sys.stdout
+
+
 def print_submit(result: dict) -> None:
+    file = summary_stream(result["submission"])
     print(f"wrote {result['submission']}: {result['rows']} rows x {result['classes']} classes, "
-          f"the average of {result['models']} models of head recipe {result['recipe']}")
+          f"the average of {result['models']} models of head recipe {result['recipe']}", file=file)
     if "holdout" in result:
         h = result["holdout"]
-        print(f"hold-out test: log loss {h['log_loss']:.4f}, accuracy {h['accuracy']:.4f} ({h['n']} images)")
+        print(f"hold-out test: log loss {h['log_loss']:.4f}, accuracy {h['accuracy']:.4f} ({h['n']} images)",
+              file=file)
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
@@ -351,15 +360,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
                                     engine=engine_config(args))
     what = "class probabilities" if result["format"] == "probabilities" else f"top {result['k']} classes"
     views = "original + flipped views" if result["tta"] else "original view only, --no-tta"
+    file = summary_stream(result["out"])
     print(f"wrote {result['out']}: {result['images']} images, {what} of {result['classes']}, the average "
-          f"of {result['models']} models of head recipe {result['recipe']} ({views})")
+          f"of {result['models']} models of head recipe {result['recipe']} ({views})", file=file)
     rate = f" ({result['computed'] / result['extract_seconds']:.1f} images/s)" \
         if result["computed"] and result["extract_seconds"] > 0 else ""
     print(f"features: {result['computed']} computed in {result['extract_seconds']:.1f} s{rate}, "
-          f"{result['reused']} reused from {result['cache']}")
+          f"{result['reused']} reused from {result['cache']}", file=file)
     shown = ", ".join(f"{name} {n}" for name, n in list(result["predicted"].items())[:10])
     more = f", and {len(result['predicted']) - 10} more classes" if len(result["predicted"]) > 10 else ""
-    print(f"most likely class: {shown}{more}")
+    print(f"most likely class: {shown}{more}", file=file)
 
 
 def cmd_report(args: argparse.Namespace) -> None:

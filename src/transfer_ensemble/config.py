@@ -118,14 +118,31 @@ def _check_scales(check: Checker, key: str, value: Any, values: dict) -> tuple[f
         scales.append(float(scale))
     if 1.0 not in scales or len(set(scales)) != len(scales):
         raise check.fail(key, value, "must hold 1 (the --image-size scale itself) and each scale once")
+    labels: dict[str, float] = {}
+    for scale in scales:
+        other = labels.setdefault(scale_label(scale), scale)
+        if other != scale:
+            raise check.fail(key, value, f"holds {other:.10g} and {scale:.10g}, which share the feature "
+                                   f"store name {scale_label(scale)}x: keep one of them")
     for name in names:
         spec = backbones.REGISTRY[name]
+        sizes: dict[int, float] = {}
         for scale in scales:
             size = spec.fit_size(scaled_size(image_size if image_size is not None else spec.size, scale))
             if size < spec.min_size:
                 raise check.fail(key, value, f"gives {name} an input of {size} px at scale {scale}, "
-                                             f"below its minimum of {spec.min_size} px")
+                                                  f"below its minimum of {spec.min_size} px")
+            other = sizes.setdefault(size, scale)
+            if other != scale:
+                raise check.fail(key, value, f"gives {name} the same input of {size} px at scales "
+                                                  f"{other:.10g} and {scale:.10g}, so both would extract the same "
+                                                  f"features: keep one of them, or spread them further apart")
     return tuple([1.0] + sorted(s for s in scales if s != 1.0))
+
+
+def scale_label(scale: float) -> str:
+    """How a scale is written in feature store names (``xception@1.5x``)."""
+    return f"{scale:g}"
 
 
 def scaled_size(size: int, scale: float) -> int:

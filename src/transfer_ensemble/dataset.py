@@ -161,6 +161,7 @@ def load_dataset(root: str | Path) -> Dataset:
         )
     _check_non_empty(dataset)
     _check_every_class_has_images(dataset)
+    _check_two_classes(dataset)
     for message in dataset.warnings:
         log.warning(message)
     return dataset
@@ -378,6 +379,15 @@ def _check_every_class_has_images(dataset: Dataset) -> None:
             f"Some classes of {dataset.root} have no training image: "
             f"{', '.join(repr(c) for c in empty[:8])}. Add images to them or remove those classes."
         )
+
+
+def _check_two_classes(dataset: Dataset) -> None:
+    """The heads tell classes apart: a data set of one class has nothing to learn."""
+    if len(dataset.classes) < 2:
+        found = f"one class, {dataset.classes[0]!r}" if dataset.classes else "no class"
+        where = "the labels of labels.csv" if dataset.layout == "kaggle" else "the folders of train/"
+        raise UserError(f"{dataset.root} has {found} ({where}): a classifier needs two or more classes. "
+                        f"Add the images of the other classes, or check the label column.")
 
 
 def check_folds(dataset: Dataset, folds: int) -> None:

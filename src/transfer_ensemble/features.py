@@ -166,14 +166,15 @@ def _read_contents(files: StoreFiles) -> _Contents:
     return _Contents(files, meta, keys, masks)
 
 
-def _readable(files: StoreFiles, what: str) -> _Contents | None:
-    """The store's contents, or None when it does not exist or is damaged (said once, in the log)."""
+def _readable(files: StoreFiles, consequence: str) -> _Contents | None:
+    """The store's contents, or None when it does not exist or is damaged (said once, in the log,
+    with the `consequence`)."""
     if not files.folder.exists():
         return None
     try:
         return _read_contents(files)
     except DamagedFile as exc:
-        log.warning("%s: recomputing %s", exc, what)
+        log.warning("%s: %s", exc, consequence)
         return None
 
 
@@ -188,7 +189,7 @@ def open_store(files: StoreFiles, meta: dict, keys: list[str], donors: Sequence[
     """
     wanted = tuple(wanted)
     what = f"the {meta['backbone']} features in {files.folder}"
-    current = _readable(files, what)
+    current = _readable(files, f"recomputing {what}")
     if current is not None and feature_settings(current.meta) == feature_settings(meta) and current.keys == keys:
         held = held_views(current.meta)
         added = [v for v in wanted if v not in held]
@@ -201,7 +202,8 @@ def open_store(files: StoreFiles, meta: dict, keys: list[str], donors: Sequence[
     sources = [current] if current is not None and feature_settings(current.meta) == feature_settings(meta) else []
     for donor in donors:
         if donor != files:
-            contents = _readable(donor, f"nothing from {donor.folder}")
+            contents = _readable(donor, f"its features are not reused (the store {donor.folder} is left "
+                                        f"as it is)")
             if contents is not None and feature_settings(contents.meta) == feature_settings(meta):
                 sources.append(contents)
     if current is not None and not sources:
@@ -231,12 +233,14 @@ def _new_store(files: StoreFiles, meta: dict, keys: list[str], sources: Sequence
     for view in held:
         _new_view(staging, view, len(keys), meta["width"])
     store = Store(staging, _masks(staging, held, len(keys), read=False), held)
-    row_of = {key: row for row, key in enumerate(keys)}
+    rows_of: dict[str, list[int]] = {}
+    for row, key in enumerate(keys):
+        rows_of.setdefault(key, []).append(row)  # an image listed several times: every row
     reused = {view: 0 for view in held}
     for source in sources:
         for view in (v for v in held if v in source.masks):
-            pairs = [(row_of[key], old) for old, key in enumerate(source.keys)
-                     if source.masks[view][old] and key in row_of and not store.masks[view][row_of[key]]]
+            pairs = [(new, old) for old, key in enumerate(source.keys) if source.masks[view][old] and key in rows_of
+                     for new in rows_of[key] if not store.masks[view][new]]
             new_rows = np.array([p[0] for p in pairs], dtype=np.int64)
             old_rows = np.array([p[1] for p in pairs], dtype=np.int64)
             for start in range(0, len(new_rows), COPY_CHUNK):

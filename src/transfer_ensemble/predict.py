@@ -30,7 +30,7 @@ from typing import Iterator, Sequence, TextIO
 import numpy as np
 import pandas as pd
 
-from transfer_ensemble import engines, features, images
+from transfer_ensemble import backend, engines, features, images
 from transfer_ensemble.config import MAX_PIXELS, EngineConfig, ExtractConfig, engine_config
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
@@ -73,11 +73,13 @@ class Run:
     @classmethod
     def load(cls, run_dir: str | Path, weights: str | None = None, heads_name: str | None = None) -> "Run":
         """Read a trained run; `weights` (imagenet, random or a folder) defaults to the run's own,
-        `heads_name` to the recipe the last `train` trained ("best": the lowest current OOF log loss).
+        `heads_name` to the recipe the last `train` trained ("best": the current recipe, not blend,
+        with the lowest OOF log loss).
 
         Raises UserError when the weights found now differ from those the recipe was trained on.
         Reads the run folder only: it may be on read-only storage.
         """
+        backend.check_available()
         run = RunFolder.existing(run_dir, "predict with")
         return cls._open(run, _select_recipe(run, heads_name), weights)
 
@@ -204,12 +206,13 @@ class Run:
 
 
 def _select_recipe(run: RunFolder, heads_name: str | None) -> Recipe:
-    """The recipe predict scores with: one head recipe (a blend is refused)."""
-    recipe = run.select_recipe(heads_name, "predict")
+    """The recipe predict scores with: one head recipe ("best" is the best of those, never a blend)."""
+    recipe = run.select_recipe(heads_name, "predict", blends=False)
     if isinstance(recipe, Blend):
-        raise UserError(f"predict scores with one head recipe, and {recipe.name!r} (the last one trained "
-                        f"on {run.path}) is a blend. Pass --heads with one of its recipes "
-                        f"({', '.join(recipe.parts)}), or --heads best.")
+        which = "the last one trained on" if heads_name is None else "given as --heads, of"
+        raise UserError(f"predict scores with one head recipe, and {recipe.name!r} ({which} {run.path}) "
+                        f"is a blend. Pass --heads with one of its recipes ({', '.join(recipe.parts)}), "
+                        f"or --heads best (the recipe, not blend, with the lowest OOF log loss).")
     return recipe
 
 
@@ -378,6 +381,7 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
     config = engine_config(engine)
+    backend.check_available()
     folder = RunFolder.existing(run_dir, "predict with")
     recipe = _select_recipe(folder, heads_name)
     where = engines.get(config)
@@ -394,8 +398,7 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
         predicted = _write_csv(f, fmt, names, run.iter_probabilities(stores, len(paths), tta, engine=where),
                                run.classes, k)
     return {"out": str(out), "images": len(paths), "classes": len(run.classes), "format": fmt, "k": k,
-            "models": run.n_models if tta else sum(len(m) for g, m in run.models.items()
-                                                     if g in (POOLED, run.recipe.views[0])),
+            "models": run.scorer.models_scoring(run.recipe.views if tta else run.recipe.views[:1]),
             "tta": tta,
             "recipe": run.recipe.name, "computed": stats["computed"], "reused": stats["reused"],
             "extract_seconds": stats["seconds"], "seconds": time.perf_counter() - start,

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -93,21 +94,30 @@ def rebuild(run_dir: str | Path, heads_name: str | None = None) -> Path:
 def write_report(run: RunFolder, heads_name: str | None = None) -> Path:
     """Write RUN/report/*.png and RUN/report.html; returns the HTML path. Call it holding the lock."""
     record = load_record(run, heads_name)
-    sections = [
-        _recipes_section(record),
-        _loss_section(record),
-        _scores_section(record),
-        _calibration_section(record),
-        *_confusion_sections(record),
-        _wrong_images_section(record),
-    ]
+    with matplotlib.rc_context({"text.parse_math": False}):  # class names are text, "$" and all
+        sections = [
+            _recipes_section(record),
+            _loss_section(record),
+            _scores_section(record),
+            _calibration_section(record),
+            *_confusion_sections(record),
+            _wrong_images_section(record),
+        ]
     for section in sections:
         for name, png in section.images:
             write_atomic(run.report_dir / name, lambda tmp, png=png: tmp.write_bytes(png), suffix=".png")
+    _remove_other_images(run.report_dir, {name for section in sections for name, _ in section.images})
     page = _page(record, sections)
     write_atomic(run.report_html, lambda tmp: tmp.write_text(page, encoding="utf-8"), suffix=".html")
     log.info("wrote the report %s", run.report_html)
     return run.report_html
+
+
+def _remove_other_images(folder: Path, own: set[str]) -> None:
+    """A report holds only its own images: drop the PNGs an earlier report (of another recipe) left."""
+    for path in folder.glob("*.png"):
+        if path.name not in own:
+            path.unlink(missing_ok=True)
 
 
 @dataclass

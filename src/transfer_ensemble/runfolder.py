@@ -19,6 +19,8 @@ to step like a training checkpoint::
     RUN/heads/<recipe>/metrics.json     OOF (and hold-out) scores, the temperature; written last
     RUN/heads/blend-<a>+<b>/blend.json  a blend: its recipes, weights fitted on their OOF
                                     predictions, and what each was trained on; metrics.json
+                                    (a recipe or blend name over 200 bytes: its folder is the
+                                    name's start and a digest, see `folder_name`)
     RUN/report.html, RUN/report/    the run report
     RUN/predict/<key>/              feature stores of images `predict` scored
 
@@ -45,7 +47,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from transfer_ensemble import __version__, backend, views
-from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
+from transfer_ensemble.config import ExtractConfig, TrainConfig, merged, scale_label
 from transfer_ensemble.dataset import Dataset, Item
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.storage import read_json, run_lock, write_json
@@ -348,7 +350,7 @@ def temperature_of(metrics: dict | None) -> float:
 
 def source_key(backbone: str, scale: float) -> str:
     """The name of a backbone's feature store at one scale: the backbone's own at the first."""
-    return backbone if scale == 1.0 else f"{backbone}@{scale:g}x"
+    return backbone if scale == 1.0 else f"{backbone}@{scale_label(scale)}x"
 
 
 def recipe_name(config: TrainConfig) -> str:
@@ -390,6 +392,28 @@ def blend_name(parts: Sequence[str]) -> str:
     return BLEND_PREFIX + "+".join(parts)
 
 
+MAX_FOLDER_BYTES = 200
+"""The longest recipe or blend folder name: file systems allow 255 bytes, less room for the
+temporary and staging names written beside and inside it."""
+
+
+def folder_name(name: str) -> str:
+    """The folder of a recipe or blend called `name`: the name itself while it fits in
+    MAX_FOLDER_BYTES, else its readable start and a digest of the whole (the record keeps the name)."""
+    raw = name.encode()
+    if len(raw) <= MAX_FOLDER_BYTES:
+        return name
+    start = raw[:MAX_FOLDER_BYTES - 17].decode("utf-8", "ignore")
+    return f"{start}-{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
+def _recorded_name(record: dict, path: Path) -> str:
+    """A recipe's or blend's name: as its record at `path` has it where the folder's name is
+    that name shortened (`folder_name`), else the folder's own name."""
+    name = record.get("name")
+    return name if isinstance(name, str) and folder_name(name) == path.parent.name else path.parent.name
+
+
 @dataclass
 class RecipeStatus:
     """A recipe as `train`'s summary and the report list it."""
@@ -423,6 +447,11 @@ class RunFolder:
             raise UserError(f"The run folder {run.path} does not exist, so there is nothing to {command}. "
                             f"Check --run, or run `transfer-ensemble extract --data DIR --run {run.path}` "
                             f"first.")
+        if not (run.config_path.exists() or run.dataset_path.exists()):
+            raise UserError(f"{run.path} is not a run folder: it has neither config.json nor dataset.json, "
+                            f"which `extract` writes when it finishes, so there is nothing to {command} (and "
+                            f"nothing was written there). Pass --run with the folder that `transfer-ensemble "
+                            f"extract --data DIR --run RUN` wrote (a data folder goes to --data).")
         return run
 
     # Paths.
@@ -494,7 +523,7 @@ class RunFolder:
 
     def recipe(self, config: TrainConfig, inputs: dict | None = None) -> Recipe:
         name = recipe_name(config)
-        return Recipe(name, config, inputs or {}, self.heads_dir / name)
+        return Recipe(name, config, inputs or {}, self.heads_dir / folder_name(name))
 
     # The lock, and what a killed step left.
     @contextlib.contextmanager
@@ -633,6 +662,7 @@ class RunFolder:
 
     def _feature_inputs(self, backbones: Sequence[str]) -> dict:
         try:
+            self._check_extraction_finished(backbones)
             return {
                 "features": {name: feature_settings(load_json(self.store("train", name).meta))
                              for name in backbones},
@@ -642,6 +672,38 @@ class RunFolder:
         except DamagedFile as exc:
             raise self._damaged(exc, f"Run `transfer-ensemble extract --data DIR --run {self.path}` "
                                      f"again: it recomputes what is damaged") from None
+
+    def store_settings(self, sources: Sequence[str]) -> dict:
+        """What each source's features depend on (its train store's), for config.json once
+        `extract` has finished: `feature_inputs` then refuses stores that differ from it. A store
+        that cannot be read is left out (`feature_inputs` names it when it is used)."""
+        settings = {}
+        for name in sources:
+            with contextlib.suppress(DamagedFile):
+                settings[name] = feature_settings(load_json(self.store("train", name).meta))
+        return settings
+
+    def _check_extraction_finished(self, sources: Sequence[str]) -> None:
+        """UserError when a store of `sources` holds features of other settings than the extraction
+        config.json records: an `extract` with other options was stopped after rewriting it."""
+        recorded = self.read_config_optional().get("features")
+        if not isinstance(recorded, dict):
+            return  # a run from before the stores' settings were recorded
+        for split in SPLITS:
+            for name in sources:
+                then, store = recorded.get(name), self.store(split, name)
+                now = feature_settings(load_json(store.meta))
+                if then is None or now == then:
+                    continue
+                differ = ", ".join(f"{k} {then.get(k)!r} recorded, {now.get(k)!r} in the store"
+                                   for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k))
+                raise UserError(
+                    f"The features in {store.folder} are not the ones {self.config_path} records ({differ}): "
+                    f"an `extract` with other options was stopped before it finished, so the run's "
+                    f"features no longer match its record, and nothing is trained or submitted from "
+                    f"them. Finish the extract: run that `transfer-ensemble extract --data DIR --run "
+                    f"{self.path} ...` again with the same options (it resumes where it stopped), or with "
+                    f"the options config.json records to go back to them.")
 
     # Head recipes.
     def recipes(self) -> list[Recipe]:
@@ -660,14 +722,14 @@ class RunFolder:
             try:
                 obj = load_json(record)
                 config = TrainConfig.from_json(obj["config"], source=str(record))
-                found.append(Recipe(folder.name, config, obj["inputs"], folder))
+                found.append(Recipe(_recorded_name(obj, record), config, obj["inputs"], folder))
             except (DamagedFile, KeyError, TypeError, UserError) as exc:
                 log.warning("%s: the head recipe in %s is unreadable and is ignored (train it again "
                             "to replace it)", exc, folder)
         return found
 
     def blend(self, parts: Sequence[str]) -> Path:
-        return self.heads_dir / blend_name(parts)
+        return self.heads_dir / folder_name(blend_name(parts))
 
     def blends(self) -> list[Blend]:
         """Every blend fitted on this run (unreadable records are skipped, with a warning)."""
@@ -677,7 +739,7 @@ class RunFolder:
         for folder in sorted(self.heads_dir.glob(BLEND_PREFIX + "*")):
             try:
                 obj = load_json(folder / BLEND_RECORD)
-                found.append(Blend(folder.name, list(obj["parts"]), [float(w) for w in obj["weights"]],
+                found.append(Blend(_recorded_name(obj, folder / BLEND_RECORD), list(obj["parts"]), [float(w) for w in obj["weights"]],
                                    dict(obj["part_inputs"]), folder))
             except (DamagedFile, KeyError, TypeError, ValueError) as exc:
                 log.warning("%s: the blend in %s is unreadable and is ignored (fit it again to replace it)",
@@ -725,9 +787,11 @@ class RunFolder:
         """Whether every store of `sources` exists (a recipe may use a scale the run no longer has)."""
         return all(self.store(split, name).meta.exists() for split in SPLITS for name in sources)
 
-    def select_recipe(self, name: str | None = None, command: str = "submit") -> "Recipe | Blend":
+    def select_recipe(self, name: str | None = None, command: str = "submit",
+                      blends: bool = True) -> "Recipe | Blend":
         """The recipe `name`; with None, the one the last `train` trained; with BEST, the current
-        one with the lowest OOF log loss. UserError if there is none or it cannot be used."""
+        one with the lowest OOF log loss (of the recipes alone, not `blends`, for a command that
+        cannot score blends). UserError if there is none or it cannot be used."""
         statuses = self.statuses()
         train = f"`transfer-ensemble train --run {self.path}`"
         if name is None:
@@ -757,7 +821,7 @@ class RunFolder:
                 raise UserError(f"The head recipe {name!r} of {self.path} is unfinished. Run "
                                 f"{train[:-1]} --heads {name}` to finish it.")
             return status.recipe
-        current = [s for s in statuses if s.state == "current"]
+        current = [s for s in statuses if s.state == "current" and (blends or not isinstance(s.recipe, Blend))]
         if not current:
             stale = [s.recipe.name for s in statuses if s.state == "stale"]
             unfinished = [s.recipe.name for s in statuses if s.state == "unfinished"]

@@ -17,7 +17,7 @@ import numpy as np
 
 from transfer_ensemble import ensemble, heads
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import Blend, Recipe, RunData, RunFolder, StoreFiles
+from transfer_ensemble.runfolder import POOLED, Blend, Recipe, RunData, RunFolder, StoreFiles
 
 
 @dataclass
@@ -36,21 +36,30 @@ class Scorer:
     def open(cls, run_dir: str | Path, heads_name: str) -> "Scorer":
         """The recipe `heads_name` of a run, without the backbones (for scoring workers)."""
         run = RunFolder.existing(run_dir, "predict with")
-        return cls.load(run, run.select_recipe(heads_name, "predict"))
+        return cls.load(run, run.select_recipe(heads_name, "predict", blends=False))
 
     @property
     def n_models(self) -> int:
         return sum(len(m) for m in self.models.values())
 
+    def scored_groups(self, views: Sequence[str]) -> list[str]:
+        """The model groups averaged when the features of `views` are at hand: the models of a view
+        not among them are left out (--no-tta: the original view's only), pooled models are kept."""
+        return [group for group in self.models if group == POOLED or group in views]
+
+    def models_scoring(self, views: Sequence[str]) -> int:
+        """How many fold models `combine` averages given the features of `views`."""
+        return sum(len(self.models[group]) for group in self.scored_groups(views))
+
     def combine(self, x: dict[str, np.ndarray]) -> np.ndarray:
-        """The recipe's ensemble for the views in `x`: each model scores the views it scores in the
-        submission that `x` has (models of a view not in `x` are left out), then the temperature."""
+        """The recipe's ensemble for the views in `x`: each model of `scored_groups` scores the views
+        it scores in the submission that `x` has, then the temperature."""
         kind = heads.get(self.recipe.config.head)
         per_group = {}
-        for group, group_models in self.models.items():
+        for group in self.scored_groups(list(x)):
             views = [v for v in self.recipe.scored_views(group) if v in x]
             if views:
-                per_group[group] = [heads.score(kind, model, x, views) for model in group_models]
+                per_group[group] = [heads.score(kind, model, x, views) for model in self.models[group]]
         return ensemble.combine(per_group, self.recipe.temperature)
 
     def score_rows(self, stores: Sequence[StoreFiles], start: int, stop: int, tta: bool = True) -> np.ndarray:

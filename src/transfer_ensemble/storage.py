@@ -7,7 +7,9 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -75,9 +77,16 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
 
     A symbolic link is written through (its target is replaced, the link stays). A FIFO or a
-    device is never replaced by a regular file: what the block wrote is copied into it.
+    device is never replaced by a regular file: what the block wrote is copied into it. A path
+    naming one of this process's open streams (/dev/stdout, /dev/fd/N...) is written into that
+    stream.
     """
     path = Path(path)
+    fd = stream_fd(path)
+    if fd is not None:
+        with _into_stream(path, fd, suffix) as tmp:
+            yield tmp
+        return
     target = Path(os.path.realpath(path))
     if target.is_dir():
         raise _disk_error(path, OSError(errno.EISDIR, os.strerror(errno.EISDIR), str(path)))
@@ -106,6 +115,45 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         _remove_quietly(tmp_path)
         raise
     _fsync_folder(path.parent)
+
+
+STREAM_NAMES = {"/dev/stdout": 1, "/dev/stderr": 2}
+_FD_PATH = re.compile(r"/(?:dev|proc/self)/fd/(\d+)")
+
+
+def stream_fd(path: str | os.PathLike) -> int | None:
+    """The file descriptor of this process that `path` names (/dev/stdout, /dev/stderr,
+    /dev/fd/N, /proc/self/fd/N), else None."""
+    text = os.fspath(path)
+    match = _FD_PATH.fullmatch(text)
+    return STREAM_NAMES.get(text, int(match.group(1)) if match else None)
+
+
+@contextlib.contextmanager
+def _into_stream(path: Path, fd: int, suffix: str) -> Iterator[Path]:
+    """Write to a temporary file, then into the open descriptor `fd` where it stands: a file
+    opened for append keeps its contents, a pipe or a terminal gets the bytes.
+
+    Following the link instead would replace the file stdout is redirected to, or fail on a pipe;
+    fd 2 may be the noise filter's pipe, which passes the lines on in order.
+    """
+    fd_, tmp = tempfile.mkstemp(prefix=".transfer-ensemble.", suffix=f".tmp{suffix}")
+    os.close(fd_)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                stream.flush()
+        with open(tmp_path, "rb") as source:
+            while chunk := source.read(1 << 20):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+    except OSError as exc:
+        raise _disk_error(path, exc) from None
+    finally:
+        _remove_quietly(tmp_path)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from transfer_ensemble import engines, ensemble, images, submission
+from transfer_ensemble import backend, engines, ensemble, images, submission
 from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, engine_config, merged, option_names
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.errors import UserError
@@ -73,8 +73,9 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
     `engine` (default local; see ``engines``) says where the features are computed; the stores
     are the same.
     """
-    from transfer_ensemble import features
+    from transfer_ensemble import backend, features
 
+    backend.check_available()
     where = engines.get(engine_config(engine))
     run = RunFolder(run_dir)
     dataset = load_dataset(data)
@@ -105,7 +106,9 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
         run.write_bad_images({split: [{"id": it.id, "path": str(it.path), "reason": r} for it, r in bad[split]]
                               for split in bad})
         run.write_run_data(run_data)
-        run.update_config(data=str(dataset.root), extract=config.to_json(), classes=dataset.classes)
+        sources = [source_key(spec.name, extractor.scale) for extractor in extractors for spec in extractor.specs]
+        run.update_config(data=str(dataset.root), extract=config.to_json(), classes=dataset.classes,
+                          features=run.store_settings(sources))
         return results
 
 
@@ -121,9 +124,11 @@ def _check_classes_left(dataset: Dataset, bad_train: list[tuple[Item, str]]) -> 
     empty = empty_classes(dataset)
     if empty:
         raise UserError(
-            f"After leaving out the {len(bad_train)} undecodable training images, these classes "
-            f"of {dataset.root} have no training image left: {', '.join(map(repr, empty[:8]))}. "
-            f"Fix or replace their images (the bad ones are listed above with the reason)."
+            f"After leaving out the {len(bad_train)} bad training images (--on-bad-image skip), these "
+            f"classes of {dataset.root} have no training image left: {', '.join(map(repr, empty[:8]))}. "
+            f"The images left out, with the reason:\n"
+            f"{images.listing([(it.path, reason) for it, reason in bad_train])}\n"
+            f"Fix or replace them (or raise --max-pixels for images that are only too large)."
         )
 
 
@@ -152,6 +157,7 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None, he
     Other recipes trained on the run are kept beside it. Returns the recipe's name and metrics
     and every recipe's status.
     """
+    backend.check_available()
     if not isinstance(overrides, TrainConfig):
         overrides = python_overrides(overrides, "workflow.train(..., overrides)")
         refuse_unknown(overrides, option_names(TrainConfig), overrides.origin)
