@@ -139,7 +139,7 @@ def full_run(tmp_path_factory) -> Path:
                  ["submit", "--run", str(run), "--out", str(base / "sub.csv")],
                  ["predict", "--run", str(run), "--heads", "linear-folds2", "--images", str(data / "test"),
                   "--out", str(base / "preds.csv")]):
-        assert cli.main(["-q", *args]) == 0, args
+        assert cli.main(args) == 0, args
     return run
 
 
