@@ -92,6 +92,8 @@ def _table(parser: argparse.ArgumentParser) -> list[str]:
 
 def render() -> str:
     """The whole of docs/options.md."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))  # this checkout's options, whatever is installed
     from transfer_ensemble.cli import build_parser
 
     parser = build_parser()
