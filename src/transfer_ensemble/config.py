@@ -28,10 +28,10 @@ PRECISIONS = ("float32", "bfloat16")
 BAD_IMAGE_POLICIES = ("error", "skip")
 DEFAULT_HEAD = "linear"
 """The head `train` uses when --head is not given: the recipe with the lowest out-of-fold log loss on
-the development sets (``scripts/bench_quality.py``; the README has the table)."""
+the development sets (``scripts/bench_quality.py``; docs/quality.md has the table)."""
 DEFAULT_SCALES = (1.0, 1.5)
 """The input sizes features are extracted at, as multiples of --image-size (or of each backbone's
-native size): the second scale lowered out-of-fold log loss by about 12% on fashion10 (README)."""
+native size): the second scale lowered out-of-fold log loss by about 12% on fashion10 (docs/quality.md)."""
 SCALE_RANGE = (0.25, 4.0)
 ENGINES = engines.NAMES
 MAX_PIXELS = 178_956_970

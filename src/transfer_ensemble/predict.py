@@ -278,7 +278,7 @@ def _check_feature_identity(run: RunFolder, recipe: Recipe, extractor: features.
                 f"was extracted with (see 'extract' in {run.config_path}), or train a new run "
                 f"with these weights.")
         # Another Keras backend is no reason to refuse: its features agree within float32 rounding
-        # (README, "Backends"), as they do across TensorFlow versions, which are not checked either.
+        # (docs/backends.md), as they do across TensorFlow versions, which are not checked either.
         differing = sorted(k for k in now if k in then and k != "backend" and now[k] != then[k])
         if differing:
             detail = ", ".join(f"{k}: {then[k]!r} then, {now[k]!r} now" for k in differing)
