@@ -161,14 +161,15 @@ def test_predict_without_tta_averages_the_original_views_models_only(trained):
     _, run, names = trained
     model = predict.Run.load(run, heads_name=names[0])
     assert set(model.models) == set(VIEWS) and model.recipe.config.tta
+    from dataclasses import replace
+
+    originals_only = replace(model.scorer, models={"original": model.models["original"]})
     x = {"original": np.random.default_rng(0).normal(size=(4, 2048)).astype(np.float32)}
-    np.testing.assert_allclose(predict._combine(model.recipe, model.models, x),
-                               predict._combine(model.recipe, {"original": model.models["original"]}, x))
+    np.testing.assert_allclose(model.scorer.combine(x), originals_only.combine(x))
+    assert model.scorer.models_scoring(["original"]) == len(model.models["original"])
     np.testing.assert_allclose(model.predict([np.zeros((80, 80, 3), np.uint8)], tta=False),
-                               predict._combine(model.recipe, {"original": model.models["original"]},
-                                                {"original": model.extractor.forward(
-                                                    model.extractor.specs[0],
-                                                    np.zeros((1, TINY, TINY, 3), np.uint8))["original"]}),
+                               originals_only.combine({"original": model.extractor.forward(
+                                   model.extractor.specs[0], np.zeros((1, TINY, TINY, 3), np.uint8))["original"]}),
                                atol=1e-6)
 
 

@@ -238,9 +238,10 @@ def _new_store(files: StoreFiles, meta: dict, keys: list[str], sources: Sequence
         rows_of.setdefault(key, []).append(row)  # an image listed several times: every row
     reused = {view: 0 for view in held}
     for source in sources:
+        done_before = {view: mask.copy() for view, mask in store.masks.items()}  # the pair shares one mask
         for view in (v for v in held if v in source.masks):
             pairs = [(new, old) for old, key in enumerate(source.keys) if source.masks[view][old] and key in rows_of
-                     for new in rows_of[key] if not store.masks[view][new]]
+                     for new in rows_of[key] if not done_before[view][new]]
             new_rows = np.array([p[0] for p in pairs], dtype=np.int64)
             old_rows = np.array([p[1] for p in pairs], dtype=np.int64)
             for start in range(0, len(new_rows), COPY_CHUNK):
