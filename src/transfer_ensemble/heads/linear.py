@@ -176,9 +176,9 @@ def _fit_linear(train: Views, y_train: np.ndarray, val: Views, y_val: np.ndarray
     if split is not None:
         inner_train, held = (np.concatenate([images + n * v for v in range(len(train))]) for images in split)
         z_inner, y_inner, z_held, y_held = z[inner_train], y_all[inner_train], z[held], y_all[held]
-        best, current = math.inf, None
+        best, current, memo = math.inf, None, {}
         for c in C_GRID:
-            current, steps = fit_multinomial(z_inner, y_inner, n_classes, c, current, tol=INNER_TOL)
+            current, steps = fit_multinomial(z_inner, y_inner, n_classes, c, current, tol=INNER_TOL, memo=memo)
             history["iterations"] += steps
             loss = _log_loss(y_held, probabilities(z_held, current))
             history["inner_log_loss"][str(c)] = loss
@@ -186,7 +186,7 @@ def _fit_linear(train: Views, y_train: np.ndarray, val: Views, y_val: np.ndarray
                 best, best_c, theta = loss, c, current
             else:
                 break  # the held-out loss is unimodal in C: past its minimum
-        del z_inner, z_held
+        del z_inner, z_held, memo
     else:
         history["inner_search"] = "skipped: a class has fewer than 2 training images"
     theta, steps = fit_multinomial(z, y_all, n_classes, best_c, theta)
