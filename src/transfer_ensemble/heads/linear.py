@@ -4,6 +4,8 @@ its L2 strength chosen by an inner search on each fold's training rows. Saved as
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,15 +44,95 @@ class LinearModel:
     intercept: np.ndarray
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        z = power_normalise(x) if self.power else np.asarray(x, dtype=np.float32)
-        return (z - self.mean) / self.scale
+        z = power_normalise(x) if self.power else np.array(x, dtype=np.float32)
+
+        def block(rows: slice) -> None:
+            z[rows] -= self.mean
+            z[rows] /= self.scale
+
+        _each(block, _row_chunks(len(z), 4 * ROW_CHUNK))
+        return z
 
 
-def power_normalise(x: np.ndarray) -> np.ndarray:
-    """Signed square root, then each row scaled to unit L2 norm (float32)."""
-    z = np.sign(x) * np.sqrt(np.abs(x, dtype=np.float32))
-    norms = np.linalg.norm(z, axis=1, keepdims=True)
-    return (z / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+ROW_CHUNK = 256  # rows (of one column block) worked on at a time: small enough to stay in cache
+COLUMN_BLOCK = 1024
+
+
+def _threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _each(work, items) -> None:
+    """`work(item)` for every item, on every core (numpy's array loops release the GIL)."""
+    items = list(items)
+    if len(items) < 2 or _threads() == 1:
+        for item in items:
+            work(item)
+        return
+    with ThreadPoolExecutor(_threads()) as pool:
+        for _ in pool.map(work, items):
+            pass
+
+
+def _row_chunks(n: int, size: int = ROW_CHUNK) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def power_normalise(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Signed square root, then each row scaled to unit L2 norm (float32), written into `out`
+    (a new array when None), a block of rows at a time on every core."""
+    x = np.asarray(x)
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32)
+    if x.dtype.itemsize > 4:  # keep the float64 arithmetic of the one-shot formula
+        def block(rows: slice) -> None:
+            z = np.sign(x[rows]) * np.sqrt(np.abs(x[rows], dtype=np.float32))
+            out[rows] = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    else:
+        def block(rows: slice) -> None:
+            z = out[rows]
+            np.abs(x[rows], out=z, dtype=np.float32)
+            np.sqrt(z, out=z)
+            np.copysign(z, x[rows], out=z)
+            z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    _each(block, _row_chunks(len(x), 4 * ROW_CHUNK))
+    return out
+
+
+def _standardise(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations of `z` (those below 1e-6 set to 1), and `z`
+    standardised in place: the values of ``z.mean(0)``, ``z.std(0)`` and ``(z - mean) / scale``
+    to the bit (numpy sums a column top to bottom; each row chunk continues that sum), without
+    their full-size temporaries, one column block per core."""
+    n, d = z.shape
+    mean = np.empty(d, dtype=np.float32)
+    scale = np.empty(d, dtype=np.float32)
+
+    def block(columns: slice) -> None:
+        part = z[:, columns]
+        m = part.mean(axis=0)
+        buf = np.empty((ROW_CHUNK + 1, part.shape[1]), dtype=np.float32)
+        total = None
+        for rows in _row_chunks(n):
+            chunk = part[rows]
+            chunk -= m
+            k = len(chunk)
+            if total is None:
+                np.multiply(chunk, chunk, out=buf[:k])
+                total = np.add.reduce(buf[:k], axis=0)
+            else:
+                buf[0] = total
+                np.multiply(chunk, chunk, out=buf[1:k + 1])
+                total = np.add.reduce(buf[:k + 1], axis=0)
+        np.true_divide(total, np.intp(n), out=total, casting="unsafe")  # as np.std divides
+        np.sqrt(total, out=total)
+        total[total < 1e-6] = 1.0
+        for rows in _row_chunks(n):
+            part[rows] /= total
+        mean[columns], scale[columns] = m, total
+
+    _each(block, _row_chunks(d, COLUMN_BLOCK))
+    return mean, scale
 
 
 def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -73,34 +155,38 @@ def _fit_linear(train: Views, y_train: np.ndarray, val: Views, y_val: np.ndarray
     each fit starting from the last, stopping once the loss rises); the model is then
     fitted on every training row. The validation rows are not looked at."""
     n = len(y_train)
-    z = np.concatenate([power_normalise(x) if options.power else np.asarray(x, dtype=np.float32) for x in train])
-    mean = z.mean(axis=0)
-    scale = z.std(axis=0)
-    scale[scale < 1e-6] = 1.0
-    z -= mean
-    z /= scale
+    z = np.empty((n * len(train), np.shape(train[0])[1]), dtype=np.float32)
+    for v, x in enumerate(train):
+        if options.power:
+            power_normalise(x, out=z[v * n:(v + 1) * n])
+        else:
+            z[v * n:(v + 1) * n] = x
+    mean, scale = _standardise(z)
     y_all = np.tile(y_train, len(train))
     d = z.shape[1]
 
-    def probabilities(theta: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return softmax(z[rows] @ theta[:-n_classes].reshape(d, n_classes) + theta[-n_classes:])
+    def probabilities(rows: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        """float32 products (as the solver's): a float64 copy of the rows would cost more than the fit."""
+        logits = (rows @ theta[:-n_classes].reshape(d, n_classes).astype(np.float32)).astype(np.float64)
+        return softmax(logits + theta[-n_classes:])
 
     history: dict = {"inner_log_loss": {}, "iterations": 0}
     split = _inner_split(y_train, seed)
     best_c, theta = C_GRID[len(C_GRID) // 2], None
     if split is not None:
         inner_train, held = (np.concatenate([images + n * v for v in range(len(train))]) for images in split)
-        best, current = math.inf, None
+        z_inner, y_inner, z_held, y_held = z[inner_train], y_all[inner_train], z[held], y_all[held]
+        best, current, memo = math.inf, None, {}
         for c in C_GRID:
-            current, steps = fit_multinomial(z[inner_train], y_all[inner_train], n_classes, c, current,
-                                             tol=INNER_TOL)
+            current, steps = fit_multinomial(z_inner, y_inner, n_classes, c, current, tol=INNER_TOL, memo=memo)
             history["iterations"] += steps
-            loss = _log_loss(y_all[held], probabilities(current, held))
+            loss = _log_loss(y_held, probabilities(z_held, current))
             history["inner_log_loss"][str(c)] = loss
             if loss < best:
                 best, best_c, theta = loss, c, current
             else:
                 break  # the held-out loss is unimodal in C: past its minimum
+        del z_inner, z_held, memo
     else:
         history["inner_search"] = "skipped: a class has fewer than 2 training images"
     theta, steps = fit_multinomial(z, y_all, n_classes, best_c, theta)
@@ -115,8 +201,13 @@ def _fit_linear(train: Views, y_train: np.ndarray, val: Views, y_val: np.ndarray
 
 
 def _predict_linear(head: LinearModel, x: np.ndarray) -> np.ndarray:
-    logits = head.transform(np.asarray(x, dtype=np.float32)).astype(np.float64) @ head.coef.T.astype(np.float64)
-    return softmax(logits + head.intercept).astype(np.float32)
+    z = head.transform(x)
+    coef = head.coef.T.astype(np.float64)
+    logits = np.empty((len(z), len(head.intercept)))
+    for rows in _row_chunks(len(z), 8 * ROW_CHUNK):  # float64 products without a float64 copy of z
+        np.matmul(z[rows].astype(np.float64), coef, out=logits[rows])
+    logits += head.intercept
+    return softmax(logits).astype(np.float32)
 
 
 class LinearHead:

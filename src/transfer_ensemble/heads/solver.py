@@ -21,13 +21,15 @@ def log_loss(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def fit_multinomial(z: np.ndarray, y: np.ndarray, n_classes: int, c: float, start: np.ndarray | None = None,
-                    max_iter: int = MAX_ITER, tol: float = TOL) -> tuple[np.ndarray, int]:
+                    max_iter: int = MAX_ITER, tol: float = TOL, memo: dict | None = None) -> tuple[np.ndarray, int]:
     """Multinomial logistic regression with an L2 penalty on the weights (not the intercepts):
     the objective of scikit-learn's ``LogisticRegression(C=c)`` (the tests check the two agree),
     minimised with L-BFGS on float32 matrix products, several times faster a step than
     scikit-learn 1.9's solver on this 2-core CPU.
 
     Returns the parameters as one vector (weights (d x k) then intercepts (k)) and the steps taken.
+    `memo` (a dict kept across fits on the same rows): the data term of the last evaluation, so
+    a fit started from the previous fit's result (another `c`) does not compute it again.
     """
     n, d = z.shape
     rows = np.arange(n)
@@ -35,7 +37,10 @@ def fit_multinomial(z: np.ndarray, y: np.ndarray, n_classes: int, c: float, star
     onehot[rows, y] = 1.0
     penalty = 1.0 / (c * n)
 
-    def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+    def data_term(theta: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        """Mean log loss and its gradient (weights, intercepts) at `theta`, without the penalty."""
+        if memo is not None and memo.get("theta") is theta:
+            return memo["data"]
         w = theta[:-n_classes].reshape(d, n_classes).astype(np.float32)
         logits = z @ w
         logits += theta[-n_classes:].astype(np.float32)
@@ -45,9 +50,16 @@ def fit_multinomial(z: np.ndarray, y: np.ndarray, n_classes: int, c: float, star
         loss = float(np.mean(np.log(sums[:, 0]) - np.log(np.maximum(logits[rows, y], 1e-37))))
         logits /= sums
         logits -= onehot
-        grad_w = (z.T @ logits).astype(np.float64) / n + penalty * theta[:-n_classes].reshape(d, n_classes)
+        data = loss, (z.T @ logits).astype(np.float64) / n, logits.sum(axis=0, dtype=np.float64) / n
+        if memo is not None:
+            memo["theta"], memo["data"] = theta, data
+        return data
+
+    def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        loss, grad_w, grad_b = data_term(theta)
+        grad_w = grad_w + penalty * theta[:-n_classes].reshape(d, n_classes)
         loss += 0.5 * penalty * float(np.dot(theta[:-n_classes], theta[:-n_classes]))
-        return loss, np.concatenate([grad_w.ravel(), logits.sum(axis=0, dtype=np.float64) / n])
+        return loss, np.concatenate([grad_w.ravel(), grad_b])
 
     theta = np.zeros(d * n_classes + n_classes) if start is None else start
     return lbfgs(loss_and_grad, theta, max_iter, tol)
