@@ -20,11 +20,11 @@ import pandas as pd
 import pytest
 
 from conftest import TINY, make_folders, make_kaggle, run_cli
-from transfer_ensemble import cli, features
+from transfer_ensemble import cli
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.dataset import load_dataset
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import StoreFiles
+from transfer_ensemble.store import StoreFiles, open_store
 from transfer_ensemble.views import PAIR as VIEWS
 
 
@@ -76,19 +76,19 @@ def test_submit_on_a_data_folder_says_it_is_no_run_folder_and_writes_nothing(tmp
 
 # item 16
 def test_a_damaged_donor_store_is_reported_as_not_reused(tmp_path, caplog):
-    donor = features.open_store(StoreFiles(tmp_path / "donor"), _meta(["a"]), ["ka"])
+    donor = open_store(StoreFiles(tmp_path / "donor"), _meta(["a"]), ["ka"])
     donor.files.view("flipped").write_bytes(b"broken")
     with caplog.at_level(logging.WARNING):
-        features.open_store(StoreFiles(tmp_path / "new"), _meta(["x"]), ["ka"], donors=[donor.files])
+        open_store(StoreFiles(tmp_path / "new"), _meta(["x"]), ["ka"], donors=[donor.files])
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "recomputing nothing" not in warned and "not reused" in warned and str(donor.files.folder) in warned
 
 
 # item 18
 def test_an_image_named_several_times_copies_its_cached_row_for_every_duplicate(tmp_path):
-    donor = features.open_store(StoreFiles(tmp_path / "donor"), _meta(["a", "b"]), ["ka", "kb"])
+    donor = open_store(StoreFiles(tmp_path / "donor"), _meta(["a", "b"]), ["ka", "kb"])
     donor.write(np.array([0, 1]), {view: np.array([[1, 1, 1], [2, 2, 2]], np.float32) for view in VIEWS})
-    store = features.open_store(StoreFiles(tmp_path / "new"), _meta(["0", "1", "2", "3"]), ["ka", "kb", "ka", "ka"],
+    store = open_store(StoreFiles(tmp_path / "new"), _meta(["0", "1", "2", "3"]), ["ka", "kb", "ka", "ka"],
                                 donors=[donor.files])
     assert store.done.tolist() == [True] * 4
     np.testing.assert_array_equal(np.load(store.files.view("original")), [[1] * 3, [2] * 3, [1] * 3, [1] * 3])

@@ -203,7 +203,7 @@ def test_a_second_predict_of_the_same_images_is_told_to_wait_or_use_another_cach
 def test_train_reads_the_datasets_records_and_hashes_each_store_once(trained, tmp_path, monkeypatch):
     """One `train` (here finishing an already trained recipe, with its report) builds the run's
     state once: dataset.json read once, each store's keys.json once, not once per statuses()."""
-    from transfer_ensemble import runfolder, workflow
+    from transfer_ensemble import runfolder, store, workflow
 
     _, run, _ = trained
     copy = tmp_path / "run"
@@ -215,7 +215,8 @@ def test_train_reads_the_datasets_records_and_hashes_each_store_once(trained, tm
         reads.append(Path(path))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(runfolder, "load_json", counting)
+    for module in (runfolder, store):  # the run's records, the stores' records
+        monkeypatch.setattr(module, "load_json", counting)
     result = workflow.train(copy, heads=RunFolder(copy).read_config()["heads"])
     assert [s.state for s in result["recipes"]] == ["current"]
     keys = sorted(p for p in reads if p.name == "keys.json")

@@ -21,7 +21,8 @@ import pytest
 from conftest import draw, run_cli, save_rgb
 from transfer_ensemble import ensemble, report
 from transfer_ensemble.config import SeedOptions, TrainConfig
-from transfer_ensemble.runfolder import RunFolder, labels_digest
+from transfer_ensemble.records import labels_digest
+from transfer_ensemble.runfolder import RunFolder
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTIONS = {"recipes": "Head recipes tried on this run", "loss": "Training and validation loss",

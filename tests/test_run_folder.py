@@ -18,12 +18,13 @@ import pandas as pd
 import pytest
 
 from conftest import FAST_TRAIN, TINY, draw, make_kaggle, run_cli, save_rgb
-from transfer_ensemble import cli, ensemble, features, predict
+from transfer_ensemble import cli, ensemble, predict
 from transfer_ensemble.config import LinearOptions, SeedOptions, TrainConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.views import PAIR as VIEWS
-from transfer_ensemble.runfolder import (DamagedFile, RunFolder, StoreFiles, load_json, load_npy,
-                                         recipe_name)
+from transfer_ensemble.records import DamagedFile, load_json, load_npy
+from transfer_ensemble.runfolder import RunFolder, recipe_name
+from transfer_ensemble.store import StoreFiles, open_store
 
 EXTRACT = ["--backbones", "xception", "--weights", "random", "--image-size", str(TINY), "--batch-size", "8"]
 FAST_CONFIG = TrainConfig(head="seed", folds=2, options=SeedOptions(epochs=3, patience=2))  # what FAST_TRAIN trains
@@ -401,19 +402,19 @@ def _meta(ids: list[str]) -> dict:
 
 
 def test_a_store_copies_known_rows_from_donors_and_rebuilds_when_damaged(tmp_path):
-    donor = features.open_store(StoreFiles(tmp_path / "donor"), _meta(["a", "b"]), ["ka", "kb"])
+    donor = open_store(StoreFiles(tmp_path / "donor"), _meta(["a", "b"]), ["ka", "kb"])
     donor.write(np.array([0, 1]), {view: np.array([[1, 1, 1], [2, 2, 2]], np.float32) for view in VIEWS})
-    store = features.open_store(StoreFiles(tmp_path / "new"), _meta(["x", "y", "z"]), ["kb", "kq", "ka"],
+    store = open_store(StoreFiles(tmp_path / "new"), _meta(["x", "y", "z"]), ["kb", "kq", "ka"],
                                 donors=[StoreFiles(tmp_path / "donor")])
     assert store.done.tolist() == [True, False, True]
     np.testing.assert_array_equal(np.load(store.files.view("original"))[[0, 2]], [[2, 2, 2], [1, 1, 1]])
 
-    other = features.open_store(StoreFiles(tmp_path / "other"), {**_meta(["x"]), "image_size": 9}, ["ka"],
+    other = open_store(StoreFiles(tmp_path / "other"), {**_meta(["x"]), "image_size": 9}, ["ka"],
                                 donors=[StoreFiles(tmp_path / "donor")])
     assert not other.done.any(), "rows of other settings were reused"
 
     store.files.view("flipped").unlink()
-    reopened = features.open_store(store.files, _meta(["x", "y", "z"]), ["kb", "kq", "ka"])
+    reopened = open_store(store.files, _meta(["x", "y", "z"]), ["kb", "kq", "ka"])
     assert not reopened.done.any() and store.files.view("flipped").exists()
 
 

@@ -34,8 +34,8 @@ from transfer_ensemble import backend, engines, features, images
 from transfer_ensemble.config import MAX_PIXELS, EngineConfig, ExtractConfig, engine_config
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import (POOLED, PREDICT_SPLIT, SPLITS, Blend, PredictCache, Recipe, RunFolder,
-                                         StoreFiles, source_key)
+from transfer_ensemble.runfolder import POOLED, PREDICT_SPLIT, SPLITS, Blend, PredictCache, Recipe, RunFolder
+from transfer_ensemble.store import StoreFiles, source_key, store_meta
 from transfer_ensemble.scoring import Scorer
 from transfer_ensemble.storage import FolderBusy, atomic_path, run_lock, write_json
 
@@ -262,7 +262,7 @@ def _check_feature_identity(run: RunFolder, recipe: Recipe, extractor: features.
     trained = recipe.inputs.get("features", {})
     extractor.ensure_weights_known()
     for spec in extractor.specs:
-        now = features.store_meta(spec, extractor.sources[spec.name], extractor.config, [], extractor.scale)
+        now = store_meta(spec, extractor.sources[spec.name], extractor.config, [], extractor.scale)
         now.pop("ids")
         then = trained.get(source_key(spec.name, extractor.scale))
         if then is None:

@@ -27,7 +27,8 @@ from matplotlib.figure import Figure
 from transfer_ensemble import crossval, images
 from transfer_ensemble.heads import FitReport
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import Blend, DamagedFile, Recipe, RecipeStatus, RunFolder, load_json
+from transfer_ensemble.records import DamagedFile, load_json
+from transfer_ensemble.runfolder import Blend, Recipe, RecipeStatus, RunFolder
 from transfer_ensemble.storage import write_atomic
 
 log = logging.getLogger(__name__)

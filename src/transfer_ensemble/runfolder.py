@@ -10,7 +10,7 @@ to step like a training checkpoint::
     RUN/dataset.json                images, ids and labels of each split, bad test ids
     RUN/image_check.json            verdict of every image seen, by the SHA-256 of its bytes
     RUN/bad_images.json             images left out by --on-bad-image skip, with reasons
-    RUN/features/<split>/<source>/  a feature store (see `StoreFiles`) of one backbone at one
+    RUN/features/<split>/<source>/  a feature store (see `store.StoreFiles`) of one backbone at one
                                     scale: <backbone>, or <backbone>@<scale>x beyond the first
     RUN/heads/<recipe>/recipe.json  a head recipe: kind, options, folds, seed, and the identity
                                     of the features and labels it was trained on
@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import logging
 import platform
 import shutil
@@ -47,10 +46,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from transfer_ensemble import __version__, backend, views
-from transfer_ensemble.config import ExtractConfig, TrainConfig, merged, scale_label
+from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
 from transfer_ensemble.dataset import Dataset, Item
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.storage import read_json, run_lock, write_json
+from transfer_ensemble.records import DamagedFile, damaged, digest, labels_digest, load_json, load_npy
+from transfer_ensemble.storage import run_lock, write_json
+from transfer_ensemble.store import StoreFiles, feature_settings, source_key
 
 log = logging.getLogger(__name__)
 
@@ -63,57 +64,6 @@ BLEND_RECORD = "blend.json"
 BLEND_PREFIX = "blend-"
 
 
-class DamagedFile(Exception):
-    """A run-folder file that is missing, truncated or not what it should be."""
-
-    def __init__(self, path: Path, why: str) -> None:
-        super().__init__(f"{path} {why}")
-        self.path = path
-        self.why = why
-
-
-def load_json(path: Path, kind: type = dict) -> Any:
-    """The JSON in `path`, which must be a `kind`; DamagedFile (naming the file) otherwise."""
-    try:
-        obj = read_json(path)
-    except FileNotFoundError:
-        raise DamagedFile(path, "is missing") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DamagedFile(path, f"is not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise DamagedFile(path, f"cannot be read ({exc.strerror})") from None
-    if not isinstance(obj, kind):
-        raise DamagedFile(path, f"holds a {type(obj).__name__}, not a {kind.__name__}")
-    return obj
-
-
-def load_npy(path: Path, shape: Sequence[int | None] | None = None, dtype: Any = None,
-             mmap: bool = False) -> np.ndarray:
-    """The array in `path`, checked against `shape` (None matches any length) and `dtype`."""
-    try:
-        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except FileNotFoundError:
-        raise DamagedFile(path, "is missing") from None
-    except (ValueError, EOFError, OSError) as exc:
-        raise DamagedFile(path, f"is not a readable .npy array ({exc})") from None
-    if dtype is not None and array.dtype != np.dtype(dtype):
-        raise DamagedFile(path, f"holds {array.dtype} values, not {np.dtype(dtype)}")
-    if shape is not None and (array.ndim != len(shape)
-                              or any(s is not None and s != a for s, a in zip(shape, array.shape))):
-        want = "x".join("any" if s is None else str(s) for s in shape)
-        raise DamagedFile(path, f"has shape {array.shape}, not {want}")
-    return array
-
-
-def digest(obj: Any) -> str:
-    """SHA-256 of a JSON-serialisable value (keys sorted): the identity of an input."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def labels_digest(labels: np.ndarray) -> str:
-    return hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()
-
-
 def package_versions() -> dict:
     versions = {"python": platform.python_version(), "transfer_ensemble": __version__}
     for name in ("tensorflow", "jax", "jaxlib", "torch", "keras", "numpy", "opencv-python-headless",
@@ -123,59 +73,6 @@ def package_versions() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def feature_settings(meta: dict) -> dict:
-    """What a store's features depend on besides the images: its meta.json without the ids.
-
-    The Keras backend that computed them is part of it, except TensorFlow's: stores written
-    before the backend was recorded were all TensorFlow's, and they keep their identity. The
-    views a store holds are not: each view's features stay what they were when a view is added.
-    """
-    return {k: v for k, v in meta.items()
-            if k not in ("ids", "views") and not (k == "backend" and v == "tensorflow")}
-
-
-@dataclass(frozen=True)
-class StoreFiles:
-    """A feature store: one split's features of one backbone.
-
-    ``meta.json``: what the features depend on besides the images (backbone, width, weights
-    identity, image size, precision, preprocessing), the views it holds and the ids in row
-    order; ``keys.json``: the SHA-256 of each row's image file; ``<view>.npy`` for each view
-    (``original.npy``, ``flipped.npy``, ...): float32 (rows, width); ``done.npy``: which rows
-    of the pair (original and flipped) are complete, and ``done_<view>.npy`` of each other
-    view, replaced atomically after each batch.
-    """
-
-    folder: Path
-
-    @property
-    def meta(self) -> Path:
-        return self.folder / "meta.json"
-
-    @property
-    def keys(self) -> Path:
-        return self.folder / "keys.json"
-
-    @property
-    def done(self) -> Path:
-        return self.folder / "done.npy"
-
-    def view(self, view: str) -> Path:
-        return self.folder / f"{view}.npy"
-
-    def done_of(self, view: str) -> Path:
-        """The done mask of `view`: the pair shares ``done.npy`` (as stores always have)."""
-        return self.done if view in views.PAIR else self.folder / f"done_{view}.npy"
-
-    def staging(self) -> "StoreFiles":
-        """Where a replacement store is built before it is renamed over this one."""
-        return StoreFiles(self.folder.with_name(self.folder.name + ".new"))
-
-    def identity(self) -> str:
-        """What the features were computed from: their settings and each row's image content."""
-        return digest({"meta": feature_settings(load_json(self.meta)), "keys": load_json(self.keys, list)})
 
 
 @dataclass(frozen=True)
@@ -346,11 +243,6 @@ def read_metrics(path: Path) -> dict | None:
 def temperature_of(metrics: dict | None) -> float:
     """The temperature recorded in a recipe's or blend's metrics (1.0 when not calibrated)."""
     return float(((metrics or {}).get("calibration") or {}).get("temperature", 1.0))
-
-
-def source_key(backbone: str, scale: float) -> str:
-    """The name of a backbone's feature store at one scale: the backbone's own at the first."""
-    return backbone if scale == 1.0 else f"{backbone}@{scale_label(scale)}x"
 
 
 def recipe_name(config: TrainConfig) -> str:
@@ -854,4 +746,4 @@ class RunFolder:
         return out
 
     def _damaged(self, exc: DamagedFile, fix: str) -> UserError:
-        return UserError(f"The run folder file {exc.path} {exc.why}. {fix}.")
+        return damaged(exc, fix)

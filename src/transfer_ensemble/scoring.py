@@ -17,7 +17,8 @@ import numpy as np
 
 from transfer_ensemble import ensemble, heads
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import POOLED, Blend, Recipe, RunData, RunFolder, StoreFiles
+from transfer_ensemble.runfolder import POOLED, Blend, Recipe, RunData, RunFolder
+from transfer_ensemble.store import StoreFiles
 
 
 @dataclass

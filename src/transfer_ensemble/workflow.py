@@ -19,8 +19,9 @@ from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes,
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
 from transfer_ensemble.options import python_overrides, refuse_unknown
-from transfer_ensemble.runfolder import (SPLITS, Blend, DamagedFile, Recipe, RunData, RunFolder,
-                                         blend_name, labels_digest, load_json, source_key)
+from transfer_ensemble.records import DamagedFile, labels_digest, load_json
+from transfer_ensemble.runfolder import SPLITS, Blend, Recipe, RunData, RunFolder, blend_name
+from transfer_ensemble.store import source_key
 from transfer_ensemble.scoring import blend_test_probabilities, test_probabilities
 from transfer_ensemble.storage import disk_errors, write_json
 
@@ -251,7 +252,7 @@ def blend(run_dir: str | Path, parts: list[str]) -> dict:
 
 
 def _load_features(run: RunFolder, run_data: RunData, sources: list[str], views: Sequence[str]) -> dict:
-    from transfer_ensemble.features import load_features
+    from transfer_ensemble.store import load_features
 
     ids = {"train": [it.id for it in run_data.dataset.train], "test": [it.id for it in run_data.good_test]}
     try:
