@@ -278,7 +278,7 @@ def test_stream_keeps_decoding_later_batches_while_one_image_is_slow(monkeypatch
 
 
 class RecordingStore:
-    """A stand-in store for `features.Writer`: records the first row of each write, slowly;
+    """A stand-in store for `store.Writer`: records the first row of each write, slowly;
     raises a full-disk error at row `fail_at`."""
 
     def __init__(self, fail_at: int | None = None) -> None:

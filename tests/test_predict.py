@@ -17,6 +17,7 @@ import pytest
 from conftest import FAST_EXTRACT, FAST_TRAIN, draw, make_kaggle, run_cli, save_rgb
 from transfer_ensemble import ensemble, images, predict, storage
 from transfer_ensemble.errors import UserError
+from transfer_ensemble.recipes import select_recipe
 from transfer_ensemble.runfolder import RunFolder
 
 pytestmark = pytest.mark.slow  # every test uses the module's trained run (the CLI in a subprocess)
@@ -71,7 +72,7 @@ def test_python_api_equals_the_cli(trained, cli_preds, tmp_path):
     np.testing.assert_allclose(from_paths, expected, rtol=0, atol=1e-6)
     from_arrays = model.predict([images.decode(p) for p in paths])
     np.testing.assert_allclose(from_arrays, expected, rtol=0, atol=1e-5)
-    recipe = RunFolder(run).select_recipe()
+    recipe = select_recipe(RunFolder(run))
     original = ensemble.average([np.load(recipe.fold("original", k).test_pred) for k in range(2)])
     sub_order = pd.read_csv(run.parent / "sub.csv")["id"]
     by_id = dict(zip(sub_order, original))
@@ -202,7 +203,7 @@ def test_a_second_predict_of_the_same_images_is_told_to_wait_or_use_another_cach
 
 def test_train_reads_the_datasets_records_and_hashes_each_store_once(trained, tmp_path, monkeypatch):
     """One `train` (here finishing an already trained recipe, with its report) builds the run's
-    state once: dataset.json read once, each store's keys.json once, not once per statuses()."""
+    state once: dataset.json read once, each store's keys.json once, not once per recipe_statuses()."""
     from transfer_ensemble import runfolder, store, workflow
 
     _, run, _ = trained

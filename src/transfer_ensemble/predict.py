@@ -34,7 +34,8 @@ from transfer_ensemble import backend, engines, features, images
 from transfer_ensemble.config import MAX_PIXELS, EngineConfig, ExtractConfig, engine_config
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import POOLED, PREDICT_SPLIT, SPLITS, Blend, PredictCache, Recipe, RunFolder
+from transfer_ensemble.recipes import POOLED, Blend, Recipe, select_recipe
+from transfer_ensemble.runfolder import PREDICT_SPLIT, SPLITS, PredictCache, RunFolder
 from transfer_ensemble.store import StoreFiles, source_key, store_meta
 from transfer_ensemble.scoring import Scorer
 from transfer_ensemble.storage import FolderBusy, atomic_path, run_lock, write_json
@@ -207,7 +208,7 @@ class Run:
 
 def _select_recipe(run: RunFolder, heads_name: str | None) -> Recipe:
     """The recipe predict scores with: one head recipe ("best" is the best of those, never a blend)."""
-    recipe = run.select_recipe(heads_name, "predict", blends=False)
+    recipe = select_recipe(run, heads_name, "predict", blends=False)
     if isinstance(recipe, Blend):
         which = "the last one trained on" if heads_name is None else "given as --heads, of"
         raise UserError(f"predict scores with one head recipe, and {recipe.name!r} ({which} {run.path}) "
