@@ -269,8 +269,8 @@ def list_blends(run: RunFolder) -> list[Blend]:
     for folder in sorted(run.heads_dir.glob(BLEND_PREFIX + "*")):
         try:
             obj = load_json(folder / BLEND_RECORD)
-            found.append(Blend(_recorded_name(obj, folder / BLEND_RECORD), list(obj["parts"]), [float(w) for w in obj["weights"]],
-                               dict(obj["part_inputs"]), folder))
+            found.append(Blend(_recorded_name(obj, folder / BLEND_RECORD), list(obj["parts"]),
+                               [float(w) for w in obj["weights"]], dict(obj["part_inputs"]), folder))
         except (DamagedFile, KeyError, TypeError, ValueError) as exc:
             log.warning("%s: the blend in %s is unreadable and is ignored (fit it again to replace it)",
                         exc, folder)

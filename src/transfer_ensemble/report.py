@@ -82,8 +82,9 @@ def load_record(run: RunFolder, heads_name: str | None = None) -> RunRecord:
     except DamagedFile as exc:
         raise UserError(f"The run folder file {exc}. {fix}.") from None
     dataset = run_data.dataset
-    return RunRecord(run, recipe, recipe_statuses(run), config, recipe.metrics(), dataset.classes, dataset.root,
-                     [it.path for it in dataset.train], run_data.labels, histories, oof, len(dataset.test))
+    return RunRecord(run, recipe, recipe_statuses(run), config, recipe.metrics(), dataset.classes,
+                     dataset.root, [it.path for it in dataset.train], run_data.labels, histories, oof,
+                     len(dataset.test))
 
 
 def rebuild(run_dir: str | Path, heads_name: str | None = None) -> Path:

@@ -39,7 +39,7 @@ import copy
 import logging
 import platform
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -136,15 +136,22 @@ class RunData:
         return {**self.dataset.to_json(), "bad_test_ids": self.bad_test_ids}
 
 
+@dataclass
+class HeldState:
+    """What a step reads once while it holds the lock and shares with every step it calls: no other
+    process changes these meanwhile, and `RunFolder.write_run_data` (extract) starts them again."""
+
+    run_data: RunData | None = None  # dataset.json
+    feature_inputs: dict[tuple[str, ...], dict] = field(default_factory=dict)  # by sources
+
+
 class RunFolder:
     """One run folder: its paths, its lock, and its records, read with their defaults. Its head
     recipes are read and selected by `recipes`, its feature stores opened by `store`."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        # While a step holds the lock: dataset.json and the features' identities, read once for the
-        # whole step (no other process changes them meanwhile; extract's write_run_data resets it).
-        self._held: dict | None = None
+        self._held: HeldState | None = None  # while a step holds the lock
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -231,7 +238,7 @@ class RunFolder:
         created = _first_missing(self.path)
         try:
             with run_lock(self.path):
-                self._held = {}
+                self._held = HeldState()
                 try:
                     self.remove_stale_temporaries()
                     yield self
@@ -303,11 +310,11 @@ class RunFolder:
     # dataset.json and the image check
     def read_run_data(self) -> RunData:
         """dataset.json (read once while the lock is held: callers share it and must not change it)."""
-        if self._held is not None and "run_data" in self._held:
-            return self._held["run_data"]
+        if self._held is not None and self._held.run_data is not None:
+            return self._held.run_data
         run_data = self._read_run_data()
         if self._held is not None:
-            self._held["run_data"] = run_data
+            self._held.run_data = run_data
         return run_data
 
     def _read_run_data(self) -> RunData:
@@ -325,7 +332,7 @@ class RunFolder:
     def write_run_data(self, run_data: RunData) -> None:
         write_json(self.dataset_path, run_data.to_json())
         if self._held is not None:
-            self._held.clear()  # extract recorded new features
+            self._held = HeldState()  # extract recorded new features
 
     def read_image_check(self) -> dict[str, str | None]:
         """Verdicts of images checked before, by content hash; {} when missing or damaged."""
@@ -348,9 +355,10 @@ class RunFolder:
         and each split's rows.
 
         Raises UserError naming the file when a store is damaged. Computed once per set of sources
-        while the lock is held (hashing every store's keys.json is the slow part of `statuses`).
+        while the lock is held (hashing every store's keys.json is the slow part of
+        `recipes.recipe_statuses`).
         """
-        held = self._held.setdefault("feature_inputs", {}) if self._held is not None else {}
+        held = self._held.feature_inputs if self._held is not None else {}
         if tuple(backbones) not in held:
             held[tuple(backbones)] = self._feature_inputs(backbones)
         return copy.deepcopy(held[tuple(backbones)])

@@ -174,7 +174,7 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None, he
         labels = run_data.labels
         inputs = run.feature_inputs(sources)
         recipe = recipe_for(run, config, {"features": inputs["features"], "train": inputs["train"],
-                                     "labels": labels_digest(labels), **views_input(run, config)})
+                                          "labels": labels_digest(labels), **views_input(run, config)})
         features = _load_features(run, run_data, sources, recipe.views)
         from transfer_ensemble.crossval import oof_metrics, train_recipe, training_warnings
 
@@ -241,7 +241,8 @@ def blend(run_dir: str | Path, parts: list[str]) -> dict:
                    "parts": {name: ensemble.score(labels, oof) for name, oof in zip(parts, oofs)}}
         metrics["calibration"] = calibration(labels, ensemble.blend(oofs, weights))
         metrics["oof"] = {"ensemble": metrics["calibration"]["after"]}
-        result = Blend(blend_name(parts), parts, weights, {r.name: r.inputs for r in recipes}, blend_folder(run, parts))
+        result = Blend(blend_name(parts), parts, weights, {r.name: r.inputs for r in recipes},
+                       blend_folder(run, parts))
         if run_data.dataset.test_is_labelled:
             probabilities = blend_test_probabilities(run, result, recipes, run_data,
                                                       metrics["calibration"]["temperature"])
