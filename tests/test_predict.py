@@ -204,7 +204,8 @@ def test_a_second_predict_of_the_same_images_is_told_to_wait_or_use_another_cach
 def test_train_reads_the_datasets_records_and_hashes_each_store_once(trained, tmp_path, monkeypatch):
     """One `train` (here finishing an already trained recipe, with its report) builds the run's
     state once: dataset.json read once, each store's keys.json once, not once per recipe_statuses()."""
-    from transfer_ensemble import runfolder, store, workflow
+    from transfer_ensemble import runfolder, workflow
+    from transfer_ensemble.store import StoreFiles
 
     _, run, _ = trained
     copy = tmp_path / "run"
@@ -216,10 +217,17 @@ def test_train_reads_the_datasets_records_and_hashes_each_store_once(trained, tm
         reads.append(Path(path))
         return real(path, *args, **kwargs)
 
-    for module in (runfolder, store):  # the run's records, the stores' records
-        monkeypatch.setattr(module, "load_json", counting)
+    hashed: list[Path] = []
+    real_identity = StoreFiles.identity
+
+    def identity(files: StoreFiles) -> str:
+        hashed.append(files.keys)
+        return real_identity(files)
+
+    monkeypatch.setattr(runfolder, "load_json", counting)
+    monkeypatch.setattr(StoreFiles, "identity", identity)  # the store's identity hashes its keys.json
     result = workflow.train(copy, heads=RunFolder(copy).read_config()["heads"])
     assert [s.state for s in result["recipes"]] == ["current"]
-    keys = sorted(p for p in reads if p.name == "keys.json")
+    keys = sorted(hashed)
     assert len(keys) == 4 and len(set(keys)) == 4, keys  # 2 backbones x (train, test), one scale
     assert [p for p in reads if p.name == "dataset.json"] == [copy / "dataset.json"]

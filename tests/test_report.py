@@ -21,8 +21,8 @@ import pytest
 from conftest import draw, run_cli, save_rgb
 from transfer_ensemble import ensemble, report
 from transfer_ensemble.config import SeedOptions, TrainConfig
-from transfer_ensemble.records import labels_digest
 from transfer_ensemble.recipes import recipe_for, select_recipe, write_recipe
+from transfer_ensemble.records import labels_digest
 from transfer_ensemble.runfolder import RunFolder
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

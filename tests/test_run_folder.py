@@ -21,11 +21,11 @@ from conftest import FAST_TRAIN, TINY, draw, make_kaggle, run_cli, save_rgb
 from transfer_ensemble import cli, ensemble, predict
 from transfer_ensemble.config import LinearOptions, SeedOptions, TrainConfig
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.views import PAIR as VIEWS
-from transfer_ensemble.records import DamagedFile, load_json, load_npy
 from transfer_ensemble.recipes import list_recipes, recipe_for, recipe_name, recipe_statuses, select_recipe
+from transfer_ensemble.records import DamagedFile, load_json, load_npy
 from transfer_ensemble.runfolder import RunFolder
 from transfer_ensemble.store import StoreFiles, open_store
+from transfer_ensemble.views import PAIR as VIEWS
 
 EXTRACT = ["--backbones", "xception", "--weights", "random", "--image-size", str(TINY), "--batch-size", "8"]
 FAST_CONFIG = TrainConfig(head="seed", folds=2, options=SeedOptions(epochs=3, patience=2))  # what FAST_TRAIN trains

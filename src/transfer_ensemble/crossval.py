@@ -20,8 +20,8 @@ import numpy as np
 from transfer_ensemble import ensemble, heads, progress, views
 from transfer_ensemble.config import TrainConfig
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.records import DamagedFile, load_json, load_npy
 from transfer_ensemble.recipes import FoldFiles, Recipe, write_recipe
+from transfer_ensemble.records import DamagedFile, load_json, load_npy
 from transfer_ensemble.runfolder import RunFolder
 from transfer_ensemble.storage import atomic_path, write_json, write_npy
 

@@ -36,9 +36,9 @@ from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.recipes import POOLED, Blend, Recipe, select_recipe
 from transfer_ensemble.runfolder import PREDICT_SPLIT, SPLITS, PredictCache, RunFolder
-from transfer_ensemble.store import StoreFiles, source_key, store_meta
 from transfer_ensemble.scoring import Scorer
 from transfer_ensemble.storage import FolderBusy, atomic_path, run_lock, write_json
+from transfer_ensemble.store import StoreFiles, source_key, store_meta
 
 log = logging.getLogger(__name__)
 

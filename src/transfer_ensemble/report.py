@@ -27,8 +27,8 @@ from matplotlib.figure import Figure
 from transfer_ensemble import crossval, images
 from transfer_ensemble.heads import FitReport
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.records import DamagedFile, load_json
 from transfer_ensemble.recipes import Blend, Recipe, RecipeStatus, recipe_statuses, select_recipe
+from transfer_ensemble.records import DamagedFile, load_json
 from transfer_ensemble.runfolder import RunFolder
 from transfer_ensemble.storage import write_atomic
 

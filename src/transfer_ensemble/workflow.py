@@ -19,13 +19,13 @@ from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes,
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
 from transfer_ensemble.options import python_overrides, refuse_unknown
-from transfer_ensemble.records import DamagedFile, labels_digest, load_json
 from transfer_ensemble.recipes import (Blend, Recipe, blend_folder, blend_name, list_recipes, recipe_for,
                                        recipe_statuses, select_recipe, views_input, write_blend)
+from transfer_ensemble.records import DamagedFile, labels_digest, load_json
 from transfer_ensemble.runfolder import SPLITS, RunData, RunFolder
-from transfer_ensemble.store import source_key
 from transfer_ensemble.scoring import blend_test_probabilities, test_probabilities
 from transfer_ensemble.storage import disk_errors, write_json
+from transfer_ensemble.store import source_key
 
 log = logging.getLogger(__name__)
 

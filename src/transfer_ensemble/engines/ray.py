@@ -33,8 +33,8 @@ import numpy as np
 from transfer_ensemble import features, images, progress
 from transfer_ensemble.config import EngineConfig, ExtractConfig
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.store import StoreFiles
 from transfer_ensemble.scoring import Scorer
+from transfer_ensemble.store import StoreFiles
 
 log = logging.getLogger(__name__)
 
