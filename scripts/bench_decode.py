@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from bench_precision import SHARED_DOGS, photo_paths  # noqa: E402
 from transfer_ensemble import backbones, backend, features, images, progress  # noqa: E402
 from transfer_ensemble.config import ExtractConfig  # noqa: E402
-from transfer_ensemble.runfolder import StoreFiles  # noqa: E402
+from transfer_ensemble.store import StoreFiles  # noqa: E402
 
 
 def stream_rate(paths: list[Path], n: int, size: int, batch_size: int, workers: int) -> float:

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from transfer_ensemble import backbones, backend, progress, workflow  # noqa: E402
 from transfer_ensemble.config import ExtractConfig, TrainConfig  # noqa: E402
+from transfer_ensemble.recipes import select_recipe  # noqa: E402
 from transfer_ensemble.runfolder import RunFolder  # noqa: E402
 from transfer_ensemble.views import DEFAULT_VIEWS as VIEWS  # noqa: E402  (the default extraction's views)
 
@@ -146,7 +147,7 @@ def main() -> None:
               f"{opts.classes} classes, made in {time.perf_counter() - start:.0f} s (not timed)", flush=True)
         train, train_cpu = cli("train", "--run", str(work / "run"), *(["--head", opts.head] if opts.head else []))
         submit, submit_cpu = cli("submit", "--run", str(work / "run"), "--out", str(work / "submission.csv"))
-        recipe = RunFolder(work / "run").select_recipe()
+        recipe = select_recipe(RunFolder(work / "run"))
         oof = recipe.metrics()["oof"]["ensemble"]["log_loss"]
         rows = sum(1 for _ in open(work / "submission.csv")) - 1
     finally:

@@ -10,6 +10,7 @@ import pytest
 from conftest import FAST_EXTRACT, make_kaggle, run_cli
 from transfer_ensemble import backend, submission
 from transfer_ensemble.dataset import load_dataset
+from transfer_ensemble.recipes import select_recipe
 from transfer_ensemble.runfolder import RunFolder
 
 
@@ -48,7 +49,7 @@ def test_run_writes_every_artefact_with_the_right_shapes(finished_run):
     assert json.loads(folder.store("test", "xception").meta.read_text())["ids"] == \
         ["te04", "te03", "te02", "te01", "te00"]
 
-    recipe = folder.select_recipe()
+    recipe = select_recipe(folder)
     assert recipe.name == "seed-folds2-seed7-epochs4-patience2"
     assert recipe.folder == run / "heads" / recipe.name
     for view in ("original", "flipped"):
@@ -81,7 +82,7 @@ def test_submission_is_valid_and_is_the_average_of_the_ten_models(finished_run):
     dataset = load_dataset(data)
     frame = pd.read_csv(out, dtype={"id": str})
     submission.validate(frame, [it.id for it in dataset.test], dataset.classes)
-    recipe = RunFolder(run).select_recipe()
+    recipe = select_recipe(RunFolder(run))
     preds = [np.load(recipe.fold(v, k).test_pred) for v in ("original", "flipped") for k in range(2)]
     np.testing.assert_allclose(frame[dataset.classes].to_numpy(), np.mean(preds, axis=0), atol=1e-6)
 
@@ -106,7 +107,7 @@ def test_folder_layout_reports_hold_out_scores(folder_data, tmp_path):
     assert "hold-out test" in result.stdout
     rows = [line.split("  ")[0] for line in result.stdout.splitlines() if "  hold-out test  " in line]
     assert rows == ["original", "flipped", "ensemble"], "hold-out rows are named as the OOF rows are"
-    holdout = RunFolder(tmp_path / "run").select_recipe().metrics()["holdout"]
+    holdout = select_recipe(RunFolder(tmp_path / "run")).metrics()["holdout"]
     assert holdout["ensemble"]["n"] == 6
     frame = pd.read_csv(out)
     assert list(frame.columns) == ["id", "kind 0", "kind 1", "kind 2"] and len(frame) == 6

@@ -25,7 +25,8 @@ import pytest
 from conftest import FAST_TRAIN, TINY, make_kaggle, run_cli
 from transfer_ensemble import cli, storage
 from transfer_ensemble.config import SeedOptions, TrainConfig
-from transfer_ensemble.runfolder import FoldFiles, Recipe, RunFolder
+from transfer_ensemble.recipes import FoldFiles, Recipe, recipe_for
+from transfer_ensemble.runfolder import RunFolder
 from transfer_ensemble.views import PAIR as VIEWS
 
 FOLDS = 2
@@ -34,7 +35,7 @@ FAST_CONFIG = TrainConfig(head="seed", folds=FOLDS, options=SeedOptions(epochs=3
 
 
 def recipe(run: Path) -> Recipe:
-    return RunFolder(run).recipe(FAST_CONFIG)
+    return recipe_for(RunFolder(run), FAST_CONFIG)
 
 
 def fold(run: Path, view: str, k: int) -> FoldFiles:
@@ -292,7 +293,7 @@ def test_unwritable_run_folder_is_a_clear_error(reference: dict, tmp_path: Path,
     code = cli.main(["train", "--run", str(run), *FAST_TRAIN, "--epochs", "4"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    other = RunFolder(run).recipe(TrainConfig(head="seed", folds=FOLDS, options=SeedOptions(epochs=4, patience=2)))
+    other = recipe_for(RunFolder(run), TrainConfig(head="seed", folds=FOLDS, options=SeedOptions(epochs=4, patience=2)))
     assert f"Could not write {other.record_path}: {why}." in err
     assert {p: p.read_bytes() for p in before} == before
 

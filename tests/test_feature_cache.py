@@ -22,7 +22,8 @@ import pytest
 from conftest import TINY, draw, make_kaggle, run_cli, save_rgb
 
 from transfer_ensemble import images
-from transfer_ensemble.runfolder import RunFolder, StoreFiles
+from transfer_ensemble.runfolder import RunFolder
+from transfer_ensemble.store import StoreFiles
 
 BATCH = 4
 EXTRACT = ["--weights", "random", "--image-size", str(TINY), "--batch-size", str(BATCH)]
@@ -277,7 +278,7 @@ def test_stream_keeps_decoding_later_batches_while_one_image_is_slow(monkeypatch
 
 
 class RecordingStore:
-    """A stand-in store for `features.Writer`: records the first row of each write, slowly;
+    """A stand-in store for `store.Writer`: records the first row of each write, slowly;
     raises a full-disk error at row `fail_at`."""
 
     def __init__(self, fail_at: int | None = None) -> None:
@@ -292,7 +293,7 @@ class RecordingStore:
 
 
 def test_writer_commits_in_order_and_at_most_depth_batches_wait():
-    from transfer_ensemble.features import Writer
+    from transfer_ensemble.store import Writer
 
     store = RecordingStore()
     with Writer() as writer:
@@ -303,7 +304,7 @@ def test_writer_commits_in_order_and_at_most_depth_batches_wait():
 
 
 def test_writer_raises_what_its_thread_met_and_stops_soon_after():
-    from transfer_ensemble.features import Writer
+    from transfer_ensemble.store import Writer
 
     store = RecordingStore(fail_at=3)
     with pytest.raises(OSError, match="No space left"):
@@ -315,7 +316,7 @@ def test_writer_raises_what_its_thread_met_and_stops_soon_after():
 
 
 def test_writer_keeps_what_was_computed_when_the_extraction_fails():
-    from transfer_ensemble.features import Writer
+    from transfer_ensemble.store import Writer
 
     store = RecordingStore()
     with pytest.raises(KeyboardInterrupt):

@@ -7,7 +7,7 @@ from conftest import TINY, save_rgb
 from transfer_ensemble import backbones, images
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.features import Extractor, extract_split
-from transfer_ensemble.runfolder import StoreFiles
+from transfer_ensemble.store import StoreFiles
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from conftest import FAST_TRAIN, TINY, make_folders, make_kaggle, run_cli
 from transfer_ensemble import ensemble, heads, workflow
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.heads import linear, solver
+from transfer_ensemble.recipes import select_recipe
 from transfer_ensemble.runfolder import RunFolder
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
@@ -123,7 +124,7 @@ def test_no_choice_reads_the_test_labels(tmp_path):
     assert a["oof"] == b["oof"]
     assert a["holdout"]["ensemble"]["log_loss"] != b["holdout"]["ensemble"]["log_loss"], "labels were not shuffled"
     recipe = results[0]["recipe"]
-    for group in RunFolder(first).select_recipe(recipe).groups:
+    for group in select_recipe(RunFolder(first), recipe).groups:
         np.testing.assert_array_equal(np.load(first / "heads" / recipe / f"oof_{group}.npy"),
                                       np.load(second / "heads" / recipe / f"oof_{group}.npy"))
 
@@ -155,7 +156,7 @@ def test_seed_then_default_each_followed_by_submit(two_recipes):
     assert f"head recipe {name}" in default_sub.stdout, "submit uses the recipe trained last"
     assert "temperature" in default.stdout and "(fitted on OOF)" in default.stdout
     folder = RunFolder(run)
-    recipe = folder.select_recipe(name)
+    recipe = select_recipe(folder, name)
     assert recipe.groups == ("pooled",) and recipe.scored_views("pooled") == ("original", "flipped")
     assert folder.feature_sources(recipe.config) == ["xception", "inception_v3", "xception@1.5x",
                                                      "inception_v3@1.5x"]
@@ -185,7 +186,7 @@ def test_a_blend_of_the_two_recipes(two_recipes, tmp_path):
     assert refused.returncode == 2 and "'nope' is not a trained, current head recipe" in refused.stderr
     result = run_cli("train", "--run", str(run), "--blend", "seed-folds2-epochs3-patience2,linear-folds2")
     assert result.returncode == 0, result.stderr
-    blend = RunFolder(run).select_recipe()
+    blend = select_recipe(RunFolder(run))
     assert blend.name == "blend-seed-folds2-epochs3-patience2+linear-folds2"
     assert abs(sum(blend.weights) - 1) < 1e-9
     submitted = run_cli("submit", "--run", str(run), "--out", str(tmp_path / "blend.csv"))

@@ -20,11 +20,12 @@ import pandas as pd
 import pytest
 
 from conftest import TINY, make_folders, make_kaggle, run_cli
-from transfer_ensemble import cli, features
+from transfer_ensemble import cli
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.dataset import load_dataset
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import StoreFiles
+from transfer_ensemble.recipes import blend_folder, recipe_statuses, select_recipe
+from transfer_ensemble.store import StoreFiles, open_store
 from transfer_ensemble.views import PAIR as VIEWS
 
 
@@ -76,19 +77,19 @@ def test_submit_on_a_data_folder_says_it_is_no_run_folder_and_writes_nothing(tmp
 
 # item 16
 def test_a_damaged_donor_store_is_reported_as_not_reused(tmp_path, caplog):
-    donor = features.open_store(StoreFiles(tmp_path / "donor"), _meta(["a"]), ["ka"])
+    donor = open_store(StoreFiles(tmp_path / "donor"), _meta(["a"]), ["ka"])
     donor.files.view("flipped").write_bytes(b"broken")
     with caplog.at_level(logging.WARNING):
-        features.open_store(StoreFiles(tmp_path / "new"), _meta(["x"]), ["ka"], donors=[donor.files])
+        open_store(StoreFiles(tmp_path / "new"), _meta(["x"]), ["ka"], donors=[donor.files])
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "recomputing nothing" not in warned and "not reused" in warned and str(donor.files.folder) in warned
 
 
 # item 18
 def test_an_image_named_several_times_copies_its_cached_row_for_every_duplicate(tmp_path):
-    donor = features.open_store(StoreFiles(tmp_path / "donor"), _meta(["a", "b"]), ["ka", "kb"])
+    donor = open_store(StoreFiles(tmp_path / "donor"), _meta(["a", "b"]), ["ka", "kb"])
     donor.write(np.array([0, 1]), {view: np.array([[1, 1, 1], [2, 2, 2]], np.float32) for view in VIEWS})
-    store = features.open_store(StoreFiles(tmp_path / "new"), _meta(["0", "1", "2", "3"]), ["ka", "kb", "ka", "ka"],
+    store = open_store(StoreFiles(tmp_path / "new"), _meta(["0", "1", "2", "3"]), ["ka", "kb", "ka", "ka"],
                                 donors=[donor.files])
     assert store.done.tolist() == [True] * 4
     np.testing.assert_array_equal(np.load(store.files.view("original")), [[1] * 3, [2] * 3, [1] * 3, [1] * 3])
@@ -131,7 +132,7 @@ SEED_POOLED = ["--head", "seed", "--folds", "2", "--epochs", "2", "--patience", 
 
 
 def _recipe_of(run: Path, args: list[str]) -> str:
-    from transfer_ensemble.runfolder import recipe_name
+    from transfer_ensemble.recipes import recipe_name
 
     return recipe_name(cli.train_config(cli.build_parser().parse_args(["train", "--run", str(run), *args])))
 
@@ -177,17 +178,18 @@ def test_predict_without_tta_averages_the_original_views_models_only(trained):
 @pytest.mark.slow
 def test_predict_heads_best_is_the_best_recipe_when_a_blend_scores_lower(trained, tmp_path):
     from transfer_ensemble import predict, workflow
-    from transfer_ensemble.runfolder import Blend, RunFolder
+    from transfer_ensemble.recipes import Blend
+    from transfer_ensemble.runfolder import RunFolder
 
     _, run, names = trained
     run = _copy(run, tmp_path)
     result = workflow.blend(run, names[:2])
-    metrics_path = RunFolder(run).blend(names[:2]) / "metrics.json"
+    metrics_path = blend_folder(RunFolder(run), names[:2]) / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
     metrics["oof"]["ensemble"]["log_loss"] = 0.0  # the blend is the best by OOF log loss
     metrics_path.write_text(json.dumps(metrics))
-    assert isinstance(RunFolder(run).select_recipe("best"), Blend)
-    best = min((s for s in RunFolder(run).statuses() if not isinstance(s.recipe, Blend)),
+    assert isinstance(select_recipe(RunFolder(run), "best"), Blend)
+    best = min((s for s in recipe_statuses(RunFolder(run)) if not isinstance(s.recipe, Blend)),
                key=lambda s: s.oof_log_loss)
     assert predict.Run.load(run, heads_name="best").recipe.name == best.recipe.name
     with pytest.raises(UserError, match="given as --heads"):
@@ -322,7 +324,8 @@ def test_train_and_submit_refuse_stores_an_unfinished_extract_rewrote(trained, t
 @pytest.mark.slow
 def test_a_blend_of_long_recipe_names_gets_a_folder_name_within_file_system_limits(trained, tmp_path, capsys):
     from transfer_ensemble import workflow
-    from transfer_ensemble.runfolder import Blend, RunFolder
+    from transfer_ensemble.recipes import Blend
+    from transfer_ensemble.runfolder import RunFolder
 
     _, run, names = trained
     run = _copy(run, tmp_path)
@@ -334,7 +337,7 @@ def test_a_blend_of_long_recipe_names_gets_a_folder_name_within_file_system_limi
     assert all(len(name.encode()) <= 255 for name in folders) and set(names) <= set(folders)
     assert json.loads((RunFolder(run).heads_dir / next(n for n in folders if n.startswith("blend-"))
                        / "blend.json").read_text())["name"] == full
-    selected = RunFolder(run).select_recipe(full)
+    selected = select_recipe(RunFolder(run), full)
     assert isinstance(selected, Blend) and selected.name == full
     assert cli.main(["submit", "--run", str(run), "--out", str(tmp_path / "sub.csv")]) == 0
     assert full in capsys.readouterr().out
@@ -342,7 +345,7 @@ def test_a_blend_of_long_recipe_names_gets_a_folder_name_within_file_system_limi
 
 # item 10
 def test_folder_names_keep_short_names_and_shorten_long_ones_distinctly():
-    from transfer_ensemble.runfolder import folder_name
+    from transfer_ensemble.recipes import folder_name
 
     assert folder_name("seed-folds2-tta") == "seed-folds2-tta"  # the names runs have now are kept
     long_a, long_b = "blend-" + "é" * 200 + "+a", "blend-" + "é" * 200 + "+b"

@@ -17,6 +17,7 @@ import pytest
 from conftest import FAST_EXTRACT, FAST_TRAIN, draw, make_kaggle, run_cli, save_rgb
 from transfer_ensemble import ensemble, images, predict, storage
 from transfer_ensemble.errors import UserError
+from transfer_ensemble.recipes import select_recipe
 from transfer_ensemble.runfolder import RunFolder
 
 pytestmark = pytest.mark.slow  # every test uses the module's trained run (the CLI in a subprocess)
@@ -71,7 +72,7 @@ def test_python_api_equals_the_cli(trained, cli_preds, tmp_path):
     np.testing.assert_allclose(from_paths, expected, rtol=0, atol=1e-6)
     from_arrays = model.predict([images.decode(p) for p in paths])
     np.testing.assert_allclose(from_arrays, expected, rtol=0, atol=1e-5)
-    recipe = RunFolder(run).select_recipe()
+    recipe = select_recipe(RunFolder(run))
     original = ensemble.average([np.load(recipe.fold("original", k).test_pred) for k in range(2)])
     sub_order = pd.read_csv(run.parent / "sub.csv")["id"]
     by_id = dict(zip(sub_order, original))
@@ -202,8 +203,9 @@ def test_a_second_predict_of_the_same_images_is_told_to_wait_or_use_another_cach
 
 def test_train_reads_the_datasets_records_and_hashes_each_store_once(trained, tmp_path, monkeypatch):
     """One `train` (here finishing an already trained recipe, with its report) builds the run's
-    state once: dataset.json read once, each store's keys.json once, not once per statuses()."""
+    state once: dataset.json read once, each store's keys.json once, not once per recipe_statuses()."""
     from transfer_ensemble import runfolder, workflow
+    from transfer_ensemble.store import StoreFiles
 
     _, run, _ = trained
     copy = tmp_path / "run"
@@ -215,9 +217,17 @@ def test_train_reads_the_datasets_records_and_hashes_each_store_once(trained, tm
         reads.append(Path(path))
         return real(path, *args, **kwargs)
 
+    hashed: list[Path] = []
+    real_identity = StoreFiles.identity
+
+    def identity(files: StoreFiles) -> str:
+        hashed.append(files.keys)
+        return real_identity(files)
+
     monkeypatch.setattr(runfolder, "load_json", counting)
+    monkeypatch.setattr(StoreFiles, "identity", identity)  # the store's identity hashes its keys.json
     result = workflow.train(copy, heads=RunFolder(copy).read_config()["heads"])
     assert [s.state for s in result["recipes"]] == ["current"]
-    keys = sorted(p for p in reads if p.name == "keys.json")
+    keys = sorted(hashed)
     assert len(keys) == 4 and len(set(keys)) == 4, keys  # 2 backbones x (train, test), one scale
     assert [p for p in reads if p.name == "dataset.json"] == [copy / "dataset.json"]

@@ -21,7 +21,9 @@ import pytest
 from conftest import draw, run_cli, save_rgb
 from transfer_ensemble import ensemble, report
 from transfer_ensemble.config import SeedOptions, TrainConfig
-from transfer_ensemble.runfolder import RunFolder, labels_digest
+from transfer_ensemble.recipes import recipe_for, select_recipe, write_recipe
+from transfer_ensemble.records import labels_digest
+from transfer_ensemble.runfolder import RunFolder
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTIONS = {"recipes": "Head recipes tried on this run", "loss": "Training and validation loss",
@@ -63,10 +65,10 @@ def make_run(base: Path, n_classes: int = 25, per_class: int = 8, folds: int = 3
             _write(run.store(split, name).meta, {"backbone": name, "width": 2048, "weights": "random:seed=0"})
             _write(run.store(split, name).keys, [f"{split}{i}" for i in range(n)])
     inputs = run.feature_inputs(backbones)
-    recipe = run.recipe(TrainConfig(head="seed", folds=folds, options=SeedOptions(epochs=12, patience=3)),
+    recipe = recipe_for(run, TrainConfig(head="seed", folds=folds, options=SeedOptions(epochs=12, patience=3)),
                         {"features": inputs["features"], "train": inputs["train"],
                          "labels": labels_digest(labels)})
-    run.write_recipe(recipe)
+    write_recipe(recipe)
     assignment = np.arange(len(labels)) % folds
     per_fold = []
     for view in ("original", "flipped"):
@@ -135,7 +137,7 @@ def test_embedded_images_are_valid_pngs_and_match_the_files(built):
 
 def test_tables_hold_the_scores_pairs_and_wrong_images(built):
     run, page = built
-    metrics = RunFolder(run).select_recipe().metrics()
+    metrics = select_recipe(RunFolder(run)).metrics()
     assert f"{metrics['oof']['ensemble']['log_loss']:.4f}" in page
     for row in metrics["oof"]["per_fold"]:
         assert f"{row['view']}, fold {row['fold']}" in page

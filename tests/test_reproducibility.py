@@ -14,6 +14,7 @@ import pytest
 
 from conftest import FAST_TRAIN, TINY, make_kaggle, run_cli
 from transfer_ensemble.crossval import fold_assignment
+from transfer_ensemble.recipes import select_recipe
 from transfer_ensemble.runfolder import RunFolder
 from transfer_ensemble.views import PAIR as VIEWS
 
@@ -61,7 +62,7 @@ def test_identical_submission_csv(runs: dict[str, Path], other: str) -> None:
 @pytest.mark.parametrize("other", ["same", "again"])
 def test_identical_folds_features_and_predictions(runs: dict[str, Path], other: str) -> None:
     first, second = RunFolder(runs["steps"]), RunFolder(runs[other])
-    recipes = first.select_recipe(), second.select_recipe()
+    recipes = select_recipe(first), select_recipe(second)
     assert recipes[0].name == recipes[1].name
     for view in VIEWS:
         for fold in range(FOLDS):

@@ -18,12 +18,14 @@ import pandas as pd
 import pytest
 
 from conftest import FAST_TRAIN, TINY, draw, make_kaggle, run_cli, save_rgb
-from transfer_ensemble import cli, ensemble, features, predict
+from transfer_ensemble import cli, ensemble, predict
 from transfer_ensemble.config import LinearOptions, SeedOptions, TrainConfig
 from transfer_ensemble.errors import UserError
+from transfer_ensemble.recipes import list_recipes, recipe_for, recipe_name, recipe_statuses, select_recipe
+from transfer_ensemble.records import DamagedFile, load_json, load_npy
+from transfer_ensemble.runfolder import RunFolder
+from transfer_ensemble.store import StoreFiles, open_store
 from transfer_ensemble.views import PAIR as VIEWS
-from transfer_ensemble.runfolder import (DamagedFile, RunFolder, StoreFiles, load_json, load_npy,
-                                         recipe_name)
 
 EXTRACT = ["--backbones", "xception", "--weights", "random", "--image-size", str(TINY), "--batch-size", "8"]
 FAST_CONFIG = TrainConfig(head="seed", folds=2, options=SeedOptions(epochs=3, patience=2))  # what FAST_TRAIN trains
@@ -116,7 +118,7 @@ def test_a_changed_test_image_is_recomputed_and_never_submitted_stale(copied, re
     image = data / "test" / "te00.png"
     rewrite_same_size_same_mtime(image, np.full((48, 48, 3), 200, dtype=np.uint8))
     folder = RunFolder(run)
-    recipe = folder.select_recipe()
+    recipe = select_recipe(folder)
     models = {job: recipe.fold(*job).model(".keras").stat().st_mtime_ns for job in recipe.jobs}
 
     code, out, err = call("extract", "--data", str(data), "--run", str(run), *EXTRACT)
@@ -172,7 +174,7 @@ def test_features_of_another_size_or_backbone_make_the_heads_stale(copied, call,
     code, out, err = call("predict", "--run", str(run), "--images", str(data / "test"),
                           "--out", str(tmp_path / "p.csv"))
     assert code == 0, err
-    assert RunFolder(run).select_recipe().inputs["features"].keys() == {"mobilenet_v3_small"}
+    assert select_recipe(RunFolder(run)).inputs["features"].keys() == {"mobilenet_v3_small"}
 
 
 @pytest.mark.slow
@@ -216,7 +218,7 @@ def _truncate(path: Path) -> None:
 
 
 def _fold(run: Path):
-    return RunFolder(run).recipe(FAST_CONFIG).fold("flipped", 1)
+    return recipe_for(RunFolder(run), FAST_CONFIG).fold("flipped", 1)
 
 
 # What to damage, how, the step that must refuse naming the file (None: none refuses), and the
@@ -231,14 +233,14 @@ DAMAGE = {
     "config.json garbage": (lambda r: RunFolder(r).config_path, _garbage, "submit", "extract"),
     "dataset.json garbage": (lambda r: RunFolder(r).dataset_path, _garbage, "submit", "extract"),
     "image_check.json garbage": (lambda r: RunFolder(r).image_check_path, _garbage, None, "extract"),
-    "recipe.json garbage": (lambda r: RunFolder(r).recipe(FAST_CONFIG).record_path, _garbage, "submit", "train"),
-    "recipe metrics.json garbage": (lambda r: RunFolder(r).recipe(FAST_CONFIG).metrics_path, _garbage,
+    "recipe.json garbage": (lambda r: recipe_for(RunFolder(r), FAST_CONFIG).record_path, _garbage, "submit", "train"),
+    "recipe metrics.json garbage": (lambda r: recipe_for(RunFolder(r), FAST_CONFIG).metrics_path, _garbage,
                                     "submit", "train"),
     "fold done.json garbage": (lambda r: _fold(r).done, _garbage, "submit", "train"),
     "fold test_pred.npy truncated": (lambda r: _fold(r).test_pred, _truncate, "submit", "train"),
     "fold history.json garbage": (lambda r: _fold(r).history, _garbage, "report", "train"),
     "fold model.keras garbage": (lambda r: _fold(r).model(".keras"), _garbage, "predict", "train"),
-    "oof_flipped.npy truncated": (lambda r: RunFolder(r).recipe(FAST_CONFIG).oof("flipped"), _truncate,
+    "oof_flipped.npy truncated": (lambda r: recipe_for(RunFolder(r), FAST_CONFIG).oof("flipped"), _truncate,
                                   "report", "train"),
 }
 REWRITTEN_UNREAD = {"dataset.json", "metrics.json", "oof_flipped.npy"}
@@ -315,16 +317,16 @@ def test_predict_reuses_features_per_image_and_writes_only_to_its_cache_dir(copi
 def test_other_options_add_a_recipe_beside_the_first_and_the_last_is_used(copied, reference, call, tmp_path):
     data, run = copied
     folder = RunFolder(run)
-    first = folder.recipe(FAST_CONFIG)
+    first = recipe_for(folder, FAST_CONFIG)
     kept = files_and_times(first.folder)
     code, out, err = call("train", "--run", str(run), "--head", "seed", "--epochs", "1")
     assert code == 0, err
-    second = folder.recipe(TrainConfig(head="seed", folds=2, options=SeedOptions(epochs=1, patience=2)))
+    second = recipe_for(folder, TrainConfig(head="seed", folds=2, options=SeedOptions(epochs=1, patience=2)))
     assert second.name == "seed-folds2-epochs1-patience2" and second.folder.is_dir()
     assert files_and_times(first.folder) == kept, "training other options touched the first recipe"
-    statuses = folder.statuses()
+    statuses = recipe_statuses(folder)
     assert [s.recipe.name for s in statuses] == sorted([first.name, second.name],
-                                                       key=lambda n: folder.recipe(
+                                                       key=lambda n: recipe_for(folder, 
                                                            first.config if n == first.name else second.config
                                                        ).metrics()["oof"]["ensemble"]["log_loss"])
     assert all(s.state == "current" for s in statuses)
@@ -357,12 +359,12 @@ def test_other_options_add_a_recipe_beside_the_first_and_the_last_is_used(copied
 def test_train_of_the_same_head_reuses_the_recorded_options(copied, call):
     _, run = copied
     folder = RunFolder(run)
-    recipe = folder.recipe(FAST_CONFIG)
+    recipe = recipe_for(folder, FAST_CONFIG)
     kept = files_and_times(recipe.folder / "original")
     code, out, err = call("train", "--run", str(run), "--head", "seed")
     assert code == 0, err
     assert f"head recipe {recipe.name}:" in out and "reusing 4 finished fold models; training 0" in err
-    assert [r.name for r in folder.recipes()] == [recipe.name]
+    assert [r.name for r in list_recipes(folder)] == [recipe.name]
     assert files_and_times(recipe.folder / "original") == kept
     assert folder.train_config({"head": "seed"}) == FAST_CONFIG
 
@@ -401,19 +403,19 @@ def _meta(ids: list[str]) -> dict:
 
 
 def test_a_store_copies_known_rows_from_donors_and_rebuilds_when_damaged(tmp_path):
-    donor = features.open_store(StoreFiles(tmp_path / "donor"), _meta(["a", "b"]), ["ka", "kb"])
+    donor = open_store(StoreFiles(tmp_path / "donor"), _meta(["a", "b"]), ["ka", "kb"])
     donor.write(np.array([0, 1]), {view: np.array([[1, 1, 1], [2, 2, 2]], np.float32) for view in VIEWS})
-    store = features.open_store(StoreFiles(tmp_path / "new"), _meta(["x", "y", "z"]), ["kb", "kq", "ka"],
+    store = open_store(StoreFiles(tmp_path / "new"), _meta(["x", "y", "z"]), ["kb", "kq", "ka"],
                                 donors=[StoreFiles(tmp_path / "donor")])
     assert store.done.tolist() == [True, False, True]
     np.testing.assert_array_equal(np.load(store.files.view("original"))[[0, 2]], [[2, 2, 2], [1, 1, 1]])
 
-    other = features.open_store(StoreFiles(tmp_path / "other"), {**_meta(["x"]), "image_size": 9}, ["ka"],
+    other = open_store(StoreFiles(tmp_path / "other"), {**_meta(["x"]), "image_size": 9}, ["ka"],
                                 donors=[StoreFiles(tmp_path / "donor")])
     assert not other.done.any(), "rows of other settings were reused"
 
     store.files.view("flipped").unlink()
-    reopened = features.open_store(store.files, _meta(["x", "y", "z"]), ["kb", "kq", "ka"])
+    reopened = open_store(store.files, _meta(["x", "y", "z"]), ["kb", "kq", "ka"])
     assert not reopened.done.any() and store.files.view("flipped").exists()
 
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import save_rgb
 from transfer_ensemble import backbones, crossval, features, images, views
 from transfer_ensemble.config import MAX_FOLDS, MAX_SEED, ExtractConfig
-from transfer_ensemble.runfolder import StoreFiles
+from transfer_ensemble.store import STORE_VERSION, StoreFiles, load_features, open_store
 
 SIZE = 32  # MobileNetV3Small's smallest input: the smallest pass there is
 
@@ -137,7 +137,7 @@ def test_a_view_added_to_a_store_computes_only_that_view(tmp_path):
     assert np.load(store.done_of("center")).all()
     assert json.loads(store.meta.read_text())["views"] == ["original", "flipped", "center"]
     assert store.identity() == identity, "adding a view keeps the store's feature identity"
-    loaded = features.load_features([store], "center", [str(i) for i in range(len(paths))])
+    loaded = load_features([store], "center", [str(i) for i in range(len(paths))])
     assert loaded.shape == (5, 576) and not np.allclose(loaded, np.load(store.view("original")), rtol=1e-3, atol=0)
     calls.clear()
     _extract(tmp_path, paths, keys, "pair", calls)
@@ -147,7 +147,7 @@ def test_a_view_added_to_a_store_computes_only_that_view(tmp_path):
 def test_a_store_from_before_views_were_recorded_keeps_working(tmp_path):
     """Two views, done.npy, no "views" in meta.json: opened as is, nothing to compute, same identity."""
     meta = {"backbone": "b", "width": 3, "weights": "w", "image_size": 9, "precision": "float32",
-            "preprocess": backbones.settings(backbones.get_spec("xception"))["preprocess"], "store_version": features.STORE_VERSION, "ids": ["x", "y"]}
+            "preprocess": backbones.settings(backbones.get_spec("xception"))["preprocess"], "store_version": STORE_VERSION, "ids": ["x", "y"]}
     files = StoreFiles(tmp_path / "old")
     files.folder.mkdir()
     for name in views.PAIR:
@@ -156,11 +156,11 @@ def test_a_store_from_before_views_were_recorded_keeps_working(tmp_path):
     files.meta.write_text(json.dumps(meta))
     files.keys.write_text(json.dumps(["ka", "kb"]))
     identity = files.identity()
-    store = features.open_store(files, meta, ["ka", "kb"])
+    store = open_store(files, meta, ["ka", "kb"])
     assert store.done.all() and store.missing_views(np.arange(2)) == ()
     assert files.identity() == identity
-    np.testing.assert_array_equal(features.load_features([files], "flipped", ["x", "y"]), np.full((2, 3), 2.0))
-    grown = features.open_store(files, meta, ["ka", "kb"], wanted=views.SETS["center_pair"])
+    np.testing.assert_array_equal(load_features([files], "flipped", ["x", "y"]), np.full((2, 3), 2.0))
+    grown = open_store(files, meta, ["ka", "kb"], wanted=views.SETS["center_pair"])
     assert grown.missing_views(np.arange(2)) == ("center", "center_flipped")
     assert files.identity() == identity and sorted(p.name for p in files.folder.iterdir()) == [
         "center.npy", "center_flipped.npy", "done.npy", "done_center.npy", "done_center_flipped.npy",

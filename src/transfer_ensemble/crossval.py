@@ -3,7 +3,8 @@
 A fold whose files are complete and whose recipe was trained on the current features and labels
 is never retrained. A fold whose test predictions were made from other test features only
 predicts the test set again; a damaged fold (any file missing, truncated or inconsistent) is
-said so and trained again. Paths and records come from `runfolder`.
+said so and trained again. A recipe's paths and records come from `recipes`, the run's from
+`runfolder`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import numpy as np
 from transfer_ensemble import ensemble, heads, progress, views
 from transfer_ensemble.config import TrainConfig
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import DamagedFile, FoldFiles, Recipe, RunFolder, load_json, load_npy
+from transfer_ensemble.recipes import FoldFiles, Recipe, write_recipe
+from transfer_ensemble.records import DamagedFile, load_json, load_npy
+from transfer_ensemble.runfolder import RunFolder
 from transfer_ensemble.storage import atomic_path, write_json, write_npy
 
 log = logging.getLogger(__name__)
@@ -72,7 +75,7 @@ def _prepare_recipe(run: RunFolder, recipe: Recipe) -> None:
             log.info("head recipe %s: %s; training it again", recipe.name, why)
             shutil.rmtree(recipe.folder)
     recipe.metrics_path.unlink(missing_ok=True)  # until every fold is done again
-    run.write_recipe(recipe)
+    write_recipe(recipe)
 
 
 def _fold_state(files: FoldFiles, kind: heads.HeadEntry, val_idx: np.ndarray, n_test: int, n_classes: int,

@@ -1,12 +1,10 @@
-"""Stream images through the frozen backbones into on-disk feature stores, once per image.
+"""Stream images through the frozen backbones into on-disk feature stores (`store`), once per image.
 
-A store (``runfolder.StoreFiles``) holds one split's features of one backbone, one array per
-view (``views``), rows keyed by the SHA-256 of each image file; each view has its own done mask,
-so a view added to a store is computed alone. A batch's rows are marked done only after their features are
-flushed to disk, so a process killed at any moment loses at most the few batches in flight (one
-on the device, one being fetched, and up to `Writer.DEPTH` waiting to be written). A store
-whose settings match is reused; rows of images it (or a donor store with the same settings)
-already holds are copied, not recomputed; a damaged store is said so and rebuilt.
+An `Extractor` builds each backbone and its compiled passes (views and preprocessing included);
+`extract_split` opens a split's stores and computes the rows they lack, batch by batch. A
+batch's rows are marked done only after their features are flushed to disk, so a process killed
+at any moment loses at most the few batches in flight (one on the device, one being fetched, and
+up to `store.Writer.DEPTH` waiting to be written).
 """
 
 from __future__ import annotations
@@ -14,11 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
-import shutil
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,263 +22,9 @@ import numpy as np
 from transfer_ensemble import backbones, backend, images, progress, views
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import DamagedFile, StoreFiles, feature_settings, load_json, load_npy
-from transfer_ensemble.storage import write_json, write_npy
+from transfer_ensemble.store import Store, StoreFiles, Writer, open_store, store_meta
 
 log = logging.getLogger(__name__)
-
-STORE_VERSION = 2  # rows keyed by the SHA-256 of the image file
-COPY_CHUNK = 1024
-
-
-def _masks(files: StoreFiles, held: Sequence[str], n: int, read: bool) -> dict[str, np.ndarray]:
-    """Each held view's done mask (views sharing a mask file share the array): read, or all False."""
-    by_file: dict[Path, np.ndarray] = {}
-    for view in held:
-        path = files.done_of(view)
-        if path not in by_file:
-            by_file[path] = load_npy(path, (n,), bool).copy() if read else np.zeros(n, dtype=bool)
-    return {view: by_file[files.done_of(view)] for view in held}
-
-
-@dataclass
-class Store:
-    """An open store: its files, the in-memory done mask of each view it holds, and the views
-    this extraction wants (`done` is their rows done in every one of them).
-
-    The feature files are mapped only while a batch is written, so resident memory does not grow
-    with the number of images as it would with pages of a long-lived memory map.
-    """
-
-    files: StoreFiles
-    masks: dict[str, np.ndarray]
-    views: tuple[str, ...] = views.PAIR
-
-    @property
-    def done(self) -> np.ndarray:
-        """Rows done in every wanted view."""
-        return np.logical_and.reduce([self.masks[v] for v in self.views])
-
-    def missing_views(self, rows: np.ndarray) -> tuple[str, ...]:
-        """The wanted views some of `rows` lack."""
-        return tuple(v for v in self.views if not self.masks[v][rows].all())
-
-    def write(self, rows: np.ndarray, values: dict[str, np.ndarray], commit: bool = True) -> None:
-        """Write each view's rows and flush them to disk; then, if `commit`, mark them done in those views."""
-        for view, array in values.items():
-            target = np.load(self.files.view(view), mmap_mode="r+")
-            target[rows] = array
-            target.flush()
-            del target
-        if commit:
-            for view in values:
-                self.masks[view][rows] = True
-            for path in {self.files.done_of(view) for view in values}:
-                write_npy(path, self.masks[next(v for v in values if self.files.done_of(v) == path)])
-
-    def write_missing(self, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
-        """`write` and commit those of `rows` (with their `values`) not done yet, by done mask."""
-        by_mask: dict[Path, list[str]] = {}
-        for view in values:
-            by_mask.setdefault(self.files.done_of(view), []).append(view)
-        for group in by_mask.values():
-            need = ~self.masks[group[0]][rows]
-            if need.any():
-                self.write(rows[need], {view: values[view][need] for view in group})
-
-
-class Writer:
-    """Writes fetched features into their stores and commits them, in order, in one background
-    thread, so that the thread feeding the device never waits on the disk.
-
-    Each write ends with an ``msync`` of the feature files and an fsynced, atomic replacement
-    of the done mask: about 3 ms a batch of 128 images per backbone on the local disk here, more
-    on a network one, against 60 ms for the batch's forward pass on an H200. Up to `DEPTH`
-    batches wait; `put` blocks beyond that, and raises an error the thread met (a full disk,
-    say), as `close` does.
-    """
-
-    DEPTH = 2
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-writer")
-        self._pending: deque[Future] = deque()
-
-    def put(self, store: Store, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
-        """Queue `Store.write_missing` of `rows`; wait for the oldest write while too many wait."""
-        self._pending.append(self._pool.submit(store.write_missing, rows, values))
-        while len(self._pending) > self.DEPTH:
-            self._pending.popleft().result()
-
-    def close(self) -> None:
-        """Wait until everything queued is written and committed."""
-        while self._pending:
-            self._pending.popleft().result()
-        self._pool.shutdown()
-
-    def __enter__(self) -> "Writer":
-        return self
-
-    def __exit__(self, kind, exc, traceback) -> None:
-        """Wait for the queued writes, also when the block raised: features already computed are
-        kept (a resumed run will not compute them again); only the block's error is raised."""
-        if exc is None:
-            self.close()
-            return
-        for future in self._pending:
-            with contextlib.suppress(Exception):
-                future.result()
-        self._pool.shutdown()
-
-
-@dataclass
-class _Contents:
-    """A readable store's records: its settings, row keys and each held view's done mask."""
-
-    files: StoreFiles
-    meta: dict
-    keys: list
-    masks: dict[str, np.ndarray]
-
-
-def held_views(meta: dict) -> tuple[str, ...]:
-    """The views a store holds (stores from before views were recorded hold the pair)."""
-    return tuple(meta.get("views", views.PAIR))
-
-
-def _read_contents(files: StoreFiles) -> _Contents:
-    """Read and check a store's records and the shapes of its arrays; DamagedFile otherwise."""
-    meta = load_json(files.meta)
-    keys = load_json(files.keys, list)
-    held = held_views(meta)
-    if not set(views.PAIR) <= set(held) or not set(held) <= set(views.REGISTRY):
-        raise DamagedFile(files.meta, f"lists views {list(held)}, not the pair and known views")
-    masks = _masks(files, held, len(keys), read=True)
-    width = meta.get("width")
-    for view in held:
-        load_npy(files.view(view), (len(keys), width), np.float32, mmap=True)
-    return _Contents(files, meta, keys, masks)
-
-
-def _readable(files: StoreFiles, consequence: str) -> _Contents | None:
-    """The store's contents, or None when it does not exist or is damaged (said once, in the log,
-    with the `consequence`)."""
-    if not files.folder.exists():
-        return None
-    try:
-        return _read_contents(files)
-    except DamagedFile as exc:
-        log.warning("%s: %s", exc, consequence)
-        return None
-
-
-def open_store(files: StoreFiles, meta: dict, keys: list[str], donors: Sequence[StoreFiles] = (),
-               wanted: Sequence[str] = views.PAIR) -> Store:
-    """Open or create the store so that it matches `meta` and `keys` and holds the `wanted`
-    views, reusing what it can.
-
-    Finished rows of images (by content) that this store or a `donor` with the same settings
-    already holds are copied into place, view by view; a view the store lacks is added empty
-    (its other views are kept); the rest are left to compute.
-    """
-    wanted = tuple(wanted)
-    what = f"the {meta['backbone']} features in {files.folder}"
-    current = _readable(files, f"recomputing {what}")
-    if current is not None and feature_settings(current.meta) == feature_settings(meta) and current.keys == keys:
-        held = held_views(current.meta)
-        added = [v for v in wanted if v not in held]
-        for view in added:
-            _new_view(files, view, len(keys), meta["width"])
-        record = {**meta, "views": [v for v in views.REGISTRY if v in held or v in added]}
-        if current.meta != record:  # other ids, new views, or a record from before the backend was recorded
-            write_json(files.meta, record)
-        return Store(files, _masks(files, record["views"], len(keys), read=True), wanted)
-    sources = [current] if current is not None and feature_settings(current.meta) == feature_settings(meta) else []
-    for donor in donors:
-        if donor != files:
-            contents = _readable(donor, f"its features are not reused (the store {donor.folder} is left "
-                                        f"as it is)")
-            if contents is not None and feature_settings(contents.meta) == feature_settings(meta):
-                sources.append(contents)
-    if current is not None and not sources:
-        log.info("%s were computed with other settings: computing them again", what)
-    return _new_store(files, meta, keys, sources, wanted)
-
-
-def _new_view(files: StoreFiles, view: str, rows: int, width: int) -> None:
-    """An empty view array (disk reserved) and, for a view with a mask of its own, its empty mask."""
-    np.lib.format.open_memmap(files.view(view), mode="w+", dtype=np.float32, shape=(rows, width)).flush()
-    _reserve(files.view(view))
-    if files.done_of(view) != files.done or not files.done.exists():
-        write_npy(files.done_of(view), np.zeros(rows, dtype=bool))
-
-
-def _new_store(files: StoreFiles, meta: dict, keys: list[str], sources: Sequence[_Contents],
-               wanted: tuple[str, ...]) -> Store:
-    """Write a fresh store of the `wanted` views beside `files` and swap it in with one rename.
-
-    Rows found in `sources` are copied view by view in chunks, so that memory stays flat.
-    """
-    staging = files.staging()
-    if staging.folder.exists():
-        shutil.rmtree(staging.folder)
-    staging.folder.mkdir(parents=True)
-    held = tuple(v for v in views.REGISTRY if v in wanted)
-    for view in held:
-        _new_view(staging, view, len(keys), meta["width"])
-    store = Store(staging, _masks(staging, held, len(keys), read=False), held)
-    rows_of: dict[str, list[int]] = {}
-    for row, key in enumerate(keys):
-        rows_of.setdefault(key, []).append(row)  # an image listed several times: every row
-    reused = {view: 0 for view in held}
-    for source in sources:
-        done_before = {view: mask.copy() for view, mask in store.masks.items()}  # the pair shares one mask
-        for view in (v for v in held if v in source.masks):
-            pairs = [(new, old) for old, key in enumerate(source.keys) if source.masks[view][old] and key in rows_of
-                     for new in rows_of[key] if not done_before[view][new]]
-            new_rows = np.array([p[0] for p in pairs], dtype=np.int64)
-            old_rows = np.array([p[1] for p in pairs], dtype=np.int64)
-            for start in range(0, len(new_rows), COPY_CHUNK):
-                part = slice(start, start + COPY_CHUNK)
-                rows = np.array(np.load(source.files.view(view), mmap_mode="r")[old_rows[part]])
-                store.write(new_rows[part], {view: rows}, commit=False)
-            store.masks[view][new_rows] = True
-            reused[view] += len(new_rows)
-    for path in {staging.done_of(view): view for view in held}.items():
-        write_npy(path[0], store.masks[path[1]])
-    write_json(staging.keys, keys)
-    write_json(staging.meta, {**meta, "views": list(held)})
-    if files.folder.exists():
-        shutil.rmtree(files.folder)
-    staging.folder.rename(files.folder)
-    if sources:
-        log.info("%s: reused %d of %d rows from earlier features, %d to compute",
-                 files.folder, min(reused.values()), len(keys), len(keys) - min(reused.values()))
-    return Store(files, _masks(files, held, len(keys), read=True), held)
-
-
-def _reserve(path: Path) -> None:
-    """Allocate the file's blocks now: a full disk then fails here with ENOSPC, a clear error,
-    instead of killing the process with SIGBUS when a memory-mapped page is first written."""
-    if hasattr(os, "posix_fallocate"):
-        with open(path, "rb+") as f:
-            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-
-
-def store_meta(spec: backbones.BackboneSpec, source: backbones.WeightsSource, config: ExtractConfig,
-               ids: list[str], scale: float = 1.0) -> dict:
-    """What a store's features depend on besides the images, and its ids in row order."""
-    return {
-        "backbone": spec.name,
-        "width": spec.width,
-        "weights": source.identity,
-        "image_size": config.size_of(spec, scale),
-        "precision": config.precision,
-        **backbones.settings(spec),
-        "store_version": STORE_VERSION,
-        "backend": backend.name(),
-        "ids": ids,
-    }
 
 
 @contextlib.contextmanager
@@ -520,24 +260,3 @@ def _batches(paths: list[Path], rows: np.ndarray, size: int, config: ExtractConf
     except images.ImageReadError as exc:
         raise UserError(f"An image could not be decoded during extraction: {exc}. Run the same command "
                         f"again: the image check will list every bad image.") from None
-
-
-def load_features(stores: Sequence[StoreFiles], view: str, expected_ids: Sequence[str]) -> np.ndarray:
-    """The concatenated features of one view from `stores` (one per backbone, in order).
-
-    Raises DamagedFile when a store is damaged, incomplete or holds other images than
-    `expected_ids`.
-    """
-    parts = []
-    for files in stores:
-        contents = _read_contents(files)
-        if view not in contents.masks:
-            raise DamagedFile(files.folder, f"holds no {view} view (it has {', '.join(contents.masks)})")
-        done = contents.masks[view]
-        if not done.all():
-            raise DamagedFile(files.folder, f"is incomplete ({int(done.sum())} of {len(done)} images "
-                                            f"in the {view} view)")
-        if contents.meta.get("ids") != list(expected_ids):
-            raise DamagedFile(files.meta, "lists other images than the run's data set")
-        parts.append(np.load(files.view(view), mmap_mode="r"))
-    return np.concatenate(parts, axis=1).astype(np.float32, copy=False)

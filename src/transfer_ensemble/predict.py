@@ -34,10 +34,11 @@ from transfer_ensemble import backend, engines, features, images
 from transfer_ensemble.config import MAX_PIXELS, EngineConfig, ExtractConfig, engine_config
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import (POOLED, PREDICT_SPLIT, SPLITS, Blend, PredictCache, Recipe, RunFolder,
-                                         StoreFiles, source_key)
+from transfer_ensemble.recipes import POOLED, Blend, Recipe, select_recipe
+from transfer_ensemble.runfolder import PREDICT_SPLIT, SPLITS, PredictCache, RunFolder
 from transfer_ensemble.scoring import Scorer
 from transfer_ensemble.storage import FolderBusy, atomic_path, run_lock, write_json
+from transfer_ensemble.store import StoreFiles, source_key, store_meta
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class Run:
 
 def _select_recipe(run: RunFolder, heads_name: str | None) -> Recipe:
     """The recipe predict scores with: one head recipe ("best" is the best of those, never a blend)."""
-    recipe = run.select_recipe(heads_name, "predict", blends=False)
+    recipe = select_recipe(run, heads_name, "predict", blends=False)
     if isinstance(recipe, Blend):
         which = "the last one trained on" if heads_name is None else "given as --heads, of"
         raise UserError(f"predict scores with one head recipe, and {recipe.name!r} ({which} {run.path}) "
@@ -262,7 +263,7 @@ def _check_feature_identity(run: RunFolder, recipe: Recipe, extractor: features.
     trained = recipe.inputs.get("features", {})
     extractor.ensure_weights_known()
     for spec in extractor.specs:
-        now = features.store_meta(spec, extractor.sources[spec.name], extractor.config, [], extractor.scale)
+        now = store_meta(spec, extractor.sources[spec.name], extractor.config, [], extractor.scale)
         now.pop("ids")
         then = trained.get(source_key(spec.name, extractor.scale))
         if then is None:

@@ -27,7 +27,9 @@ from matplotlib.figure import Figure
 from transfer_ensemble import crossval, images
 from transfer_ensemble.heads import FitReport
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import Blend, DamagedFile, Recipe, RecipeStatus, RunFolder, load_json
+from transfer_ensemble.recipes import Blend, Recipe, RecipeStatus, recipe_statuses, select_recipe
+from transfer_ensemble.records import DamagedFile, load_json
+from transfer_ensemble.runfolder import RunFolder
 from transfer_ensemble.storage import write_atomic
 
 log = logging.getLogger(__name__)
@@ -68,9 +70,9 @@ def load_record(run: RunFolder, heads_name: str | None = None) -> RunRecord:
     """Read the run and its recipe `heads_name` (default: the one the last `train` trained)."""
     config = run.read_config()
     run_data = run.read_run_data()
-    recipe = run.select_recipe(heads_name, "report")
+    recipe = select_recipe(run, heads_name, "report")
     if isinstance(recipe, Blend):  # the details are those of its heaviest recipe
-        recipe = run.select_recipe(recipe.parts[int(np.argmax(recipe.weights))], "report")
+        recipe = select_recipe(run, recipe.parts[int(np.argmax(recipe.weights))], "report")
     fix = f"Run `transfer-ensemble train --run {run.path} --heads {recipe.name}` to repair it"
     try:
         histories = {group: [FitReport.from_history(load_json(recipe.fold(group, fold).history))
@@ -80,8 +82,9 @@ def load_record(run: RunFolder, heads_name: str | None = None) -> RunRecord:
     except DamagedFile as exc:
         raise UserError(f"The run folder file {exc}. {fix}.") from None
     dataset = run_data.dataset
-    return RunRecord(run, recipe, run.statuses(), config, recipe.metrics(), dataset.classes, dataset.root,
-                     [it.path for it in dataset.train], run_data.labels, histories, oof, len(dataset.test))
+    return RunRecord(run, recipe, recipe_statuses(run), config, recipe.metrics(), dataset.classes,
+                     dataset.root, [it.path for it in dataset.train], run_data.labels, histories, oof,
+                     len(dataset.test))
 
 
 def rebuild(run_dir: str | Path, heads_name: str | None = None) -> Path:

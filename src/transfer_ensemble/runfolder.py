@@ -1,8 +1,10 @@
-"""The run folder: where every result is stored, what it was computed from, and whether it is done.
+"""The run folder: its layout, its records (config.json, dataset.json, the image check) and its lock.
 
-This is the one module that knows the layout below. Steps ask it for paths and records; no other
-module joins path pieces of a run folder. A run folder is this tool's database, passed from step
-to step like a training checkpoint::
+A run folder is this tool's database, passed from step to step like a training checkpoint. Steps
+ask for paths and records; no module outside these three joins path pieces of a run folder: this
+one knows the folder's own files and where each feature store and head recipe lives; a store's
+files are `store.StoreFiles`; a recipe's and a blend's are `recipes.Recipe`, `recipes.FoldFiles`
+and `recipes.Blend`, which `recipes` also reads, checks for staleness and selects::
 
     RUN/config.json                 options of the features the run has (written when `extract`
                                     succeeds), the last `train` options, classes, and the
@@ -10,17 +12,17 @@ to step like a training checkpoint::
     RUN/dataset.json                images, ids and labels of each split, bad test ids
     RUN/image_check.json            verdict of every image seen, by the SHA-256 of its bytes
     RUN/bad_images.json             images left out by --on-bad-image skip, with reasons
-    RUN/features/<split>/<source>/  a feature store (see `StoreFiles`) of one backbone at one
+    RUN/features/<split>/<source>/  a feature store (see `store.StoreFiles`) of one backbone at one
                                     scale: <backbone>, or <backbone>@<scale>x beyond the first
     RUN/heads/<recipe>/recipe.json  a head recipe: kind, options, folds, seed, and the identity
                                     of the features and labels it was trained on
-    RUN/heads/<recipe>/<view>/fold<k>/  one fold model and its predictions (see `FoldFiles`)
+    RUN/heads/<recipe>/<view>/fold<k>/  one fold model and its predictions (`recipes.FoldFiles`)
     RUN/heads/<recipe>/oof_<view>.npy   out-of-fold predictions of each view
     RUN/heads/<recipe>/metrics.json     OOF (and hold-out) scores, the temperature; written last
     RUN/heads/blend-<a>+<b>/blend.json  a blend: its recipes, weights fitted on their OOF
                                     predictions, and what each was trained on; metrics.json
                                     (a recipe or blend name over 200 bytes: its folder is the
-                                    name's start and a digest, see `folder_name`)
+                                    name's start and a digest, see `recipes.folder_name`)
     RUN/report.html, RUN/report/    the run report
     RUN/predict/<key>/              feature stores of images `predict` scored
 
@@ -34,84 +36,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import logging
 import platform
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from transfer_ensemble import __version__, backend, views
-from transfer_ensemble.config import ExtractConfig, TrainConfig, merged, scale_label
+from transfer_ensemble import __version__, backend
+from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
 from transfer_ensemble.dataset import Dataset, Item
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.storage import read_json, run_lock, write_json
+from transfer_ensemble.records import DamagedFile, damaged, digest, load_json
+from transfer_ensemble.storage import run_lock, write_json
+from transfer_ensemble.store import StoreFiles, feature_settings, source_key
 
 log = logging.getLogger(__name__)
 
-POOLED = "pooled"  # the model group of a recipe with pooled views: one model per fold on every view
 SPLITS = ("train", "test")
 PREDICT_SPLIT = "predict"
-RECIPE_RECORD = "recipe.json"
-BEST = "best"  # --heads best: the current recipe with the lowest OOF log loss
-BLEND_RECORD = "blend.json"
-BLEND_PREFIX = "blend-"
-
-
-class DamagedFile(Exception):
-    """A run-folder file that is missing, truncated or not what it should be."""
-
-    def __init__(self, path: Path, why: str) -> None:
-        super().__init__(f"{path} {why}")
-        self.path = path
-        self.why = why
-
-
-def load_json(path: Path, kind: type = dict) -> Any:
-    """The JSON in `path`, which must be a `kind`; DamagedFile (naming the file) otherwise."""
-    try:
-        obj = read_json(path)
-    except FileNotFoundError:
-        raise DamagedFile(path, "is missing") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DamagedFile(path, f"is not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise DamagedFile(path, f"cannot be read ({exc.strerror})") from None
-    if not isinstance(obj, kind):
-        raise DamagedFile(path, f"holds a {type(obj).__name__}, not a {kind.__name__}")
-    return obj
-
-
-def load_npy(path: Path, shape: Sequence[int | None] | None = None, dtype: Any = None,
-             mmap: bool = False) -> np.ndarray:
-    """The array in `path`, checked against `shape` (None matches any length) and `dtype`."""
-    try:
-        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except FileNotFoundError:
-        raise DamagedFile(path, "is missing") from None
-    except (ValueError, EOFError, OSError) as exc:
-        raise DamagedFile(path, f"is not a readable .npy array ({exc})") from None
-    if dtype is not None and array.dtype != np.dtype(dtype):
-        raise DamagedFile(path, f"holds {array.dtype} values, not {np.dtype(dtype)}")
-    if shape is not None and (array.ndim != len(shape)
-                              or any(s is not None and s != a for s, a in zip(shape, array.shape))):
-        want = "x".join("any" if s is None else str(s) for s in shape)
-        raise DamagedFile(path, f"has shape {array.shape}, not {want}")
-    return array
-
-
-def digest(obj: Any) -> str:
-    """SHA-256 of a JSON-serialisable value (keys sorted): the identity of an input."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def labels_digest(labels: np.ndarray) -> str:
-    return hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()
 
 
 def package_versions() -> dict:
@@ -123,93 +69,6 @@ def package_versions() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def feature_settings(meta: dict) -> dict:
-    """What a store's features depend on besides the images: its meta.json without the ids.
-
-    The Keras backend that computed them is part of it, except TensorFlow's: stores written
-    before the backend was recorded were all TensorFlow's, and they keep their identity. The
-    views a store holds are not: each view's features stay what they were when a view is added.
-    """
-    return {k: v for k, v in meta.items()
-            if k not in ("ids", "views") and not (k == "backend" and v == "tensorflow")}
-
-
-@dataclass(frozen=True)
-class StoreFiles:
-    """A feature store: one split's features of one backbone.
-
-    ``meta.json``: what the features depend on besides the images (backbone, width, weights
-    identity, image size, precision, preprocessing), the views it holds and the ids in row
-    order; ``keys.json``: the SHA-256 of each row's image file; ``<view>.npy`` for each view
-    (``original.npy``, ``flipped.npy``, ...): float32 (rows, width); ``done.npy``: which rows
-    of the pair (original and flipped) are complete, and ``done_<view>.npy`` of each other
-    view, replaced atomically after each batch.
-    """
-
-    folder: Path
-
-    @property
-    def meta(self) -> Path:
-        return self.folder / "meta.json"
-
-    @property
-    def keys(self) -> Path:
-        return self.folder / "keys.json"
-
-    @property
-    def done(self) -> Path:
-        return self.folder / "done.npy"
-
-    def view(self, view: str) -> Path:
-        return self.folder / f"{view}.npy"
-
-    def done_of(self, view: str) -> Path:
-        """The done mask of `view`: the pair shares ``done.npy`` (as stores always have)."""
-        return self.done if view in views.PAIR else self.folder / f"done_{view}.npy"
-
-    def staging(self) -> "StoreFiles":
-        """Where a replacement store is built before it is renamed over this one."""
-        return StoreFiles(self.folder.with_name(self.folder.name + ".new"))
-
-    def identity(self) -> str:
-        """What the features were computed from: their settings and each row's image content."""
-        return digest({"meta": feature_settings(load_json(self.meta)), "keys": load_json(self.keys, list)})
-
-
-@dataclass(frozen=True)
-class FoldFiles:
-    """One fold model of a recipe: the head (its own format), its predictions and history.
-
-    ``done.json`` is written last, with the identity of the test features ``test_pred.npy`` was
-    computed from: a fold without it is unfinished.
-    """
-
-    folder: Path
-
-    def model(self, suffix: str) -> Path:
-        return self.folder / f"model{suffix}"
-
-    @property
-    def val_index(self) -> Path:
-        return self.folder / "val_index.npy"
-
-    @property
-    def val_pred(self) -> Path:
-        return self.folder / "val_pred.npy"
-
-    @property
-    def test_pred(self) -> Path:
-        return self.folder / "test_pred.npy"
-
-    @property
-    def history(self) -> Path:
-        return self.folder / "history.json"
-
-    @property
-    def done(self) -> Path:
-        return self.folder / "done.json"
 
 
 def _first_missing(path: Path) -> Path | None:
@@ -278,163 +137,21 @@ class RunData:
 
 
 @dataclass
-class Recipe:
-    """The fold heads trained with one kind of head and one set of options: K per view (the
-    paper's 2 x K), or K models each trained on every view (`pool_views`). Its views are the
-    ones recorded in `inputs` (the paper's pair where none are)."""
+class HeldState:
+    """What a step reads once while it holds the lock and shares with every step it calls: no other
+    process changes these meanwhile, and `RunFolder.write_run_data` (extract) starts them again."""
 
-    name: str
-    config: TrainConfig
-    inputs: dict
-    folder: Path
-
-    def fold(self, view: str, fold: int) -> FoldFiles:
-        return FoldFiles(self.folder / view / f"fold{fold}")
-
-    def oof(self, view: str) -> Path:
-        return self.folder / f"oof_{view}.npy"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.folder / "metrics.json"
-
-    @property
-    def record_path(self) -> Path:
-        return self.folder / RECIPE_RECORD
-
-    @property
-    def views(self) -> tuple[str, ...]:
-        """The views the recipe is trained on and scores, in registry order."""
-        return tuple(self.inputs.get("views", views.PAIR))
-
-    @property
-    def groups(self) -> tuple[str, ...]:
-        """The model groups: one per view, or the one pooled group."""
-        return (POOLED,) if self.config.pool_views else self.views
-
-    def train_views(self, group: str) -> tuple[str, ...]:
-        """The views whose rows a group's models are trained on."""
-        return self.views if group == POOLED else (group,)
-
-    def scored_views(self, group: str) -> tuple[str, ...]:
-        """The views a group's models score, averaged: every view with TTA, else their own
-        (for pooled models, the original)."""
-        return self.views if self.config.tta else self.train_views(group)[:1]
-
-    @property
-    def jobs(self) -> list[tuple[str, int]]:
-        return [(group, fold) for group in self.groups for fold in range(self.config.folds)]
-
-    @property
-    def temperature(self) -> float:
-        """The calibration temperature fitted on the OOF predictions (1.0 when not calibrated)."""
-        return temperature_of(self.metrics())
-
-    def metrics(self) -> dict | None:
-        """The recipe's scores, or None while it is unfinished or its metrics are damaged."""
-        return read_metrics(self.metrics_path)
-
-
-def read_metrics(path: Path) -> dict | None:
-    """A recipe's or blend's metrics.json, or None while it is unfinished or damaged."""
-    try:
-        return load_json(path)
-    except DamagedFile:
-        return None
-
-
-def temperature_of(metrics: dict | None) -> float:
-    """The temperature recorded in a recipe's or blend's metrics (1.0 when not calibrated)."""
-    return float(((metrics or {}).get("calibration") or {}).get("temperature", 1.0))
-
-
-def source_key(backbone: str, scale: float) -> str:
-    """The name of a backbone's feature store at one scale: the backbone's own at the first."""
-    return backbone if scale == 1.0 else f"{backbone}@{scale_label(scale)}x"
-
-
-def recipe_name(config: TrainConfig) -> str:
-    """A readable name that differs exactly when the options do: the head, then each non-default option."""
-    defaults = TrainConfig(head=config.head).to_json()
-    changed = {k: v for k, v in config.to_json().items() if k != "head" and v != defaults[k]}
-    return "-".join([config.head] + [(k if v else f"no_{k}") if isinstance(v, bool) else f"{k}{v}"
-                                     for k, v in changed.items()])
-
-
-@dataclass
-class Blend:
-    """Head recipes of one run mixed with weights fitted on their OOF predictions, then calibrated
-    with a temperature fitted on the mixed OOF predictions."""
-
-    name: str
-    parts: list[str]
-    weights: list[float]
-    part_inputs: dict  # the inputs each part was trained on, when the blend was fitted
-    folder: Path
-
-    @property
-    def record_path(self) -> Path:
-        return self.folder / BLEND_RECORD
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.folder / "metrics.json"
-
-    def metrics(self) -> dict | None:
-        return read_metrics(self.metrics_path)
-
-    @property
-    def temperature(self) -> float:
-        return temperature_of(self.metrics())
-
-
-def blend_name(parts: Sequence[str]) -> str:
-    return BLEND_PREFIX + "+".join(parts)
-
-
-MAX_FOLDER_BYTES = 200
-"""The longest recipe or blend folder name: file systems allow 255 bytes, less room for the
-temporary and staging names written beside and inside it."""
-
-
-def folder_name(name: str) -> str:
-    """The folder of a recipe or blend called `name`: the name itself while it fits in
-    MAX_FOLDER_BYTES, else its readable start and a digest of the whole (the record keeps the name)."""
-    raw = name.encode()
-    if len(raw) <= MAX_FOLDER_BYTES:
-        return name
-    start = raw[:MAX_FOLDER_BYTES - 17].decode("utf-8", "ignore")
-    return f"{start}-{hashlib.sha256(raw).hexdigest()[:16]}"
-
-
-def _recorded_name(record: dict, path: Path) -> str:
-    """A recipe's or blend's name: as its record at `path` has it where the folder's name is
-    that name shortened (`folder_name`), else the folder's own name."""
-    name = record.get("name")
-    return name if isinstance(name, str) and folder_name(name) == path.parent.name else path.parent.name
-
-
-@dataclass
-class RecipeStatus:
-    """A recipe as `train`'s summary and the report list it."""
-
-    recipe: "Recipe | Blend"
-    state: str  # "current", "stale" (trained on other features or labels) or "unfinished"
-    metrics: dict | None
-
-    @property
-    def oof_log_loss(self) -> float:
-        return self.metrics["oof"]["ensemble"]["log_loss"] if self.metrics else float("inf")
+    run_data: RunData | None = None  # dataset.json
+    feature_inputs: dict[tuple[str, ...], dict] = field(default_factory=dict)  # by sources
 
 
 class RunFolder:
-    """One run folder: its paths, its lock, and its records, read with their defaults."""
+    """One run folder: its paths, its lock, and its records, read with their defaults. Its head
+    recipes are read and selected by `recipes`, its feature stores opened by `store`."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        # While a step holds the lock: dataset.json and the features' identities, read once for the
-        # whole step (no other process changes them meanwhile; extract's write_run_data resets it).
-        self._held: dict | None = None
+        self._held: HeldState | None = None  # while a step holds the lock
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -510,21 +227,6 @@ class RunFolder:
         scales = extract.scales if config.multiscale else extract.scales[:1]
         return [source_key(name, scale) for scale in scales for name in extract.backbones]
 
-    def recipe_views(self, config: TrainConfig) -> tuple[str, ...]:
-        """The views a recipe of `config` uses: the run's (``--views``), or the pair for heads that
-        keep to the paper's views (``views.PAIR_HEADS``)."""
-        return views.PAIR if config.head in views.PAIR_HEADS else self.extract_config().views
-
-    def views_input(self, config: TrainConfig) -> dict:
-        """The views entry of a recipe's inputs: none for the pair, so recipes from before views
-        were recorded keep their identity."""
-        chosen = self.recipe_views(config)
-        return {} if chosen == views.PAIR else {"views": list(chosen)}
-
-    def recipe(self, config: TrainConfig, inputs: dict | None = None) -> Recipe:
-        name = recipe_name(config)
-        return Recipe(name, config, inputs or {}, self.heads_dir / folder_name(name))
-
     # The lock, and what a killed step left.
     @contextlib.contextmanager
     def lock(self) -> Iterator["RunFolder"]:
@@ -536,7 +238,7 @@ class RunFolder:
         created = _first_missing(self.path)
         try:
             with run_lock(self.path):
-                self._held = {}
+                self._held = HeldState()
                 try:
                     self.remove_stale_temporaries()
                     yield self
@@ -608,11 +310,11 @@ class RunFolder:
     # dataset.json and the image check
     def read_run_data(self) -> RunData:
         """dataset.json (read once while the lock is held: callers share it and must not change it)."""
-        if self._held is not None and "run_data" in self._held:
-            return self._held["run_data"]
+        if self._held is not None and self._held.run_data is not None:
+            return self._held.run_data
         run_data = self._read_run_data()
         if self._held is not None:
-            self._held["run_data"] = run_data
+            self._held.run_data = run_data
         return run_data
 
     def _read_run_data(self) -> RunData:
@@ -630,7 +332,7 @@ class RunFolder:
     def write_run_data(self, run_data: RunData) -> None:
         write_json(self.dataset_path, run_data.to_json())
         if self._held is not None:
-            self._held.clear()  # extract recorded new features
+            self._held = HeldState()  # extract recorded new features
 
     def read_image_check(self) -> dict[str, str | None]:
         """Verdicts of images checked before, by content hash; {} when missing or damaged."""
@@ -653,9 +355,10 @@ class RunFolder:
         and each split's rows.
 
         Raises UserError naming the file when a store is damaged. Computed once per set of sources
-        while the lock is held (hashing every store's keys.json is the slow part of `statuses`).
+        while the lock is held (hashing every store's keys.json is the slow part of
+        `recipes.recipe_statuses`).
         """
-        held = self._held.setdefault("feature_inputs", {}) if self._held is not None else {}
+        held = self._held.feature_inputs if self._held is not None else {}
         if tuple(backbones) not in held:
             held[tuple(backbones)] = self._feature_inputs(backbones)
         return copy.deepcopy(held[tuple(backbones)])
@@ -705,153 +408,5 @@ class RunFolder:
                     f"{self.path} ...` again with the same options (it resumes where it stopped), or with "
                     f"the options config.json records to go back to them.")
 
-    # Head recipes.
-    def recipes(self) -> list[Recipe]:
-        """Every recipe trained on this run, in name order (unreadable records are skipped, with a warning)."""
-        found = []
-        if not self.heads_dir.is_dir():
-            return found
-        for folder in sorted(p for p in self.heads_dir.iterdir() if p.is_dir()):
-            if folder.name.startswith(BLEND_PREFIX):
-                continue
-            record = folder / RECIPE_RECORD
-            if folder.name in views.PAIR and not record.exists():
-                log.warning("%s holds fold models in the layout of transfer-ensemble before head recipes; "
-                            "they are not used: `train` trains them again as a recipe", folder)
-                continue
-            try:
-                obj = load_json(record)
-                config = TrainConfig.from_json(obj["config"], source=str(record))
-                found.append(Recipe(_recorded_name(obj, record), config, obj["inputs"], folder))
-            except (DamagedFile, KeyError, TypeError, UserError) as exc:
-                log.warning("%s: the head recipe in %s is unreadable and is ignored (train it again "
-                            "to replace it)", exc, folder)
-        return found
-
-    def blend(self, parts: Sequence[str]) -> Path:
-        return self.heads_dir / folder_name(blend_name(parts))
-
-    def blends(self) -> list[Blend]:
-        """Every blend fitted on this run (unreadable records are skipped, with a warning)."""
-        found = []
-        if not self.heads_dir.is_dir():
-            return found
-        for folder in sorted(self.heads_dir.glob(BLEND_PREFIX + "*")):
-            try:
-                obj = load_json(folder / BLEND_RECORD)
-                found.append(Blend(_recorded_name(obj, folder / BLEND_RECORD), list(obj["parts"]), [float(w) for w in obj["weights"]],
-                                   dict(obj["part_inputs"]), folder))
-            except (DamagedFile, KeyError, TypeError, ValueError) as exc:
-                log.warning("%s: the blend in %s is unreadable and is ignored (fit it again to replace it)",
-                            exc, folder)
-        return found
-
-    def write_blend(self, blend: Blend) -> None:
-        write_json(blend.record_path, {"name": blend.name, "parts": blend.parts, "weights": blend.weights,
-                                       "part_inputs": blend.part_inputs})
-
-    def write_recipe(self, recipe: Recipe) -> None:
-        write_json(recipe.record_path, {"name": recipe.name, "config": recipe.config.to_json(),
-                                        "inputs": recipe.inputs})
-
-    def statuses(self) -> list[RecipeStatus]:
-        """Every recipe with its state and scores: current ones best first, then the others.
-
-        Raises UserError naming the file when the run's records or features are damaged.
-        """
-        inputs: dict[tuple[str, ...], dict] = {}
-        labels = labels_digest(self.read_run_data().labels)
-        out = []
-        for recipe in self.recipes():
-            sources = tuple(self.feature_sources(recipe.config))
-            if sources not in inputs:
-                inputs[sources] = self.feature_inputs(sources) if self._extracted(sources) else {}
-            current = inputs[sources]
-            metrics = recipe.metrics()
-            fresh = bool(current) and recipe.inputs.get("features") == current["features"] \
-                and recipe.inputs.get("train") == current["train"] and recipe.inputs.get("labels") == labels \
-                and recipe.inputs.get("views") == self.views_input(recipe.config).get("views")
-            state = "stale" if not fresh else "current" if metrics is not None else "unfinished"
-            out.append(RecipeStatus(recipe, state, metrics))
-        states = {s.recipe.name: s for s in out}
-        for blend in self.blends():
-            fresh = all(p in states and states[p].state == "current"
-                        and states[p].recipe.inputs == blend.part_inputs.get(p) for p in blend.parts)
-            metrics = blend.metrics()
-            state = "stale" if not fresh else "current" if metrics is not None else "unfinished"
-            out.append(RecipeStatus(blend, state, metrics))
-        out.sort(key=lambda s: (s.state != "current", s.oof_log_loss, s.recipe.name))
-        return out
-
-    def _extracted(self, sources: Sequence[str]) -> bool:
-        """Whether every store of `sources` exists (a recipe may use a scale the run no longer has)."""
-        return all(self.store(split, name).meta.exists() for split in SPLITS for name in sources)
-
-    def select_recipe(self, name: str | None = None, command: str = "submit",
-                      blends: bool = True) -> "Recipe | Blend":
-        """The recipe `name`; with None, the one the last `train` trained; with BEST, the current
-        one with the lowest OOF log loss (of the recipes alone, not `blends`, for a command that
-        cannot score blends). UserError if there is none or it cannot be used."""
-        statuses = self.statuses()
-        train = f"`transfer-ensemble train --run {self.path}`"
-        if name is None:
-            name = self.read_config_optional().get("heads")
-            if name is not None and not any(s.recipe.name == name for s in statuses):
-                name = None  # its folder was removed: fall back to the best
-        if name == BEST:
-            name = None
-        if name is not None:
-            match = [s for s in statuses if s.recipe.name == name]
-            if not match:
-                known = ", ".join(s.recipe.name for s in statuses) or "none yet"
-                raise UserError(f"--heads {name!r}: the run {self.path} has no such head recipe (it has: "
-                                f"{known}). Pass one of those names, or leave --heads out for the best.")
-            status = match[0]
-            if isinstance(status.recipe, Blend) and status.state != "current":
-                parts = ",".join(status.recipe.parts)
-                raise UserError(f"The blend {name!r} of {self.path} mixes recipes that were trained again or "
-                                f"are no longer current. Train them ({train[:-1]} --heads NAME`), then fit "
-                                f"the blend again ({train[:-1]} --blend {parts}`).")
-            if status.state == "stale":
-                raise UserError(f"The head recipe {name!r} of {self.path} was trained on other features "
-                                f"or labels than the run has now (it was extracted again since), so "
-                                f"its predictions would be stale. Run {train[:-1]} --heads {name}` "
-                                f"to retrain it on the current features, then {command} again.")
-            if status.state == "unfinished":
-                raise UserError(f"The head recipe {name!r} of {self.path} is unfinished. Run "
-                                f"{train[:-1]} --heads {name}` to finish it.")
-            return status.recipe
-        current = [s for s in statuses if s.state == "current" and (blends or not isinstance(s.recipe, Blend))]
-        if not current:
-            stale = [s.recipe.name for s in statuses if s.state == "stale"]
-            unfinished = [s.recipe.name for s in statuses if s.state == "unfinished"]
-            why = (f" Its head recipes {', '.join(stale)} were trained on features or labels that "
-                   f"have changed since (the run was extracted again), so they would be stale."
-                   if stale else "")
-            if unfinished:
-                why += (f" Its head recipes {', '.join(unfinished)} are unfinished (or their "
-                        f"metrics.json is damaged): `train --heads NAME` finishes one.")
-            raise UserError(f"{self.path} has no trained heads for its current features.{why} "
-                            f"Run {train} first.")
-        return current[0].recipe
-
-    def fold_test_predictions(self, recipe: Recipe, n_test: int, test_identity: str) -> dict[str, list[np.ndarray]]:
-        """Each fold model's test predictions per view, checked to be complete and current."""
-        fix = f"Run `transfer-ensemble train --run {self.path} --heads {recipe.name}` again"
-        out: dict[str, list[np.ndarray]] = {group: [] for group in recipe.groups}
-        for view, fold in recipe.jobs:
-            files = recipe.fold(view, fold)
-            try:
-                done = load_json(files.done)
-                if done.get("test_features") != test_identity:
-                    raise UserError(f"The test features of {self.path} changed after the head recipe "
-                                    f"{recipe.name!r} predicted them (the test images or the extraction "
-                                    f"changed). {fix}: it reuses the fold models and predicts the new "
-                                    f"test set.")
-                out[view].append(load_npy(files.test_pred, (n_test, None)))
-            except DamagedFile as exc:
-                raise self._damaged(exc, f"{fix}: it retrains or re-predicts that fold") from None
-        return out
-
     def _damaged(self, exc: DamagedFile, fix: str) -> UserError:
-        return UserError(f"The run folder file {exc.path} {exc.why}. {fix}.")
+        return damaged(exc, fix)

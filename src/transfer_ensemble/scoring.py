@@ -17,7 +17,9 @@ import numpy as np
 
 from transfer_ensemble import ensemble, heads
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import POOLED, Blend, Recipe, RunData, RunFolder, StoreFiles
+from transfer_ensemble.recipes import POOLED, Blend, Recipe, fold_test_predictions, select_recipe
+from transfer_ensemble.runfolder import RunData, RunFolder
+from transfer_ensemble.store import StoreFiles
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Scorer:
     def open(cls, run_dir: str | Path, heads_name: str) -> "Scorer":
         """The recipe `heads_name` of a run, without the backbones (for scoring workers)."""
         run = RunFolder.existing(run_dir, "predict with")
-        return cls.load(run, run.select_recipe(heads_name, "predict", blends=False))
+        return cls.load(run, select_recipe(run, heads_name, "predict", blends=False))
 
     @property
     def n_models(self) -> int:
@@ -106,7 +108,7 @@ def test_probabilities(run: RunFolder, recipe: Recipe, run_data: RunData, test_i
     `temperature` defaults to the recipe's. Test images that did not decode get the training
     class frequencies.
     """
-    per_view = run.fold_test_predictions(recipe, len(run_data.good_test), test_identity)
+    per_view = fold_test_predictions(run, recipe, len(run_data.good_test), test_identity)
     views = {view: ensemble.combine({view: preds}) for view, preds in per_view.items()}
     full = np.tile(class_frequencies(run_data), (len(run_data.dataset.test), 1))
     bad = set(run_data.bad_test_ids)

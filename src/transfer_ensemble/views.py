@@ -55,7 +55,7 @@ class View:
 CROP = 0.875
 """The side of the crop views, as a fraction of the input's side."""
 
-POOLED_OFFSET = 2  # the seed offset of a recipe's pooled group (runfolder.POOLED)
+POOLED_OFFSET = 2  # the seed offset of a recipe's pooled group (recipes.POOLED)
 
 _ENTRIES = [
     View("original", 0),

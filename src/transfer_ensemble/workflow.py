@@ -1,8 +1,8 @@
 """The three steps over a run folder: extract features, train a head recipe, write the submission.
 
-Each step holds the run folder's lock, reads what earlier steps recorded there (`runfolder`),
-and records its own results only once it has succeeded, so any step can be killed and run
-again, and a failed step leaves the run as it was.
+Each step holds the run folder's lock, reads what earlier steps recorded there (`runfolder`,
+`recipes`, `store`), and records its own results only once it has succeeded, so any step can be
+killed and run again, and a failed step leaves the run as it was.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes,
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
 from transfer_ensemble.options import python_overrides, refuse_unknown
-from transfer_ensemble.runfolder import (SPLITS, Blend, DamagedFile, Recipe, RunData, RunFolder,
-                                         blend_name, labels_digest, load_json, source_key)
+from transfer_ensemble.recipes import (Blend, Recipe, blend_folder, blend_name, list_recipes, recipe_for,
+                                       recipe_statuses, select_recipe, views_input, write_blend)
+from transfer_ensemble.records import DamagedFile, labels_digest, load_json
+from transfer_ensemble.runfolder import SPLITS, RunData, RunFolder
 from transfer_ensemble.scoring import blend_test_probabilities, test_probabilities
 from transfer_ensemble.storage import disk_errors, write_json
+from transfer_ensemble.store import source_key
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +145,9 @@ def train_config_for(run: RunFolder, overrides: "dict | TrainConfig | None" = No
     overrides = python_overrides(overrides, "workflow.train(..., overrides)")
     if heads is None:
         return run.train_config(overrides)
-    match = [r for r in run.recipes() if r.name == heads]
+    match = [r for r in list_recipes(run) if r.name == heads]
     if not match:
-        known = ", ".join(r.name for r in run.recipes()) or "none yet"
+        known = ", ".join(r.name for r in list_recipes(run)) or "none yet"
         raise UserError(f"--heads {heads!r}: the run {run.path} has no such head recipe (it has: {known}). "
                         f"Pass one of those names, or give the head options themselves.")
     return merged(TrainConfig, match[0].config.to_json(), overrides, source=str(match[0].record_path))
@@ -170,8 +173,8 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None, he
         check_folds(dataset, config.folds)
         labels = run_data.labels
         inputs = run.feature_inputs(sources)
-        recipe = run.recipe(config, {"features": inputs["features"], "train": inputs["train"],
-                                     "labels": labels_digest(labels), **run.views_input(config)})
+        recipe = recipe_for(run, config, {"features": inputs["features"], "train": inputs["train"],
+                                          "labels": labels_digest(labels), **views_input(run, config)})
         features = _load_features(run, run_data, sources, recipe.views)
         from transfer_ensemble.crossval import oof_metrics, train_recipe, training_warnings
 
@@ -199,7 +202,7 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None, he
         from transfer_ensemble.report import write_report
 
         write_report(run)
-        return {"recipe": recipe.name, "metrics": metrics, "recipes": run.statuses()}
+        return {"recipe": recipe.name, "metrics": metrics, "recipes": recipe_statuses(run)}
 
 
 def calibration(labels: np.ndarray, oof: np.ndarray) -> dict:
@@ -218,7 +221,7 @@ def blend(run_dir: str | Path, parts: list[str]) -> dict:
         if len(parts) < 2 or len(set(parts)) != len(parts):
             raise UserError(f"--blend {','.join(parts)!r} must name two or more different head recipes of "
                             f"{run.path}, separated by commas.")
-        statuses = {s.recipe.name: s for s in run.statuses()}
+        statuses = {s.recipe.name: s for s in recipe_statuses(run)}
         for name in parts:
             status = statuses.get(name)
             if status is None or isinstance(status.recipe, Blend) or status.state != "current":
@@ -238,20 +241,21 @@ def blend(run_dir: str | Path, parts: list[str]) -> dict:
                    "parts": {name: ensemble.score(labels, oof) for name, oof in zip(parts, oofs)}}
         metrics["calibration"] = calibration(labels, ensemble.blend(oofs, weights))
         metrics["oof"] = {"ensemble": metrics["calibration"]["after"]}
-        result = Blend(blend_name(parts), parts, weights, {r.name: r.inputs for r in recipes}, run.blend(parts))
+        result = Blend(blend_name(parts), parts, weights, {r.name: r.inputs for r in recipes},
+                       blend_folder(run, parts))
         if run_data.dataset.test_is_labelled:
             probabilities = blend_test_probabilities(run, result, recipes, run_data,
                                                       metrics["calibration"]["temperature"])
             metrics["holdout"] = {"ensemble": ensemble.score(np.array([it.label for it in run_data.dataset.test]),
                                                              probabilities)}
-        run.write_blend(result)
+        write_blend(result)
         write_json(result.metrics_path, metrics)
         run.update_config(heads=result.name)
-        return {"recipe": result.name, "metrics": metrics, "recipes": run.statuses()}
+        return {"recipe": result.name, "metrics": metrics, "recipes": recipe_statuses(run)}
 
 
 def _load_features(run: RunFolder, run_data: RunData, sources: list[str], views: Sequence[str]) -> dict:
-    from transfer_ensemble.features import load_features
+    from transfer_ensemble.store import load_features
 
     ids = {"train": [it.id for it in run_data.dataset.train], "test": [it.id for it in run_data.good_test]}
     try:
@@ -282,9 +286,9 @@ def submit(run_dir: str | Path, out: str | Path, heads: str | None = None, recor
     run = RunFolder.existing(run_dir, "submit")
     with run.lock(), disk_errors(out):
         run_data = run.read_run_data()
-        recipe = run.select_recipe(heads)
+        recipe = select_recipe(run, heads)
         if isinstance(recipe, Blend):
-            parts = [run.select_recipe(name) for name in recipe.parts]
+            parts = [select_recipe(run, name) for name in recipe.parts]
             probabilities = blend_test_probabilities(run, recipe, parts, run_data, recipe.temperature)
             models = sum(len(part.jobs) for part in parts)
         else:

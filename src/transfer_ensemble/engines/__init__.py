@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from transfer_ensemble.config import EngineConfig
     from transfer_ensemble.features import Extractor
-    from transfer_ensemble.runfolder import StoreFiles
+    from transfer_ensemble.store import StoreFiles
     from transfer_ensemble.scoring import Scorer
 
 ENGINES: dict[str, str] = {

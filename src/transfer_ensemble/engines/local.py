@@ -9,8 +9,8 @@ import numpy as np
 
 from transfer_ensemble import features
 from transfer_ensemble.config import EngineConfig
-from transfer_ensemble.runfolder import StoreFiles
 from transfer_ensemble.scoring import Scorer
+from transfer_ensemble.store import StoreFiles
 
 
 class LocalEngine:

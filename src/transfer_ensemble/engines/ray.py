@@ -5,7 +5,7 @@ A dataset of image paths with their store rows is decoded and resized by CPU tas
 group of CPUs), each building the models once. (Ray Data fuses two steps that reserve the same
 resources, so with CPU-only actors the decoding runs inside the actors, next to a forward pass
 a hundred times slower; with GPU actors it runs in separate CPU tasks.) The driver, this process, writes the features
-that come back into the same feature stores as the local engine (``features.Store``), rows and
+that come back into the same feature stores as the local engine (``store.Store``), rows and
 then the done mask, chunk by chunk: a killed job loses at most the chunks in flight, and running
 it again computes only the rows not done. For `predict`, the heads are then held by a pool of
 actors too, each scoring chunks of stored features; the driver writes the CSV in row order.
@@ -33,8 +33,8 @@ import numpy as np
 from transfer_ensemble import features, images, progress
 from transfer_ensemble.config import EngineConfig, ExtractConfig
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.runfolder import StoreFiles
 from transfer_ensemble.scoring import Scorer
+from transfer_ensemble.store import StoreFiles
 
 log = logging.getLogger(__name__)
 

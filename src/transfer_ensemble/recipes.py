@@ -1,0 +1,391 @@
+"""Head recipes of a run: what each is (`Recipe`, `Blend`), their names and records, whether
+each is current for the run's features and labels (`recipe_statuses`), and which one a command
+uses (`select_recipe`).
+
+A recipe lives in RUN/heads/<recipe>/ (the layout is in `runfolder`): ``recipe.json`` (kind,
+options, folds, seed, and the identity of the features and labels it was trained on), a folder
+per view (or the pooled group) and fold (`FoldFiles`), ``oof_<view>.npy`` and ``metrics.json``,
+written last. A blend lives in RUN/heads/blend-<a>+<b>/. The functions take the `RunFolder`,
+whose per-lock cache (dataset.json, the features' identities) they share with the rest of a step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from transfer_ensemble import views
+from transfer_ensemble.config import TrainConfig
+from transfer_ensemble.errors import UserError
+from transfer_ensemble.records import DamagedFile, damaged, labels_digest, load_json, load_npy
+from transfer_ensemble.runfolder import SPLITS, RunFolder
+from transfer_ensemble.storage import write_json
+
+log = logging.getLogger(__name__)
+
+POOLED = "pooled"  # the model group of a recipe with pooled views: one model per fold on every view
+RECIPE_RECORD = "recipe.json"
+BEST = "best"  # --heads best: the current recipe with the lowest OOF log loss
+BLEND_RECORD = "blend.json"
+BLEND_PREFIX = "blend-"
+
+
+@dataclass(frozen=True)
+class FoldFiles:
+    """One fold model of a recipe: the head (its own format), its predictions and history.
+
+    ``done.json`` is written last, with the identity of the test features ``test_pred.npy`` was
+    computed from: a fold without it is unfinished.
+    """
+
+    folder: Path
+
+    def model(self, suffix: str) -> Path:
+        return self.folder / f"model{suffix}"
+
+    @property
+    def val_index(self) -> Path:
+        return self.folder / "val_index.npy"
+
+    @property
+    def val_pred(self) -> Path:
+        return self.folder / "val_pred.npy"
+
+    @property
+    def test_pred(self) -> Path:
+        return self.folder / "test_pred.npy"
+
+    @property
+    def history(self) -> Path:
+        return self.folder / "history.json"
+
+    @property
+    def done(self) -> Path:
+        return self.folder / "done.json"
+
+
+@dataclass
+class Recipe:
+    """The fold heads trained with one kind of head and one set of options: K per view (the
+    paper's 2 x K), or K models each trained on every view (`pool_views`). Its views are the
+    ones recorded in `inputs` (the paper's pair where none are)."""
+
+    name: str
+    config: TrainConfig
+    inputs: dict
+    folder: Path
+
+    def fold(self, view: str, fold: int) -> FoldFiles:
+        return FoldFiles(self.folder / view / f"fold{fold}")
+
+    def oof(self, view: str) -> Path:
+        return self.folder / f"oof_{view}.npy"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.folder / "metrics.json"
+
+    @property
+    def record_path(self) -> Path:
+        return self.folder / RECIPE_RECORD
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The views the recipe is trained on and scores, in registry order."""
+        return tuple(self.inputs.get("views", views.PAIR))
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The model groups: one per view, or the one pooled group."""
+        return (POOLED,) if self.config.pool_views else self.views
+
+    def train_views(self, group: str) -> tuple[str, ...]:
+        """The views whose rows a group's models are trained on."""
+        return self.views if group == POOLED else (group,)
+
+    def scored_views(self, group: str) -> tuple[str, ...]:
+        """The views a group's models score, averaged: every view with TTA, else their own
+        (for pooled models, the original)."""
+        return self.views if self.config.tta else self.train_views(group)[:1]
+
+    @property
+    def jobs(self) -> list[tuple[str, int]]:
+        return [(group, fold) for group in self.groups for fold in range(self.config.folds)]
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature fitted on the OOF predictions (1.0 when not calibrated)."""
+        return temperature_of(self.metrics())
+
+    def metrics(self) -> dict | None:
+        """The recipe's scores, or None while it is unfinished or its metrics are damaged."""
+        return read_metrics(self.metrics_path)
+
+
+def read_metrics(path: Path) -> dict | None:
+    """A recipe's or blend's metrics.json, or None while it is unfinished or damaged."""
+    try:
+        return load_json(path)
+    except DamagedFile:
+        return None
+
+
+def temperature_of(metrics: dict | None) -> float:
+    """The temperature recorded in a recipe's or blend's metrics (1.0 when not calibrated)."""
+    return float(((metrics or {}).get("calibration") or {}).get("temperature", 1.0))
+
+
+def recipe_name(config: TrainConfig) -> str:
+    """A readable name that differs exactly when the options do: the head, then each non-default option."""
+    defaults = TrainConfig(head=config.head).to_json()
+    changed = {k: v for k, v in config.to_json().items() if k != "head" and v != defaults[k]}
+    return "-".join([config.head] + [(k if v else f"no_{k}") if isinstance(v, bool) else f"{k}{v}"
+                                     for k, v in changed.items()])
+
+
+@dataclass
+class Blend:
+    """Head recipes of one run mixed with weights fitted on their OOF predictions, then calibrated
+    with a temperature fitted on the mixed OOF predictions."""
+
+    name: str
+    parts: list[str]
+    weights: list[float]
+    part_inputs: dict  # the inputs each part was trained on, when the blend was fitted
+    folder: Path
+
+    @property
+    def record_path(self) -> Path:
+        return self.folder / BLEND_RECORD
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.folder / "metrics.json"
+
+    def metrics(self) -> dict | None:
+        return read_metrics(self.metrics_path)
+
+    @property
+    def temperature(self) -> float:
+        return temperature_of(self.metrics())
+
+
+def blend_name(parts: Sequence[str]) -> str:
+    return BLEND_PREFIX + "+".join(parts)
+
+
+MAX_FOLDER_BYTES = 200
+"""The longest recipe or blend folder name: file systems allow 255 bytes, less room for the
+temporary and staging names written beside and inside it."""
+
+
+def folder_name(name: str) -> str:
+    """The folder of a recipe or blend called `name`: the name itself while it fits in
+    MAX_FOLDER_BYTES, else its readable start and a digest of the whole (the record keeps the name)."""
+    raw = name.encode()
+    if len(raw) <= MAX_FOLDER_BYTES:
+        return name
+    start = raw[:MAX_FOLDER_BYTES - 17].decode("utf-8", "ignore")
+    return f"{start}-{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
+def _recorded_name(record: dict, path: Path) -> str:
+    """A recipe's or blend's name: as its record at `path` has it where the folder's name is
+    that name shortened (`folder_name`), else the folder's own name."""
+    name = record.get("name")
+    return name if isinstance(name, str) and folder_name(name) == path.parent.name else path.parent.name
+
+
+@dataclass
+class RecipeStatus:
+    """A recipe as `train`'s summary and the report list it."""
+
+    recipe: "Recipe | Blend"
+    state: str  # "current", "stale" (trained on other features or labels) or "unfinished"
+    metrics: dict | None
+
+    @property
+    def oof_log_loss(self) -> float:
+        return self.metrics["oof"]["ensemble"]["log_loss"] if self.metrics else float("inf")
+
+
+def recipe_views(run: RunFolder, config: TrainConfig) -> tuple[str, ...]:
+    """The views a recipe of `config` uses: the run's (``--views``), or the pair for heads that
+    keep to the paper's views (``views.PAIR_HEADS``)."""
+    return views.PAIR if config.head in views.PAIR_HEADS else run.extract_config().views
+
+
+def views_input(run: RunFolder, config: TrainConfig) -> dict:
+    """The views entry of a recipe's inputs: none for the pair, so recipes from before views
+    were recorded keep their identity."""
+    chosen = recipe_views(run, config)
+    return {} if chosen == views.PAIR else {"views": list(chosen)}
+
+
+def recipe_for(run: RunFolder, config: TrainConfig, inputs: dict | None = None) -> Recipe:
+    """The recipe of `config` in `run` (named by `recipe_name`), with `inputs` (none given: {})."""
+    name = recipe_name(config)
+    return Recipe(name, config, inputs or {}, run.heads_dir / folder_name(name))
+
+
+def list_recipes(run: RunFolder) -> list[Recipe]:
+    """Every recipe trained on this run, in name order (unreadable records are skipped, with a warning)."""
+    found = []
+    if not run.heads_dir.is_dir():
+        return found
+    for folder in sorted(p for p in run.heads_dir.iterdir() if p.is_dir()):
+        if folder.name.startswith(BLEND_PREFIX):
+            continue
+        record = folder / RECIPE_RECORD
+        if folder.name in views.PAIR and not record.exists():
+            log.warning("%s holds fold models in the layout of transfer-ensemble before head recipes; "
+                        "they are not used: `train` trains them again as a recipe", folder)
+            continue
+        try:
+            obj = load_json(record)
+            config = TrainConfig.from_json(obj["config"], source=str(record))
+            found.append(Recipe(_recorded_name(obj, record), config, obj["inputs"], folder))
+        except (DamagedFile, KeyError, TypeError, UserError) as exc:
+            log.warning("%s: the head recipe in %s is unreadable and is ignored (train it again "
+                        "to replace it)", exc, folder)
+    return found
+
+
+def blend_folder(run: RunFolder, parts: Sequence[str]) -> Path:
+    """Where the blend of the recipes `parts` lives."""
+    return run.heads_dir / folder_name(blend_name(parts))
+
+
+def list_blends(run: RunFolder) -> list[Blend]:
+    """Every blend fitted on this run (unreadable records are skipped, with a warning)."""
+    found = []
+    if not run.heads_dir.is_dir():
+        return found
+    for folder in sorted(run.heads_dir.glob(BLEND_PREFIX + "*")):
+        try:
+            obj = load_json(folder / BLEND_RECORD)
+            found.append(Blend(_recorded_name(obj, folder / BLEND_RECORD), list(obj["parts"]),
+                               [float(w) for w in obj["weights"]], dict(obj["part_inputs"]), folder))
+        except (DamagedFile, KeyError, TypeError, ValueError) as exc:
+            log.warning("%s: the blend in %s is unreadable and is ignored (fit it again to replace it)",
+                        exc, folder)
+    return found
+
+
+def write_blend(blend: Blend) -> None:
+    write_json(blend.record_path, {"name": blend.name, "parts": blend.parts, "weights": blend.weights,
+                                   "part_inputs": blend.part_inputs})
+
+
+def write_recipe(recipe: Recipe) -> None:
+    write_json(recipe.record_path, {"name": recipe.name, "config": recipe.config.to_json(),
+                                    "inputs": recipe.inputs})
+
+
+def recipe_statuses(run: RunFolder) -> list[RecipeStatus]:
+    """Every recipe with its state and scores: current ones best first, then the others.
+
+    Raises UserError naming the file when the run's records or features are damaged.
+    """
+    inputs: dict[tuple[str, ...], dict] = {}
+    labels = labels_digest(run.read_run_data().labels)
+    out = []
+    for recipe in list_recipes(run):
+        sources = tuple(run.feature_sources(recipe.config))
+        if sources not in inputs:
+            inputs[sources] = run.feature_inputs(sources) if _extracted(run, sources) else {}
+        current = inputs[sources]
+        metrics = recipe.metrics()
+        fresh = bool(current) and recipe.inputs.get("features") == current["features"] \
+            and recipe.inputs.get("train") == current["train"] and recipe.inputs.get("labels") == labels \
+            and recipe.inputs.get("views") == views_input(run, recipe.config).get("views")
+        state = "stale" if not fresh else "current" if metrics is not None else "unfinished"
+        out.append(RecipeStatus(recipe, state, metrics))
+    states = {s.recipe.name: s for s in out}
+    for blend in list_blends(run):
+        fresh = all(p in states and states[p].state == "current"
+                    and states[p].recipe.inputs == blend.part_inputs.get(p) for p in blend.parts)
+        metrics = blend.metrics()
+        state = "stale" if not fresh else "current" if metrics is not None else "unfinished"
+        out.append(RecipeStatus(blend, state, metrics))
+    out.sort(key=lambda s: (s.state != "current", s.oof_log_loss, s.recipe.name))
+    return out
+
+
+def _extracted(run: RunFolder, sources: Sequence[str]) -> bool:
+    """Whether every store of `sources` exists (a recipe may use a scale the run no longer has)."""
+    return all(run.store(split, name).meta.exists() for split in SPLITS for name in sources)
+
+
+def select_recipe(run: RunFolder, name: str | None = None, command: str = "submit",
+                  blends: bool = True) -> "Recipe | Blend":
+    """The recipe `name`; with None, the one the last `train` trained; with BEST, the current
+    one with the lowest OOF log loss (of the recipes alone, not `blends`, for a command that
+    cannot score blends). UserError if there is none or it cannot be used."""
+    statuses = recipe_statuses(run)
+    train = f"`transfer-ensemble train --run {run.path}`"
+    if name is None:
+        name = run.read_config_optional().get("heads")
+        if name is not None and not any(s.recipe.name == name for s in statuses):
+            name = None  # its folder was removed: fall back to the best
+    if name == BEST:
+        name = None
+    if name is not None:
+        match = [s for s in statuses if s.recipe.name == name]
+        if not match:
+            known = ", ".join(s.recipe.name for s in statuses) or "none yet"
+            raise UserError(f"--heads {name!r}: the run {run.path} has no such head recipe (it has: "
+                            f"{known}). Pass one of those names, or leave --heads out for the best.")
+        status = match[0]
+        if isinstance(status.recipe, Blend) and status.state != "current":
+            parts = ",".join(status.recipe.parts)
+            raise UserError(f"The blend {name!r} of {run.path} mixes recipes that were trained again or "
+                            f"are no longer current. Train them ({train[:-1]} --heads NAME`), then fit "
+                            f"the blend again ({train[:-1]} --blend {parts}`).")
+        if status.state == "stale":
+            raise UserError(f"The head recipe {name!r} of {run.path} was trained on other features "
+                            f"or labels than the run has now (it was extracted again since), so "
+                            f"its predictions would be stale. Run {train[:-1]} --heads {name}` "
+                            f"to retrain it on the current features, then {command} again.")
+        if status.state == "unfinished":
+            raise UserError(f"The head recipe {name!r} of {run.path} is unfinished. Run "
+                            f"{train[:-1]} --heads {name}` to finish it.")
+        return status.recipe
+    current = [s for s in statuses if s.state == "current" and (blends or not isinstance(s.recipe, Blend))]
+    if not current:
+        stale = [s.recipe.name for s in statuses if s.state == "stale"]
+        unfinished = [s.recipe.name for s in statuses if s.state == "unfinished"]
+        why = (f" Its head recipes {', '.join(stale)} were trained on features or labels that "
+               f"have changed since (the run was extracted again), so they would be stale."
+               if stale else "")
+        if unfinished:
+            why += (f" Its head recipes {', '.join(unfinished)} are unfinished (or their "
+                    f"metrics.json is damaged): `train --heads NAME` finishes one.")
+        raise UserError(f"{run.path} has no trained heads for its current features.{why} "
+                        f"Run {train} first.")
+    return current[0].recipe
+
+
+def fold_test_predictions(run: RunFolder, recipe: Recipe, n_test: int,
+                          test_identity: str) -> dict[str, list[np.ndarray]]:
+    """Each fold model's test predictions per view, checked to be complete and current."""
+    fix = f"Run `transfer-ensemble train --run {run.path} --heads {recipe.name}` again"
+    out: dict[str, list[np.ndarray]] = {group: [] for group in recipe.groups}
+    for view, fold in recipe.jobs:
+        files = recipe.fold(view, fold)
+        try:
+            done = load_json(files.done)
+            if done.get("test_features") != test_identity:
+                raise UserError(f"The test features of {run.path} changed after the head recipe "
+                                f"{recipe.name!r} predicted them (the test images or the extraction "
+                                f"changed). {fix}: it reuses the fold models and predicts the new "
+                                f"test set.")
+            out[view].append(load_npy(files.test_pred, (n_test, None)))
+        except DamagedFile as exc:
+            raise damaged(exc, f"{fix}: it retrains or re-predicts that fold") from None
+    return out
