@@ -48,12 +48,6 @@ def head_kinds() -> tuple[str, ...]:
     return heads.names()
 
 
-def __getattr__(name: str) -> Any:
-    if name == "HEAD_KINDS":  # the tuple callers used before the registry was the only list
-        return heads.names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _seed_rule() -> Rule:
     return whole(0, MAX_SEED, " (each fold's seed is seed*1000 + view*100 + fold, and it must fit in 32 bits)")
 

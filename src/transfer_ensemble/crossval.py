@@ -130,7 +130,7 @@ def train_recipe(run: RunFolder, recipe: Recipe, features: dict[str, dict[str, n
     for group, fold in (job for job, (state, _) in states.items() if state == "predict"):
         files = recipe.fold(group, fold)
         model = kind.load(files.model(kind.suffix))
-        write_npy(files.test_pred, heads.score(kind, model, test, recipe.scored_views(group)))
+        write_npy(files.test_pred, heads.score(model, test, recipe.scored_views(group)))
         _write_done(files, group, fold, kind, test_identity)
     for group, fold in progress.bar(todo, desc=f"train heads [{recipe.name}]", unit="model"):
         _train_fold(recipe, kind, group, fold, features, labels, assignment, n_classes, test_identity)
@@ -160,14 +160,14 @@ def _train_fold(recipe: Recipe, kind: heads.HeadEntry, group: str, fold: int,
                        [features[v]["train"][val_idx] for v in views], labels[val_idx],
                        fold_seed(recipe.config.seed, group, fold))
     scored = recipe.scored_views(group)
-    val_pred = heads.score(kind, model, {v: features[v]["train"][val_idx] for v in scored}, scored)
+    val_pred = heads.score(model, {v: features[v]["train"][val_idx] for v in scored}, scored)
     history = {**report.to_json(), "fold": fold, "view": group,
                "fold_score": ensemble.score(labels[val_idx], val_pred)}
     with atomic_path(files.model(kind.suffix), suffix=kind.suffix) as tmp:
         model.save(tmp)
     write_npy(files.val_index, val_idx)
     write_npy(files.val_pred, val_pred)
-    write_npy(files.test_pred, heads.score(kind, model, {v: features[v]["test"] for v in scored}, scored))
+    write_npy(files.test_pred, heads.score(model, {v: features[v]["test"] for v in scored}, scored))
     write_json(files.history, history)
     _write_done(files, group, fold, kind, test_identity)
     log.info("%s fold %d: val log loss %.4f, accuracy %.3f, %s", group, fold,

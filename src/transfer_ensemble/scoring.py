@@ -56,12 +56,11 @@ class Scorer:
     def combine(self, x: dict[str, np.ndarray]) -> np.ndarray:
         """The recipe's ensemble for the views in `x`: each model of `scored_groups` scores the views
         it scores in the submission that `x` has, then the temperature."""
-        kind = heads.get(self.recipe.config.head)
         per_group = {}
         for group in self.scored_groups(list(x)):
             views = [v for v in self.recipe.scored_views(group) if v in x]
             if views:
-                per_group[group] = [heads.score(kind, model, x, views) for model in self.models[group]]
+                per_group[group] = [heads.score(model, x, views) for model in self.models[group]]
         return ensemble.combine(per_group, self.recipe.temperature)
 
     def score_rows(self, stores: Sequence[StoreFiles], start: int, stop: int, tta: bool = True) -> np.ndarray:

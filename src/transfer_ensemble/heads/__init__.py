@@ -29,9 +29,6 @@ HEADS: dict[str, HeadEntry] = {entry.name: entry for entry in (
 """Each entry's `recipe` says how it is trained on the views and scored unless told: the seed's
 are the paper's (one model per view, each scoring its own view, no calibration)."""
 
-HeadKind = HeadEntry  # the name of the registry entries before heads became estimators
-
-
 def register(entry: HeadEntry) -> HeadEntry:
     """Add a kind of head (e.g. heads.sklearn.sklearn_head(...)); its name must be new."""
     if entry.name in HEADS:
@@ -52,10 +49,9 @@ def get(name: str) -> HeadEntry:
     return HEADS[name]
 
 
-def score(entry: HeadEntry, model: Head, x: Mapping[str, np.ndarray], views: Sequence[str]) -> np.ndarray:
+def score(model: Head, x: Mapping[str, np.ndarray], views: Sequence[str]) -> np.ndarray:
     """A model's probabilities for some rows: its prediction for the one view, or the mean of its
-    predictions for several (test-time augmentation). `x` maps each view to its rows. (`entry` is
-    kept for callers written before heads were estimators.)"""
+    predictions for several (test-time augmentation). `x` maps each view to its rows."""
     if len(views) == 1:
         return model.predict_proba(x[views[0]])
     return ensemble.average([model.predict_proba(x[view]) for view in views]).astype(np.float32)
