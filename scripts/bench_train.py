@@ -132,7 +132,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000, help="training images (and as many test images)")
     parser.add_argument("--classes", type=int, default=120)
     parser.add_argument("--head", help="train this head instead of the default recipe")
-    parser.add_argument("--work", type=Path, help="keep the data and run folder here (reused when it has one)")
+    parser.add_argument("--work", type=Path, help="keep the data and run folder here (its features are reused "
+                                                  "when it has one; its trained recipes are removed)")
     opts = parser.parse_args()
 
     blocks = default_blocks()
@@ -142,6 +143,7 @@ def main() -> None:
         start = time.perf_counter()
         if not (work / "run" / "config.json").exists():
             make_run(work / "data", work / "run", opts.n, opts.classes, blocks)
+        shutil.rmtree(work / "run" / "heads", ignore_errors=True)  # a reused folder's recipes would be reused
         print(f"run folder of {opts.n} training and {opts.n} test images x {width} features "
               f"({' + '.join(f'{name} {size} px {w}' for name, size, w in blocks)}), {len(VIEWS)} views, "
               f"{opts.classes} classes, made in {time.perf_counter() - start:.0f} s (not timed)", flush=True)

@@ -78,24 +78,32 @@ def _row_chunks(n: int, size: int = ROW_CHUNK) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def power_normalise(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Signed square root, then each row scaled to unit L2 norm (float32), written into `out`
-    (a new array when None), a block of rows at a time on every core."""
+def power_normalise(x: np.ndarray, out: np.ndarray | None = None, take: np.ndarray | None = None) -> np.ndarray:
+    """Signed square root, then each row scaled to unit L2 norm (float32), of the rows `take` of
+    `x` (all when None), written into `out` (a new array when None), a block of rows at a time on
+    every core."""
     x = np.asarray(x)
+    n = len(x) if take is None else len(take)
     if out is None:
-        out = np.empty(x.shape, dtype=np.float32)
+        out = np.empty((n, x.shape[1]), dtype=np.float32)
+
+    def rows_of(rows: slice) -> np.ndarray:
+        return x[rows] if take is None else x[take[rows]]
+
     if x.dtype.itemsize > 4:  # keep the float64 arithmetic of the one-shot formula
         def block(rows: slice) -> None:
-            z = np.sign(x[rows]) * np.sqrt(np.abs(x[rows], dtype=np.float32))
+            part = rows_of(rows)
+            z = np.sign(part) * np.sqrt(np.abs(part, dtype=np.float32))
             out[rows] = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     else:
         def block(rows: slice) -> None:
-            z = out[rows]
-            np.abs(x[rows], out=z, dtype=np.float32)
+            z, part = out[rows], rows_of(rows)
+            np.abs(part, out=z, dtype=np.float32)
+            norm = np.sqrt(z.sum(axis=1, keepdims=True))  # the L2 norm of sqrt|x| is sqrt(sum |x|)
             np.sqrt(z, out=z)
-            np.copysign(z, x[rows], out=z)
-            z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-    _each(block, _row_chunks(len(x), 4 * ROW_CHUNK))
+            np.copysign(z, part, out=z)
+            z /= np.maximum(norm, 1e-12)
+    _each(block, _row_chunks(n, 4 * ROW_CHUNK))
     return out
 
 
@@ -154,15 +162,24 @@ def _fit_linear(train: Views, y_train: np.ndarray, val: Views, y_val: np.ndarray
     share of the training images (all views of an image on one side; walked from the strongest,
     each fit starting from the last, stopping once the loss rises); the model is then
     fitted on every training row. The validation rows are not looked at."""
-    n = len(y_train)
-    z = np.empty((n * len(train), np.shape(train[0])[1]), dtype=np.float32)
-    for v, x in enumerate(train):
-        if options.power:
-            power_normalise(x, out=z[v * n:(v + 1) * n])
-        else:
-            z[v * n:(v + 1) * n] = x
+    n, n_views = len(y_train), len(train)
+    split = _inner_split(y_train, seed)
+    # Rows are laid out inner-training images first (every view), then the inner held-out ones, so
+    # the inner search's two sides are slices of z, not copies; the final fit uses every row.
+    sides = [None] if split is None else list(split)  # None: every image, in order
+    z = np.empty((n * n_views, np.shape(train[0])[1]), dtype=np.float32)
+    labels, start = [], 0
+    for images in sides:
+        for x in train:
+            rows = slice(start, start + (n if images is None else len(images)))
+            if options.power:
+                power_normalise(x, out=z[rows], take=images)
+            else:
+                z[rows] = x if images is None else np.asarray(x)[images]
+            labels.append(y_train if images is None else y_train[images])
+            start = rows.stop
     mean, scale = _standardise(z)
-    y_all = np.tile(y_train, len(train))
+    y_all = np.concatenate(labels)
     d = z.shape[1]
 
     def probabilities(rows: np.ndarray, theta: np.ndarray) -> np.ndarray:
@@ -171,11 +188,10 @@ def _fit_linear(train: Views, y_train: np.ndarray, val: Views, y_val: np.ndarray
         return softmax(logits + theta[-n_classes:])
 
     history: dict = {"inner_log_loss": {}, "iterations": 0}
-    split = _inner_split(y_train, seed)
     best_c, theta = C_GRID[len(C_GRID) // 2], None
     if split is not None:
-        inner_train, held = (np.concatenate([images + n * v for v in range(len(train))]) for images in split)
-        z_inner, y_inner, z_held, y_held = z[inner_train], y_all[inner_train], z[held], y_all[held]
+        inner = n_views * len(split[0])
+        z_inner, y_inner, z_held, y_held = z[:inner], y_all[:inner], z[inner:], y_all[inner:]
         best, current, memo = math.inf, None, {}
         for c in C_GRID:
             current, steps = fit_multinomial(z_inner, y_inner, n_classes, c, current, tol=INNER_TOL, memo=memo)
@@ -202,10 +218,7 @@ def _fit_linear(train: Views, y_train: np.ndarray, val: Views, y_val: np.ndarray
 
 def _predict_linear(head: LinearModel, x: np.ndarray) -> np.ndarray:
     z = head.transform(x)
-    coef = head.coef.T.astype(np.float64)
-    logits = np.empty((len(z), len(head.intercept)))
-    for rows in _row_chunks(len(z), 8 * ROW_CHUNK):  # float64 products without a float64 copy of z
-        np.matmul(z[rows].astype(np.float64), coef, out=logits[rows])
+    logits = (z @ head.coef.T).astype(np.float64)  # float32 products, as in the fit; softmax in float64
     logits += head.intercept
     return softmax(logits).astype(np.float32)
 
