@@ -158,9 +158,8 @@ def test_seed_then_default_each_followed_by_submit(two_recipes):
     folder = RunFolder(run)
     recipe = select_recipe(folder, name)
     assert recipe.groups == ("pooled",) and recipe.scored_views("pooled") == ("original", "flipped")
-    assert folder.feature_sources(recipe.config) == ["xception", "inception_v3", "xception@1.5x",
-                                                     "inception_v3@1.5x"]
-    assert json.loads((run / "features" / "train" / "xception@1.5x" / "meta.json").read_text())["image_size"] == 112
+    assert folder.feature_sources(recipe.config) == ["xception", "inception_v3", "xception@2x", "inception_v3@2x"]
+    assert json.loads((run / "features" / "train" / "xception@2x" / "meta.json").read_text())["image_size"] == 150
     seed_frame, default_frame = (pd.read_csv(base / f"{n}.csv") for n in ("seed", "default"))
     assert list(seed_frame.columns) == list(default_frame.columns)
     assert not np.allclose(seed_frame.iloc[:, 1:].to_numpy(), default_frame.iloc[:, 1:].to_numpy())

@@ -29,9 +29,10 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 DEFAULT_HEAD = "linear"
 """The head `train` uses when --head is not given: the recipe with the lowest out-of-fold log loss on
 the development sets (``scripts/bench_quality.py``; docs/quality.md has the table)."""
-DEFAULT_SCALES = (1.0, 1.5)
+DEFAULT_SCALES = (1.0, 2.0)
 """The input sizes features are extracted at, as multiples of --image-size (or of each backbone's
-native size): the second scale lowered out-of-fold log loss by about 12% on fashion10 (docs/quality.md)."""
+native size): of the scale and view sets within 6x the paper's forward-pass pixels, the one with the
+lowest out-of-fold log loss on both development sets (docs/views.md)."""
 SCALE_RANGE = (0.25, 4.0)
 ENGINES = engines.NAMES
 MAX_PIXELS = 178_956_970
@@ -226,7 +227,7 @@ class ExtractConfig:
                                                          "(default 178956970, Pillow's decompression-bomb limit)",
                              whole(1))
     scales: tuple[float, ...] = option(DEFAULT_SCALES, "--scales",
-                                       "input sizes to extract at, as multiples of --image-size (default 1,1.5: "
+                                       "input sizes to extract at, as multiples of --image-size (default 1,2: "
                                        "a second scale for the default head; 1 alone is the paper's)",
                                        Rule("text", _check_scales))
     views: tuple[str, ...] = option(views.DEFAULT_VIEWS, "--views",
