@@ -34,7 +34,6 @@ DEFAULT_SCALES = (1.0, 2.0)
 native size): of the scale and view sets within 6x the paper's forward-pass pixels, the one with the
 lowest out-of-fold log loss on both development sets (docs/views.md)."""
 SCALE_RANGE = (0.25, 4.0)
-ENGINES = engines.NAMES
 MAX_PIXELS = 178_956_970
 """Default cap on an image's pixels (Pillow's decompression-bomb limit)."""
 RECIPE_KEYS = ("multiscale", "pool_views", "tta", "temperature")
@@ -321,8 +320,9 @@ class EngineConfig:
     """
 
     engine: str = option("local", "--engine", "where features are computed: local (default, this process) or ray "
-                                              "(a Ray cluster; needs `pip install 'transfer_ensemble[ray]'`)",
-                         choice(ENGINES))
+                                              "(a Ray cluster; needs `pip install 'transfer_ensemble[ray]'`), or "
+                                              "an engine registered with engines.register",
+                         choice(engines.names))
     ray_address: str | None = option(None, "--ray-address", "Ray cluster to use with --engine ray (default: "
                                                              "$RAY_ADDRESS, else a local Ray started for this run)",
                                      Rule("text", _check_ray_address), owner="ray", owner_key="engine",

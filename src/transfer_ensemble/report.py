@@ -169,7 +169,8 @@ def _search_section(record: RunRecord) -> Section:
     ax.set_xlabel("C (inverse L2 strength)", fontsize=8)
     ax.set_ylabel("held-out log loss", fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.lines:  # no curves when every fold skipped the inner search (a class of one image)
+        ax.legend(fontsize=7)
     png = _png(figure)
     body = ("<p>Each fold model's regularisation was chosen on a held-out share of its own training "
             "images (never its validation fold): the C with the lowest held-out log loss, then refitted "

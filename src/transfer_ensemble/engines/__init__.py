@@ -6,7 +6,7 @@ stores and gives the same probabilities, so the choice changes where the work ru
 results. ``ENGINES`` is the only list of engine names (``--engine`` accepts these): each maps to
 the class that implements it, imported only when that engine is used, so Ray is imported only
 under ``--engine ray``. Adding an engine is one new module here with a class like
-``local.LocalEngine``, and one line below.
+``local.LocalEngine``, and one line below (or, from outside the package, `register`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,23 @@ ENGINES: dict[str, str] = {
     "local": "transfer_ensemble.engines.local:LocalEngine",
     "ray": "transfer_ensemble.engines.ray:RayEngine",
 }
-NAMES = tuple(ENGINES)
+"""Each engine's name and where its class is ("module:Class")."""
+
+
+def names() -> tuple[str, ...]:
+    """The engines --engine accepts, read when an option is checked (so a registered one counts)."""
+    return tuple(ENGINES)
+
+
+def register(name: str, target: str) -> None:
+    """Add an engine: `target` is "module:Class", a class built from an EngineConfig; the name must be new."""
+    if name in ENGINES:
+        raise ValueError(f"an engine named {name!r} is already registered")
+    ENGINES[name] = target
+
+
+def unregister(name: str) -> None:
+    ENGINES.pop(name, None)
 
 
 class Engine(Protocol):
