@@ -48,7 +48,7 @@ def extracted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = make_kaggle(base / "data", n_classes=3, per_class=4, n_test=5)
     run = base / "extracted"
     result = run_cli("extract", "--data", str(data), "--run", str(run), "--backbones", "xception",
-                     "--weights", "random", "--image-size", str(TINY), "--batch-size", "8")
+                     "--weights", "random", "--image-size", str(TINY), "--batch-size", "8", "--scales", "1")
     assert result.returncode == 0, result.stderr
     return run
 
@@ -249,7 +249,7 @@ def test_full_disk_outside_the_atomic_writers_is_still_a_clear_error(tmp_path: P
 
     monkeypatch.setattr(np.lib.format, "open_memmap", no_space)
     code = cli.main(["extract", "--data", str(data), "--run", str(run), "--backbones", "xception",
-                     "--weights", "random", "--image-size", str(TINY)])
+                     "--weights", "random", "--image-size", str(TINY), "--scales", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     message = err.split("error: ", 1)[1]
@@ -345,7 +345,7 @@ def test_new_test_images_after_training_are_predicted_without_retraining(referen
     models = {job: fold(run, *job).model(".keras").stat().st_mtime_ns for job in JOBS}
 
     result = run_cli("extract", "--data", str(data), "--run", str(run), "--backbones", "xception",
-                     "--weights", "random", "--image-size", str(TINY), "--batch-size", "8")
+                     "--weights", "random", "--image-size", str(TINY), "--batch-size", "8", "--scales", "1")
     assert result.returncode == 0, result.stderr
     stale = run_cli("submit", "--run", str(run), "--out", str(tmp_path / "stale.csv"))
     assert stale.returncode == 2 and "The test features of" in stale.stderr

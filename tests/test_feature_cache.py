@@ -26,7 +26,7 @@ from transfer_ensemble.runfolder import RunFolder
 from transfer_ensemble.store import StoreFiles
 
 BATCH = 4
-EXTRACT = ["--weights", "random", "--image-size", str(TINY), "--batch-size", str(BATCH)]
+EXTRACT = ["--weights", "random", "--image-size", str(TINY), "--batch-size", str(BATCH), "--scales", "1"]
 BACKBONES = ("xception", "inception_v3")
 FILES = ("original.npy", "flipped.npy", "done.npy", "meta.json", "keys.json")
 

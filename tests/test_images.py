@@ -261,7 +261,7 @@ def test_extract_lists_every_bad_image_before_building_a_model(tmp_path: Path) -
               "print('tensorflow imported:', 'tensorflow' in sys.modules); sys.exit(code)")
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", script, "extract", "--data", str(data), "--run", str(run),
-                             "--weights", "random", "--image-size", str(TINY)],
+                             "--weights", "random", "--image-size", str(TINY), "--scales", "1"],
                             capture_output=True, text=True, timeout=120)
     seconds = time.perf_counter() - start
     assert result.returncode == 2, result.stderr
@@ -289,7 +289,7 @@ def test_skip_leaves_bad_train_images_out_and_gives_bad_test_rows_class_frequenc
     run, out = tmp_path / "run", tmp_path / "sub.csv"
 
     result = run_cli("run", "--data", str(data), "--run", str(run), "--out", str(out), "--on-bad-image", "skip",
-                     "--backbones", "xception", "--weights", "random", "--image-size", str(TINY), *FAST_TRAIN)
+                     "--backbones", "xception", "--weights", "random", "--image-size", str(TINY), "--scales", "1", *FAST_TRAIN)
     assert result.returncode == 0, result.stderr
     assert "left out 2 bad training images (tr0_0.png, tr1_2.png)" in result.stderr
     assert "2 bad test images" in result.stderr and "te01.jpg" in result.stderr and "te03.png" in result.stderr
@@ -321,7 +321,7 @@ def test_skip_refuses_when_a_class_has_no_good_image_left(tmp_path: Path, capsys
     for i in range(2):
         (data / "train" / f"tr1_{i}.png").write_bytes(b"")
     code = cli.main(["extract", "--data", str(data), "--run", str(tmp_path / "run"), "--on-bad-image", "skip",
-                     "--weights", "random", "--image-size", str(TINY)])
+                     "--weights", "random", "--image-size", str(TINY), "--scales", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert (f"After leaving out the 2 bad training images (--on-bad-image skip), these classes of {data} "

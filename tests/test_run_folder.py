@@ -27,7 +27,8 @@ from transfer_ensemble.runfolder import RunFolder
 from transfer_ensemble.store import StoreFiles, open_store
 from transfer_ensemble.views import PAIR as VIEWS
 
-EXTRACT = ["--backbones", "xception", "--weights", "random", "--image-size", str(TINY), "--batch-size", "8"]
+EXTRACT = ["--backbones", "xception", "--weights", "random", "--image-size", str(TINY), "--batch-size", "8",
+           "--scales", "1"]
 FAST_CONFIG = TrainConfig(head="seed", folds=2, options=SeedOptions(epochs=3, patience=2))  # what FAST_TRAIN trains
 
 
