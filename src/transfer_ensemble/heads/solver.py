@@ -77,24 +77,23 @@ def fit_multinomial(z: np.ndarray, y: np.ndarray, n_classes: int, c: float, star
 
     def along(theta: np.ndarray, direction: np.ndarray):
         """The objective on the ray theta + t * direction, from the logits of theta and of the
-        direction; `accept(t)` moves there and returns (point, objective, gradient)."""
+        direction; `accept()` moves to the point tried last and returns (point, objective, gradient)."""
         base, slope = memo["logits"], logits_of(direction)
-        tried: dict = {}
+        last: dict = {}
 
         def value(t: float) -> float:
             logits = base + np.float32(t) * slope
-            tried[t] = logits, mean_loss(logits)
-            return objective(theta + t * direction, tried[t][1][0])
+            last.update(theta=theta + t * direction, logits=logits, data=mean_loss(logits), data_grad=None)
+            return objective(last["theta"], last["data"][0])
 
-        def accept(t: float) -> tuple[np.ndarray, float, np.ndarray]:
-            new = theta + t * direction
-            memo.update(theta=new, logits=tried[t][0], data=tried[t][1], data_grad=None)
-            return (new, *at(new))
+        def accept() -> tuple[np.ndarray, float, np.ndarray]:
+            memo.update(last)
+            return (last["theta"], *at(last["theta"]))
 
         return value, accept
 
     theta = np.zeros(d * n_classes + n_classes) if start is None else start
-    return lbfgs(at, theta, max_iter, tol, along=along)
+    return lbfgs(at, along, theta, max_iter, tol)
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
@@ -102,28 +101,18 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.multiply(a, b).sum())
 
 
-def lbfgs(fun: Callable[[np.ndarray], tuple[float, np.ndarray]], x: np.ndarray, max_iter: int, tol: float,
-          memory: int = 10, along: Callable | None = None) -> tuple[np.ndarray, int]:
-    """Minimise a smooth convex `fun` (returning value and gradient) with L-BFGS: the two-loop
-    recursion and a backtracking (Armijo) line search. Stops when the largest gradient entry is
-    below `tol`, the value stops falling, or after `max_iter` steps. Returns (x, steps taken).
-    `along(x, direction)`, where given, returns ``(value(t), accept(t))`` for the line search:
-    the objective on the ray without its gradient, and the move to ``x + t * direction`` with
-    the new value and gradient (a cheaper line search than calling `fun` at every trial).
+def lbfgs(fun: Callable[[np.ndarray], tuple[float, np.ndarray]], along: Callable, x: np.ndarray, max_iter: int,
+          tol: float, memory: int = 10) -> tuple[np.ndarray, int]:
+    """Minimise a smooth convex function with L-BFGS: the two-loop recursion and a backtracking
+    (Armijo) line search. `fun(x)` gives its value and gradient at the start; `along(x, direction)`
+    gives ``(value(t), accept())`` for the line search: the value at ``x + t * direction`` without
+    the gradient, and the move to the point tried last, with its value and gradient. Stops when
+    the largest gradient entry is below `tol`, the value stops falling, or after `max_iter` steps.
+    Returns (x, steps taken).
 
     (SciPy's L-BFGS-B spends ~0.1 s of bookkeeping a step on this machine, more than the
     gradient itself; this loop costs a few vector operations.)
     """
-    if along is None:
-        def along(x: np.ndarray, direction: np.ndarray):
-            tried: dict = {}
-
-            def value(t: float) -> float:
-                tried[t] = fun(x + t * direction)
-                return tried[t][0]
-
-            return value, lambda t: (x + t * direction, *tried[t])
-
     value, grad = fun(x)
     pairs: list[tuple[np.ndarray, np.ndarray, float]] = []
     for step in range(1, max_iter + 1):
@@ -154,7 +143,7 @@ def lbfgs(fun: Callable[[np.ndarray], tuple[float, np.ndarray]], x: np.ndarray, 
             t *= 0.5
         else:
             return x, step
-        new_x, new_value, new_grad = accept(t)
+        new_x, new_value, new_grad = accept()
         s_k, y_k = new_x - x, new_grad - grad
         sy = float(_dot(s_k, y_k))
         if sy > 1e-12:
