@@ -20,10 +20,11 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py --data demo_data --run runs/demo --out submissions/demo.csv
 
-# The whole suite on TensorFlow, then the backend-sensitive tests (marked `backend`) on JAX.
+# The whole suite on TensorFlow, then the backend-sensitive tests (marked `backend`) on JAX, each
+# spread over the machine's cores by pytest-xdist (every test uses its own tmp_path).
 test: $(STAMP)
-	$(BIN)/python -m pytest
-	KERAS_BACKEND=jax $(BIN)/python -m pytest -m backend
+	$(BIN)/python -m pytest -n auto
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -n auto -m backend
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
