@@ -5,7 +5,7 @@ N training and N test images, with one difference: the backbones are replaced by
 synthetic features. Its shape is the default's, read from the code: every backbone of
 `backbones.DEFAULT_BACKBONES` (its registry width) at every scale of `config.DEFAULT_SCALES`,
 every view, so the default recipe trains on the features of all scales side by side and on every
-view's rows pooled (two backbones of 2,048 at scales 1 and 1.5: 8,192 features, 2 x 8,000 rows a
+view's rows pooled (two backbones of 2,048 at scales 1 and 2: 8,192 features, 2 x 8,000 rows a
 fold). 120 classes: the Kaggle dog-breed shape. The features are class means in noise,
 non-negative like pooled ReLU features; each further scale and view is a noisy copy of the first.
 Each image is a tiny PNG of one colour that encodes its row, so the stand-in knows which row's
