@@ -21,10 +21,12 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py --data demo_data --run runs/demo --out submissions/demo.csv
 
 # The whole suite on TensorFlow, then the backend-sensitive tests (marked `backend`) on JAX, each
-# spread over the machine's cores by pytest-xdist (every test uses its own tmp_path).
+# spread over the machine's cores by pytest-xdist; each test module stays on one worker, so its
+# module-scoped fixtures (run folders, a Ray cluster) are built once.
+XDIST := -n auto --dist loadscope
 test: $(STAMP)
-	$(BIN)/python -m pytest -n auto
-	KERAS_BACKEND=jax $(BIN)/python -m pytest -n auto -m backend
+	$(BIN)/python -m pytest $(XDIST)
+	KERAS_BACKEND=jax $(BIN)/python -m pytest $(XDIST) -m backend
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
