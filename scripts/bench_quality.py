@@ -1,23 +1,23 @@
 """Quality of the head recipes on real ImageNet features: out-of-fold and hold-out scores (issue 9).
 
 Extracts Xception features with the real weights in ../shared/weights once per data set, at both
-default scales (cached in a run folder under --work, so a second run only trains), then trains each
+default scales, final and middle layer (cached in a run folder under --work, so a second run only trains), then trains each
 recipe of --recipes on one run folder and prints its OOF and hold-out log loss and accuracy on:
 
 * ../shared/data/fashion10: 10 classes of real photos; its labelled test/ is the hold-out;
 * ../shared/data/dogs3 with only --per-class training images per breed (default 10).
 
-The default recipes climb from the paper's head to the default: seed; the linear head alone on
-one scale, one model per view; + TTA; + temperature; + pooled views; + the second scale (the
+The default recipes climb from the paper's head (final layer only) to the default: seed; the
+linear head (final and middle layers) alone on one scale, one model per view; + TTA; + temperature; + pooled views; + the second scale (the
 default, `train` with no options); then the default without each of pooling, TTA and the
 temperature, and a blend of the seed and the default (weights fitted on OOF predictions). Hold-out scores are printed, never used to choose anything.
 Then the view ladder (--view-rows): the same run folder extracted again with each set of views and
-scales (only the views and scales it lacks are computed, and timed), and the default recipe
+scales, with or without the middle layer (only the stores it lacks are computed, and timed), and the default recipe
 trained on it; each row has its forward-pass pixels relative to the paper's (image + mirror at one
 scale) and its OOF and hold-out scores (docs/views.md). The default extraction is chosen on the
 OOF column only.
 Then `scripts/bench_train.py`: the CLI's `train` + `submit` of the default recipe on a run folder
-of the Kaggle dog-breed shape (10,000 images x 4,096 synthetic features, 120 classes, 5 folds).
+of the Kaggle dog-breed shape at the default's width (10,000 images, synthetic features, 120 classes, 5 folds).
 The last line is one JSON object, with
 `default_over_seed`, the default's hold-out log loss over the seed's, per data set.
 
@@ -85,9 +85,16 @@ VIEW_ROWS = ("pair@1;pair@1,1.5;original,flipped,center@1,1.5;center_pair@1,1.5;
              "original,flipped,center@1,1.25,1.5;five_crop@1;ten_crop@1;pair@1,1.5,2")
 
 
-def view_rows(text: str) -> list[tuple[str, str]]:
-    """'pair@1,1.5;ten_crop@1' -> [(views, scales), ...]."""
-    return [tuple(part.strip().split("@")) for part in text.split(";") if part.strip()]
+def view_rows(text: str) -> list[tuple[str, str, bool]]:
+    """'pair@1,1.5;ten_crop@1@final' -> [(views, scales, mid_layer), ...]: a third field `final`
+    extracts the final layer only (--no-mid-layer)."""
+    rows = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        view_set, scales, *layers = part.split("@")
+        if layers not in ([], ["final"]):
+            raise SystemExit(f"--view-rows: {part!r} is not VIEWS@SCALES or VIEWS@SCALES@final")
+        rows.append((view_set, scales, not layers))
+    return rows
 
 
 def _scores(metrics: dict) -> dict:
@@ -96,20 +103,20 @@ def _scores(metrics: dict) -> dict:
             "holdout_log_loss": round(hold["log_loss"], 4), "holdout_accuracy": round(hold["accuracy"], 4)}
 
 
-def measure_views(name: str, data: Path, run: Path, extract: ExtractConfig, rows: list[tuple[str, str]],
+def measure_views(name: str, data: Path, run: Path, extract: ExtractConfig, rows: list[tuple[str, str, bool]],
                   folds: int, log_file: Path | None, seed: bool = False) -> list[dict]:
-    """Each (views, scales) row: extract what it lacks (timed), train the default recipe (and, with
+    """Each (views, scales, mid_layer) row: extract what it lacks (timed), train the default recipe (and, with
     `seed`, the seed recipe on the first row), print and append the row to `log_file` as it comes."""
     from dataclasses import replace
 
     from transfer_ensemble import views
 
     out = []
-    for view_set, scales in rows:
-        config = replace(extract, views=view_set, scales=scales)
+    for view_set, scales, mid in rows:
+        config = replace(extract, views=view_set, scales=scales, mid_layer=mid)
         start = time.perf_counter()
         workflow.extract(data, run, config)
-        row = {"data": name, "views": list(config.views), "scales": list(config.scales),
+        row = {"data": name, "views": list(config.views), "scales": list(config.scales), "mid_layer": mid,
                "pixels": round(views.pixel_cost(config.views, config.scales), 3),
                "extract_seconds": round(time.perf_counter() - start, 1)}
         for label, options in ([("seed", {"head": "seed"})] if seed and not out else []) + [("default", {})]:
@@ -117,7 +124,8 @@ def measure_views(name: str, data: Path, run: Path, extract: ExtractConfig, rows
             result = workflow.train(run, TrainConfig.from_json({"folds": folds, **options}).to_json())
             row[label] = {**_scores(result["metrics"]), "train_seconds": round(time.perf_counter() - start, 1)}
         out.append(row)
-        print(f"{name} views {view_set} @ {scales}: {json.dumps(row)}", flush=True)
+        print(f"{name} views {view_set} @ {scales}{'' if mid else ' final layer only'}: {json.dumps(row)}",
+              flush=True)
         if log_file is not None:
             with open(log_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -187,7 +195,8 @@ def main() -> int:
                                                            "`train` with no options (default: the ladder above)")
     parser.add_argument("--skip-speed", action="store_true", help="leave out the train + submit timing")
     parser.add_argument("--view-rows", default=VIEW_ROWS, help="';'-separated VIEWS@SCALES rows of the view "
-                                                               "ladder ('' leaves it out)")
+                                                               "ladder, VIEWS@SCALES@final without the middle "
+                                                               "layer ('' leaves it out)")
     parser.add_argument("--only", choices=("fashion10", "dogs3"), help="one data set only")
     parser.add_argument("--skip-ladder", action="store_true", help="the view ladder only")
     parser.add_argument("--view-seed", action="store_true", help="also train the seed recipe on the view "

@@ -3,9 +3,10 @@
 The run folder is made by the real `extract` (image check, dataset records, feature stores) on
 N training and N test images, with one difference: the backbones are replaced by a lookup of
 synthetic features. Its shape is the default's, read from the code: every backbone of
-`backbones.DEFAULT_BACKBONES` (its registry width) at every scale of `config.DEFAULT_SCALES`,
-every view, so the default recipe trains on the features of all scales side by side and on every
-view's rows pooled (two backbones of 2,048 at scales 1 and 2: 8,192 features, 2 x 8,000 rows a
+`backbones.DEFAULT_BACKBONES` (its registry width, plus its middle layer's with the default
+--mid-layer) at every scale of `config.DEFAULT_SCALES`, every view, so the default recipe trains
+on the features of all scales and layers side by side and on every view's rows pooled (Xception
+2,048 + 728 and InceptionV3 2,048 + 768 at scales 1 and 2: 11,184 features, 2 x 8,000 rows a
 fold). 120 classes: the Kaggle dog-breed shape. The features are class means in noise,
 non-negative like pooled ReLU features; each further scale and view is a noisy copy of the first.
 Each image is a tiny PNG of one colour that encodes its row, so the stand-in knows which row's
@@ -48,12 +49,13 @@ TARGET_SECONDS = 60.0
 
 
 def default_blocks() -> list[tuple[str, int, int]]:
-    """(backbone, input size, width) of each store the default recipe trains on, side by side in
-    the order the run folder joins them: every default backbone at the first scale, then (if the
-    default recipe is multiscale) at each further default scale."""
+    """(backbone, input size, width) of each backbone's pass the default recipe trains on, side by
+    side in the order the run folder joins them: every default backbone at the first scale, then
+    (if the default recipe is multiscale) at each further default scale. The width is the pass's:
+    the final features and, with the default --mid-layer, the middle layer's after them."""
     extract = ExtractConfig()
     scales = extract.scales if TrainConfig().multiscale else extract.scales[:1]
-    return [(spec.name, extract.size_of(spec, scale), spec.width)
+    return [(spec.name, extract.size_of(spec, scale), spec.width + (spec.mid_width if extract.mid_of(spec) else 0))
             for scale in scales for spec in map(backbones.get_spec, extract.backbones)]
 
 

@@ -21,11 +21,12 @@ FAMILIES = ["xception", "inception_v3", "inception_resnet_v2", "resnet50_v2", "d
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_builds_and_pools_to_its_registered_width(name):
+    """The registered width, and the middle layer's after it where the backbone declares one."""
     spec = backbones.get_spec(name)
     extractor = Extractor(ExtractConfig(backbones=(name,), weights="random", image_size=TINY))
     pixels = np.random.default_rng(0).integers(0, 256, (3, TINY, TINY, 3), dtype=np.uint8)
     for out in extractor.forward(spec, pixels).values():
-        assert out.shape == (3, spec.width)
+        assert out.shape == (3, spec.width + (spec.mid_width if spec.mid_layer else 0))
         assert out.dtype == np.float32 and np.isfinite(out).all()
 
 

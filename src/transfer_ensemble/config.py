@@ -233,6 +233,10 @@ class ExtractConfig:
                                     "views of each image to extract, comma-separated names or shorthands (pair, "
                                     "center_pair, five_crop, ten_crop; default original,flipped); see docs/views.md",
                                     Rule("text", _check_views))
+    mid_layer: bool = option(True, "--mid-layer", "also store each backbone's average-pooled middle layer "
+                                                  "(Xception's and InceptionV3's; default on): the default "
+                                                  "head trains on it beside the final features, the paper's "
+                                                  "`seed` head never; see docs/views.md", boolean())
 
     def __post_init__(self) -> None:
         checked = check_values(ExtractConfig, {f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
@@ -244,6 +248,10 @@ class ExtractConfig:
         times `scale`, rounded to the multiple the backbone needs (a ViT's patch size)."""
         return spec.fit_size(scaled_size(self.image_size if self.image_size is not None else spec.size, scale))
 
+    def mid_of(self, spec: backbones.BackboneSpec) -> bool:
+        """Whether `spec`'s middle layer is extracted: --mid-layer, where the backbone declares one."""
+        return self.mid_layer and bool(spec.mid_layer)
+
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"backbones": list(self.backbones),
                                                                        "scales": list(self.scales),
@@ -251,8 +259,9 @@ class ExtractConfig:
 
     @classmethod
     def from_json(cls, obj: dict, source: str = "config.json") -> "ExtractConfig":
-        """Read and check a config.json "extract" section; missing keys take their defaults."""
-        return _extract_from(_section(obj, source), lambda key: source)
+        """Read and check a config.json "extract" section; missing keys take their defaults, but
+        `mid_layer`: runs from before it was recorded have none."""
+        return _extract_from({"mid_layer": False, **_section(obj, source)}, lambda key: source)
 
 
 def _head_help() -> str:

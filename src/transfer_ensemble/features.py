@@ -22,7 +22,7 @@ import numpy as np
 from transfer_ensemble import backbones, backend, images, progress, views
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.store import Store, StoreFiles, Writer, open_store, store_meta
+from transfer_ensemble.store import StoreFiles, StoreGroup, Writer, open_store, store_meta, store_names
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ class Extractor:
             size = self.size(spec)
             scope = replicas.scope() if replicas is not None else contextlib.nullcontext()
             with _precision_policy(self.config.precision), scope:
-                model = backbones.build(spec, self.sources[spec.name], size, self.config.seed)
+                model = backbones.build(spec, self.sources[spec.name], size, self.config.seed,
+                                        mid=self.config.mid_of(spec))
             def compile_pass(group: tuple[str, ...], model=model, spec=spec, size=size) -> backend.Forward:
                 return backend.compile_forward(model, backbones.preprocess_input(spec), size,
                                                self.config.batch_size, replicas, group)
@@ -129,7 +130,8 @@ class Extractor:
     def forward(self, spec: backbones.BackboneSpec, pixels: np.ndarray,
                 wanted: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Pooled float32 features of uint8 RGB images `pixels` (n, h, w, 3) in each of the
-        `wanted` views (default: the config's): {"original": (n, width), "flipped": ..., ...}."""
+        `wanted` views (default: the config's): {"original": (n, width), "flipped": ..., ...}; with
+        the middle layer (``config.mid_of``), its pooled features follow the final ones in each row."""
         return self.dispatch(spec, pixels, wanted)()
 
     def dispatch(self, spec: backbones.BackboneSpec, pixels: np.ndarray,
@@ -190,7 +192,7 @@ def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: 
 class _Pending:
     """A batch's forward pass of one backbone, launched; its rows are written once it is fetched."""
 
-    store: Store
+    store: StoreGroup
     rows: np.ndarray
     result: Callable[[], dict[str, np.ndarray]]
 
@@ -204,21 +206,27 @@ def _finish(in_flight: list[_Pending], images: int, writer: Writer, bar) -> None
 
 def open_stores(extractor: Extractor, split: str, ids: Sequence[str], keys: Sequence[str],
                 store_of: Callable[[str], StoreFiles],
-                donors_of: Callable[[str], Sequence[StoreFiles]]) -> dict[str, Store]:
-    """One split's store per backbone, opened (reused, filled from donors or rebuilt); logs what
-    they already hold. Both engines start here."""
+                donors_of: Callable[[str], Sequence[StoreFiles]]) -> dict[str, StoreGroup]:
+    """One split's stores per backbone (its final features' and, with its middle layer, that
+    layer's), opened (reused, filled from donors or rebuilt); logs what they already hold. Both
+    engines start here."""
     extractor.ensure_weights_known()
     stores = {}
     for spec in extractor.specs:
-        meta = store_meta(spec, extractor.sources[spec.name], extractor.config, list(ids), extractor.scale)
-        stores[spec.name] = open_store(store_of(spec.name), meta, list(keys), donors_of(spec.name),
-                                       extractor.config.views)
+        parts, start = [], 0
+        for name in store_names(spec, extractor.config.mid_of(spec)):
+            meta = store_meta(spec, extractor.sources[spec.name], extractor.config, list(ids), extractor.scale,
+                              mid=name != spec.name)
+            store = open_store(store_of(name), meta, list(keys), donors_of(name), extractor.config.views)
+            parts.append((store, slice(start, start + meta["width"])))
+            start += meta["width"]
+        stores[spec.name] = StoreGroup(parts)
     _log_reuse(split, len(ids), {name: int(store.done.sum()) for name, store in stores.items()})
     return stores
 
 
 def pending_by_size(extractor: Extractor,
-                    stores: dict[str, Store]) -> list[tuple[int, list[backbones.BackboneSpec], np.ndarray]]:
+                    stores: dict[str, StoreGroup]) -> list[tuple[int, list[backbones.BackboneSpec], np.ndarray]]:
     """What is left to compute, by input size: (size, the backbones run at it, the rows any of
     them lacks), so each image is decoded once per size."""
     by_size: dict[int, list[backbones.BackboneSpec]] = {}

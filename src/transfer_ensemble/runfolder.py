@@ -46,13 +46,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from transfer_ensemble import __version__, backend
+from transfer_ensemble import __version__, backbones, backend, views
 from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
 from transfer_ensemble.dataset import Dataset, Item
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.records import DamagedFile, damaged, digest, load_json
 from transfer_ensemble.storage import run_lock, write_json
-from transfer_ensemble.store import StoreFiles, feature_settings, source_key
+from transfer_ensemble.store import StoreFiles, feature_settings, source_key, store_names
 
 log = logging.getLogger(__name__)
 
@@ -222,10 +222,14 @@ class RunFolder:
 
     def feature_sources(self, config: TrainConfig) -> list[str]:
         """The stores a recipe's features are made of, side by side: every backbone at the first
-        scale, then (`multiscale`) at each further scale the run extracted."""
+        scale (each followed by its middle layer's store where the run extracted it, except for the
+        paper's heads, ``views.PAIR_HEADS``), then (`multiscale`) at each further scale the same."""
         extract = self.extract_config()
         scales = extract.scales if config.multiscale else extract.scales[:1]
-        return [source_key(name, scale) for scale in scales for name in extract.backbones]
+        mid = config.head not in views.PAIR_HEADS
+        specs = [backbones.get_spec(name) for name in extract.backbones]
+        return [source_key(name, scale) for scale in scales for spec in specs
+                for name in store_names(spec, mid and extract.mid_of(spec))]
 
     # The lock, and what a killed step left.
     @contextlib.contextmanager

@@ -38,6 +38,15 @@ def source_key(backbone: str, scale: float) -> str:
     return backbone if scale == 1.0 else f"{backbone}@{scale_label(scale)}x"
 
 
+MID = ".mid"
+
+
+def store_names(spec: backbones.BackboneSpec, mid: bool) -> list[str]:
+    """The stores one backbone's pass fills, in the order of its output's columns: its final
+    features (named after it), then with `mid` its middle layer's (``xception.mid``)."""
+    return [spec.name] + ([spec.name + MID] if mid else [])
+
+
 def feature_settings(meta: dict) -> dict:
     """What a store's features depend on besides the images: its meta.json without the ids.
 
@@ -192,6 +201,33 @@ class Writer:
 
 
 @dataclass
+class StoreGroup:
+    """The stores one backbone's pass fills, each with its columns of the pass's output (the final
+    features', then the middle layer's): written, and done, together."""
+
+    parts: list[tuple[Store, slice]]
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return self.parts[0][0].views
+
+    @property
+    def done(self) -> np.ndarray:
+        """Rows done in every wanted view of every store."""
+        return np.logical_and.reduce([store.done for store, _ in self.parts])
+
+    def missing_views(self, rows: np.ndarray) -> tuple[str, ...]:
+        """The wanted views some of `rows` lack in some store."""
+        lacking = {v for store, _ in self.parts for v in store.missing_views(rows)}
+        return tuple(v for v in self.views if v in lacking)
+
+    def write_missing(self, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """Each store's `Store.write_missing` of its columns of `values`."""
+        for store, columns in self.parts:
+            store.write_missing(rows, {view: array[:, columns] for view, array in values.items()})
+
+
+@dataclass
 class _Contents:
     """A readable store's records: its settings, row keys and each held view's done mask."""
 
@@ -326,11 +362,13 @@ def _reserve(path: Path) -> None:
 
 
 def store_meta(spec: backbones.BackboneSpec, source: backbones.WeightsSource, config: ExtractConfig,
-               ids: list[str], scale: float = 1.0) -> dict:
-    """What a store's features depend on besides the images, and its ids in row order."""
+               ids: list[str], scale: float = 1.0, mid: bool = False) -> dict:
+    """What a store's features depend on besides the images, and its ids in row order; with `mid`,
+    those of the backbone's middle-layer store."""
     return {
         "backbone": spec.name,
-        "width": spec.width,
+        "width": spec.mid_width if mid else spec.width,
+        **({"layer": spec.mid_layer} if mid else {}),
         "weights": source.identity,
         "image_size": config.size_of(spec, scale),
         "precision": config.precision,

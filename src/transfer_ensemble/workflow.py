@@ -25,7 +25,7 @@ from transfer_ensemble.records import DamagedFile, labels_digest, load_json
 from transfer_ensemble.runfolder import SPLITS, RunData, RunFolder
 from transfer_ensemble.scoring import blend_test_probabilities, test_probabilities
 from transfer_ensemble.storage import disk_errors, write_json
-from transfer_ensemble.store import source_key
+from transfer_ensemble.store import source_key, store_names
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
         run.write_bad_images({split: [{"id": it.id, "path": str(it.path), "reason": r} for it, r in bad[split]]
                               for split in bad})
         run.write_run_data(run_data)
-        sources = [source_key(spec.name, extractor.scale) for extractor in extractors for spec in extractor.specs]
+        sources = [source_key(name, extractor.scale) for extractor in extractors for spec in extractor.specs
+                   for name in store_names(spec, config.mid_of(spec))]
         run.update_config(data=str(dataset.root), extract=config.to_json(), classes=dataset.classes,
                           features=run.store_settings(sources))
         return results

@@ -20,7 +20,7 @@ from transfer_ensemble.errors import UserError
 
 __all__ = ["BackboneSpec", "Preprocessing", "WeightsSource", "file_sha256", "keras_cache_dir", "REGISTRY",
            "DEFAULT_BACKBONES", "get_spec", "parse_backbones", "resolve_weights", "bind", "settings", "build",
-           "needs_download", "offline_message", "WeightsUnavailableError", "preprocess_input", "preprocess_fn"]
+           "needs_download", "offline_message", "with_mid_layer", "WeightsUnavailableError", "preprocess_input", "preprocess_fn"]
 
 BUILDERS = {keras_apps.BUILDER: keras_apps, hub.BUILDER: hub}
 
@@ -103,9 +103,26 @@ def offline_message(specs: list[BackboneSpec], cause: BaseException | None = Non
     return " ".join(parts)
 
 
-def build(spec: BackboneSpec, source: WeightsSource, image_size: int, seed: int = 0):
-    """The frozen Keras model whose output is the pooled float32 features of `spec`."""
-    return BUILDERS[spec.builder].build(spec, source, image_size, seed)
+def build(spec: BackboneSpec, source: WeightsSource, image_size: int, seed: int = 0, mid: bool = False):
+    """The frozen Keras model whose output is the pooled float32 features of `spec`; with `mid`,
+    the average-pooled output of its `mid_layer` after them (``spec.width + spec.mid_width`` wide)."""
+    model = BUILDERS[spec.builder].build(spec, source, image_size, seed)
+    return with_mid_layer(model, spec) if mid else model
+
+
+def with_mid_layer(model, spec: BackboneSpec):
+    """`model` with the global average of its `spec.mid_layer` output appended to its output, in
+    the same pass (the final features come first, computed as without it)."""
+    import keras
+
+    if not spec.mid_layer:
+        raise UserError(f"The backbone {spec.name} declares no middle layer to pool; extract it with "
+                        f"--no-mid-layer.")
+    mid = keras.layers.GlobalAveragePooling2D(name="mid_pool")(model.get_layer(spec.mid_layer).output)
+    out = keras.layers.Concatenate(name="final_and_mid")([model.output, mid])
+    wide = keras.Model(model.input, out, name=f"{model.name}_and_mid")
+    wide.trainable = False
+    return wide
 
 
 def preprocess_input(spec: BackboneSpec) -> Callable:

@@ -2,7 +2,8 @@
 
 Each entry names the Keras constructor, the module whose ``preprocess_input`` it needs, its
 native input size, the width of its pooled output and the .h5 file Keras publishes for it, like
-Keras's own application registry. Keras is imported only when a backbone is built.
+Keras's own application registry, and (for the default backbones) the middle layer `--mid-layer`
+pools beside the final one. Keras is imported only when a backbone is built.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ BUILDER = "keras.applications"
 
 
 def _spec(name: str, constructor: str, module: str, size: int, width: int, weights_file: str,
-          min_size: int = 32) -> BackboneSpec:
+          min_size: int = 32, mid: tuple[str, int] = ("", 0)) -> BackboneSpec:
     return BackboneSpec(name, BUILDER, size, width, Preprocessing(module=module), min_size=min_size,
-                        constructor=constructor, weights_file=weights_file)
+                        constructor=constructor, weights_file=weights_file, mid_layer=mid[0], mid_width=mid[1])
 
 
 _TF = "_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -29,8 +30,10 @@ _EFF = "efficientnet{}_notop.h5"
 _V2 = "efficientnetv2-{}_notop.h5"
 
 TABLE: dict[str, BackboneSpec] = {s.name: s for s in [
-    _spec("xception", "Xception", "xception", 299, 2048, "xception" + _TF, min_size=71),
-    _spec("inception_v3", "InceptionV3", "inception_v3", 299, 2048, "inception_v3" + _TF, min_size=75),
+    _spec("xception", "Xception", "xception", 299, 2048, "xception" + _TF, min_size=71,
+          mid=("block13_sepconv1_act", 728)),  # the end of the middle flow, stride 16
+    _spec("inception_v3", "InceptionV3", "inception_v3", 299, 2048, "inception_v3" + _TF, min_size=75,
+          mid=("mixed7", 768)),  # the end of the 17 x 17 stage, stride 16
     _spec("inception_resnet_v2", "InceptionResNetV2", "inception_resnet_v2", 299, 1536,
           "inception_resnet_v2" + _TF, min_size=75),
     _spec("resnet50_v2", "ResNet50V2", "resnet_v2", 224, 2048, "resnet50v2" + _TF),

@@ -46,7 +46,9 @@ class BackboneSpec:
     """One backbone: the builder that makes it (a module of ``backbones.BUILDERS``), its native
     input size and the multiple a size must be, its pooled width, its preprocessing, and the
     builder's own settings (keras.applications: `constructor` and `weights_file`; keras_hub:
-    `family`, `pooling` and `arch`, the architecture built for --weights random)."""
+    `family`, `pooling` and `arch`, the architecture built for --weights random). `mid_layer`
+    names a middle layer whose average-pooled output (`mid_width` wide) is stored beside the
+    final features when the extraction asks for it (``--mid-layer``); "" where none is declared."""
 
     name: str
     builder: str
@@ -60,6 +62,8 @@ class BackboneSpec:
     family: str = ""
     pooling: str = "avg"
     arch: dict = field(default_factory=dict, hash=False, compare=False)
+    mid_layer: str = ""
+    mid_width: int = 0
 
     @property
     def module(self) -> str:
