@@ -107,7 +107,8 @@ def child_forward(opts: argparse.Namespace) -> dict:
 
     extractor = Extractor(ExtractConfig(backbones=backbones.parse_backbones(opts.backbones),
                                         weights=opts.weights, image_size=opts.image_size,
-                                        batch_size=opts.batch_size, precision=opts.precision, views=opts.views))
+                                        batch_size=opts.batch_size, precision=opts.precision, views=opts.views,
+                                        mid_layer=opts.mid_layer))
     rng = np.random.default_rng(0)
     seconds, cpu_seconds = {}, {}
     for spec in extractor.specs:
@@ -133,7 +134,7 @@ def child_extract(opts: argparse.Namespace) -> dict:
     # One scale: (b) is compared with the forward pass (a) at that scale (the second scale is another pass).
     config = ExtractConfig(backbones=backbones.parse_backbones(opts.backbones), weights=opts.weights,
                            image_size=opts.image_size, batch_size=opts.batch_size, precision=opts.precision,
-                           scales=(1.0,), views=opts.views)
+                           scales=(1.0,), views=opts.views, mid_layer=opts.mid_layer)
     results = workflow.extract(opts.data, opts.run, config)
     return {"computed": sum(r["computed"] for r in results), "images": sum(r["images"] for r in results),
             "seconds": sum(r["seconds"] for r in results),
@@ -156,6 +157,8 @@ def main() -> None:
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3, help="timed forward batches per backbone")
     parser.add_argument("--views", default="pair", help="views to extract (default the pair)")
+    parser.add_argument("--mid-layer", action=argparse.BooleanOptionalAction, default=True,
+                        help="pool the middle layer beside the final one, as extract does by default")
     parser.add_argument("--keep", help="write the data and run folders here and keep them")
     parser.add_argument("--child", choices=["forward", "extract"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -166,7 +169,8 @@ def main() -> None:
         return
 
     common = ["--backbones", opts.backbones, "--batch-size", str(opts.batch_size), "--weights", opts.weights,
-              "--precision", opts.precision, "--views", opts.views]
+              "--precision", opts.precision, "--views", opts.views,
+              "--mid-layer" if opts.mid_layer else "--no-mid-layer"]
     if opts.image_size:
         common += ["--image-size", str(opts.image_size)]
     work = Path(opts.keep) if opts.keep else Path(tempfile.mkdtemp(prefix="bench_extract_"))

@@ -20,7 +20,8 @@ from transfer_ensemble.errors import UserError
 
 __all__ = ["BackboneSpec", "Preprocessing", "WeightsSource", "file_sha256", "keras_cache_dir", "REGISTRY",
            "DEFAULT_BACKBONES", "get_spec", "parse_backbones", "resolve_weights", "bind", "settings", "build",
-           "needs_download", "offline_message", "with_mid_layer", "WeightsUnavailableError", "preprocess_input", "preprocess_fn"]
+           "needs_download", "offline_message", "with_mid_layer", "WeightsUnavailableError", "preprocess_input",
+           "preprocess_fn"]
 
 BUILDERS = {keras_apps.BUILDER: keras_apps, hub.BUILDER: hub}
 
@@ -49,15 +50,17 @@ def parse_backbones(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def listing() -> str:
-    """The registry as a table: name, builder, pooled width, native size, size multiple, pooling."""
-    rows = [("backbone", "builder", "width", "native px", "multiple", "pooling")]
-    rows += [(s.name, s.builder, str(s.width), str(s.size), str(s.size_multiple), s.pooling)
-             for s in REGISTRY.values()]
+    """The registry as a table: name, builder, pooled width, native size, size multiple, pooling,
+    middle layer (with its width)."""
+    rows = [("backbone", "builder", "width", "native px", "multiple", "pooling", "mid layer")]
+    rows += [(s.name, s.builder, str(s.width), str(s.size), str(s.size_multiple), s.pooling,
+              f"{s.mid_layer} ({s.mid_width})" if s.mid_layer else "-") for s in REGISTRY.values()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
     return (f"{table}\n\nwidth: pooled features per image; a size (--image-size times each --scales entry) is "
-            f"rounded to the nearest multiple (a ViT's patch size). keras_hub backbones need the [hub] extra "
-            f"and --weights imagenet (downloaded), random or a folder of saved presets.")
+            f"rounded to the nearest multiple (a ViT's patch size); mid layer: average-pooled beside the final "
+            f"features with --mid-layer (the default). keras_hub backbones need the [hub] extra and --weights "
+            f"imagenet (downloaded), random or a folder of saved presets.")
 
 
 def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsSource:
