@@ -2,9 +2,11 @@
 
 In one run, on the same backbones, batch size, image size and precision, it measures:
 
-(a) forward: images/s of the backbones alone on in-memory uint8 batches (in each of --views,
-    default original + flipped) through the same traced functions `extract` uses (views,
-    preprocess_input, model), after a warm-up batch;
+(a) forward: images/s of the backbones alone on in-memory uint8 batches of the benchmark's own
+    JPEGs, decoded and resized before the clock (in each of --views, default original + flipped)
+    through the same traced functions `extract` uses (views, preprocess_input, model), after a
+    warm-up batch. The photos, not random pixels: with random weights the pass's speed depends
+    on the pixel values (with the middle layer, uniform noise ran about 15% faster than photos);
     measured before and after the extractions and averaged, since the CPU may be shared;
 (b) extract: images/s of `extract` on N and on 10N JPEGs of about 500x375 written to a
     temporary folder, over its extraction phase (read, decode, resize, flip, preprocess, forward,
@@ -98,7 +100,7 @@ def run_child(args: list[str]) -> tuple[dict, float, float]:
 
 
 def child_forward(opts: argparse.Namespace) -> dict:
-    """Seconds per forward batch of batch_size uint8 images (every view), per backbone, through
+    """Seconds per forward batch of batch_size decoded photos (every view), per backbone, through
     the same traced functions that `extract` runs (the views, preprocess_input and the model, in
     one graph per group of views sharing a crop)."""
     from transfer_ensemble import backbones
@@ -109,11 +111,13 @@ def child_forward(opts: argparse.Namespace) -> dict:
                                         weights=opts.weights, image_size=opts.image_size,
                                         batch_size=opts.batch_size, precision=opts.precision, views=opts.views,
                                         mid_layer=opts.mid_layer))
-    rng = np.random.default_rng(0)
+    from transfer_ensemble import images
+
+    photos = sorted(Path(opts.data).rglob("*.jpg"))[:opts.batch_size]
     seconds, cpu_seconds = {}, {}
     for spec in extractor.specs:
         size = extractor.config.size_of(spec)
-        batch = rng.integers(0, 256, (opts.batch_size, size, size, 3), dtype=np.uint8)
+        batch = np.stack([images.load(path, size) for path in photos])
         extractor.forward(spec, batch)
         times, cpu_times = [], []
         for _ in range(opts.repeats):
@@ -174,7 +178,7 @@ def main() -> None:
     if opts.image_size:
         common += ["--image-size", str(opts.image_size)]
     work = Path(opts.keep) if opts.keep else Path(tempfile.mkdtemp(prefix="bench_extract_"))
-    forward_args = ["--child", "forward", "--repeats", str(opts.repeats), *common]
+    forward_args = ["--child", "forward", "--repeats", str(opts.repeats), "--data", str(work / "data_10n"), *common]
     try:
         sizes = {"n": opts.n, "10n": 10 * opts.n}
         for key, n in sizes.items():
