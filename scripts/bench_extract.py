@@ -103,7 +103,7 @@ def child_forward(opts: argparse.Namespace) -> dict:
     """Seconds per forward batch of batch_size decoded photos (every view), per backbone, through
     the same traced functions that `extract` runs (the views, preprocess_input and the model, in
     one graph per group of views sharing a crop)."""
-    from transfer_ensemble import backbones
+    from transfer_ensemble import backbones, images
     from transfer_ensemble.config import ExtractConfig
     from transfer_ensemble.features import Extractor
 
@@ -111,8 +111,6 @@ def child_forward(opts: argparse.Namespace) -> dict:
                                         weights=opts.weights, image_size=opts.image_size,
                                         batch_size=opts.batch_size, precision=opts.precision, views=opts.views,
                                         mid_layer=opts.mid_layer))
-    from transfer_ensemble import images
-
     photos = sorted(Path(opts.data).rglob("*.jpg"))[:opts.batch_size]
     seconds, cpu_seconds = {}, {}
     for spec in extractor.specs:

@@ -1,21 +1,23 @@
 """Quality of the head recipes on real ImageNet features: out-of-fold and hold-out scores (issue 9).
 
 Extracts Xception features with the real weights in ../shared/weights once per data set, at both
-default scales, final and middle layer (cached in a run folder under --work, so a second run only trains), then trains each
-recipe of --recipes on one run folder and prints its OOF and hold-out log loss and accuracy on:
+default scales, final and middle layer (cached in a run folder under --work, so a second run only
+trains), then trains each recipe of --recipes on one run folder and prints its OOF and hold-out
+log loss and accuracy on:
 
 * ../shared/data/fashion10: 10 classes of real photos; its labelled test/ is the hold-out;
 * ../shared/data/dogs3 with only --per-class training images per breed (default 10).
 
 The default recipes climb from the paper's head (final layer only) to the default: seed; the
-linear head (final and middle layers) alone on one scale, one model per view; + TTA; + temperature; + pooled views; + the second scale (the
-default, `train` with no options); then the default without each of pooling, TTA and the
-temperature, and a blend of the seed and the default (weights fitted on OOF predictions). Hold-out scores are printed, never used to choose anything.
+linear head (final and middle layers) alone on one scale, one model per view; + TTA; +
+temperature; + pooled views; + the second scale (the default, `train` with no options); then the
+default without each of pooling, TTA and the temperature, and a blend of the seed and the default
+(weights fitted on OOF predictions). Hold-out scores are printed, never used to choose anything.
 Then the view ladder (--view-rows): the same run folder extracted again with each set of views and
-scales, with or without the middle layer (only the stores it lacks are computed, and timed), and the default recipe
-trained on it; each row has its forward-pass pixels relative to the paper's (image + mirror at one
-scale) and its OOF and hold-out scores (docs/views.md). The default extraction is chosen on the
-OOF column only.
+scales, with or without the middle layer (only the stores it lacks are computed, and timed), and
+the default recipe trained on it; each row has its forward-pass pixels relative to the paper's
+(image + mirror at one scale) and its OOF and hold-out scores (docs/views.md). The default
+extraction is chosen on the OOF column only.
 Then `scripts/bench_train.py`: the CLI's `train` + `submit` of the default recipe on a run folder
 of the Kaggle dog-breed shape at the default's width (10,000 images, synthetic features, 120 classes, 5 folds).
 The last line is one JSON object, with

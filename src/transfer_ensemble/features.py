@@ -123,6 +123,11 @@ class Extractor:
             except Exception as exc:  # Keras raises a plain Exception when a download fails.
                 raise backbones.WeightsUnavailableError(backbones.offline_message(missing, exc)) from None
 
+    def store_names(self, spec: backbones.BackboneSpec) -> list[str]:
+        """The stores `spec`'s pass fills (``store.store_names``): its final features', then its
+        middle layer's where this extraction pools it."""
+        return store_names(spec, self.config.mid_of(spec))
+
     def size(self, spec: backbones.BackboneSpec) -> int:
         """The input size `spec` runs at in this extractor."""
         return self.config.size_of(spec, self.scale)
@@ -214,7 +219,7 @@ def open_stores(extractor: Extractor, split: str, ids: Sequence[str], keys: Sequ
     stores = {}
     for spec in extractor.specs:
         parts, start = [], 0
-        for name in store_names(spec, extractor.config.mid_of(spec)):
+        for name in extractor.store_names(spec):
             meta = store_meta(spec, extractor.sources[spec.name], extractor.config, list(ids), extractor.scale,
                               mid=name != spec.name)
             store = open_store(store_of(name), meta, list(keys), donors_of(name), extractor.config.views)

@@ -30,7 +30,7 @@ from typing import Iterator, Sequence, TextIO
 import numpy as np
 import pandas as pd
 
-from transfer_ensemble import backend, engines, features, images, views
+from transfer_ensemble import backend, engines, features, images
 from transfer_ensemble.config import MAX_PIXELS, EngineConfig, ExtractConfig, engine_config
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
@@ -38,7 +38,7 @@ from transfer_ensemble.recipes import POOLED, Blend, Recipe, select_recipe
 from transfer_ensemble.runfolder import PREDICT_SPLIT, SPLITS, PredictCache, RunFolder
 from transfer_ensemble.scoring import Scorer
 from transfer_ensemble.storage import FolderBusy, atomic_path, run_lock, write_json
-from transfer_ensemble.store import StoreFiles, source_key, store_meta, store_names
+from transfer_ensemble.store import StoreFiles, source_key, store_meta
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ class Run:
             raise UserError(f"The run {run.path} was extracted with the weights in {saved.weights}, which "
                             f"is no longer a folder. Pass --weights with a folder holding the same weight "
                             f"files (they are checked against the run's).")
-        extract_config = replace(saved, weights=weights or saved.weights, views=recipe.views,
-                                 mid_layer=saved.mid_layer and recipe.config.head not in views.PAIR_HEADS)
+        extract_config = replace(run.recipe_extract(recipe.config), weights=weights or saved.weights,
+                                 views=recipe.views)
         scales = extract_config.scales if recipe.config.multiscale else extract_config.scales[:1]
         extractors = [features.Extractor(extract_config, scale) for scale in scales]
         for extractor in extractors:
@@ -165,8 +165,7 @@ class Run:
                 runs.append(engine.extract_split(
                     extractor, PREDICT_SPLIT, paths, [str(i) for i in range(len(paths))], keys,
                     lambda name: cache.store(key(name)), lambda name: donors(key(name))))
-                stores += [cache.store(key(name)) for spec in extractor.specs
-                           for name in store_names(spec, extractor.config.mid_of(spec))]
+                stores += [cache.store(key(name)) for spec in extractor.specs for name in extractor.store_names(spec)]
         stats = {**runs[0], "computed": max(r["computed"] for r in runs),
                  "seconds": sum(r["seconds"] for r in runs), "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
                  "cache": str(cache.folder)}

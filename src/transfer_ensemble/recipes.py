@@ -216,8 +216,8 @@ class RecipeStatus:
 
 def recipe_views(run: RunFolder, config: TrainConfig) -> tuple[str, ...]:
     """The views a recipe of `config` uses: the run's (``--views``), or the pair for heads that
-    keep to the paper's views (``views.PAIR_HEADS``)."""
-    return views.PAIR if config.head in views.PAIR_HEADS else run.extract_config().views
+    keep to the paper's views (``RunFolder.recipe_extract``)."""
+    return run.recipe_extract(config).views
 
 
 def views_input(run: RunFolder, config: TrainConfig) -> dict:

@@ -39,7 +39,7 @@ import copy
 import logging
 import platform
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -220,16 +220,21 @@ class RunFolder:
     def stores(self, split: str, sources: Sequence[str]) -> list[StoreFiles]:
         return [self.store(split, name) for name in sources]
 
+    def recipe_extract(self, config: TrainConfig) -> ExtractConfig:
+        """The run's extraction as a recipe of `config` sees it: the paper's heads
+        (``views.PAIR_HEADS``) keep to the pair and the final layer whatever the run extracted."""
+        extract = self.extract_config()
+        return replace(extract, views=views.PAIR, mid_layer=False) if config.head in views.PAIR_HEADS else extract
+
     def feature_sources(self, config: TrainConfig) -> list[str]:
         """The stores a recipe's features are made of, side by side: every backbone at the first
-        scale (each followed by its middle layer's store where the run extracted it, except for the
-        paper's heads, ``views.PAIR_HEADS``), then (`multiscale`) at each further scale the same."""
-        extract = self.extract_config()
+        scale (each followed by its middle layer's store where the recipe sees one,
+        `recipe_extract`), then (`multiscale`) at each further scale the same."""
+        extract = self.recipe_extract(config)
         scales = extract.scales if config.multiscale else extract.scales[:1]
-        mid = config.head not in views.PAIR_HEADS
         specs = [backbones.get_spec(name) for name in extract.backbones]
         return [source_key(name, scale) for scale in scales for spec in specs
-                for name in store_names(spec, mid and extract.mid_of(spec))]
+                for name in store_names(spec, extract.mid_of(spec))]
 
     # The lock, and what a killed step left.
     @contextlib.contextmanager

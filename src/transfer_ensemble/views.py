@@ -73,7 +73,8 @@ PAIR = ("original", "flipped")
 DEFAULT_VIEWS = PAIR
 """The views `extract` computes when --views is not given (see docs/views.md for the measurements)."""
 PAIR_HEADS = ("seed",)
-"""Heads that keep to the paper's pair whatever views the run has: the paper's recipe is untouched."""
+"""Heads that keep to the paper's pair and final layer whatever the run extracted (`RunFolder.recipe_extract`):
+the paper's recipe is untouched."""
 SETS = {"pair": PAIR, "center_pair": PAIR + ("center", "center_flipped"),
         "five_crop": PAIR + tuple(v.name for v in _ENTRIES[2:] if not v.mirror),
         "ten_crop": tuple(REGISTRY)}

@@ -25,7 +25,7 @@ from transfer_ensemble.records import DamagedFile, labels_digest, load_json
 from transfer_ensemble.runfolder import SPLITS, RunData, RunFolder
 from transfer_ensemble.scoring import blend_test_probabilities, test_probabilities
 from transfer_ensemble.storage import disk_errors, write_json
-from transfer_ensemble.store import source_key, store_names
+from transfer_ensemble.store import source_key
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
                               for split in bad})
         run.write_run_data(run_data)
         sources = [source_key(name, extractor.scale) for extractor in extractors for spec in extractor.specs
-                   for name in store_names(spec, config.mid_of(spec))]
+                   for name in extractor.store_names(spec)]
         run.update_config(data=str(dataset.root), extract=config.to_json(), classes=dataset.classes,
                           features=run.store_settings(sources))
         return results
