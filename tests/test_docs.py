@@ -124,7 +124,7 @@ def test_layout_patterns_parse():
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
     """One small run with every kind of file: a skipped bad image, both heads, a
-    blend, a submission and a predict cache."""
+    blend, a submission, a predict cache and a view beyond the pair."""
     base = tmp_path_factory.mktemp("docs_run")
     data = make_kaggle(base / "data", n_classes=3, per_class=4, n_test=3)
     (data / "train" / "tr0_0.png").write_bytes(b"not an image")
@@ -138,7 +138,10 @@ def full_run(tmp_path_factory) -> Path:
                  ["train", "--run", str(run), "--blend", f"{seed},linear-folds2"],
                  ["submit", "--run", str(run), "--out", str(base / "sub.csv")],
                  ["predict", "--run", str(run), "--heads", "linear-folds2", "--images", str(data / "test"),
-                  "--out", str(base / "preds.csv")]):
+                  "--out", str(base / "preds.csv")],
+                 ["extract", "--data", str(data), "--run", str(run), "--backbones", "xception", "--weights",
+                  "random", "--image-size", str(TINY), "--batch-size", "8", "--scales", "1",
+                  "--on-bad-image", "skip", "--views", "original,flipped,center"]):
         assert cli.main(args) == 0, args
     return run
 

@@ -158,11 +158,10 @@ def test_seed_then_default_each_followed_by_submit(two_recipes):
     folder = RunFolder(run)
     recipe = select_recipe(folder, name)
     assert recipe.groups == ("pooled",) and recipe.scored_views("pooled") == ("original", "flipped")
-    assert folder.feature_sources(recipe.config) == ["xception", "xception.mid", "inception_v3", "inception_v3.mid",
+    assert recipe.blocks.sources == ("xception", "xception.mid", "inception_v3", "inception_v3.mid",
                                                      "xception@2x", "xception.mid@2x", "inception_v3@2x",
-                                                     "inception_v3.mid@2x"]
-    assert folder.feature_sources(select_recipe(folder, "seed-folds2-epochs3-patience2").config) == [
-        "xception", "inception_v3"]
+                                     "inception_v3.mid@2x")
+    assert select_recipe(folder, "seed-folds2-epochs3-patience2").blocks.sources == ("xception", "inception_v3")
     assert json.loads((run / "features" / "train" / "xception@2x" / "meta.json").read_text())["image_size"] == 150
     seed_frame, default_frame = (pd.read_csv(base / f"{n}.csv") for n in ("seed", "default"))
     assert list(seed_frame.columns) == list(default_frame.columns)

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import make_folders
 from transfer_ensemble import backbones, features, workflow
+from transfer_ensemble.blocks import blocks_for
 from transfer_ensemble.config import ExtractConfig, TrainConfig
 from transfer_ensemble.runfolder import RunFolder
 
@@ -53,12 +54,14 @@ def test_the_default_head_trains_on_the_middle_layer_and_the_seed_head_does_not(
         meta = json.loads(folder.store(split, "xception.mid@1.5x").meta.read_text())
         assert (meta["width"], meta["layer"]) == (728, "block13_sepconv1_act")
         assert json.loads(folder.store(split, "xception").meta.read_text())["width"] == 2048
-    assert folder.feature_sources(TrainConfig()) == ["xception", "xception.mid", "xception@1.5x",
-                                                     "xception.mid@1.5x"]
-    assert folder.feature_sources(TrainConfig(head="seed")) == ["xception"]
-    assert folder.feature_sources(TrainConfig(multiscale=False)) == ["xception", "xception.mid"]
+    def sources(run: Path, config: TrainConfig) -> tuple[str, ...]:
+        return blocks_for(RunFolder(run).extract_config(), config).sources
+
+    assert sources(run, TrainConfig()) == ("xception", "xception.mid", "xception@1.5x", "xception.mid@1.5x")
+    assert sources(run, TrainConfig(head="seed")) == ("xception",)
+    assert sources(run, TrainConfig(multiscale=False)) == ("xception", "xception.mid")
 
     saved = json.loads(folder.config_path.read_text())
     del saved["extract"]["mid_layer"]  # a run extracted before the middle layer was recorded
     folder.config_path.write_text(json.dumps(saved))
-    assert RunFolder(run).feature_sources(TrainConfig()) == ["xception", "xception@1.5x"]
+    assert sources(run, TrainConfig()) == ("xception", "xception@1.5x")

@@ -220,9 +220,9 @@ def test_train_reads_the_datasets_records_and_hashes_each_store_once(trained, tm
     hashed: list[Path] = []
     real_identity = StoreFiles.identity
 
-    def identity(files: StoreFiles) -> str:
+    def identity(files: StoreFiles, *views) -> str:
         hashed.append(files.keys)
-        return real_identity(files)
+        return real_identity(files, *views)
 
     monkeypatch.setattr(runfolder, "load_json", counting)
     monkeypatch.setattr(StoreFiles, "identity", identity)  # the store's identity hashes its keys.json

@@ -20,6 +20,7 @@ import pytest
 
 from conftest import draw, run_cli, save_rgb
 from transfer_ensemble import ensemble, report
+from transfer_ensemble.blocks import Blocks
 from transfer_ensemble.config import SeedOptions, TrainConfig
 from transfer_ensemble.recipes import recipe_for, select_recipe, write_recipe
 from transfer_ensemble.records import labels_digest
@@ -60,13 +61,16 @@ def make_run(base: Path, n_classes: int = 25, per_class: int = 8, folds: int = 3
     _write(run.config_path, {"extract": {"backbones": backbones, "weights": "random", "image_size": 75,
                                          "batch_size": 8, "precision": "float32", "seed": 0},
                              "classes": classes, "versions": {"python": "3.11"}})
-    for split, n in (("train", len(rows)), ("test", 1)):
+    for split, ids in (("train", [r["id"] for r in rows]), ("test", ["t0"])):
         for name in backbones:
-            _write(run.store(split, name).meta, {"backbone": name, "width": 2048, "weights": "random:seed=0"})
-            _write(run.store(split, name).keys, [f"{split}{i}" for i in range(n)])
-    inputs = run.feature_inputs(backbones)
+            _write(run.store(split, name).meta, {"backbone": name, "width": 2048, "weights": "random:seed=0",
+                                                 "ids": ids})
+            _write(run.store(split, name).keys, [f"{split}{i}" for i in range(len(ids))])
+            np.save(run.store(split, name).done, np.ones(len(ids), dtype=bool))
+    blocks = Blocks(tuple(backbones))
+    inputs = run.feature_inputs(blocks)
     recipe = recipe_for(run, TrainConfig(head="seed", folds=folds, options=SeedOptions(epochs=12, patience=3)),
-                        {"features": inputs["features"], "train": inputs["train"],
+                        blocks, {"features": inputs["features"], "train": inputs["train"],
                          "labels": labels_digest(labels)})
     write_recipe(recipe)
     assignment = np.arange(len(labels)) % folds

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from transfer_ensemble import __version__, backbones, noise, progress
+from transfer_ensemble import __version__, backbones, noise, plugins, progress
 from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, merged
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
@@ -26,6 +26,9 @@ from transfer_ensemble.options import COMMAND_LINE, Option, Overrides, declared
 log = logging.getLogger("transfer_ensemble")
 
 DATA_HELP = "data folder (Kaggle or folder layout)"
+PLUGINS_HELP = (f"comma-separated Python modules to import first: plug-ins (heads, views, backbones, engines) "
+                f"they register become options here (also ${plugins.ENV}; a run's own plug-ins are imported "
+                f"from its config.json)")
 HEADS_HELP = ("head recipe to use (default: the one the last `train` trained; 'best': the current "
               "recipe with the lowest OOF log loss)")
 
@@ -80,6 +83,30 @@ def _add_options(p: argparse.ArgumentParser, sections: Sequence[type]) -> None:
             target.add_argument(flag, dest=meta.dest, type=_TYPES[meta.rule.kind], help="; ".join(helps))
 
 
+def _prescan(argv: Sequence[str], flag: str) -> str | None:
+    """The value of `flag` in `argv` (``--flag VALUE`` or ``--flag=VALUE``), read before the parser
+    exists: the plug-ins it imports add options to it."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _without_plugins(argv: Sequence[str]) -> list[str]:
+    """`argv` less --plugins and its value wherever they are: they were read before parsing."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--plugins":
+            skip = True
+        elif not arg.startswith("--plugins="):
+            out.append(arg)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transfer-ensemble",
@@ -88,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="log warnings and errors only, and show no progress bars")
+    parser.add_argument("--plugins", metavar="MODULES", help=PLUGINS_HELP + "; may also follow the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("extract", help="compute backbone features of the train and test images")
@@ -257,8 +285,10 @@ def print_submit(result: dict) -> None:
 
 def cmd_extract(args: argparse.Namespace) -> None:
     from transfer_ensemble import workflow
+    from transfer_ensemble.runfolder import RunFolder
 
-    config = extract_config(args)
+    kept = RunFolder(args.run).kept_views() if getattr(args, "views", None) is None else None
+    config = extract_config(args, kept, str(RunFolder(args.run).config_path))
     print_extract_summary(workflow.extract(args.data, args.run, config, engine=engine_config(args)))
 
 
@@ -390,11 +420,17 @@ COMMANDS = {"backbones": cmd_backbones, "extract": cmd_extract, "train": cmd_tra
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING if "-q" in argv or "--quiet" in argv else logging.INFO,
+                        stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        plugins.load_for_command(_prescan(argv, "--plugins"), _prescan(argv, "--run"))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    args = build_parser().parse_args(_without_plugins(argv))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     progress.show(not args.quiet)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     if getattr(args, "backbones", None) == "list":
         args.command = "backbones"

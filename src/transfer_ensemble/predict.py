@@ -93,14 +93,12 @@ class Run:
             raise UserError(f"The run {run.path} was extracted with the weights in {saved.weights}, which "
                             f"is no longer a folder. Pass --weights with a folder holding the same weight "
                             f"files (they are checked against the run's).")
-        extract_config = replace(run.recipe_extract(recipe.config), weights=weights or saved.weights,
-                                 views=recipe.views)
-        scales = extract_config.scales if recipe.config.multiscale else extract_config.scales[:1]
-        extractors = [features.Extractor(extract_config, scale) for scale in scales]
+        extractors = [features.Extractor(config, scale)
+                      for config, scale in _extract_configs(saved, recipe, weights or saved.weights)]
         for extractor in extractors:
             _check_feature_identity(run, recipe, extractor, weights_given=weights is not None)
         classes = run.read_run_data().dataset.classes
-        return cls(run, classes, Scorer.load(run, recipe), extract_config, extractors)
+        return cls(run, classes, Scorer.load(run, recipe), extractors[0].config, extractors)
 
     @property
     def run_dir(self) -> Path:
@@ -165,7 +163,7 @@ class Run:
                 runs.append(engine.extract_split(
                     extractor, PREDICT_SPLIT, paths, [str(i) for i in range(len(paths))], keys,
                     lambda name: cache.store(key(name)), lambda name: donors(key(name))))
-                stores += [cache.store(key(name)) for spec in extractor.specs for name in extractor.store_names(spec)]
+            stores = [cache.store(name) for name in self.recipe.blocks.sources]
         stats = {**runs[0], "computed": max(r["computed"] for r in runs),
                  "seconds": sum(r["seconds"] for r in runs), "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
                  "cache": str(cache.folder)}
@@ -192,19 +190,36 @@ class Run:
         for extractor in self.extractors:
             extractor.ensure_weights_known()
         batch_size = batch_size or self.extract_config.batch_size
-        views = self.recipe.views if tta else self.recipe.views[:1]
+        views = self.recipe.predicted_views(tta)
         out = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            parts: dict[str, list[np.ndarray]] = {view: [] for view in views}
+            by_store: dict[str, dict[str, np.ndarray]] = {}
             for extractor, spec in ((e, spec) for e in self.extractors for spec in e.specs):
                 size = extractor.size(spec)
                 pixels = [_as_model_input(it, size, start + i) for i, it in enumerate(chunk)]
-                both = extractor.forward(spec, np.stack(pixels), views)
+                computed = extractor.forward(spec, np.stack(pixels), views)
+                names = [source_key(name, extractor.scale) for name in extractor.store_names(spec)]
+                widths = np.cumsum([spec.width, spec.mid_width][:len(names)])[:-1]
                 for view in views:
-                    parts[view].append(both[view])
-            out.append(self.scorer.combine({view: np.concatenate(p, axis=1) for view, p in parts.items()}))
+                    for name, columns in zip(names, np.split(computed[view], widths, axis=1)):
+                        by_store.setdefault(name, {})[view] = columns
+            sources = self.recipe.blocks.sources
+            out.append(self.scorer.combine({view: np.concatenate([by_store[name][view] for name in sources], axis=1)
+                                            for view in views}))
         return np.concatenate(out)
+
+
+def _extract_configs(saved: ExtractConfig, recipe: Recipe, weights: str) -> list[tuple[ExtractConfig, float]]:
+    """The extraction that computes a recipe's blocks for new images, one per scale they are at:
+    the run's settings with `weights`, the recipe's views and, at each scale, its backbones (with
+    their middle layer where it uses one)."""
+    out = []
+    for scale in recipe.blocks.scales:
+        sources = recipe.blocks.at_scale(scale)
+        out.append((replace(saved, backbones=tuple(dict.fromkeys(s.backbone for s in sources)), weights=weights,
+                            mid_layer=any(s.mid for s in sources), views=recipe.views), scale))
+    return out
 
 
 def _select_recipe(run: RunFolder, heads_name: str | None) -> Recipe:
@@ -400,7 +415,7 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
         predicted = _write_csv(f, fmt, names, run.iter_probabilities(stores, len(paths), tta, engine=where),
                                run.classes, k)
     return {"out": str(out), "images": len(paths), "classes": len(run.classes), "format": fmt, "k": k,
-            "models": run.scorer.models_scoring(run.recipe.views if tta else run.recipe.views[:1]),
+            "models": run.scorer.models_scoring(run.recipe.predicted_views(tta)),
             "tta": tta,
             "recipe": run.recipe.name, "computed": stats["computed"], "reused": stats["reused"],
             "extract_seconds": stats["seconds"], "seconds": time.perf_counter() - start,

@@ -19,7 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from transfer_ensemble import views
+from transfer_ensemble import heads, plugins
+from transfer_ensemble.blocks import Blocks, blocks_for, from_record, views_record
 from transfer_ensemble.config import TrainConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.records import DamagedFile, damaged, labels_digest, load_json, load_npy
@@ -71,9 +72,10 @@ class FoldFiles:
 
 @dataclass
 class Recipe:
-    """The fold heads trained with one kind of head and one set of options: K per view (the
-    paper's 2 x K), or K models each trained on every view (`pool_views`). Its views are the
-    ones recorded in `inputs` (the paper's pair where none are)."""
+    """The fold heads trained with one kind of head and one set of options on one set of feature
+    blocks: K per view (the paper's 2 x K), or K models each trained on every view (`pool_views`).
+    Its blocks (`blocks`) are the ones its `inputs` record: what it trains on and scores, whatever
+    the run extracted since."""
 
     name: str
     config: TrainConfig
@@ -95,9 +97,14 @@ class Recipe:
         return self.folder / RECIPE_RECORD
 
     @property
+    def blocks(self) -> Blocks:
+        """The feature blocks the recipe is trained on and scores (`blocks.from_record`)."""
+        return from_record(self.inputs)
+
+    @property
     def views(self) -> tuple[str, ...]:
         """The views the recipe is trained on and scores, in registry order."""
-        return tuple(self.inputs.get("views", views.PAIR))
+        return self.blocks.views
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -112,6 +119,12 @@ class Recipe:
         """The views a group's models score, averaged: every view with TTA, else their own
         (for pooled models, the original)."""
         return self.views if self.config.tta else self.train_views(group)[:1]
+
+    def predicted_views(self, tta: bool = True) -> tuple[str, ...]:
+        """The views whose features scoring new images needs (`predict`): every view the submission
+        scores with `tta` (a view's own models score it even without the recipe's TTA), else the
+        original only."""
+        return self.blocks.scored_views(tta)
 
     @property
     def jobs(self) -> list[tuple[str, int]]:
@@ -140,12 +153,14 @@ def temperature_of(metrics: dict | None) -> float:
     return float(((metrics or {}).get("calibration") or {}).get("temperature", 1.0))
 
 
-def recipe_name(config: TrainConfig) -> str:
-    """A readable name that differs exactly when the options do: the head, then each non-default option."""
+def recipe_name(config: TrainConfig, blocks: Blocks | None = None) -> str:
+    """A readable name that differs exactly when the options or the views do: the head, then each
+    non-default option, then the views beyond the pair (`Blocks.label`)."""
     defaults = TrainConfig(head=config.head).to_json()
     changed = {k: v for k, v in config.to_json().items() if k != "head" and v != defaults[k]}
+    label = blocks.label if blocks is not None else ""
     return "-".join([config.head] + [(k if v else f"no_{k}") if isinstance(v, bool) else f"{k}{v}"
-                                     for k, v in changed.items()])
+                                     for k, v in changed.items()] + ([label] if label else []))
 
 
 @dataclass
@@ -202,11 +217,26 @@ def _recorded_name(record: dict, path: Path) -> str:
 
 
 @dataclass
+class Unregistered:
+    """A recipe of a kind of head that is not registered in this process (a plug-in not imported)."""
+
+    name: str
+    head: str
+    module: str | None  # the module that registered the head, as the recipe records it
+    folder: Path
+
+    def why(self, run: RunFolder, note: str = "") -> str:
+        """Why it cannot be used, and how to register its head (`note` follows the recipe's name)."""
+        return plugins.missing_message("head", self.head, self.module,
+                                       f"The head recipe {self.name!r} of {run.path}{note}")
+
+
+@dataclass
 class RecipeStatus:
     """A recipe as `train`'s summary and the report list it."""
 
-    recipe: "Recipe | Blend"
-    state: str  # "current", "stale" (trained on other features or labels) or "unfinished"
+    recipe: "Recipe | Blend | Unregistered"
+    state: str  # "current", "stale" (trained on other features or labels), "unfinished" or "unregistered"
     metrics: dict | None
 
     @property
@@ -214,43 +244,49 @@ class RecipeStatus:
         return self.metrics["oof"]["ensemble"]["log_loss"] if self.metrics else float("inf")
 
 
-def recipe_views(run: RunFolder, config: TrainConfig) -> tuple[str, ...]:
-    """The views a recipe of `config` uses: the run's (``--views``), or the pair for heads that
-    keep to the paper's views (``RunFolder.recipe_extract``)."""
-    return run.recipe_extract(config).views
-
-
-def views_input(run: RunFolder, config: TrainConfig) -> dict:
-    """The views entry of a recipe's inputs: none for the pair, so recipes from before views
-    were recorded keep their identity."""
-    chosen = recipe_views(run, config)
-    return {} if chosen == views.PAIR else {"views": list(chosen)}
-
-
-def recipe_for(run: RunFolder, config: TrainConfig, inputs: dict | None = None) -> Recipe:
-    """The recipe of `config` in `run` (named by `recipe_name`), with `inputs` (none given: {})."""
-    name = recipe_name(config)
-    return Recipe(name, config, inputs or {}, run.heads_dir / folder_name(name))
+def recipe_for(run: RunFolder, config: TrainConfig, blocks: Blocks | None = None,
+               inputs: dict | None = None) -> Recipe:
+    """The recipe of `config` on `blocks` (default: those it sees in the run's extraction) in `run`
+    (named by `recipe_name`), with `inputs` (none given: the record of `blocks` alone)."""
+    blocks = blocks_for(run.extract_config(), config) if blocks is None else blocks
+    name = recipe_name(config, blocks)
+    return Recipe(name, config, inputs or views_record(blocks) | {"features": dict.fromkeys(blocks.sources)},
+                  run.heads_dir / folder_name(name))
 
 
 def list_recipes(run: RunFolder) -> list[Recipe]:
-    """Every recipe trained on this run, in name order (unreadable records are skipped, with a warning)."""
-    found = []
+    """Every usable recipe trained on this run, in name order (unreadable records are skipped, with
+    a warning; recipes of heads not registered here are `unregistered_recipes`)."""
+    return [r for r in _read_recipes(run) if isinstance(r, Recipe)]
+
+
+def unregistered_recipes(run: RunFolder) -> list[Unregistered]:
+    """The recipes of this run whose kind of head is not registered in this process."""
+    return [r for r in _read_recipes(run) if isinstance(r, Unregistered)]
+
+
+def _read_recipes(run: RunFolder) -> "list[Recipe | Unregistered]":
+    found: "list[Recipe | Unregistered]" = []
     if not run.heads_dir.is_dir():
         return found
     for folder in sorted(p for p in run.heads_dir.iterdir() if p.is_dir()):
         if folder.name.startswith(BLEND_PREFIX):
             continue
         record = folder / RECIPE_RECORD
-        if folder.name in views.PAIR and not record.exists():
+        if folder.name in ("original", "flipped") and not record.exists():
             log.warning("%s holds fold models in the layout of transfer-ensemble before head recipes; "
                         "they are not used: `train` trains them again as a recipe", folder)
             continue
         try:
             obj = load_json(record)
+            head = obj["config"].get("head") if isinstance(obj.get("config"), dict) else None
+            if isinstance(head, str) and head not in heads.HEADS:
+                module = (obj.get("plugins") or {}).get("head", {}).get(head)
+                found.append(Unregistered(_recorded_name(obj, record), head, module, folder))
+                continue
             config = TrainConfig.from_json(obj["config"], source=str(record))
             found.append(Recipe(_recorded_name(obj, record), config, obj["inputs"], folder))
-        except (DamagedFile, KeyError, TypeError, UserError) as exc:
+        except (DamagedFile, KeyError, TypeError, AttributeError, UserError) as exc:
             log.warning("%s: the head recipe in %s is unreadable and is ignored (train it again "
                         "to replace it)", exc, folder)
     return found
@@ -283,27 +319,32 @@ def write_blend(blend: Blend) -> None:
 
 
 def write_recipe(recipe: Recipe) -> None:
-    write_json(recipe.record_path, {"name": recipe.name, "config": recipe.config.to_json(),
-                                    "inputs": recipe.inputs})
+    """recipe.json: the name, the options, the inputs (`Recipe.blocks` and their identities) and the
+    plug-in its head is, if it is one (the module that registered it)."""
+    used = plugins.used("head", [recipe.config.head])
+    write_json(recipe.record_path, {"name": recipe.name, "config": recipe.config.to_json(), "inputs": recipe.inputs,
+                                    **({"plugins": {"head": used}} if used else {})})
 
 
 def recipe_statuses(run: RunFolder) -> list[RecipeStatus]:
     """Every recipe with its state and scores: current ones best first, then the others.
 
-    Raises UserError naming the file when the run's records or features are damaged.
+    A recipe is current while the blocks it records are extracted, complete, from the same
+    settings, images and labels as when it was trained: extracting other blocks (views, scales,
+    layers) changes none. Raises UserError naming the file when the run's records or features
+    are damaged.
     """
-    inputs: dict[tuple[str, ...], dict] = {}
     labels = labels_digest(run.read_run_data().labels)
     out = []
-    for recipe in list_recipes(run):
-        sources = tuple(run.feature_sources(recipe.config))
-        if sources not in inputs:
-            inputs[sources] = run.feature_inputs(sources) if _extracted(run, sources) else {}
-        current = inputs[sources]
+    for recipe in _read_recipes(run):
+        if isinstance(recipe, Unregistered):
+            out.append(RecipeStatus(recipe, "unregistered", read_metrics(recipe.folder / "metrics.json")))
+            continue
+        blocks = recipe.blocks
+        current = run.feature_inputs(blocks) if blocks.sources and run.holds(blocks) else {}
         metrics = recipe.metrics()
         fresh = bool(current) and recipe.inputs.get("features") == current["features"] \
-            and recipe.inputs.get("train") == current["train"] and recipe.inputs.get("labels") == labels \
-            and recipe.inputs.get("views") == views_input(run, recipe.config).get("views")
+            and recipe.inputs.get("train") == current["train"] and recipe.inputs.get("labels") == labels
         state = "stale" if not fresh else "current" if metrics is not None else "unfinished"
         out.append(RecipeStatus(recipe, state, metrics))
     states = {s.recipe.name: s for s in out}
@@ -317,11 +358,6 @@ def recipe_statuses(run: RunFolder) -> list[RecipeStatus]:
     return out
 
 
-def _extracted(run: RunFolder, sources: Sequence[str]) -> bool:
-    """Whether every store of `sources` exists (a recipe may use a scale the run no longer has)."""
-    return all(run.store(split, name).meta.exists() for split in SPLITS for name in sources)
-
-
 def select_recipe(run: RunFolder, name: str | None = None, command: str = "submit",
                   blends: bool = True) -> "Recipe | Blend":
     """The recipe `name`; with None, the one the last `train` trained; with BEST, the current
@@ -329,6 +365,7 @@ def select_recipe(run: RunFolder, name: str | None = None, command: str = "submi
     cannot score blends). UserError if there is none or it cannot be used."""
     statuses = recipe_statuses(run)
     train = f"`transfer-ensemble train --run {run.path}`"
+    last = name is None
     if name is None:
         name = run.read_config_optional().get("heads")
         if name is not None and not any(s.recipe.name == name for s in statuses):
@@ -342,7 +379,17 @@ def select_recipe(run: RunFolder, name: str | None = None, command: str = "submi
             raise UserError(f"--heads {name!r}: the run {run.path} has no such head recipe (it has: "
                             f"{known}). Pass one of those names, or leave --heads out for the best.")
         status = match[0]
+        if isinstance(status.recipe, Unregistered):
+            others = ", ".join(s.recipe.name for s in statuses if s.state == "current") or "none"
+            which = " (the one the last `train` trained)" if last else ""
+            raise UserError(f"{status.recipe.why(run, which)} Nothing was written; to {command} with another "
+                            f"recipe instead, pass --heads NAME (current ones: {others}).")
         if isinstance(status.recipe, Blend) and status.state != "current":
+            missing = [s.recipe for s in statuses if isinstance(s.recipe, Unregistered)
+                       and s.recipe.name in status.recipe.parts]
+            if missing:
+                raise UserError(f"The blend {name!r} of {run.path} mixes {missing[0].name!r}: "
+                                f"{missing[0].why(run)}")
             parts = ",".join(status.recipe.parts)
             raise UserError(f"The blend {name!r} of {run.path} mixes recipes that were trained again or "
                             f"are no longer current. Train them ({train[:-1]} --heads NAME`), then fit "
@@ -366,6 +413,9 @@ def select_recipe(run: RunFolder, name: str | None = None, command: str = "submi
         if unfinished:
             why += (f" Its head recipes {', '.join(unfinished)} are unfinished (or their "
                     f"metrics.json is damaged): `train --heads NAME` finishes one.")
+        missing = [s.recipe for s in statuses if isinstance(s.recipe, Unregistered)]
+        if missing:
+            why += " " + missing[0].why(run)
         raise UserError(f"{run.path} has no trained heads for its current features.{why} "
                         f"Run {train} first.")
     return current[0].recipe

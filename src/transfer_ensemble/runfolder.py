@@ -39,20 +39,21 @@ import copy
 import logging
 import platform
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from transfer_ensemble import __version__, backbones, backend, views
+from transfer_ensemble import __version__, backend, views
+from transfer_ensemble.blocks import Blocks
 from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
 from transfer_ensemble.dataset import Dataset, Item
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.records import DamagedFile, damaged, digest, load_json
+from transfer_ensemble.records import DamagedFile, damaged, digest, load_json, load_npy
 from transfer_ensemble.storage import run_lock, write_json
-from transfer_ensemble.store import StoreFiles, feature_settings, source_key, store_names
+from transfer_ensemble.store import StoreFiles, feature_settings
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class HeldState:
     process changes these meanwhile, and `RunFolder.write_run_data` (extract) starts them again."""
 
     run_data: RunData | None = None  # dataset.json
-    feature_inputs: dict[tuple[str, ...], dict] = field(default_factory=dict)  # by sources
+    feature_inputs: dict[Blocks, dict] = field(default_factory=dict)  # by blocks
 
 
 class RunFolder:
@@ -220,22 +221,6 @@ class RunFolder:
     def stores(self, split: str, sources: Sequence[str]) -> list[StoreFiles]:
         return [self.store(split, name) for name in sources]
 
-    def recipe_extract(self, config: TrainConfig) -> ExtractConfig:
-        """The run's extraction as a recipe of `config` sees it: the paper's heads
-        (``views.PAIR_HEADS``) keep to the pair and the final layer whatever the run extracted."""
-        extract = self.extract_config()
-        return replace(extract, views=views.PAIR, mid_layer=False) if config.head in views.PAIR_HEADS else extract
-
-    def feature_sources(self, config: TrainConfig) -> list[str]:
-        """The stores a recipe's features are made of, side by side: every backbone at the first
-        scale (each followed by its middle layer's store where the recipe sees one,
-        `recipe_extract`), then (`multiscale`) at each further scale the same."""
-        extract = self.recipe_extract(config)
-        scales = extract.scales if config.multiscale else extract.scales[:1]
-        specs = [backbones.get_spec(name) for name in extract.backbones]
-        return [source_key(name, scale) for scale in scales for spec in specs
-                for name in store_names(spec, extract.mid_of(spec))]
-
     # The lock, and what a killed step left.
     @contextlib.contextmanager
     def lock(self) -> Iterator["RunFolder"]:
@@ -302,6 +287,24 @@ class RunFolder:
         write_json(self.config_path, config)
         return config
 
+    def kept_views(self) -> dict:
+        """What a new `extract` keeps of the run's extraction when --views is not given: its views
+        beyond the pair, those registered in this process ({} for a new run). A view registered
+        elsewhere stays in the stores but is not extracted (said in the log)."""
+        saved = self.read_config_optional().get("extract")
+        recorded = saved.get("views") if isinstance(saved, dict) else None
+        if not isinstance(recorded, list) or all(v in views.PAIR for v in recorded):
+            return {}
+        unknown = [v for v in recorded if v not in views.REGISTRY]
+        if unknown:
+            log.info("the run's view%s %s %s not registered in this process: %s features are kept, not "
+                     "extracted (pass --plugins MODULE to extract %s)", "s" if len(unknown) > 1 else "",
+                     ", ".join(unknown), "are" if len(unknown) > 1 else "is", "their" if len(unknown) > 1 else "its",
+                     "them" if len(unknown) > 1 else "it")
+        kept = [v for v in recorded if v in views.REGISTRY]
+        log.info("keeping the run's views %s (pass --views pair to extract the pair alone)", ",".join(kept))
+        return {"views": kept}
+
     def extract_config(self) -> ExtractConfig:
         """The options the run's features were extracted with (runs from before --scales have one)."""
         saved = self.read_config()["extract"]
@@ -359,31 +362,49 @@ class RunFolder:
         write_json(self.bad_images_path, bad)
 
     # What results were computed from.
-    def feature_inputs(self, backbones: Sequence[str]) -> dict:
-        """The identity of the run's current features: settings per source (see `feature_sources`),
-        and each split's rows.
+    def feature_inputs(self, blocks: Blocks) -> dict:
+        """The identity of the run's current features of `blocks`: the settings of each source (in
+        column order: the recipe's record of its blocks), and each split's rows and views.
 
-        Raises UserError naming the file when a store is damaged. Computed once per set of sources
+        Raises UserError naming the file when a store is damaged. Computed once per set of blocks
         while the lock is held (hashing every store's keys.json is the slow part of
         `recipes.recipe_statuses`).
         """
         held = self._held.feature_inputs if self._held is not None else {}
-        if tuple(backbones) not in held:
-            held[tuple(backbones)] = self._feature_inputs(backbones)
-        return copy.deepcopy(held[tuple(backbones)])
+        if blocks not in held:
+            held[blocks] = self._feature_inputs(blocks)
+        return copy.deepcopy(held[blocks])
 
-    def _feature_inputs(self, backbones: Sequence[str]) -> dict:
+    def _feature_inputs(self, blocks: Blocks) -> dict:
         try:
-            self._check_extraction_finished(backbones)
+            self._check_extraction_finished(blocks.sources)
             return {
                 "features": {name: feature_settings(load_json(self.store("train", name).meta))
-                             for name in backbones},
-                **{split: digest([store.identity() for store in self.stores(split, backbones)])
+                             for name in blocks.sources},
+                **{split: digest([store.identity(blocks.views) for store in self.stores(split, blocks.sources)])
                    for split in SPLITS},
             }
         except DamagedFile as exc:
             raise self._damaged(exc, f"Run `transfer-ensemble extract --data DIR --run {self.path}` "
                                      f"again: it recomputes what is damaged") from None
+
+    def holds(self, blocks: Blocks) -> bool:
+        """Whether every block is extracted, complete, for the images the run has now (a recipe's
+        blocks may be ones a later `extract` left behind: another scale, or stores of older data)."""
+        run_data = self.read_run_data()
+        ids = {"train": [it.id for it in run_data.dataset.train], "test": [it.id for it in run_data.good_test]}
+        for split in SPLITS:
+            for name in blocks.sources:
+                files = self.store(split, name)
+                try:
+                    meta = load_json(files.meta)
+                    if meta.get("ids") != ids[split] or not set(blocks.views) <= set(meta.get("views", views.PAIR)):
+                        return False
+                    if not all(load_npy(files.done_of(v), (len(ids[split]),), bool).all() for v in blocks.views):
+                        return False
+                except DamagedFile:
+                    return False
+        return True
 
     def store_settings(self, sources: Sequence[str]) -> dict:
         """What each source's features depend on (its train store's), for config.json once
@@ -398,7 +419,7 @@ class RunFolder:
     def _check_extraction_finished(self, sources: Sequence[str]) -> None:
         """UserError when a store of `sources` holds features of other settings than the extraction
         config.json records: an `extract` with other options was stopped after rewriting it."""
-        recorded = self.read_config_optional().get("features")
+        recorded = self.read_config().get("features")
         if not isinstance(recorded, dict):
             return  # a run from before the stores' settings were recorded
         for split in SPLITS:

@@ -64,8 +64,9 @@ class Scorer:
         return ensemble.combine(per_group, self.recipe.temperature)
 
     def score_rows(self, stores: Sequence[StoreFiles], start: int, stop: int, tta: bool = True) -> np.ndarray:
-        """The recipe's probabilities for rows [start, stop) of the stored features (both views with `tta`)."""
-        views = self.recipe.views if tta else self.recipe.views[:1]
+        """The recipe's probabilities for rows [start, stop) of the stored features of its blocks, in
+        order (`stores`), in the views it scores (the original alone without `tta`)."""
+        views = self.recipe.predicted_views(tta)
         x = {view: np.concatenate([read_rows(store.view(view), start, stop) for store in stores], axis=1)
              for view in views}
         return self.combine(x)
@@ -119,6 +120,5 @@ def test_probabilities(run: RunFolder, recipe: Recipe, run_data: RunData, test_i
 def blend_test_probabilities(run: RunFolder, blend: Blend, recipes: list[Recipe], run_data: RunData,
                              temperature: float) -> np.ndarray:
     """A blend's probabilities for every test id: its recipes' mixed with its weights, then `temperature`."""
-    parts = [test_probabilities(run, r, run_data, run.feature_inputs(run.feature_sources(r.config))["test"])[0]
-             for r in recipes]
+    parts = [test_probabilities(run, r, run_data, run.feature_inputs(r.blocks)["test"])[0] for r in recipes]
     return ensemble.calibrate(ensemble.blend(parts, blend.weights), temperature)

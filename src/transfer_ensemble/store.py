@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from transfer_ensemble import backbones, backend, views
+from transfer_ensemble import backbones, backend, plugins, views
 from transfer_ensemble.config import ExtractConfig, scale_label
 from transfer_ensemble.records import DamagedFile, digest, load_json, load_npy
 from transfer_ensemble.storage import write_json, write_npy
@@ -48,14 +48,30 @@ def store_names(spec: backbones.BackboneSpec, mid: bool) -> list[str]:
 
 
 def feature_settings(meta: dict) -> dict:
-    """What a store's features depend on besides the images: its meta.json without the ids.
+    """What a store's features depend on besides the images and the views: its meta.json without
+    the ids and the views (`view_transforms` says what each view's features depend on).
 
     The Keras backend that computed them is part of it, except TensorFlow's: stores written
     before the backend was recorded were all TensorFlow's, and they keep their identity. The
     views a store holds are not: each view's features stay what they were when a view is added.
     """
     return {k: v for k, v in meta.items()
-            if k not in ("ids", "views") and not (k == "backend" and v == "tensorflow")}
+            if k not in ("ids", "views", TRANSFORMS) and not (k == "backend" and v == "tensorflow")}
+
+
+TRANSFORMS = "view_transforms"
+
+
+def view_transforms(meta: dict) -> dict[str, dict | None]:
+    """The transform each held view beyond the pair was computed with (`views.View.record`), as the
+    store records it; a store from before transforms were recorded had the built-in ones of today
+    (None for a view registered elsewhere, which records its own from then on)."""
+    recorded = meta.get(TRANSFORMS) or {}
+    return {v: recorded.get(v, _registered_transform(v)) for v in held_views(meta) if v not in views.PAIR}
+
+
+def _registered_transform(view: str) -> dict | None:
+    return views.REGISTRY[view].record() if view in views.REGISTRY else None
 
 
 @dataclass(frozen=True)
@@ -95,9 +111,15 @@ class StoreFiles:
         """Where a replacement store is built before it is renamed over this one."""
         return StoreFiles(self.folder.with_name(self.folder.name + ".new"))
 
-    def identity(self) -> str:
-        """What the features were computed from: their settings and each row's image content."""
-        return digest({"meta": feature_settings(load_json(self.meta)), "keys": load_json(self.keys, list)})
+    def identity(self, of_views: Sequence[str] = views.PAIR) -> str:
+        """What the features of `of_views` were computed from: their settings, each row's image
+        content and each view's transform beyond the pair (so the pair's identity is what it was
+        before stores held other views)."""
+        meta = load_json(self.meta)
+        record = {"meta": feature_settings(meta), "keys": load_json(self.keys, list)}
+        transforms = view_transforms(meta)
+        beyond = {v: transforms.get(v) for v in of_views if v not in views.PAIR}
+        return digest({**record, "views": beyond} if beyond else record)
 
 
 def _masks(files: StoreFiles, held: Sequence[str], n: int, read: bool) -> dict[str, np.ndarray]:
@@ -247,8 +269,8 @@ def _read_contents(files: StoreFiles) -> _Contents:
     meta = load_json(files.meta)
     keys = load_json(files.keys, list)
     held = held_views(meta)
-    if not set(views.PAIR) <= set(held) or not set(held) <= set(views.REGISTRY):
-        raise DamagedFile(files.meta, f"lists views {list(held)}, not the pair and known views")
+    if not set(views.PAIR) <= set(held) or not all(isinstance(v, str) and plugins.NAME.match(v) for v in held):
+        raise DamagedFile(files.meta, f"lists views {list(held)}, not the pair and other view names")
     masks = _masks(files, held, len(keys), read=True)
     width = meta.get("width")
     for view in held:
@@ -274,22 +296,34 @@ def open_store(files: StoreFiles, meta: dict, keys: list[str], donors: Sequence[
     views, reusing what it can.
 
     Finished rows of images (by content) that this store or a `donor` with the same settings
-    already holds are copied into place, view by view; a view the store lacks is added empty
-    (its other views are kept); the rest are left to compute.
+    (and the same transform of the view) already holds are copied into place, view by view; a
+    view the store lacks is added empty (its other views are kept); a wanted view whose transform
+    has changed since is computed again; views not registered in this process are kept as they
+    are; the rest are left to compute.
     """
     wanted = tuple(wanted)
     what = f"the {meta['backbone']} features in {files.folder}"
     current = _readable(files, f"recomputing {what}")
-    if current is not None and feature_settings(current.meta) == feature_settings(meta) and current.keys == keys:
+    same = current is not None and feature_settings(current.meta) == feature_settings(meta)
+    if current is not None:
+        _log_unregistered(files, held_views(current.meta))
+    if same and current.keys == keys:
         held = held_views(current.meta)
-        added = [v for v in wanted if v not in held]
-        for view in added:
+        transforms = view_transforms(current.meta)
+        changed = [v for v in wanted if v in transforms and transforms[v] != _registered_transform(v)]
+        if changed:
+            log.info("%s: the transform of the view%s %s changed since they were computed: computing %s again",
+                     files.folder, "s" if len(changed) > 1 else "", ", ".join(changed),
+                     "them" if len(changed) > 1 else "it")
+        for view in [v for v in wanted if v not in held] + changed:
             _new_view(files, view, len(keys), meta["width"])
-        record = {**meta, "views": [v for v in views.REGISTRY if v in held or v in added]}
+        kept = _ordered([*held, *wanted])
+        transforms.update({v: _registered_transform(v) for v in wanted if v not in views.PAIR})
+        record = {**meta, "views": kept, TRANSFORMS: {v: transforms[v] for v in kept if v not in views.PAIR}}
         if current.meta != record:  # other ids, new views, or a record from before the backend was recorded
             write_json(files.meta, record)
-        return Store(files, _masks(files, record["views"], len(keys), read=True), wanted)
-    sources = [current] if current is not None and feature_settings(current.meta) == feature_settings(meta) else []
+        return Store(files, _masks(files, kept, len(keys), read=True), wanted)
+    sources = [current] if same else []
     for donor in donors:
         if donor != files:
             contents = _readable(donor, f"its features are not reused (the store {donor.folder} is left "
@@ -298,7 +332,21 @@ def open_store(files: StoreFiles, meta: dict, keys: list[str], donors: Sequence[
                 sources.append(contents)
     if current is not None and not sources:
         log.info("%s were computed with other settings: computing them again", what)
-    return _new_store(files, meta, keys, sources, wanted)
+    carried = [v for v in held_views(current.meta) if v not in views.REGISTRY] if same else []
+    return _new_store(files, meta, keys, sources, wanted, {v: view_transforms(current.meta)[v] for v in carried})
+
+
+def _ordered(names: Sequence[str]) -> list[str]:
+    """View names once each: the registered ones in registry order, then the others as given."""
+    return [v for v in views.REGISTRY if v in names] + [v for v in dict.fromkeys(names) if v not in views.REGISTRY]
+
+
+def _log_unregistered(files: StoreFiles, held: Sequence[str]) -> None:
+    unknown = [v for v in held if v not in views.REGISTRY]
+    if unknown:
+        log.info("%s also holds the view%s %s, not registered in this process: kept as %s, not computed",
+                 files.folder, "s" if len(unknown) > 1 else "", ", ".join(unknown),
+                 "they are" if len(unknown) > 1 else "it is")
 
 
 def _new_view(files: StoreFiles, view: str, rows: int, width: int) -> None:
@@ -310,16 +358,19 @@ def _new_view(files: StoreFiles, view: str, rows: int, width: int) -> None:
 
 
 def _new_store(files: StoreFiles, meta: dict, keys: list[str], sources: Sequence[_Contents],
-               wanted: tuple[str, ...]) -> Store:
-    """Write a fresh store of the `wanted` views beside `files` and swap it in with one rename.
+               wanted: tuple[str, ...], carried: dict[str, dict | None]) -> Store:
+    """Write a fresh store of the `wanted` views (and the `carried` views, with their recorded
+    transforms: views registered elsewhere) beside `files` and swap it in with one rename.
 
-    Rows found in `sources` are copied view by view in chunks, so that memory stays flat.
+    Rows found in `sources` (with the same transform of the view) are copied view by view in
+    chunks, so that memory stays flat.
     """
     staging = files.staging()
     if staging.folder.exists():
         shutil.rmtree(staging.folder)
     staging.folder.mkdir(parents=True)
-    held = tuple(v for v in views.REGISTRY if v in wanted)
+    held = tuple(_ordered([v for v in wanted if v in views.REGISTRY] + list(carried)))
+    transforms = {v: carried[v] if v in carried else _registered_transform(v) for v in held if v not in views.PAIR}
     for view in held:
         _new_view(staging, view, len(keys), meta["width"])
     store = Store(staging, _masks(staging, held, len(keys), read=False), held)
@@ -329,7 +380,8 @@ def _new_store(files: StoreFiles, meta: dict, keys: list[str], sources: Sequence
     reused = {view: 0 for view in held}
     for source in sources:
         done_before = {view: mask.copy() for view, mask in store.masks.items()}  # the pair shares one mask
-        for view in (v for v in held if v in source.masks):
+        theirs = view_transforms(source.meta)
+        for view in (v for v in held if v in source.masks and theirs.get(v) == transforms.get(v)):
             pairs = [(new, old) for old, key in enumerate(source.keys) if source.masks[view][old] and key in rows_of
                      for new in rows_of[key] if not done_before[view][new]]
             new_rows = np.array([p[0] for p in pairs], dtype=np.int64)
@@ -343,14 +395,16 @@ def _new_store(files: StoreFiles, meta: dict, keys: list[str], sources: Sequence
     for path in {staging.done_of(view): view for view in held}.items():
         write_npy(path[0], store.masks[path[1]])
     write_json(staging.keys, keys)
-    write_json(staging.meta, {**meta, "views": list(held)})
+    write_json(staging.meta, {**meta, "views": list(held), TRANSFORMS: transforms})
     if files.folder.exists():
         shutil.rmtree(files.folder)
     staging.folder.rename(files.folder)
+    computed = [v for v in held if v in wanted]
     if sources:
+        least = min(reused[v] for v in computed)
         log.info("%s: reused %d of %d rows from earlier features, %d to compute",
-                 files.folder, min(reused.values()), len(keys), len(keys) - min(reused.values()))
-    return Store(files, _masks(files, held, len(keys), read=True), held)
+                 files.folder, least, len(keys), len(keys) - least)
+    return Store(files, _masks(files, held, len(keys), read=True), tuple(v for v in held if v in wanted))
 
 
 def _reserve(path: Path) -> None:

@@ -9,14 +9,18 @@ per view.
 
 Each view has a fixed `seed_offset`: fold seeds are ``seed*1000 + offset*100 + fold``, so the
 original (0), flipped (1) and the pooled group (2) seed as they always have, and adding a view
-changes no existing seed. To add a view: one `View(...)` line in `REGISTRY`, with the next
-unused offset.
+changes no existing seed. To add a view: one `View(...)` line in `_ENTRIES`, with the next
+unused offset, or ``views.register(View(...))`` from your own code (a plug-in, see ``plugins``).
+A store records each view's transform (`View.record`), so features of a view whose transform
+has changed since are computed again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+from transfer_ensemble import plugins
 
 ANCHORS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")
 
@@ -46,6 +50,17 @@ class View:
     mirror: bool = False
     crop: Crop | None = None
 
+    def __post_init__(self) -> None:
+        plugins.check_name("view", self.name)
+        if self.crop is not None and (not 0 < self.crop.fraction <= 1 or self.crop.anchor not in ANCHORS):
+            raise ValueError(f"view {self.name!r}: a crop takes a fraction in (0, 1] and an anchor of "
+                             f"{', '.join(ANCHORS)}, not {self.crop!r}")
+
+    def record(self) -> dict:
+        """The transform as data, as each store records it for the view (`store.view_transforms`)."""
+        return {"mirror": self.mirror,
+                "crop": None if self.crop is None else {"fraction": self.crop.fraction, "anchor": self.crop.anchor}}
+
     @property
     def pixels(self) -> float:
         """Forward-pass pixels of this view relative to the original's (a crop is resized back)."""
@@ -68,17 +83,35 @@ for _i, _anchor in enumerate(ANCHORS[1:]):
     _ENTRIES.append(View(f"{_anchor}_flipped", 6 + 2 * _i, mirror=True, crop=Crop(CROP, _anchor)))
 
 REGISTRY: dict[str, View] = {v.name: v for v in _ENTRIES}
+BUILT_IN = frozenset(REGISTRY)
 PAIR = ("original", "flipped")
 """The paper's views, in every store: the image and its mirror."""
 DEFAULT_VIEWS = PAIR
 """The views `extract` computes when --views is not given (see docs/views.md for the measurements)."""
-PAIR_HEADS = ("seed",)
-"""Heads that keep to the paper's pair and final layer whatever the run extracted (`RunFolder.recipe_extract`):
-the paper's recipe is untouched."""
 SETS = {"pair": PAIR, "center_pair": PAIR + ("center", "center_flipped"),
         "five_crop": PAIR + tuple(v.name for v in _ENTRIES[2:] if not v.mirror),
         "ten_crop": tuple(REGISTRY)}
 """Shorthands --views accepts for common view sets."""
+
+
+def register(view: View, module: str | None = None) -> View:
+    """Add a view (its name and seed offset must be new); `module` defaults to the caller's."""
+    if view.name in REGISTRY:
+        raise ValueError(f"a view named {view.name!r} is already registered")
+    taken = {v.seed_offset for v in REGISTRY.values()} | {POOLED_OFFSET}
+    if not isinstance(view.seed_offset, int) or view.seed_offset < 0 or view.seed_offset in taken:
+        raise ValueError(f"view {view.name!r}: seed_offset {view.seed_offset!r} is taken or not a whole number "
+                         f">= 0; use {max(taken) + 1} (each view seeds its fold models with its own offset)")
+    REGISTRY[view.name] = view
+    plugins.record("view", view.name, module or plugins.caller_module(1))
+    return view
+
+
+def unregister(name: str) -> None:
+    if name in BUILT_IN:
+        raise ValueError(f"the view {name!r} is built in and cannot be unregistered")
+    REGISTRY.pop(name, None)
+    plugins.forget("view", name)
 
 
 def get(name: str) -> View:

@@ -13,14 +13,15 @@ from typing import Sequence
 
 import numpy as np
 
-from transfer_ensemble import backend, engines, ensemble, images, submission
+from transfer_ensemble import backend, engines, ensemble, images, plugins, submission
 from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, engine_config, merged, option_names
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
 from transfer_ensemble.options import python_overrides, refuse_unknown
+from transfer_ensemble.blocks import Blocks, blocks_for, views_record
 from transfer_ensemble.recipes import (Blend, Recipe, blend_folder, blend_name, list_recipes, recipe_for,
-                                       recipe_statuses, select_recipe, views_input, write_blend)
+                                       recipe_statuses, select_recipe, unregistered_recipes, write_blend)
 from transfer_ensemble.records import DamagedFile, labels_digest, load_json
 from transfer_ensemble.runfolder import SPLITS, RunData, RunFolder
 from transfer_ensemble.scoring import blend_test_probabilities, test_probabilities
@@ -111,8 +112,11 @@ def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds:
         run.write_run_data(run_data)
         sources = [source_key(name, extractor.scale) for extractor in extractors for spec in extractor.specs
                    for name in extractor.store_names(spec)]
+        used = {"view": plugins.used("view", config.views), "backbone": plugins.used("backbone", config.backbones),
+                "engine": plugins.used("engine", [engine_config(engine).engine])}
         run.update_config(data=str(dataset.root), extract=config.to_json(), classes=dataset.classes,
-                          features=run.store_settings(sources))
+                          features=run.store_settings(sources),
+                          plugins=plugins.merge(run.read_config_optional().get("plugins"), used))
         return results
 
 
@@ -137,21 +141,31 @@ def _check_classes_left(dataset: Dataset, bad_train: list[tuple[Item, str]]) -> 
 
 
 def train_config_for(run: RunFolder, overrides: "dict | TrainConfig | None" = None,
-                     heads: str | None = None) -> TrainConfig:
-    """`train`'s options: those of the recipe `heads`, else the run's last ones (the folds and the
-    seed, and the head's options if it is the same head), with the options given on top; or
-    `overrides` itself when it is a complete TrainConfig."""
-    if isinstance(overrides, TrainConfig):
-        return overrides
-    overrides = python_overrides(overrides, "workflow.train(..., overrides)")
+                     heads: str | None = None) -> tuple[TrainConfig, Blocks]:
+    """`train`'s options and the blocks it trains on: those of the recipe `heads` (its options with
+    the options given on top, on the blocks it records), else the run's last options (the folds and
+    the seed, and the head's options if it is the same head) with the options given on top, or
+    `overrides` itself when it is a complete TrainConfig, on the blocks such a recipe sees in the
+    run's extraction (`blocks.blocks_for`)."""
     if heads is None:
-        return run.train_config(overrides)
+        config = overrides if isinstance(overrides, TrainConfig) else \
+            run.train_config(python_overrides(overrides, "workflow.train(..., overrides)"))
+        return config, blocks_for(run.extract_config(), config)
     match = [r for r in list_recipes(run) if r.name == heads]
     if not match:
+        missing = [r for r in unregistered_recipes(run) if r.name == heads]
+        if missing:
+            raise UserError(missing[0].why(run))
         known = ", ".join(r.name for r in list_recipes(run)) or "none yet"
         raise UserError(f"--heads {heads!r}: the run {run.path} has no such head recipe (it has: {known}). "
                         f"Pass one of those names, or give the head options themselves.")
-    return merged(TrainConfig, match[0].config.to_json(), overrides, source=str(match[0].record_path))
+    if isinstance(overrides, TrainConfig):
+        config = overrides
+    else:
+        config = merged(TrainConfig, match[0].config.to_json(),
+                        python_overrides(overrides, "workflow.train(..., overrides)"),
+                        source=str(match[0].record_path))
+    return config, match[0].blocks
 
 
 def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None, heads: str | None = None) -> dict:
@@ -167,16 +181,15 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None, he
         refuse_unknown(overrides, option_names(TrainConfig), overrides.origin)
     run = RunFolder.existing(run_dir, "train")
     with run.lock(), disk_errors(run.path):
-        config = train_config_for(run, overrides, heads)
-        sources = run.feature_sources(config)
+        config, blocks = train_config_for(run, overrides, heads)
         run_data = run.read_run_data()
         dataset = run_data.dataset
         check_folds(dataset, config.folds)
         labels = run_data.labels
-        inputs = run.feature_inputs(sources)
-        recipe = recipe_for(run, config, {"features": inputs["features"], "train": inputs["train"],
-                                          "labels": labels_digest(labels), **views_input(run, config)})
-        features = _load_features(run, run_data, sources, recipe.views)
+        inputs = run.feature_inputs(blocks)
+        recipe = recipe_for(run, config, blocks, {"features": inputs["features"], "train": inputs["train"],
+                                                  "labels": labels_digest(labels), **views_record(blocks)})
+        features = _load_features(run, run_data, blocks)
         from transfer_ensemble.crossval import oof_metrics, train_recipe, training_warnings
 
         oof = train_recipe(run, recipe, features, labels, len(dataset.classes), inputs["test"])
@@ -199,7 +212,9 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None, he
         for warning in metrics["warnings"]:
             log.warning(warning)
         write_json(recipe.metrics_path, metrics)
-        run.update_config(train=config.to_json(), heads=recipe.name)
+        recorded = run.read_config_optional().get("plugins")
+        run.update_config(train=config.to_json(), heads=recipe.name,
+                          plugins=plugins.merge(recorded, {"head": plugins.used("head", [config.head])}))
         from transfer_ensemble.report import write_report
 
         write_report(run)
@@ -255,13 +270,13 @@ def blend(run_dir: str | Path, parts: list[str]) -> dict:
         return {"recipe": result.name, "metrics": metrics, "recipes": recipe_statuses(run)}
 
 
-def _load_features(run: RunFolder, run_data: RunData, sources: list[str], views: Sequence[str]) -> dict:
+def _load_features(run: RunFolder, run_data: RunData, blocks: Blocks) -> dict:
     from transfer_ensemble.store import load_features
 
     ids = {"train": [it.id for it in run_data.dataset.train], "test": [it.id for it in run_data.good_test]}
     try:
-        return {view: {split: load_features(run.stores(split, sources), view, ids[split]) for split in SPLITS}
-                for view in views}
+        return {view: {split: load_features(run.stores(split, blocks.sources), view, ids[split]) for split in SPLITS}
+                for view in blocks.views}
     except DamagedFile as exc:
         raise UserError(f"The features in {exc.path.parent if exc.path.suffix else exc.path} are not usable: "
                         f"{exc}. Run `transfer-ensemble extract --data DIR --run {run.path}` again: it "
@@ -293,7 +308,7 @@ def submit(run_dir: str | Path, out: str | Path, heads: str | None = None, recor
             probabilities = blend_test_probabilities(run, recipe, parts, run_data, recipe.temperature)
             models = sum(len(part.jobs) for part in parts)
         else:
-            test_identity = run.feature_inputs(run.feature_sources(recipe.config))["test"]
+            test_identity = run.feature_inputs(recipe.blocks)["test"]
             probabilities, _ = test_probabilities(run, recipe, run_data, test_identity)
             models = len(recipe.jobs)
         dataset = run_data.dataset

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from transfer_ensemble import backend
+from transfer_ensemble import backend, plugins
 from transfer_ensemble.backbones import hub, keras_apps
 from transfer_ensemble.backbones.spec import BackboneSpec, Preprocessing, WeightsSource, file_sha256
 from transfer_ensemble.backbones.keras_apps import keras_cache_dir
@@ -21,13 +21,33 @@ from transfer_ensemble.errors import UserError
 __all__ = ["BackboneSpec", "Preprocessing", "WeightsSource", "file_sha256", "keras_cache_dir", "REGISTRY",
            "DEFAULT_BACKBONES", "get_spec", "parse_backbones", "resolve_weights", "bind", "settings", "build",
            "needs_download", "offline_message", "with_mid_layer", "WeightsUnavailableError", "preprocess_input",
-           "preprocess_fn"]
+           "preprocess_fn", "register", "unregister"]
 
 BUILDERS = {keras_apps.BUILDER: keras_apps, hub.BUILDER: hub}
 
 REGISTRY: dict[str, BackboneSpec] = {name: spec for module in BUILDERS.values() for name, spec in module.TABLE.items()}
 
 DEFAULT_BACKBONES = ("xception", "inception_v3")
+BUILT_IN = frozenset(REGISTRY)
+
+
+def register(spec: BackboneSpec, module: str | None = None) -> BackboneSpec:
+    """Add a backbone built by one of `BUILDERS` (its name must be new); `module` (default: the
+    caller's) is recorded in the runs that use it."""
+    if spec.name in REGISTRY:
+        raise ValueError(f"a backbone named {spec.name!r} is already registered")
+    if spec.builder not in BUILDERS:
+        raise ValueError(f"backbone {spec.name!r}: builder {spec.builder!r} is not one of {', '.join(BUILDERS)}")
+    REGISTRY[spec.name] = spec
+    plugins.record("backbone", spec.name, module or plugins.caller_module(1))
+    return spec
+
+
+def unregister(name: str) -> None:
+    if name in BUILT_IN:
+        raise ValueError(f"the backbone {name!r} is built in and cannot be unregistered")
+    REGISTRY.pop(name, None)
+    plugins.forget("backbone", name)
 
 
 def get_spec(name: str) -> BackboneSpec:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from transfer_ensemble import plugins
+
 DECODE = "opencv-imdecode-rgb;area-or-linear-resize"
 
 
@@ -64,6 +66,9 @@ class BackboneSpec:
     arch: dict = field(default_factory=dict, hash=False, compare=False)
     mid_layer: str = ""
     mid_width: int = 0
+
+    def __post_init__(self) -> None:
+        plugins.check_name("backbone", self.name)
 
     @property
     def module(self) -> str:

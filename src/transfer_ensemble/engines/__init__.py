@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
+from transfer_ensemble import plugins
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -36,15 +38,24 @@ def names() -> tuple[str, ...]:
     return tuple(ENGINES)
 
 
-def register(name: str, target: str) -> None:
-    """Add an engine: `target` is "module:Class", a class built from an EngineConfig; the name must be new."""
+BUILT_IN = frozenset(ENGINES)
+
+
+def register(name: str, target: str, module: str | None = None) -> None:
+    """Add an engine: `target` is "module:Class", a class built from an EngineConfig; the name must be
+    new. `module` (default: the caller's) is recorded in the runs that use it."""
+    plugins.check_name("engine", name)
     if name in ENGINES:
         raise ValueError(f"an engine named {name!r} is already registered")
     ENGINES[name] = target
+    plugins.record("engine", name, module or plugins.caller_module(1))
 
 
 def unregister(name: str) -> None:
+    if name in BUILT_IN:
+        raise ValueError(f"the engine {name!r} is built in and cannot be unregistered")
     ENGINES.pop(name, None)
+    plugins.forget("engine", name)
 
 
 class Engine(Protocol):

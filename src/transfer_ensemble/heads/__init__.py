@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from transfer_ensemble import ensemble
+from transfer_ensemble import ensemble, plugins
 from transfer_ensemble.heads.base import FitReport, Head, HeadEntry
 from transfer_ensemble.heads.linear import LinearHead, LinearOptions
 from transfer_ensemble.heads.seed import SeedHead, SeedOptions
@@ -22,23 +22,32 @@ _EVERYTHING = {"multiscale": True, "pool_views": True, "tta": True, "temperature
 
 HEADS: dict[str, HeadEntry] = {entry.name: entry for entry in (
     HeadEntry("seed", SeedHead, SeedOptions, ".keras", _PAPER,
-              "the paper's dropout + softmax head; --head seed reproduces the paper's submission"),
+              "the paper's dropout + softmax head; --head seed reproduces the paper's submission",
+              paper_features=True),
     HeadEntry("linear", LinearHead, LinearOptions, ".npz", _EVERYTHING,
               "logistic regression, its L2 strength chosen by an inner search"),
 )}
 """Each entry's `recipe` says how it is trained on the views and scored unless told: the seed's
 are the paper's (one model per view, each scoring its own view, no calibration)."""
 
-def register(entry: HeadEntry) -> HeadEntry:
-    """Add a kind of head (e.g. heads.sklearn.sklearn_head(...)); its name must be new."""
+BUILT_IN = frozenset(HEADS)
+
+
+def register(entry: HeadEntry, module: str | None = None) -> HeadEntry:
+    """Add a kind of head (e.g. heads.sklearn.sklearn_head(...)); its name must be new. `module`
+    (default: the caller's) is recorded with the recipes it trains, so other processes can import it."""
     if entry.name in HEADS:
         raise ValueError(f"a head named {entry.name!r} is already registered")
     HEADS[entry.name] = entry
+    plugins.record("head", entry.name, module or plugins.caller_module(1))
     return entry
 
 
 def unregister(name: str) -> None:
+    if name in BUILT_IN:
+        raise ValueError(f"the head {name!r} is built in and cannot be unregistered")
     HEADS.pop(name, None)
+    plugins.forget("head", name)
 
 
 def names() -> tuple[str, ...]:

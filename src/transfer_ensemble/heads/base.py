@@ -9,6 +9,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from transfer_ensemble import plugins
+
 Views = Sequence[np.ndarray]
 
 
@@ -81,6 +83,12 @@ class HeadEntry:
     recipe: dict[str, bool]
     """multiscale, pool_views, tta, temperature when not given."""
     help: str = ""
+    paper_features: bool = False
+    """Its recipes see the paper's feature blocks only (the original and flipped views' final-layer
+    features), whatever else the run extracted (`blocks.blocks_for`): the paper's head stays the paper's."""
+
+    def __post_init__(self) -> None:
+        plugins.check_name("head", self.name)
 
     def create(self, options: Any = None, n_classes: int | None = None) -> Head:
         """A new, unfitted head with `options` (an instance of `self.options`; None: the defaults)."""
