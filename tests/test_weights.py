@@ -93,3 +93,4 @@ def test_a_run_on_random_jax_weights_is_refused_by_predict_on_tensorflow(tmp_pat
                      env={"KERAS_BACKEND": "tensorflow"})
     assert result.returncode == 2, result.stderr
     assert "random:seed=0:backend=jax" in result.stderr and "Traceback" not in result.stderr
+    assert "KERAS_BACKEND=jax" in result.stderr and "Pass --weights" not in result.stderr

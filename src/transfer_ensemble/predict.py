@@ -30,7 +30,7 @@ from typing import Iterator, Sequence, TextIO
 import numpy as np
 import pandas as pd
 
-from transfer_ensemble import backend, engines, features, images
+from transfer_ensemble import backbones, backend, engines, features, images
 from transfer_ensemble.config import MAX_PIXELS, EngineConfig, ExtractConfig, engine_config
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
@@ -270,6 +270,12 @@ def _check_feature_identity(run: RunFolder, recipe: Recipe, extractor: features.
         if then is None:
             raise UserError(f"The head recipe {recipe.name!r} of {run.path} records no {spec.name} features, "
                             f"so the weights cannot be checked. Train it again on this run.")
+        drawn = backbones.random_backend(then["weights"])
+        if backbones.random_backend(now["weights"]) and drawn not in (None, backend.name()):
+            raise UserError(
+                f"The run {run.path} was extracted with random {spec.name} weights drawn by Keras on "
+                f"{drawn} (identity {then['weights']}); this process runs Keras on {backend.name()}, "
+                f"whose random weights differ. Run predict with KERAS_BACKEND={drawn}.")
         if now["weights"] != then["weights"]:
             asked = (f"--weights {extractor.config.weights}" if weights_given
                      else f"the run's own --weights {extractor.config.weights}")

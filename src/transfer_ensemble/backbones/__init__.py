@@ -20,7 +20,7 @@ from transfer_ensemble.errors import UserError
 
 __all__ = ["BackboneSpec", "Preprocessing", "WeightsSource", "file_sha256", "keras_cache_dir", "REGISTRY",
            "DEFAULT_BACKBONES", "get_spec", "parse_backbones", "resolve_weights", "bind", "settings", "build",
-           "needs_download", "offline_message", "with_mid_layer", "WeightsUnavailableError", "preprocess_input",
+           "needs_download", "offline_message", "random_backend", "with_mid_layer", "WeightsUnavailableError", "preprocess_input",
            "preprocess_fn"]
 
 BUILDERS = {keras_apps.BUILDER: keras_apps, hub.BUILDER: hub}
@@ -74,6 +74,14 @@ def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsS
     if source.kind == "random" and backend.name() != "tensorflow":
         return WeightsSource(source.kind, source.path, f"{source.identity}:backend={backend.name()}")
     return source
+
+
+def random_backend(identity: str) -> str | None:
+    """The Keras backend that drew random weights of this identity (``resolve_weights``); None
+    for other weights."""
+    if not identity.startswith("random:"):
+        return None
+    return identity.partition(":backend=")[2] or "tensorflow"
 
 
 def bind(spec: BackboneSpec, source: WeightsSource) -> BackboneSpec:
