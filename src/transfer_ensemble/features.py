@@ -73,8 +73,7 @@ class Extractor:
 
     def __post_init__(self) -> None:
         specs = [backbones.get_spec(n) for n in self.config.backbones]
-        self.sources = {s.name: backbones.resolve_weights(s, self.config.weights, self.config.seed)
-                        for s in specs}
+        self.sources = backbones.resolve_all(specs, self.config.weights, self.config.seed)
         self.specs = [backbones.bind(s, self.sources[s.name]) for s in specs]
         if self.config.weights == "random":
             log.warning("--weights random: the backbones are untrained, so features and scores mean "

@@ -19,7 +19,7 @@ from transfer_ensemble.backbones.keras_apps import keras_cache_dir
 from transfer_ensemble.errors import UserError
 
 __all__ = ["BackboneSpec", "Preprocessing", "WeightsSource", "file_sha256", "keras_cache_dir", "REGISTRY",
-           "DEFAULT_BACKBONES", "get_spec", "parse_backbones", "resolve_weights", "bind", "settings", "build",
+           "DEFAULT_BACKBONES", "get_spec", "parse_backbones", "resolve_weights", "resolve_all", "bind", "settings", "build",
            "needs_download", "offline_message", "random_backend", "with_mid_layer", "WeightsUnavailableError", "preprocess_input",
            "preprocess_fn"]
 
@@ -74,6 +74,24 @@ def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsS
     if source.kind == "random" and backend.name() != "tensorflow":
         return WeightsSource(source.kind, source.path, f"{source.identity}:backend={backend.name()}")
     return source
+
+
+def resolve_all(specs: list[BackboneSpec], weights: str, seed: int = 0) -> dict[str, WeightsSource]:
+    """``resolve_weights`` of each backbone. Where only some have their weights, one error names
+    every missing file and how to go on with the backbones that have theirs."""
+    sources, missing = {}, []
+    for spec in specs:
+        try:
+            sources[spec.name] = resolve_weights(spec, weights, seed)
+        except UserError as exc:
+            missing.append(exc)
+    if missing and not sources:
+        raise missing[0]
+    if missing:
+        present = ",".join(sources)
+        raise UserError(" ".join(map(str, missing)) + f" Or go on without {'them' if len(missing) > 1 else 'it'}, "
+                        f"with the backbones whose weights are there: --backbones {present}.")
+    return sources
 
 
 def random_backend(identity: str) -> str | None:
