@@ -197,6 +197,28 @@ def test_offline_message_names_the_preset_and_how_to_fetch_it(monkeypatch):
     assert "--weights WEIGHTS_DIR" in message
 
 
+def test_offline_with_xception_and_a_preset_each_paragraph_names_its_own_cause(monkeypatch, tmp_path):
+    import keras
+    import keras_hub
+
+    def no_xception(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/xception.h5")
+
+    def no_preset(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'api.kaggle.com'")
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no cached Xception file
+    monkeypatch.setattr(keras.applications, "Xception", no_xception)
+    monkeypatch.setattr(keras_hub.models.Backbone, "from_preset", no_preset)
+    extractor = Extractor(ExtractConfig(backbones=("xception", "dinov2_small"), weights="imagenet"))
+    with pytest.raises(backbones.WeightsUnavailableError) as info:
+        extractor.ensure_weights_known()
+    message = str(info.value)
+    apps, hub = message.split("Could not fetch the keras_hub preset")
+    assert "xception.h5" in apps and "api.kaggle.com" not in apps
+    assert "dinov2_small" in hub and "api.kaggle.com" in hub and "xception.h5" not in hub
+
+
 def test_a_wrong_weights_folder_is_a_clear_error(presets, data, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -114,13 +114,19 @@ class Extractor:
         log.info("built %s in %.1f s", ", ".join(s.name for s in missing), time.perf_counter() - start)
 
     def ensure_weights_known(self) -> None:
-        """Build (and so download) ImageNet backbones whose weight file is not cached yet."""
-        missing = [s for s in self.specs if backbones.needs_download(self.sources[s.name])]
-        for spec in missing:
+        """Build (and so download) ImageNet backbones whose weight file is not cached yet; one
+        error for those that could not be fetched, each builder's paragraph with its own cause."""
+        failed = {}
+        for spec in [s for s in self.specs if backbones.needs_download(self.sources[s.name])]:
             try:
                 self.model(spec)
+            except UserError:
+                raise
             except Exception as exc:  # Keras raises a plain Exception when a download fails.
-                raise backbones.WeightsUnavailableError(backbones.offline_message(missing, exc)) from None
+                failed[spec.name] = exc
+        if failed:
+            specs = [s for s in self.specs if s.name in failed]
+            raise backbones.WeightsUnavailableError(backbones.offline_message(specs, failed))
 
     def store_names(self, spec: backbones.BackboneSpec) -> list[str]:
         """The stores `spec`'s pass fills (``store.store_names``): its final features', then its

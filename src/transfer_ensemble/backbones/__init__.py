@@ -8,7 +8,7 @@ new file here and one line in ``BUILDERS``. Frameworks are imported only when a 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -122,12 +122,14 @@ class WeightsUnavailableError(UserError):
     """ImageNet weights are neither cached nor downloadable (typically: no internet)."""
 
 
-def offline_message(specs: list[BackboneSpec], cause: BaseException | None = None) -> str:
-    """One paragraph per builder of `specs`: what could not be fetched and how to fetch it once."""
+def offline_message(specs: list[BackboneSpec], causes: Mapping[str, BaseException] | None = None) -> str:
+    """One paragraph per builder of `specs`: what could not be fetched (with why: the first of
+    `causes`, by backbone name, among that builder's backbones) and how to fetch it once."""
     parts = []
     for builder, module in BUILDERS.items():
         mine = [s for s in specs if s.builder == builder]
         if mine:
+            cause = next((causes[s.name] for s in mine if s.name in (causes or {})), None)
             parts.append(module.offline_message(mine, cause))
     return " ".join(parts)
 
