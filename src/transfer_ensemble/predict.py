@@ -117,11 +117,12 @@ class Run:
         """Class probabilities (images, classes) in the order of `self.classes`.
 
         Each item is an image path or an RGB uint8 array (height, width, 3); a 4-d uint8 array
-        is a batch of them, and one path (a string) one image. With `tta` (the default) the models score the views they score in the
+        is a batch of them. With `tta` (the default) the models score the views they score in the
         submission; without it, the original view only (other views' own models are left out).
         Paths use the on-disk feature stores (under `cache_dir`, default RUN/predict/), arrays
         are scored in memory, in this process. `engine` names one of ``engines.ENGINES`` (or is an
         EngineConfig) to compute the features of paths and score them there; None is "local", here.
+        One path given alone (not in a list) is one image.
         """
         if batch_size is not None:
             batch_size = python_whole("Run.predict", "batch_size", batch_size, 1, "--batch-size")

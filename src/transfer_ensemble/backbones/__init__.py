@@ -19,9 +19,9 @@ from transfer_ensemble.backbones.keras_apps import keras_cache_dir
 from transfer_ensemble.errors import UserError
 
 __all__ = ["BackboneSpec", "Preprocessing", "WeightsSource", "file_sha256", "keras_cache_dir", "REGISTRY",
-           "DEFAULT_BACKBONES", "get_spec", "parse_backbones", "resolve_weights", "resolve_all", "bind", "settings", "build",
-           "needs_download", "offline_message", "random_backend", "with_mid_layer", "WeightsUnavailableError", "preprocess_input",
-           "preprocess_fn"]
+           "DEFAULT_BACKBONES", "get_spec", "parse_backbones", "resolve_weights", "resolve_all", "bind", "settings",
+           "build", "needs_download", "offline_message", "random_backend", "with_mid_layer", "WeightsUnavailableError",
+           "preprocess_input", "preprocess_fn"]
 
 BUILDERS = {keras_apps.BUILDER: keras_apps, hub.BUILDER: hub}
 

@@ -277,18 +277,21 @@ def _architecture(spec: BackboneSpec, config: dict, width: int, preset: Path) ->
     own = {"width": width} if spec.family == "efficientnet" else {k: config.get(k) for k in published}
     if own == published:
         return spec.arch
-    describe = lambda arch: ", ".join(f"{k} {v}" for k, v in arch.items())  # noqa: E731
     other = next((s for s in TABLE.values() if s.family == spec.family and s.name != spec.name
                   and _published(s) == own), None)
     if other is not None:
-        raise UserError(f"{preset} holds {other.name} ({describe(own)}), not {spec.name} ({describe(published)}): "
+        raise UserError(f"{preset} holds {other.name} ({_describe(own)}), not {spec.name} ({_describe(published)}): "
                         f"its features would be recorded under the wrong name. Move it to "
                         f"{preset.parent / other.name} and pass --backbones {other.name}, or save {spec.name} "
                         f"there with {fetch_command(spec.name, str(preset.parent))}.")
     log.warning("%s is not the published %s: it has %s where %s has %s. Its features are computed as it is "
-                "and its store settings record its architecture.", preset, spec.name, describe(own), spec.name,
-                describe(published))
+                "and its store settings record its architecture.", preset, spec.name, _describe(own), spec.name,
+                _describe(published))
     return own
+
+
+def _describe(arch: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in arch.items())
 
 
 def settings(spec: BackboneSpec) -> dict:
