@@ -217,6 +217,17 @@ def test_offline_with_xception_and_a_preset_each_paragraph_names_its_own_cause(m
     apps, hub = message.split("Could not fetch the keras_hub preset")
     assert "xception.h5" in apps and "api.kaggle.com" not in apps
     assert "dinov2_small" in hub and "api.kaggle.com" in hub and "xception.h5" not in hub
+    assert "--backbones" not in message  # no backbone has its weights
+
+    cache = tmp_path / "models"
+    cache.mkdir()
+    (cache / backbones.get_spec("xception").weights_file).write_bytes(b"cached xception weights")
+    extractor = Extractor(ExtractConfig(backbones=("xception", "dinov2_small"), weights="imagenet"))
+    with pytest.raises(backbones.WeightsUnavailableError) as info:
+        extractor.ensure_weights_known()
+    message = str(info.value)
+    assert message.startswith("Could not fetch the keras_hub preset dinov2_small") and "api.kaggle.com" in message
+    assert message.endswith("with the backbones whose weights are there: --backbones xception.")
 
 
 def test_a_wrong_weights_folder_is_a_clear_error(presets, data, tmp_path):

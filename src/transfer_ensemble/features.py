@@ -126,7 +126,9 @@ class Extractor:
                 failed[spec.name] = exc
         if failed:
             specs = [s for s in self.specs if s.name in failed]
-            raise backbones.WeightsUnavailableError(backbones.offline_message(specs, failed))
+            present = [s.name for s in self.specs if s.name not in failed]
+            raise backbones.WeightsUnavailableError(backbones.offline_message(specs, failed)
+                                                    + backbones.go_on_without(len(failed), present))
 
     def store_names(self, spec: backbones.BackboneSpec) -> list[str]:
         """The stores `spec`'s pass fills (``store.store_names``): its final features', then its

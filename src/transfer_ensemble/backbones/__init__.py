@@ -19,7 +19,7 @@ from transfer_ensemble.backbones.keras_apps import keras_cache_dir
 from transfer_ensemble.errors import UserError
 
 __all__ = ["BackboneSpec", "Preprocessing", "WeightsSource", "file_sha256", "keras_cache_dir", "REGISTRY",
-           "DEFAULT_BACKBONES", "get_spec", "parse_backbones", "resolve_weights", "resolve_all", "bind", "settings",
+           "DEFAULT_BACKBONES", "get_spec", "parse_backbones", "resolve_weights", "resolve_all", "go_on_without", "bind", "settings",
            "build", "needs_download", "offline_message", "random_backend", "with_mid_layer", "WeightsUnavailableError",
            "preprocess_input", "preprocess_fn"]
 
@@ -88,10 +88,17 @@ def resolve_all(specs: list[BackboneSpec], weights: str, seed: int = 0) -> dict[
     if missing and not sources:
         raise missing[0]
     if missing:
-        present = ",".join(sources)
-        raise UserError(" ".join(map(str, missing)) + f" Or go on without {'them' if len(missing) > 1 else 'it'}, "
-                        f"with the backbones whose weights are there: --backbones {present}.")
+        raise UserError(" ".join(map(str, missing)) + go_on_without(len(missing), list(sources)))
     return sources
+
+
+def go_on_without(missing: int, present: list[str]) -> str:
+    """The sentence that ends an error about `missing` backbones' weights: how to go on with the
+    `present` ones ("" when there are none)."""
+    if not present:
+        return ""
+    return (f" Or go on without {'them' if missing > 1 else 'it'}, with the backbones whose weights are "
+            f"there: --backbones {','.join(present)}.")
 
 
 def random_backend(identity: str) -> str | None:
