@@ -174,6 +174,83 @@ def test_content_decides_not_the_extension(tmp_path: Path) -> None:
     assert images.decode(gif).shape == (4, 6, 3)
 
 
+def _encoded(fmt: str, side: tuple[int, int] = (64, 48)) -> bytes:
+    """A `side` (width, height) image in `fmt`: by OpenCV where it writes the format, else by Pillow."""
+    width, height = side
+    pillow = {"bigtiff": ("TIFF", {"big_tiff": True}), "j2k": ("JPEG2000", {"no_jp2": True})}
+    if fmt in pillow:
+        import io
+
+        buffer = io.BytesIO()
+        name, options = pillow[fmt]
+        Image.new("RGB", side, RED).save(buffer, format=name, **options)
+        return buffer.getvalue()
+    pixels = noise((height, width) if fmt in (".pgm", ".pbm") else (height, width, 3))
+    if fmt in (".pfm", ".hdr"):
+        pixels = pixels.astype(np.float32) / 255
+    ok, data = cv2.imencode(fmt, pixels, [cv2.IMWRITE_TIFF_COMPRESSION, 8] if fmt == ".tiff" else [])
+    assert ok, fmt
+    return data.tobytes()
+
+
+SIZED_FORMATS = [".png", ".jpg", ".gif", ".bmp", ".webp", ".tiff", "bigtiff", ".ppm", ".pgm", ".pbm", ".pam",
+                 ".pfm", ".hdr", ".ras", ".jp2", "j2k", ".avif"]
+
+
+@pytest.mark.parametrize("fmt", SIZED_FORMATS)
+def test_every_format_opencv_decodes_declares_its_size_before_decoding(fmt: str) -> None:
+    data = _encoded(fmt)
+    assert images.header_size(data) == (64, 48)
+    assert images.header_size(np.frombuffer(data, np.uint8)) == (64, 48)
+    assert images.decode_bytes(np.frombuffer(data, np.uint8)).shape == (48, 64, 3)
+
+
+@pytest.mark.parametrize("fmt", [".tiff", ".ppm", ".pgm", ".ras", ".hdr"])
+def test_max_pixels_refuses_every_format_before_decoding(tmp_path: Path, fmt: str, monkeypatch) -> None:
+    path = tmp_path / f"wide{fmt}"
+    path.write_bytes(_encoded(fmt, (2000, 600)))
+    monkeypatch.setattr(cv2, "imdecode", lambda *args: pytest.fail("decoded an image over the cap"))
+    reason = images.check(path, max_pixels=1_000_000)
+    assert reason.startswith("is 2000 x 600 pixels (1,200,000), more than the limit of 1,000,000"), reason
+    with pytest.raises(images.ImageTooLarge):
+        images.load(path, TINY, max_pixels=1_000_000)
+
+
+def test_an_image_of_unknown_header_is_checked_after_decoding_and_decodes_alone(tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    path = write_bgr(tmp_path / "a.png", noise((40, 50, 3)))
+    monkeypatch.setattr(images, "header_size", lambda raw: None)  # as for a format whose header is not read
+    held = []
+    hold = images.DECODE_BUDGET.hold
+    monkeypatch.setattr(images.DECODE_BUDGET, "hold", lambda pixels: held.append(pixels) or hold(pixels))
+    assert images.check(path, max_pixels=1000) == ("is 50 x 40 pixels (2,000), more than the limit of 1,000 "
+                                                   "(--max-pixels): a decompression bomb, or a scan far larger "
+                                                   "than any model input. Shrink it, or raise --max-pixels if "
+                                                   "it is genuine")
+    assert held == [images.DECODE_BUDGET.pixels]
+    verdict = images.inspect(path, max_pixels=1000)
+    assert not verdict.cacheable, "a verdict of the cap must not be cached with the image's bytes"
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_a_floating_point_tiff_decodes(tmp_path: Path, channels: int) -> None:
+    values = np.zeros((6, 8, channels), np.float32)
+    values[..., :min(channels, 3)] = [0.0, 0.5, 1.0][:min(channels, 3)] if channels > 1 else 0.5
+    values[0, 0, 0] = 7.0  # out of range: clipped to white
+    path = write_bgr(tmp_path / "float.tiff", values[..., 0] if channels == 1 else values, ".tiff")
+    assert images.check(path) is None
+    rgb = images.decode(path)
+    assert rgb.shape == (6, 8, 3) and rgb.dtype == np.uint8
+    expected = [128, 128, 128] if channels == 1 else [255, 128, 0]  # stored BGR(A), returned RGB
+    assert rgb[1, 1].tolist() == expected
+
+
+def test_a_tiff_of_32_bit_integers_is_named_not_called_corrupt(tmp_path: Path) -> None:
+    path = write_bgr(tmp_path / "int.tiff", np.ones((6, 8, 3), np.int32), ".tiff")
+    reason = images.check(path)
+    assert reason.startswith("is a TIFF of 3 channel(s) of int32 samples, which is not decoded"), reason
+
+
 # ---- undecodable ---------------------------------------------------------------------------
 
 def test_empty_file(tmp_path: Path) -> None:

@@ -141,3 +141,35 @@ def test_run_config_is_merged_once(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cli.cmd_run(args)
     assert calls["train"] == TrainConfig(head="seed", options=heads.SeedOptions(epochs=2))
+
+
+def test_workflow_extract_takes_a_dict_of_options_or_none_like_train(tmp_path, monkeypatch):
+    from conftest import make_kaggle
+    from transfer_ensemble import features
+
+    data = make_kaggle(tmp_path / "data", per_class=2, n_test=1)
+    seen = []
+
+    def stop(config, scale=1.0):
+        seen.append(config)
+        raise UserError("stopped before extracting")
+
+    monkeypatch.setattr(features, "Extractor", stop)
+    for config in ({"backbones": "mobilenet_v2", "image_size": 40, "weights": "random"}, None):
+        with pytest.raises(UserError, match="stopped before extracting"):
+            workflow.extract(data, tmp_path / "run", config)
+    assert seen == [ExtractConfig(backbones=("mobilenet_v2",), image_size=40, weights="random"), ExtractConfig()]
+    with pytest.raises(UserError, match=r"'image_sise' \(given to workflow.extract\(..., config\)\) is not an "
+                                        r"option: did you mean 'image_size'"):
+        workflow.extract(data, tmp_path / "run", {"image_sise": 40})
+    with pytest.raises(UserError, match=r"workflow.extract\(..., config\) takes a dict of option names"):
+        workflow.extract(data, tmp_path / "run", "xception")
+    assert not (tmp_path / "run").exists()
+
+
+def test_workflow_submit_and_blend_refuse_bad_arguments_in_the_clis_words(tmp_path):
+    with pytest.raises(UserError, match=r"out=None \(given to workflow.submit\) must be the path of the "
+                                        r"submission CSV to write \(--out\)"):
+        workflow.submit(tmp_path, None)
+    with pytest.raises(UserError, match=r"parts=3 \(given to workflow.blend\) must be a list of head recipe names"):
+        workflow.blend(tmp_path, 3)

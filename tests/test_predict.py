@@ -231,3 +231,28 @@ def test_train_reads_the_datasets_records_and_hashes_each_store_once(trained, tm
     keys = sorted(hashed)
     assert len(keys) == 4 and len(set(keys)) == 4, keys  # 2 backbones x (train, test), one scale
     assert [p for p in reads if p.name == "dataset.json"] == [copy / "dataset.json"]
+
+
+def test_python_api_takes_one_path_and_refuses_bad_arguments_in_the_clis_words(trained, tmp_path):
+    from transfer_ensemble import workflow
+
+    data, run, _ = trained
+    model = predict.Run.load(run)
+    one = sorted((data / "test").iterdir())[0]
+    single = model.predict(str(one), cache_dir=tmp_path / "cache")
+    assert single.shape == (1, len(model.classes))
+    np.testing.assert_allclose(single, model.predict([one], cache_dir=tmp_path / "cache"), rtol=0, atol=1e-7)
+    with pytest.raises(UserError, match=r"Image 1 is None \(null\); pass image paths or RGB uint8 arrays"):
+        model.predict([one, None])
+    with pytest.raises(UserError, match=r"Image 0 is an empty array of shape \(0, 0, 3\)"):
+        model.predict([np.zeros((0, 0, 3), np.uint8)])
+    with pytest.raises(UserError, match=r"batch_size=-3 \(given to Run.predict\) is out of range: it must be a "
+                                        r"whole number of at least 1"):
+        model.predict([images.decode(one)], batch_size=-3)
+    out = tmp_path / "top.csv"
+    with pytest.raises(UserError, match=r"k=-1 \(given to predict_to_csv\) is out of range"):
+        predict.predict_to_csv(run, data / "test", out, fmt="top-k", k=-1)
+    assert not out.exists()
+    with pytest.raises(UserError) as info:
+        workflow.blend(run, "linear,seed")
+    assert "'linear' is not a trained, current head recipe" in str(info.value), str(info.value)

@@ -203,3 +203,22 @@ def test_the_cli_predict_and_report_modules_do_not_import_tensorflow():
     code = ("import sys, transfer_ensemble.cli, transfer_ensemble.predict, transfer_ensemble.report; "
             "sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_regularisation_plot_labels_its_log_scale_ticks_as_plain_numbers(monkeypatch):
+    """The report turns maths parsing off (class names are text), so a log axis must not use
+    matplotlib's mathtext tick labels, which would print as `$\\mathdefault{10^{-3}}$`."""
+    import matplotlib
+    from types import SimpleNamespace
+
+    figures = []
+    monkeypatch.setattr(report, "_png", lambda figure: figures.append(figure) or PNG_SIGNATURE)
+    history = SimpleNamespace(search={"0.001": 1.1, "0.1": 0.8, "10.0": 0.9, "1000.0": 1.0}, chosen={"C": 0.1},
+                              iterations=7, note="")
+    with matplotlib.rc_context({"text.parse_math": False}):
+        report._search_section(SimpleNamespace(histories={"pooled": [history]}))
+        figures[0].canvas.draw()
+        axis = figures[0].axes[0].xaxis
+        labels = [t.get_text() for t in axis.get_ticklabels(which="both") if t.get_text()]
+    assert labels and not any("$" in label or "mathdefault" in label for label in labels), labels
+    assert {"0.001", "0.1", "10", "1000"} <= set(labels), labels

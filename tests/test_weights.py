@@ -7,6 +7,7 @@ import pytest
 from conftest import TINY, draw, make_kaggle, run_cli
 from transfer_ensemble import backbones
 from transfer_ensemble.config import ExtractConfig
+from transfer_ensemble.errors import UserError
 from transfer_ensemble.features import Extractor
 
 pytestmark = pytest.mark.slow  # every test builds a backbone or runs the CLI in a subprocess
@@ -93,3 +94,15 @@ def test_a_run_on_random_jax_weights_is_refused_by_predict_on_tensorflow(tmp_pat
                      env={"KERAS_BACKEND": "tensorflow"})
     assert result.returncode == 2, result.stderr
     assert "random:seed=0:backend=jax" in result.stderr and "Traceback" not in result.stderr
+    assert "KERAS_BACKEND=jax" in result.stderr and "Pass --weights" not in result.stderr
+
+
+def test_weights_dir_with_only_xceptions_file_says_how_to_go_on_with_xception_alone(tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / backbones.get_spec("xception").weights_file).write_bytes(b"xception weights")
+    with pytest.raises(UserError) as info:
+        Extractor(ExtractConfig(weights=str(weights)))
+    message = str(info.value)
+    assert "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert "--backbones xception " in message or message.endswith("--backbones xception.")

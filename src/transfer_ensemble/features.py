@@ -73,8 +73,7 @@ class Extractor:
 
     def __post_init__(self) -> None:
         specs = [backbones.get_spec(n) for n in self.config.backbones]
-        self.sources = {s.name: backbones.resolve_weights(s, self.config.weights, self.config.seed)
-                        for s in specs}
+        self.sources = backbones.resolve_all(specs, self.config.weights, self.config.seed)
         self.specs = [backbones.bind(s, self.sources[s.name]) for s in specs]
         if self.config.weights == "random":
             log.warning("--weights random: the backbones are untrained, so features and scores mean "
@@ -115,13 +114,21 @@ class Extractor:
         log.info("built %s in %.1f s", ", ".join(s.name for s in missing), time.perf_counter() - start)
 
     def ensure_weights_known(self) -> None:
-        """Build (and so download) ImageNet backbones whose weight file is not cached yet."""
-        missing = [s for s in self.specs if backbones.needs_download(self.sources[s.name])]
-        for spec in missing:
+        """Build (and so download) ImageNet backbones whose weight file is not cached yet; one
+        error for those that could not be fetched, each builder's paragraph with its own cause."""
+        failed = {}
+        for spec in [s for s in self.specs if backbones.needs_download(self.sources[s.name])]:
             try:
                 self.model(spec)
+            except UserError:
+                raise
             except Exception as exc:  # Keras raises a plain Exception when a download fails.
-                raise backbones.WeightsUnavailableError(backbones.offline_message(missing, exc)) from None
+                failed[spec.name] = exc
+        if failed:
+            specs = [s for s in self.specs if s.name in failed]
+            present = [s.name for s in self.specs if s.name not in failed]
+            raise backbones.WeightsUnavailableError(backbones.offline_message(specs, failed)
+                                                    + backbones.go_on_without(len(failed), present))
 
     def store_names(self, spec: backbones.BackboneSpec) -> list[str]:
         """The stores `spec`'s pass fills (``store.store_names``): its final features', then its

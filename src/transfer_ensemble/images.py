@@ -9,9 +9,11 @@ work. What every image becomes, the same for training, test and prediction:
   than wide, in training and at test time alike.
 * Grayscale and palette images become 3 identical or looked-up RGB channels; alpha is dropped
   (the colour channels are kept as stored, not blended onto a background).
-* 16-bit images are scaled to 8 bits (the value divided by 256); CMYK JPEGs are converted to RGB.
-* Any size from 1x1 up to OpenCV's limit (2^30 pixels) is read; large images cost their full
-  decode once (10000 x 10000 pixels: about 300 MB while decoding) and are then area-resized.
+* 16-bit images are scaled to 8 bits (the value divided by 256); CMYK JPEGs are converted to RGB;
+  floating-point TIFFs are read as 0 black, 1 white.
+* Any size from 1x1 up to `max_pixels` (read from the header of every format OpenCV decodes
+  here, checked after decoding for any other) is read; large images cost their full decode once
+  (10000 x 10000 pixels: about 300 MB while decoding) and are then area-resized.
 
 A file that does not decode (empty, truncated, not an image, a format OpenCV cannot read)
 raises ImageReadError whose message says which of these it is.
@@ -24,6 +26,7 @@ import hashlib
 import itertools
 import os
 import queue
+import re
 import struct
 import threading
 from collections import deque
@@ -104,8 +107,30 @@ class PixelBudget:
 DECODE_BUDGET = PixelBudget(DECODE_BUDGET_PIXELS)
 
 
-def header_size(raw: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG, JPEG, GIF, BMP or WebP header, without decoding; else None."""
+HEADER_BYTES = 65536
+"""How much of a file (given as an array) is read for its header; a TIFF's directory is read where it is."""
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+SUN_RASTER_MAGIC = b"\x59\xa6\x6a\x95"
+JP2_MAGIC = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+J2K_MAGIC = b"\xff\x4f\xff\x51"
+
+
+def header_size(raw: bytes | np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from the header of any format OpenCV decodes here (PNG, JPEG, GIF, BMP, WebP,
+    TIFF, PNM/PAM/PFM, Sun raster, Radiance HDR, JPEG 2000, AVIF), without decoding; else None.
+
+    `raw` is the file's bytes, or its uint8 array, of which only the first `HEADER_BYTES` and
+    a TIFF's first image directory are read."""
+    if not isinstance(raw, bytes):
+        if bytes(raw[:4]) in TIFF_MAGIC:
+            return _tiff_size(raw)
+        raw = bytes(raw[:HEADER_BYTES])
+    if raw[:4] in TIFF_MAGIC:
+        return _tiff_size(raw)
+    return _other_size(raw)
+
+
+def _other_size(raw: bytes) -> tuple[int, int] | None:
     if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR":
         return struct.unpack(">II", raw[16:24])
     if raw[:4] in (b"GIF8",) and len(raw) >= 10:
@@ -125,7 +150,79 @@ def header_size(raw: bytes) -> tuple[int, int] | None:
             return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
     if raw[:2] == JPEG_MAGIC:
         return _jpeg_size(raw)
+    if raw[:4] == SUN_RASTER_MAGIC and len(raw) >= 12:
+        return struct.unpack(">II", raw[4:12])
+    if raw[:12] == JP2_MAGIC:
+        at = raw.find(b"ihdr")
+        return struct.unpack(">II", raw[at + 4:at + 12])[::-1] if at > 0 and len(raw) >= at + 12 else None
+    if raw[:4] == J2K_MAGIC and len(raw) >= 24:
+        width, height, x0, y0 = struct.unpack(">IIII", raw[8:24])
+        return width - x0, height - y0
+    if raw[4:8] == b"ftyp":
+        return _isobmff_size(raw)
+    if raw[:2] in (b"PF", b"Pf") or (raw[:1] == b"P" and raw[1:2] in b"123456"):
+        return _pnm_size(raw)
+    if raw[:3] == b"P7\n":
+        return _pam_size(raw)
+    if raw[:10] == b"#?RADIANCE" or raw[:6] == b"#?RGBE":
+        return _hdr_size(raw)
     return None
+
+
+def _tiff_size(raw: bytes | np.ndarray) -> tuple[int, int] | None:
+    """ImageWidth and ImageLength of a TIFF's (or BigTIFF's) first image directory."""
+    order = "<" if bytes(raw[:2]) == b"II" else ">"
+    big = bytes(raw[2:4]) in (b"+\x00", b"\x00+")
+    try:
+        if big:
+            (start,) = struct.unpack(order + "Q", bytes(raw[8:16]))
+            (count,) = struct.unpack(order + "Q", bytes(raw[start:start + 8]))
+            entry, first, fmt = 20, start + 8, "HHQ8s"
+        else:
+            (start,) = struct.unpack(order + "I", bytes(raw[4:8]))
+            (count,) = struct.unpack(order + "H", bytes(raw[start:start + 2]))
+            entry, first, fmt = 12, start + 2, "HHI4s"
+        found = {}
+        table = bytes(raw[first:first + entry * min(count, 4096)])
+        for at in range(0, len(table) - entry + 1, entry):
+            tag, kind, _, value = struct.unpack(order + fmt, table[at:at + entry])
+            if tag in (256, 257):
+                found[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), value[:2 if kind == 3 else 4])[0]
+    except struct.error:
+        return None
+    return (found[256], found[257]) if len(found) == 2 else None
+
+
+def _isobmff_size(raw: bytes) -> tuple[int, int] | None:
+    """The largest image extent ('ispe' property) an AVIF/HEIF file declares."""
+    sizes, at = [], raw.find(b"ispe")
+    while at > 0 and len(raw) >= at + 16:
+        sizes.append(struct.unpack(">II", raw[at + 8:at + 16]))
+        at = raw.find(b"ispe", at + 4)
+    return max(sizes, key=lambda size: size[0] * size[1]) if sizes else None
+
+
+def _pnm_size(raw: bytes) -> tuple[int, int] | None:
+    """Width and height of a PBM/PGM/PPM (P1 to P6) or PFM header: whitespace-separated, # comments."""
+    text = re.sub(rb"#[^\n]*", b" ", raw[2:512])
+    numbers = re.match(rb"\s+(\d+)\s+(\d+)", text)
+    return (int(numbers[1]), int(numbers[2])) if numbers else None
+
+
+def _pam_size(raw: bytes) -> tuple[int, int] | None:
+    """WIDTH and HEIGHT of a PAM (P7) header."""
+    header = raw[:raw.find(b"ENDHDR")] if b"ENDHDR" in raw[:4096] else raw[:4096]
+    width, height = re.search(rb"\bWIDTH\s+(\d+)", header), re.search(rb"\bHEIGHT\s+(\d+)", header)
+    return (int(width[1]), int(height[1])) if width and height else None
+
+
+def _hdr_size(raw: bytes) -> tuple[int, int] | None:
+    """The resolution line after a Radiance HDR header, e.g. ``-Y 480 +X 640``."""
+    line = re.search(rb"\n\n([-+])([XY]) (\d+) ([-+])([XY]) (\d+)", raw[:4096])
+    if not line:
+        return None
+    first, second = int(line[3]), int(line[6])
+    return (second, first) if line[2] == b"Y" else (first, second)
 
 
 def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
@@ -150,17 +247,20 @@ def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
     return None
 
 
-def check_pixels(raw: bytes, max_pixels: int = MAX_PIXELS) -> int:
+def check_pixels(raw: bytes | np.ndarray, max_pixels: int = MAX_PIXELS) -> int:
     """The pixels the header declares (0 if unknown); ImageTooLarge above `max_pixels`."""
     size = header_size(raw)
     if size is None:
         return 0
-    width, height = size
+    _check_size(*size, max_pixels)
+    return size[0] * size[1]
+
+
+def _check_size(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageTooLarge(f"is {width} x {height} pixels ({width * height:,}), more than the limit of "
                             f"{max_pixels:,} (--max-pixels): a decompression bomb, or a scan far larger "
                             f"than any model input. Shrink it, or raise --max-pixels if it is genuine")
-    return width * height
 
 
 def read_bytes(path: str | Path) -> np.ndarray:
@@ -184,8 +284,9 @@ def decode(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 def decode_bytes(data: np.ndarray, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode an image file's bytes (uint8 array) to RGB uint8 (height, width, 3).
 
-    Images declaring more than `max_pixels` are refused before decoding; decodes in all threads
-    together hold at most `DECODE_BUDGET` pixels (one larger image alone may proceed).
+    Images declaring more than `max_pixels` are refused before decoding, and any image decoded
+    larger (a format whose header is not read) right after; decodes in all threads together hold
+    at most `DECODE_BUDGET` pixels (one larger image, or one of unknown size, decodes alone).
     """
     if data.size == 0:
         raise ImageReadError("is empty (0 bytes)")
@@ -194,8 +295,11 @@ def decode_bytes(data: np.ndarray, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if raw[:2] == JPEG_MAGIC and _jpeg_truncated(raw):
         raise ImageReadError("is a truncated JPEG (the image data stops before its end-of-image marker)")
     try:
-        with DECODE_BUDGET.hold(pixels):
+        with DECODE_BUDGET.hold(pixels or DECODE_BUDGET.pixels):
             image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB)
+        if image is None and raw[:4] in TIFF_MAGIC:
+            with DECODE_BUDGET.hold(8 * (pixels or DECODE_BUDGET.pixels)):  # up to 8 bytes a sample
+                image = _decode_wide_tiff(data)
     except cv2.error as exc:
         detail = str(exc).strip().splitlines()[-1]
         if "MAX_IMAGE_PIXELS" in detail or "validateInputImageSize" in detail:
@@ -204,7 +308,24 @@ def decode_bytes(data: np.ndarray, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageReadError(f"cannot be decoded by OpenCV ({detail})") from None
     if image is None or image.size == 0:
         raise ImageReadError(_why_undecodable(raw))
+    _check_size(image.shape[1], image.shape[0], max_pixels)
     return image
+
+
+def _decode_wide_tiff(data: np.ndarray) -> np.ndarray | None:
+    """A TIFF of samples libtiff's RGBA reader refuses, as RGB uint8: floating point (0 black, 1
+    white, as OpenCV scales float images) decoded; other sample types named. None when it does
+    not decode at all."""
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        return None
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if image.dtype.kind != "f" or channels not in (1, 3, 4):
+        raise ImageReadError(f"is a TIFF of {channels} channel(s) of {image.dtype} samples, which is not decoded: "
+                             f"save it with 8- or 16-bit integer or floating-point samples, as gray, RGB or RGBA")
+    pixels = (np.clip(np.nan_to_num(image, nan=0.0), 0.0, 1.0) * 255).round().astype(np.uint8)
+    code = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}[channels]
+    return cv2.cvtColor(pixels, code)
 
 
 def _jpeg_truncated(raw: bytes) -> bool:
@@ -301,13 +422,15 @@ def inspect(path: str | Path, known: Mapping[str, str | None] | None = None,
         return Inspection(None, str(exc))
     digest = content_hash(data)
     try:
-        check_pixels(data[:65536].tobytes(), max_pixels)
+        check_pixels(data, max_pixels)
     except ImageTooLarge as exc:
         return Inspection(digest, str(exc), cacheable=False)
     if known is not None and digest in known:
         return Inspection(digest, known[digest])
     try:
         decode_bytes(data, max_pixels)
+    except ImageTooLarge as exc:
+        return Inspection(digest, str(exc), cacheable=False)
     except ImageReadError as exc:
         return Inspection(digest, str(exc))
     return Inspection(digest, None)

@@ -45,6 +45,11 @@ def python_overrides(values: "dict | None", call: str) -> Overrides:
 Where = Callable[[str], "str | None"]
 
 
+def python_whole(call: str, key: str, value: Any, low: int, flag: str) -> int:
+    """A whole number given to a Python `call` as `key` (the CLI's `flag`), in the words of any option."""
+    return Checker(lambda _: PythonOrigin(call), {key: flag}).whole(key, value, low)
+
+
 def nowhere(key: str) -> None:
     return None
 

@@ -30,10 +30,11 @@ from typing import Iterator, Sequence, TextIO
 import numpy as np
 import pandas as pd
 
-from transfer_ensemble import backend, engines, features, images
+from transfer_ensemble import backbones, backend, engines, features, images
 from transfer_ensemble.config import MAX_PIXELS, EngineConfig, ExtractConfig, engine_config
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
 from transfer_ensemble.errors import UserError
+from transfer_ensemble.options import describe, python_whole
 from transfer_ensemble.recipes import POOLED, Blend, Recipe, select_recipe
 from transfer_ensemble.runfolder import PREDICT_SPLIT, SPLITS, PredictCache, RunFolder
 from transfer_ensemble.scoring import Scorer
@@ -119,9 +120,15 @@ class Run:
         Paths use the on-disk feature stores (under `cache_dir`, default RUN/predict/), arrays
         are scored in memory, in this process. `engine` names one of ``engines.ENGINES`` (or is an
         EngineConfig) to compute the features of paths and score them there; None is "local", here.
+        One path given alone (not in a list) is one image.
         """
+        if batch_size is not None:
+            batch_size = python_whole("Run.predict", "batch_size", batch_size, 1, "--batch-size")
+        if isinstance(images_or_paths, (str, os.PathLike)):
+            images_or_paths = [images_or_paths]
         items = list(images_or_paths) if not isinstance(images_or_paths, np.ndarray) \
             else list(images_or_paths) if images_or_paths.ndim == 4 else [images_or_paths]
+        _check_items(items)
         if not items:
             return np.zeros((0, len(self.classes)), dtype=np.float64)
         if any(isinstance(it, np.ndarray) for it in items):
@@ -261,6 +268,18 @@ def _hold_cache_lock(cache: PredictCache) -> Iterator[None]:
         yield
 
 
+def _check_items(items: list) -> None:
+    """Refuse what is neither an image path nor a non-empty RGB uint8 array, naming it."""
+    for index, item in enumerate(items):
+        if isinstance(item, np.ndarray):
+            if item.ndim == 3 and item.shape[2] == 3 and item.dtype == np.uint8 and not item.size:
+                raise UserError(f"Image {index} is an empty array of shape {item.shape}; pass RGB uint8 arrays "
+                                f"of shape (height, width, 3) with at least one pixel, or image paths.")
+        elif not isinstance(item, (str, os.PathLike)) or not str(item).strip():
+            raise UserError(f"Image {index} is {item!r} ({describe(item)}); pass image paths or RGB uint8 arrays "
+                            f"of shape (height, width, 3).")
+
+
 def _as_model_input(item, size: int, index: int) -> np.ndarray:
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
@@ -285,6 +304,12 @@ def _check_feature_identity(run: RunFolder, recipe: Recipe, extractor: features.
         if then is None:
             raise UserError(f"The head recipe {recipe.name!r} of {run.path} records no {spec.name} features, "
                             f"so the weights cannot be checked. Train it again on this run.")
+        drawn = backbones.random_backend(then["weights"])
+        if backbones.random_backend(now["weights"]) and drawn not in (None, backend.name()):
+            raise UserError(
+                f"The run {run.path} was extracted with random {spec.name} weights drawn by Keras on "
+                f"{drawn} (identity {then['weights']}); this process runs Keras on {backend.name()}, "
+                f"whose random weights differ. Run predict with KERAS_BACKEND={drawn}.")
         if now["weights"] != then["weights"]:
             asked = (f"--weights {extractor.config.weights}" if weights_given
                      else f"the run's own --weights {extractor.config.weights}")
@@ -397,6 +422,9 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
     """
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
+    k = python_whole("predict_to_csv", "k", k, 1, "--k")
+    if batch_size is not None:
+        batch_size = python_whole("predict_to_csv", "batch_size", batch_size, 1, "--batch-size")
     config = engine_config(engine)
     backend.check_available()
     folder = RunFolder.existing(run_dir, "predict with")

@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import matplotlib
 import numpy as np
+from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -166,6 +167,8 @@ def _search_section(record: RunRecord) -> Section:
             rows.append([f"{group}, fold {fold}", history.chosen.get("C"), history.iterations,
                          min(curve.values()) if curve else history.note])
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda c, _: f"{c:g}"))  # not mathtext: parse_math is off
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("C (inverse L2 strength)", fontsize=8)
     ax.set_ylabel("held-out log loss", fontsize=8)
     ax.grid(alpha=0.3)

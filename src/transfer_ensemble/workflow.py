@@ -8,6 +8,7 @@ killed and run again, and a failed step leaves the run as it was.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -67,18 +68,21 @@ def _bad_image_error(bad: dict[str, list[tuple[Item, str]]]) -> UserError:
     )
 
 
-def extract(data: str | Path, run_dir: str | Path, config: ExtractConfig, folds: int | None = None,
-            engine: EngineConfig | None = None) -> list[dict]:
+def extract(data: str | Path, run_dir: str | Path, config: "ExtractConfig | dict | None" = None,
+            folds: int | None = None, engine: EngineConfig | None = None) -> list[dict]:
     """Check every image, then compute the features of the train and test splits.
 
     `folds`, when training will follow (`run`), is checked against the class counts first, so a
     class too small for the folds stops the run before the long extraction rather than after.
     The run's records (config.json, dataset.json) change only once the features are complete.
     `engine` (default local; see ``engines``) says where the features are computed; the stores
-    are the same.
+    are the same. `config` is an ExtractConfig, or a dict of option names (e.g.
+    ``{"backbones": "xception"}``) over the defaults; None is the defaults.
     """
     from transfer_ensemble import backend, features
 
+    if not isinstance(config, ExtractConfig):
+        config = merged(ExtractConfig, None, python_overrides(config, "workflow.extract(..., config)"))
     backend.check_available()
     where = engines.get(engine_config(engine))
     run = RunFolder(run_dir)
@@ -228,10 +232,16 @@ def calibration(labels: np.ndarray, oof: np.ndarray) -> dict:
             "after": ensemble.score(labels, ensemble.calibrate(oof, temperature))}
 
 
-def blend(run_dir: str | Path, parts: list[str]) -> dict:
+def blend(run_dir: str | Path, parts: "list[str] | str") -> dict:
     """Mix trained recipes with weights fitted on their OOF predictions (never on test), then a
     temperature fitted on the mixed OOF predictions. The blend is kept beside the recipes and is
-    what `submit` uses next. Returns its name, weights and metrics, and every recipe's status."""
+    what `submit` uses next. Returns its name, weights and metrics, and every recipe's status.
+    `parts` is a list of recipe names, or one string of them separated by commas, as --blend."""
+    if isinstance(parts, str):
+        parts = [name.strip() for name in parts.split(",") if name.strip()]
+    if not isinstance(parts, (list, tuple)) or not all(isinstance(name, str) for name in parts):
+        raise UserError(f"parts={parts!r} (given to workflow.blend) must be a list of head recipe names, or "
+                        f"one string of them separated by commas (--blend A,B).")
     run = RunFolder.existing(run_dir, "blend")
     with run.lock(), disk_errors(run.path):
         if len(parts) < 2 or len(set(parts)) != len(parts):
@@ -299,6 +309,9 @@ def submit(run_dir: str | Path, out: str | Path, heads: str | None = None, recor
     The recipe is `heads`, else the run's current recipe with the lowest OOF log loss. With
     `record_out` (the `run` command), `out` is recorded in config.json once it is written.
     """
+    if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
+        raise UserError(f"out={out!r} (given to workflow.submit) must be the path of the submission CSV to "
+                        f"write (--out).")
     run = RunFolder.existing(run_dir, "submit")
     with run.lock(), disk_errors(out):
         run_data = run.read_run_data()

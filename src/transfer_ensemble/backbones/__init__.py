@@ -8,7 +8,7 @@ new file here and one line in ``BUILDERS``. Frameworks are imported only when a 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -19,9 +19,9 @@ from transfer_ensemble.backbones.keras_apps import keras_cache_dir
 from transfer_ensemble.errors import UserError
 
 __all__ = ["BackboneSpec", "Preprocessing", "WeightsSource", "file_sha256", "keras_cache_dir", "REGISTRY",
-           "DEFAULT_BACKBONES", "get_spec", "parse_backbones", "resolve_weights", "bind", "settings", "build",
-           "needs_download", "offline_message", "with_mid_layer", "WeightsUnavailableError", "preprocess_input",
-           "preprocess_fn", "register", "unregister"]
+           "DEFAULT_BACKBONES", "get_spec", "parse_backbones", "resolve_weights", "resolve_all", "go_on_without",
+           "bind", "settings", "build", "needs_download", "offline_message", "random_backend", "with_mid_layer",
+           "WeightsUnavailableError", "preprocess_input", "preprocess_fn", "register", "unregister"]
 
 BUILDERS = {keras_apps.BUILDER: keras_apps, hub.BUILDER: hub}
 
@@ -96,6 +96,39 @@ def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsS
     return source
 
 
+def resolve_all(specs: list[BackboneSpec], weights: str, seed: int = 0) -> dict[str, WeightsSource]:
+    """``resolve_weights`` of each backbone. Where only some have their weights, one error names
+    every missing file and how to go on with the backbones that have theirs."""
+    sources, missing = {}, []
+    for spec in specs:
+        try:
+            sources[spec.name] = resolve_weights(spec, weights, seed)
+        except UserError as exc:
+            missing.append(exc)
+    if missing and not sources:
+        raise missing[0]
+    if missing:
+        raise UserError(" ".join(map(str, missing)) + go_on_without(len(missing), list(sources)))
+    return sources
+
+
+def go_on_without(missing: int, present: list[str]) -> str:
+    """The sentence that ends an error about `missing` backbones' weights: how to go on with the
+    `present` ones ("" when there are none)."""
+    if not present:
+        return ""
+    return (f" Or go on without {'them' if missing > 1 else 'it'}, with the backbones whose weights are "
+            f"there: --backbones {','.join(present)}.")
+
+
+def random_backend(identity: str) -> str | None:
+    """The Keras backend that drew random weights of this identity (``resolve_weights``); None
+    for other weights."""
+    if not identity.startswith("random:"):
+        return None
+    return identity.partition(":backend=")[2] or "tensorflow"
+
+
 def bind(spec: BackboneSpec, source: WeightsSource) -> BackboneSpec:
     """The spec as `source` has it (a saved keras_hub preset knows its own width and size)."""
     return BUILDERS[spec.builder].bind(spec, source)
@@ -116,12 +149,14 @@ class WeightsUnavailableError(UserError):
     """ImageNet weights are neither cached nor downloadable (typically: no internet)."""
 
 
-def offline_message(specs: list[BackboneSpec], cause: BaseException | None = None) -> str:
-    """One paragraph per builder of `specs`: what could not be fetched and how to fetch it once."""
+def offline_message(specs: list[BackboneSpec], causes: Mapping[str, BaseException] | None = None) -> str:
+    """One paragraph per builder of `specs`: what could not be fetched (with why: the first of
+    `causes`, by backbone name, among that builder's backbones) and how to fetch it once."""
     parts = []
     for builder, module in BUILDERS.items():
         mine = [s for s in specs if s.builder == builder]
         if mine:
+            cause = next((causes[s.name] for s in mine if s.name in (causes or {})), None)
             parts.append(module.offline_message(mine, cause))
     return " ".join(parts)
 

@@ -129,8 +129,31 @@ def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsS
             f"The weights folder {folder} has no keras_hub preset {spec.name}: {preset} lacks "
             f"{', '.join(missing)} (the folder holds {', '.join(found) or 'nothing'}). Write it once on a "
             f"machine with internet with {fetch_command(spec.name, str(folder))} and copy it here.")
+    _check_weights_file(spec, preset / "model.weights.h5")
     identity = hashlib.sha256("".join(file_sha256(preset / name) for name in WEIGHT_FILES).encode()).hexdigest()
     return WeightsSource("file", preset, f"sha256:{identity}")
+
+
+def _check_weights_file(spec: BackboneSpec, path: Path) -> None:
+    """Refuse a weights file that is not a whole HDF5 file (HDF5 checks its recorded end at opening)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visit(lambda name: None)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path} is not a readable weights file ({exc}): it is damaged or cut short, e.g. by "
+                        f"an interrupted copy. Copy the preset folder again from where it was saved, or write "
+                        f"it again with {fetch_command(spec.name, str(path.parent.parent))}.") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a preset's JSON file could not be read, in words."""
+    if isinstance(exc, KeyError):
+        return f"it has no {exc.args[0]!r} entry"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"it is not JSON: {exc}"
+    return str(exc)
 
 
 def _read_config(spec: BackboneSpec, preset: Path) -> dict:
@@ -141,8 +164,10 @@ def _read_config(spec: BackboneSpec, preset: Path) -> dict:
         kind, config = saved["class_name"], saved["config"]
         if kind == family.full_cls:
             kind, config = config["vision_encoder"]["class_name"], config["vision_encoder"]["config"]
+        if not isinstance(config, dict):
+            raise ValueError(f"its config is {type(config).__name__}, not an object")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{preset / 'config.json'} is not a keras_hub preset config ({exc}). Write the "
+        raise UserError(f"{preset / 'config.json'} is not a keras_hub preset config ({_reason(exc)}). Write the "
                         f"folder again with {fetch_command(spec.name)}.") from None
     if kind != family.cls:
         raise UserError(f"{preset} holds a {kind}, not the {family.cls} that {spec.name} is. Save "
@@ -155,43 +180,127 @@ def _preprocessing(spec: BackboneSpec, preset: Path) -> Preprocessing:
     path = preset / "image_converter.json"
     if not path.is_file():
         return spec.preprocessing
-    config = json.loads(path.read_text())["config"]
-    scale, offset = config.get("scale"), config.get("offset")
-    scale = [scale] * 3 if isinstance(scale, (int, float)) else scale or [1.0] * 3
-    offset = [offset] * 3 if isinstance(offset, (int, float)) else offset or [0.0] * 3
+    try:
+        config = json.loads(path.read_text())["config"]
+        scale, offset = _per_channel(config.get("scale"), 1.0), _per_channel(config.get("offset"), 0.0)
+        if 0 in scale:
+            raise ValueError(f"its scale {config.get('scale')!r} has a zero")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path} is not a keras_hub image converter config ({_reason(exc)}). Delete it to use "
+                        f"{spec.name}'s published preprocessing, or write the folder again with "
+                        f"{fetch_command(spec.name)}.") from None
     std = tuple(float(1 / 255 / s) for s in scale)
     return Preprocessing(mean=tuple(float(-o * d) for o, d in zip(offset, std)), std=std)
 
 
+def _per_channel(value, default: float) -> list[float]:
+    """An image converter's scale or offset (absent, one number or one per channel) as 3 numbers."""
+    if value is None or value == []:
+        return [default] * 3
+    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
+    if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                   for v in values):
+        raise ValueError(f"{value!r} is neither a number nor 3 numbers")
+    return [float(v) for v in values]
+
+
 def bind(spec: BackboneSpec, source: WeightsSource) -> BackboneSpec:
-    """The spec as a preset folder has it: its width, native size, patch size and preprocessing."""
+    """The spec as a preset folder has it: its width, native size, patch size, preprocessing and,
+    where it is not the published one, its architecture (``_architecture``)."""
     if source.kind != "file":
         return spec
     config = _read_config(spec, source.path)
+    path = source.path / "config.json"
     shape = config.get("image_shape") or config.get("input_shape") or [None]
+    if not isinstance(shape, list) or not shape or not (shape[0] is None or _is_whole(shape[0])):
+        raise _bad_field(spec, path, "image_shape" if "image_shape" in config else "input_shape", shape)
     size = shape[0] or spec.size
     if spec.family == "efficientnet":
-        width = _efficientnet_width(config)
+        width = _efficientnet_width(spec, config, path)
         patch = 1
     else:
-        width, patch = _pooled_width(spec.family, int(config["hidden_dim"])), int(config["patch_size"])
+        width, patch = _pooled_width(spec.family, _whole(spec, config, "hidden_dim", path)), \
+            _whole(spec, config, "patch_size", path)
     return replace(spec, size=int(size), width=width, size_multiple=patch,
-                   min_size=patch if patch > 1 else spec.min_size, preprocessing=_preprocessing(spec, source.path))
+                   min_size=patch if patch > 1 else spec.min_size, preprocessing=_preprocessing(spec, source.path),
+                   arch=_architecture(spec, config, width, source.path))
 
 
-def _efficientnet_width(config: dict) -> int:
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _whole(spec: BackboneSpec, config: dict, key: str, path: Path) -> int:
+    """A positive whole number of a preset's config."""
+    if not _is_whole(config.get(key)):
+        raise _bad_field(spec, path, key, config.get(key), missing=key not in config)
+    return config[key]
+
+
+def _bad_field(spec: BackboneSpec, path: Path, key: str, value, missing: bool = False) -> UserError:
+    what = f"has no {key}" if missing else f"gives {key} as {value!r}, not a positive whole number"
+    return UserError(f"{path} {what}: it is not a {FAMILIES[spec.family].cls} config as keras_hub writes it. "
+                     f"Write the folder again with {fetch_command(spec.name)}.")
+
+
+def _efficientnet_width(spec: BackboneSpec, config: dict, path: Path) -> int:
     from keras_hub.src.models.efficientnet.efficientnet_backbone import round_filters
 
-    coefficients = config.get("stackwise_width_coefficients") or [config.get("width_coefficient", 1.0)]
-    return int(round_filters(filters=config.get("num_features", 1280), width_coefficient=coefficients[-1],
-                             min_depth=config.get("min_depth", 8), depth_divisor=config.get("depth_divisor", 8),
-                             use_depth_divisor_as_min_depth=config.get("use_depth_divisor_as_min_depth", False),
-                             cap_round_filter_decrease=config.get("cap_round_filter_decrease", False)))
+    try:
+        coefficients = config.get("stackwise_width_coefficients") or [config.get("width_coefficient", 1.0)]
+        return int(round_filters(filters=config.get("num_features", 1280), width_coefficient=coefficients[-1],
+                                 min_depth=config.get("min_depth", 8), depth_divisor=config.get("depth_divisor", 8),
+                                 use_depth_divisor_as_min_depth=config.get("use_depth_divisor_as_min_depth", False),
+                                 cap_round_filter_decrease=config.get("cap_round_filter_decrease", False)))
+    except (TypeError, ValueError, IndexError) as exc:
+        raise UserError(f"{path} is not an EfficientNetBackbone config as keras_hub writes it ({exc}). Write "
+                        f"the folder again with {fetch_command(spec.name)}.") from None
+
+
+ARCH_KEYS = ("hidden_dim", "num_layers", "num_heads", "intermediate_dim", "patch_size", "num_register_tokens")
+
+
+def _published(spec: BackboneSpec) -> dict:
+    """What tells a registry entry's architecture from its family's others: a ViT's dimensions, an
+    EfficientNet's pooled width."""
+    if spec.family == "efficientnet":
+        return {"width": spec.width}
+    return {k: spec.arch[k] for k in ARCH_KEYS if k in spec.arch}
+
+
+def _architecture(spec: BackboneSpec, config: dict, width: int, preset: Path) -> dict:
+    """The table's architecture where the preset has it. A preset that is another entry of the
+    table (dinov2_small saved as dinov2_large) is refused; one that is none of them (a fine-tuned
+    variant, a test's tiny one) is used with a warning, and its own architecture is returned,
+    which its store settings record (``settings``)."""
+    published = _published(spec)
+    own = {"width": width} if spec.family == "efficientnet" else {k: config.get(k) for k in published}
+    if own == published:
+        return spec.arch
+    other = next((s for s in TABLE.values() if s.family == spec.family and s.name != spec.name
+                  and _published(s) == own), None)
+    if other is not None:
+        raise UserError(f"{preset} holds {other.name} ({_describe(own)}), not {spec.name} ({_describe(published)}): "
+                        f"its features would be recorded under the wrong name. Move it to "
+                        f"{preset.parent / other.name} and pass --backbones {other.name}, or save {spec.name} "
+                        f"there with {fetch_command(spec.name, str(preset.parent))}.")
+    log.warning("%s is not the published %s: it has %s where %s has %s. Its features are computed as it is "
+                "and its store settings record its architecture.", preset, spec.name, _describe(own), spec.name,
+                _describe(published))
+    return own
+
+
+def _describe(arch: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in arch.items())
 
 
 def settings(spec: BackboneSpec) -> dict:
-    """The store settings this builder adds: the preprocessing and the pooled feature."""
-    return {"preprocess": spec.preprocessing.record(), "pooling": spec.pooling}
+    """The store settings this builder adds: the preprocessing and the pooled feature, and the
+    architecture of a preset that is not the published one (``bind``)."""
+    out = {"preprocess": spec.preprocessing.record(), "pooling": spec.pooling}
+    if spec.name in TABLE and spec.arch != TABLE[spec.name].arch:
+        out["architecture"] = dict(spec.arch)
+    return out
 
 
 def offline_message(specs: list[BackboneSpec], cause: BaseException | None = None) -> str:
@@ -216,9 +325,7 @@ def build(spec: BackboneSpec, source: WeightsSource, image_size: int, seed: int 
             arch["image_shape"] = (image_size, image_size, 3)
         net = getattr(keras_hub.models, FAMILIES[spec.family].cls)(**arch)
     else:
-        handle = str(source.path) if source.path is not None else spec.name
-        with contextlib.redirect_stdout(sys.stderr):
-            net = keras_hub.models.Backbone.from_preset(handle)
+        net = _from_preset(spec, source)
         net = _at_size(getattr(net, "vision_encoder", net), image_size)
     net.trainable = False
     inputs = keras.Input((image_size, image_size, 3), name="images")
@@ -229,16 +336,37 @@ def build(spec: BackboneSpec, source: WeightsSource, image_size: int, seed: int 
     return model
 
 
+def _from_preset(spec: BackboneSpec, source: WeightsSource):
+    """The preset's backbone: downloaded by keras_hub, or loaded from a saved folder (where a
+    failure is the folder's, said in one paragraph)."""
+    import keras_hub
+
+    with contextlib.redirect_stdout(sys.stderr):
+        if source.path is None:
+            return keras_hub.models.Backbone.from_preset(spec.name)
+        try:
+            return keras_hub.models.Backbone.from_preset(str(source.path))
+        except Exception as exc:  # keras_hub raises what the failing layer or file raises
+            detail = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise UserError(f"keras_hub {keras_hub.__version__} cannot load the preset {source.path} "
+                            f"({type(exc).__name__}: {detail}). It is damaged, or its config.json and "
+                            f"model.weights.h5 do not belong together. Write the folder again with "
+                            f"{fetch_command(spec.name, str(source.path.parent))}.") from None
+
+
 def _at_size(net, size: int):
-    """`net` rebuilt for `size` x `size` inputs where its position embeddings are fixed in
-    size (CLIP, SigLIP): the grid of embeddings is resized bicubically, as DINOv2 does in its graph."""
-    shape = getattr(net, "image_shape", None)
-    if shape is None or shape[0] == size:
+    """`net` rebuilt for `size` x `size` inputs where its input size is fixed: a ViT's position
+    embeddings (CLIP, SigLIP; the grid of embeddings is resized bicubically, as DINOv2 does in its
+    graph), or a convolutional net saved with a fixed `input_shape` (EfficientNet: same weights)."""
+    config = net.get_config()
+    key = "image_shape" if "image_shape" in config else "input_shape"
+    shape = config.get(key)
+    if not shape or shape[0] is None or shape[0] == size:
         return net
     import keras
     import numpy as np
 
-    config = dict(net.get_config(), image_shape=(size, size, 3))
+    config = dict(config, **{key: (size, size, 3)})
     resized = type(net).from_config(config)
     for target, value in zip(resized.weights, net.weights):
         value = keras.ops.convert_to_numpy(value)
