@@ -9,7 +9,7 @@ import pytest
 from transfer_ensemble import backbones
 from transfer_ensemble.config import (
     LinearOptions,
-    BAD_IMAGE_POLICIES, MAX_FOLDS, MAX_SEED, PRECISIONS, ExtractConfig, SeedOptions, TrainConfig, merged,
+    BAD_IMAGE_POLICIES, MAX_FOLDS, MAX_SEED, PRECISIONS, ExtractConfig, SeedOptions, TrainConfig, merged, upgrade,
 )
 from transfer_ensemble.errors import UserError
 
@@ -114,14 +114,13 @@ def test_messages_say_why():
 @pytest.mark.parametrize("cls", [ExtractConfig, TrainConfig])
 def test_defaults_round_trip(cls):
     assert cls.from_json(cls().to_json()) == cls()
-    legacy = {"mid_layer": False} if cls is ExtractConfig else {}
-    assert cls.from_json({}) == cls(**legacy)
+    assert cls.from_json({}) == cls()
 
 
 def test_a_run_recorded_before_the_middle_layer_has_none():
     assert ExtractConfig().mid_layer is True
-    assert ExtractConfig.from_json({"scales": [1.0, 2.0]}).mid_layer is False
-    assert ExtractConfig.from_json({"mid_layer": True}).mid_layer is True
+    assert ExtractConfig.from_json(upgrade({"extract": {"scales": [1.0, 2.0]}})["extract"]).mid_layer is False
+    assert ExtractConfig.from_json(upgrade({"extract": {"mid_layer": True}})["extract"]).mid_layer is True
     assert ExtractConfig().mid_of(backbones.get_spec("xception"))
     assert not ExtractConfig().mid_of(backbones.get_spec("dinov2_small"))
     assert not ExtractConfig(mid_layer=False).mid_of(backbones.get_spec("xception"))

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import make_folders
+from conftest import make_folders, run_cli
 from transfer_ensemble import backbones, features, workflow
 from transfer_ensemble.blocks import blocks_for
 from transfer_ensemble.config import ExtractConfig, TrainConfig
@@ -65,3 +65,21 @@ def test_the_default_head_trains_on_the_middle_layer_and_the_seed_head_does_not(
     del saved["extract"]["mid_layer"]  # a run extracted before the middle layer was recorded
     folder.config_path.write_text(json.dumps(saved))
     assert sources(run, TrainConfig()) == ("xception", "xception@1.5x")
+
+
+@pytest.mark.slow
+def test_run_config_of_a_run_recorded_before_the_middle_layer_repeats_it(tmp_path):
+    """An old config.json (no mid_layer) means the same to `run --config` as to extract, train and
+    predict (`config.upgrade`): no middle layer is extracted, the submission is the old recipe's."""
+    data = make_folders(tmp_path / "data", n_classes=2, per_class=3, n_valid=0, n_test=2)
+    run = tmp_path / "run"
+    workflow.extract(data, run, ExtractConfig(backbones=("xception",), weights="random", image_size=71,
+                                              scales=(1.0,), mid_layer=False))
+    saved = json.loads((run / "config.json").read_text())
+    del saved["extract"]["mid_layer"]
+    (run / "config.json").write_text(json.dumps(saved))
+    result = run_cli("run", "--config", str(run / "config.json"), "--out", str(tmp_path / "sub.csv"), "--folds", "2")
+    assert result.returncode == 0, result.stderr
+    assert not (run / "features" / "train" / "xception.mid").exists()
+    assert json.loads((run / "config.json").read_text())["extract"]["mid_layer"] is False
+    assert "all features were already computed" in result.stdout

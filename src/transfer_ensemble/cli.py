@@ -18,7 +18,7 @@ from typing import Sequence
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from transfer_ensemble import __version__, backbones, noise, plugins, progress
-from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, merged
+from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, merged, upgrade
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
 from transfer_ensemble.options import COMMAND_LINE, Option, Overrides, declared
@@ -357,12 +357,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     missing = [flag for flag, v in (("--data", data), ("--run", run_dir), ("--out", out)) if not v]
     if missing:
         raise UserError(f"`run` needs {', '.join(missing)} (or --config with a run's config.json that has them).")
-    extract_saved = saved.get("extract")
-    if isinstance(extract_saved, dict) and "on_bad_image" in saved:
-        extract_saved = {"on_bad_image": saved["on_bad_image"], **extract_saved}
-    if isinstance(extract_saved, dict) and "scales" not in extract_saved:
-        extract_saved = {**extract_saved, "scales": [1.0]}  # a run from before --scales
-    extract = extract_config(args, extract_saved, source)
+    extract = extract_config(args, upgrade(saved).get("extract"), source)
     train = train_config(args, saved.get("train"), source)
     engine = engine_config(args)
     print_extract_summary(workflow.extract(data, run_dir, extract, folds=train.folds, engine=engine))

@@ -259,9 +259,29 @@ class ExtractConfig:
 
     @classmethod
     def from_json(cls, obj: dict, source: str = "config.json") -> "ExtractConfig":
-        """Read and check a config.json "extract" section; missing keys take their defaults, but
-        `mid_layer`: runs from before it was recorded have none."""
-        return _extract_from({"mid_layer": False, **_section(obj, source)}, lambda key: source)
+        """Read and check a config.json "extract" section as today's version writes it (`upgrade`
+        reads an older one into that); missing keys take their defaults."""
+        return _extract_from(_section(obj, source), lambda key: source)
+
+
+OLD_EXTRACT_DEFAULTS = {"scales": [1.0], "mid_layer": False, "views": list(views.PAIR)}
+"""What a run recorded before each extraction option existed did: one scale (before --scales), no
+middle layer (before --mid-layer), the pair (before --views)."""
+
+
+def upgrade(saved: dict) -> dict:
+    """A config.json written by any version, as today's version writes it, so that an old run
+    means the same to every command (`extract`, `train`, `predict`, `run --config`): the one
+    reader of old records. Options recorded before they existed take what the run did then
+    (`OLD_EXTRACT_DEFAULTS`), and a top-level ``on_bad_image`` moves into the extraction."""
+    out = dict(saved)
+    extract = out.get("extract")
+    if isinstance(extract, dict):
+        extract = {**OLD_EXTRACT_DEFAULTS, **extract}
+        if "on_bad_image" in out and "on_bad_image" not in saved["extract"]:
+            extract["on_bad_image"] = out["on_bad_image"]
+        out["extract"] = extract
+    return out
 
 
 def _head_help() -> str:

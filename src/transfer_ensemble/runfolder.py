@@ -48,7 +48,7 @@ import numpy as np
 
 from transfer_ensemble import __version__, backend, views
 from transfer_ensemble.blocks import Blocks
-from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
+from transfer_ensemble.config import ExtractConfig, TrainConfig, merged, upgrade
 from transfer_ensemble.dataset import Dataset, Item
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.records import DamagedFile, damaged, digest, load_json, load_npy
@@ -306,11 +306,8 @@ class RunFolder:
         return {"views": kept}
 
     def extract_config(self) -> ExtractConfig:
-        """The options the run's features were extracted with (runs from before --scales have one)."""
-        saved = self.read_config()["extract"]
-        if isinstance(saved, dict) and "scales" not in saved:
-            saved = {**saved, "scales": [1.0]}
-        return ExtractConfig.from_json(saved, source=str(self.config_path))
+        """The options the run's features were extracted with (an old run's read as it ran: `config.upgrade`)."""
+        return ExtractConfig.from_json(upgrade(self.read_config())["extract"], source=str(self.config_path))
 
     def train_config(self, overrides: dict | None = None) -> TrainConfig:
         """`train`'s options: `overrides` (None = not given) over the last ones recorded. The head is
