@@ -216,7 +216,7 @@ def test_the_regularisation_plot_labels_its_log_scale_ticks_as_plain_numbers(mon
     history = SimpleNamespace(search={"0.001": 1.1, "0.1": 0.8, "10.0": 0.9, "1000.0": 1.0}, chosen={"C": 0.1},
                               iterations=7, note="")
     with matplotlib.rc_context({"text.parse_math": False}):
-        report._search_section(SimpleNamespace(histories={"pooled": [history]}))
+        report._search_section(SimpleNamespace(histories={"pooled": [history]}), "C")
         figures[0].canvas.draw()
         axis = figures[0].axes[0].xaxis
         labels = [t.get_text() for t in axis.get_ticklabels(which="both") if t.get_text()]

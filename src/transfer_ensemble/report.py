@@ -153,8 +153,9 @@ def _short(name: str, width: int = 32) -> str:
     return name if len(name) <= width else name[:width - 1] + "\u2026"
 
 
-def _search_section(record: RunRecord) -> Section:
-    """The linear head's inner search: held-out log loss against C for every fold model."""
+def _search_section(record: RunRecord, searched: str) -> Section:
+    """A head's inner search (the linear head's): held-out log loss against the `searched` setting
+    for every fold model."""
     figure = _figure(6.0, 3.4)
     ax = figure.subplots()
     rows = []
@@ -164,21 +165,21 @@ def _search_section(record: RunRecord) -> Section:
             if curve:
                 cs = [float(c) for c in curve]
                 ax.plot(cs, list(curve.values()), marker="o", markersize=3, label=f"{group}, fold {fold}")
-            rows.append([f"{group}, fold {fold}", history.chosen.get("C"), history.iterations,
+            rows.append([f"{group}, fold {fold}", history.chosen.get(searched), history.iterations,
                          min(curve.values()) if curve else history.note])
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda c, _: f"{c:g}"))  # not mathtext: parse_math is off
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.set_xlabel("C (inverse L2 strength)", fontsize=8)
+    ax.set_xlabel(searched, fontsize=8)
     ax.set_ylabel("held-out log loss", fontsize=8)
     ax.grid(alpha=0.3)
     if ax.lines:  # no curves when every fold skipped the inner search (a class of one image)
         ax.legend(fontsize=7)
     png = _png(figure)
     body = ("<p>Each fold model's regularisation was chosen on a held-out share of its own training "
-            "images (never its validation fold): the C with the lowest held-out log loss, then refitted "
+            "images (never its validation fold): the setting with the lowest held-out log loss, then refitted "
             "on all its training rows.</p>\n" + _img("inner_search.png", png, "inner search")
-            + _table(["model", "chosen C", "iterations", "held-out log loss"], rows))
+            + _table(["model", f"chosen {searched}", "iterations", "held-out log loss"], rows))
     return Section("loss", "Regularisation search", body, [("inner_search.png", png)])
 
 
@@ -193,7 +194,7 @@ def _fits_section(record: RunRecord) -> Section:
 def _loss_section(record: RunRecord) -> Section:
     first = next(iter(record.histories.values()))
     if not first[0].curves.get("loss"):
-        return _search_section(record) if first[0].search or "C" in first[0].chosen else _fits_section(record)
+        return _search_section(record, first[0].searched) if first[0].searched else _fits_section(record)
     groups = list(record.histories)
     folds = len(first)
     columns = min(folds, 5)

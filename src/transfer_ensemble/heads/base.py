@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -26,6 +26,8 @@ class FitReport:
     """Per-epoch curves by name (loss, val_loss, accuracy, val_accuracy for the seed head)."""
     search: dict[str, float] = field(default_factory=dict)
     """Held-out log loss of each candidate setting tried (the linear head's inner search, by C)."""
+    searched: str = ""
+    """The setting `search` is over, as `chosen` names it (the linear head's "C"); "" without a search."""
     best_epoch: int | None = None
     epochs_run: int | None = None
     iterations: int | None = None
@@ -39,7 +41,10 @@ class FitReport:
         """A fold's history.json (or a metrics.json per-fold row) as a FitReport, whichever version
         wrote it: the one reader of the untyped keys that runs written before FitReport hold."""
         if "summary" in history and "chosen" in history:
-            return cls(**{f.name: history[f.name] for f in fields(cls) if f.name in history})
+            report = cls(**{f.name: history[f.name] for f in fields(cls) if f.name in history})
+            if not report.searched and report.search and "C" in report.chosen:  # before `searched` was recorded
+                report = replace(report, searched="C")
+            return report
         curves = {k: list(history[k]) for k in ("loss", "val_loss", "accuracy", "val_accuracy")
                   if isinstance(history.get(k), list)}
         chosen = {"C": history["C"]} if history.get("C") is not None else {}
@@ -51,8 +56,8 @@ class FitReport:
         else:
             summary = ""
         return cls(summary=summary, chosen=chosen, curves=curves, search=dict(history.get("inner_log_loss") or {}),
-                   best_epoch=best, epochs_run=run, iterations=history.get("iterations"),
-                   note=history.get("inner_search", ""))
+                   searched="C" if chosen else "", best_epoch=best, epochs_run=run,
+                   iterations=history.get("iterations"), note=history.get("inner_search", ""))
 
 
 class Head(Protocol):

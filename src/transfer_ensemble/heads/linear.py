@@ -211,7 +211,7 @@ def _fit_linear(train: Views, y_train: np.ndarray, val: Views, y_val: np.ndarray
     head = LinearModel(options.power, mean.astype(np.float32), scale.astype(np.float32),
                        theta[:-n_classes].reshape(d, n_classes).T.astype(np.float32),
                        theta[-n_classes:].astype(np.float32))
-    report = FitReport(summary=f"C {best_c}", chosen={"C": best_c}, search=history["inner_log_loss"],
+    report = FitReport(summary=f"C {best_c}", chosen={"C": best_c}, search=history["inner_log_loss"], searched="C",
                        iterations=history["iterations"], note=history.get("inner_search", ""))
     return head, report
 
