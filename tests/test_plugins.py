@@ -23,7 +23,8 @@ import pytest
 
 from conftest import make_kaggle, run_cli
 from transfer_ensemble import backbones, engines, heads, plugins, views, workflow
-from transfer_ensemble.config import EngineConfig, ExtractConfig
+from transfer_ensemble.config import ExtractConfig
+from transfer_ensemble.engines import EngineConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads.sklearn import sklearn_head
 from transfer_ensemble.recipes import recipe_statuses, select_recipe

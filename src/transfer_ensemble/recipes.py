@@ -24,7 +24,7 @@ from transfer_ensemble.blocks import Blocks, blocks_for, from_record, views_reco
 from transfer_ensemble.config import TrainConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.records import DamagedFile, damaged, labels_digest, load_json, load_npy
-from transfer_ensemble.runfolder import SPLITS, RunFolder
+from transfer_ensemble.runfolder import RunFolder
 from transfer_ensemble.storage import write_json
 
 log = logging.getLogger(__name__)
