@@ -237,3 +237,32 @@ def test_adding_and_switching_views_keeps_every_recipe_current_side_by_side(tmp_
     assert workflow.train(run, {"folds": 2})["recipe"] == pair
     assert [p.stat().st_mtime_ns for p in done] == stamps, "the pair recipe's fold models were reused"
     assert (run / "heads" / crop / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_plugin_head_view_and_engine_go_through_every_command_of_the_cli(example, tmp_path):
+    """The whole workflow in CLI processes that import the user's module (--plugins): extract with
+    the plug-in view on the plug-in engine, train the plug-in head, submit, predict = submit, report."""
+    data = make_kaggle(tmp_path / "data", n_classes=3, per_class=4, n_test=3)
+    run, env = tmp_path / "run", {**_importable(), example.MARKER: str(tmp_path / "engine.log")}
+    steps = [["--plugins", MODULE, "extract", "--data", str(data), "--run", str(run), *SMALL_FLAGS,
+              "--views", "pair,center_half", "--engine", "plugin_engine"],
+             ["train", "--run", str(run), "--head", "plugin_knn", "--folds", "2", "--plugins", MODULE],
+             ["submit", "--run", str(run), "--out", str(tmp_path / "sub.csv")],
+             ["predict", "--run", str(run), "--images", str(data / "test"), "--out", str(tmp_path / "pred.csv"),
+              "--engine", "plugin_engine"],
+             ["report", "--run", str(run)]]
+    for step in steps:
+        result = run_cli(*step, env=env)
+        assert result.returncode == 0, (step, result.stderr)
+    assert (tmp_path / "engine.log").read_text().splitlines() == ["extract train", "extract test", "extract predict",
+                                                                  "score 3"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["plugins"] == {"view": {"center_half": MODULE}, "engine": {"plugin_engine": MODULE},
+                                 "head": {"plugin_knn": MODULE}}
+    assert config["heads"] == "plugin_knn-folds2-views_center_half"
+    submission = pd.read_csv(tmp_path / "sub.csv").set_index("id")
+    got = pd.read_csv(tmp_path / "pred.csv")
+    got = got.set_index(got.columns[0]).rename(index=lambda p: Path(p).stem).loc[submission.index]
+    np.testing.assert_allclose(got[submission.columns].to_numpy(), submission.to_numpy(), atol=1e-6)
+    assert "plugin_knn-folds2-views_center_half" in (run / "report.html").read_text()
