@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.engines import EngineConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads.sklearn import sklearn_head
+from transfer_ensemble.options import Rule, option
 from transfer_ensemble.recipes import recipe_statuses, select_recipe
 from transfer_ensemble.runfolder import RunFolder
 
@@ -266,3 +268,25 @@ def test_a_plugin_head_view_and_engine_go_through_every_command_of_the_cli(examp
     got = got.set_index(got.columns[0]).rename(index=lambda p: Path(p).stem).loc[submission.index]
     np.testing.assert_allclose(got[submission.columns].to_numpy(), submission.to_numpy(), atol=1e-6)
     assert "plugin_knn-folds2-views_center_half" in (run / "report.html").read_text()
+
+
+@dataclass(frozen=True)
+class _MetricOptions:
+    metric: str = option("euclidean", "--knn-metric", "distance", Rule("text", lambda c, k, v, _: v))
+
+
+def test_a_head_option_value_cannot_move_a_recipe_folder_out_of_the_run(tmp_path):
+    from transfer_ensemble.config import TrainConfig
+    from transfer_ensemble.recipes import folder_name, recipe_name
+
+    heads.register(sklearn_head("metric_knn", lambda metric: None, _MetricOptions))
+    try:
+        config = TrainConfig(head="metric_knn", options=_MetricOptions(metric="../../../escaped"))
+        name = recipe_name(config)
+        assert "../" in name  # the record keeps the name as the options make it
+        heads_dir = tmp_path / "run" / "heads"
+        folder = (heads_dir / folder_name(name)).resolve()
+        assert folder.parent == heads_dir.resolve() and "/" not in folder_name(name)
+        assert folder_name("linear-folds2") == "linear-folds2"
+    finally:
+        heads.unregister("metric_knn")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -199,13 +200,19 @@ MAX_FOLDER_BYTES = 200
 temporary and staging names written beside and inside it."""
 
 
+SAFE_FOLDER = re.compile(r"[A-Za-z0-9_.+=-]+\Z")
+"""What a recipe or blend folder name may hold as it is: a head's option values (a plug-in head's
+text option, say) can hold anything, and a folder name must not climb out of RUN/heads/."""
+
+
 def folder_name(name: str) -> str:
-    """The folder of a recipe or blend called `name`: the name itself while it fits in
-    MAX_FOLDER_BYTES, else its readable start and a digest of the whole (the record keeps the name)."""
+    """The folder of a recipe or blend called `name`: the name itself while it is plain
+    (`SAFE_FOLDER`) and fits in MAX_FOLDER_BYTES, else its readable start (other characters as
+    "_") and a digest of the whole (the record keeps the name)."""
     raw = name.encode()
-    if len(raw) <= MAX_FOLDER_BYTES:
+    if len(raw) <= MAX_FOLDER_BYTES and SAFE_FOLDER.match(name) and not name.startswith("."):
         return name
-    start = raw[:MAX_FOLDER_BYTES - 17].decode("utf-8", "ignore")
+    start = re.sub(r"[^A-Za-z0-9_.+=-]", "_", name).lstrip(".")[:MAX_FOLDER_BYTES - 17]
     return f"{start}-{hashlib.sha256(raw).hexdigest()[:16]}"
 
 
