@@ -200,19 +200,19 @@ MAX_FOLDER_BYTES = 200
 temporary and staging names written beside and inside it."""
 
 
-SAFE_FOLDER = re.compile(r"[A-Za-z0-9_.+=-]+\Z")
-"""What a recipe or blend folder name may hold as it is: a head's option values (a plug-in head's
-text option, say) can hold anything, and a folder name must not climb out of RUN/heads/."""
+UNSAFE = re.compile(r"[/\\\x00-\x1f]")
+"""What a recipe or blend folder name may not hold as it is: a head's option values (a plug-in
+head's text option, say) can hold anything, and a folder name must not climb out of RUN/heads/."""
 
 
 def folder_name(name: str) -> str:
-    """The folder of a recipe or blend called `name`: the name itself while it is plain
-    (`SAFE_FOLDER`) and fits in MAX_FOLDER_BYTES, else its readable start (other characters as
-    "_") and a digest of the whole (the record keeps the name)."""
+    """The folder of a recipe or blend called `name`: the name itself while it is plain (no path
+    separator or control character, no leading dot) and fits in MAX_FOLDER_BYTES, else its
+    readable start (those characters as "_") and a digest of the whole (the record keeps the name)."""
     raw = name.encode()
-    if len(raw) <= MAX_FOLDER_BYTES and SAFE_FOLDER.match(name) and not name.startswith("."):
+    if len(raw) <= MAX_FOLDER_BYTES and not UNSAFE.search(name) and not name.startswith("."):
         return name
-    start = re.sub(r"[^A-Za-z0-9_.+=-]", "_", name).lstrip(".")[:MAX_FOLDER_BYTES - 17]
+    start = UNSAFE.sub("_", name).lstrip(".").encode()[:MAX_FOLDER_BYTES - 17].decode("utf-8", "ignore")
     return f"{start}-{hashlib.sha256(raw).hexdigest()[:16]}"
 
 
