@@ -68,18 +68,12 @@ def register(name: str, target: str, options: type = NoOptions, help: str = "", 
     options dataclass; the name must be new. `module` (default: the caller's) is recorded in the
     runs that use it."""
     entry = EngineEntry(name, target, options, help)
-    if name in ENGINES:
-        raise ValueError(f"an engine named {name!r} is already registered")
-    ENGINES[name] = entry
-    plugins.record("engine", name, module or plugins.caller_module(1))
+    plugins.add("engine", ENGINES, name, entry, module)
     return entry
 
 
 def unregister(name: str) -> None:
-    if name in BUILT_IN:
-        raise ValueError(f"the engine {name!r} is built in and cannot be unregistered")
-    ENGINES.pop(name, None)
-    plugins.forget("engine", name)
+    plugins.remove("engine", ENGINES, name, BUILT_IN)
 
 
 def _engine_help() -> str:
