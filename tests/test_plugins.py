@@ -124,9 +124,11 @@ def test_a_plugin_module_that_does_not_import_is_named_with_the_fix():
 # Item 1: a plug-in head's recipe is used, or refused with what to do; never another recipe.
 @pytest.mark.slow
 def test_submit_refuses_a_recipe_whose_plugin_head_is_not_importable_instead_of_submitting_another(plugin_run):
-    _, run, base, _ = plugin_run
+    data, run, base, _ = plugin_run
     out = base / "refused.csv"
     for command in (["submit", "--run", str(run), "--out", str(out)],
+                    ["predict", "--run", str(run), "--images", str(data / "test"), "--out", str(out)],
+                    ["train", "--run", str(run), "--heads", "plugin_knn-folds2-views_center_half"],
                     ["report", "--run", str(run)]):
         result = run_cli(*command)
         assert result.returncode == 2, result.stderr
