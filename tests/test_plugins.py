@@ -269,7 +269,9 @@ def test_a_plugin_head_view_and_engine_go_through_every_command_of_the_cli(examp
     got = pd.read_csv(tmp_path / "pred.csv")
     got = got.set_index(got.columns[0]).rename(index=lambda p: Path(p).stem).loc[submission.index]
     np.testing.assert_allclose(got[submission.columns].to_numpy(), submission.to_numpy(), atol=1e-6)
-    assert "plugin_knn-folds2-views_center_half" in (run / "report.html").read_text()
+    page = (run / "report.html").read_text()
+    assert "plugin_knn-folds2-views_center_half" in page
+    assert f"head plugin_knn (from {MODULE})" in page and "original, flipped, center_half" in page
 
 
 @dataclass(frozen=True)
