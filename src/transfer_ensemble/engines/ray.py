@@ -45,9 +45,10 @@ log = logging.getLogger(__name__)
 KILL_AFTER_CHUNKS = "TRANSFER_ENSEMBLE_TEST_KILL_AFTER_CHUNKS"
 """Test hook: the driver kills itself (SIGKILL) once it has written this many chunks."""
 
-STALL_AFTER_BATCHES = "TRANSFER_ENSEMBLE_TEST_STALL_AFTER_BATCHES"
-"""Test hook, read on each node: its backbone actors stop answering (sleep STALL_S) after this many
-batches, so a test can remove the node while it holds work."""
+STALL_NODE = "TRANSFER_ENSEMBLE_TEST_STALL_NODE"
+"""Test hook, passed from the driver to its workers: the backbone actors on the Ray node with this
+id hold their batches (sleep STALL_S) instead of computing them, so a test can remove that node
+while it has work."""
 STALL_S = 600.0
 
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -137,7 +138,8 @@ def runtime_env() -> dict:
 
     Pass it to your own ``ray.init(runtime_env=...)`` when you connect before calling this package.
     """
-    return {"py_modules": [str(Path(__file__).resolve().parents[1])], "env_vars": WORKER_ENV}
+    hooks = {name: os.environ[name] for name in (STALL_NODE,) if name in os.environ}
+    return {"py_modules": [str(Path(__file__).resolve().parents[1])], "env_vars": {**WORKER_ENV, **hooks}}
 
 
 def connect(engine: EngineConfig):
@@ -156,15 +158,27 @@ def connect(engine: EngineConfig):
         try:
             ray.init(address=address or "local", include_dashboard=False if address is None else None,
                      log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env())
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError(f"Could not connect to the Ray cluster at {address!r}, given by {source} ({exc}). "
-                            f"Check {source}, or leave --ray-address and RAY_ADDRESS unset to start a "
-                            f"local Ray for this run.") from None
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+            raise UserError(f"Could not connect to the Ray cluster at {address!r}, given by {source} "
+                            f"({str(exc).split('. ')[0]}). Check {source}, or leave --ray-address and "
+                            f"RAY_ADDRESS unset to start a local Ray for this run.{_token_hint(address)}") from None
         where = f"the Ray cluster at {address}" if address else "a local Ray started for this run"
         log.info("connected to %s in %.1f s: %s", where, time.perf_counter() - start, _resources(ray))
     _quiet(ray)
     _start_whole_pools(ray)
     return ray
+
+
+def _token_hint(address: str | None) -> str:
+    """What to check when a cluster may have refused this process's token (Ray's token authentication)."""
+    if address is None:
+        return ""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return (" If Ray logged InvalidAuthToken above, this process's token is not the cluster's: give it "
+                "the head node's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).")
+    return (" If Ray logged InvalidAuthToken above, the cluster uses token authentication (`ray start --head` "
+            "turns it on where a token exists, such as ~/.ray/auth_token): set RAY_AUTH_MODE=token here too, "
+            "with the head node's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.")
 
 
 def _resources(ray) -> str:
@@ -287,13 +301,10 @@ class _Backbones:
                                 f"(--weights with a folder on shared storage).")
         self.extractor.prepare(self.specs)
         self.decode = decode
-        self.stall_after = int(os.environ.get(STALL_AFTER_BATCHES, "0") or 0)
-        self.batches = 0
 
     def __call__(self, batch: dict) -> dict:
-        if self.stall_after and self.batches >= self.stall_after:
+        if os.environ.get(STALL_NODE) == self.node:
             time.sleep(STALL_S)
-        self.batches += 1
         pixels = batch["pixels"] if self.decode is None else _decode(batch, **self.decode)["pixels"]
         out = {"row": batch["row"], "node": np.full(len(batch["row"]), self.node)}
         for spec in self.specs:
@@ -404,18 +415,17 @@ def _alive(nodes: Sequence[dict]) -> dict[str, dict]:
 
 
 def _check_still_fits(ray, pool: Pool, started: dict[str, dict], what: str) -> None:
-    """UserError when nodes alive at the start are gone and the pool no longer fits on those left."""
+    """UserError when the pool no longer fits on the live nodes, naming those lost since `started`."""
     nodes = ray.nodes()
-    lost = sorted(set(started) - set(_alive(nodes)))
-    if not lost:
-        return
     try:
         check_nodes(nodes, pool)
     except UserError:
-        raise UserError(f"The Ray cluster lost node{'s' if len(lost) > 1 else ''} {', '.join(lost)} during "
-                        f"{what}, and the nodes left have no room for {pool.describe()}. The features "
-                        f"written so far are kept: run the same command again once the cluster has its "
-                        f"nodes back (or with fewer --actors), and it computes only what is missing.") from None
+        lost = sorted(set(started) - set(_alive(nodes)))
+        named = f"lost node{'s' if len(lost) > 1 else ''} {', '.join(lost)}" if lost else "lost nodes"
+        raise UserError(f"The Ray cluster {named} during {what}, and the nodes left have no room for "
+                        f"{pool.describe()}. The features written so far are kept: run the same command "
+                        f"again once the cluster has its nodes back (or with fewer --actors), and it "
+                        f"computes only what is missing.") from None
 
 
 def _kill_hook() -> Callable[[], None]:
@@ -430,7 +440,7 @@ def _kill_hook() -> Callable[[], None]:
 
 
 def _placement(images_per_node: Counter[str]) -> str:
-    """Which nodes computed how many images, for the log: "2 nodes: 8 on 4f1c..., 7 on 9a0b..."."""
+    """Which nodes computed how many images, for the log: "2 nodes: 8 on node 4f1c..., 7 on node 9a0b..."."""
     parts = ", ".join(f"{n} on node {node}" for node, n in images_per_node.most_common())
     return f"{len(images_per_node)} node{'s' if len(images_per_node) != 1 else ''}: {parts}"
 
@@ -472,19 +482,22 @@ def extract_split(extractor: features.Extractor, split: str, paths: Sequence[Pat
         nodes: Counter[str] = Counter()
         chunks = dataset.iter_batches(batch_size=write_chunk(config.batch_size, len(rows)), batch_format="numpy",
                                       prefetch_batches=0)
-        with progress.bar(total=len(rows), desc=desc, unit="img") as bar, _worker_errors("extraction"):
-            for chunk in _watching_nodes(ray, pool, chunks, f"the extraction of {split}"):
-                if not bar.n:
-                    log.info("%s: first features back after %.1f s (starting the actors and building the "
-                             "models in them)", split, time.perf_counter() - launched)
-                chunk_rows = chunk["row"].astype(np.int64)
-                for spec in specs:
-                    stores[spec.name].write_missing(chunk_rows, {view: chunk[f"{spec.name}/{view}"]
-                                                                  for view in stores[spec.name].views})
-                bar.update(len(chunk_rows))
-                nodes.update(chunk["node"].tolist())
-                after_chunk()
-        log.info("%s: computed on %s", split, _placement(nodes))
+        try:
+            with progress.bar(total=len(rows), desc=desc, unit="img") as bar, _worker_errors("extraction"):
+                for chunk in _watching_nodes(ray, pool, chunks, f"the extraction of {split}"):
+                    if not bar.n:
+                        log.info("%s: first features back after %.1f s (starting the actors and building the "
+                                 "models in them)", split, time.perf_counter() - launched)
+                    chunk_rows = chunk["row"].astype(np.int64)
+                    for spec in specs:
+                        stores[spec.name].write_missing(chunk_rows, {view: chunk[f"{spec.name}/{view}"]
+                                                                      for view in stores[spec.name].views})
+                    bar.update(len(chunk_rows))
+                    nodes.update(chunk["node"].tolist())
+                    after_chunk()
+        finally:
+            if nodes:
+                log.info("%s: computed on %s", split, _placement(nodes))
         computed += len(rows)
     return features.split_summary(split, n, computed, cached, start, cpu_start)
 
