@@ -156,6 +156,7 @@ def test_extract_on_two_nodes_loses_one_then_resumes_to_the_local_features(clust
     out = _ok(result)
     train_row = next(line.split() for line in out.splitlines() if line.startswith("train "))
     assert train_row[:4] == ["train", str(len(done)), str(len(done) - done.sum()), str(done.sum())], out
+    assert "Deprecat" not in result.stderr, "the engine is on Ray Data's current API"
     placed, alive = _nodes_by_split(result.stderr), {cluster.ids["head"], cluster.ids["n3"]}
     assert placed["test"] == alive and placed["train"] <= alive, result.stderr[-3000:]
     for split in ("train", "test"):

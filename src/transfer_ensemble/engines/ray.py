@@ -363,7 +363,9 @@ def _watching_nodes(ray, pool: Pool, batches: Iterator[dict], what: str) -> Iter
     Ray restarts an actor lost with its node on another node with room for it, and Ray Data
     hands it the lost work again. When no node has room left, that restart would wait for ever:
     the run stops instead, with a UserError naming the lost nodes. A run that stops keeps every
-    chunk written before, so running the same command again computes only the rest.
+    chunk written before, so running the same command again computes only the rest. (Ray Data's
+    own switch, ``map_batches(max_restarts=0)``, is an extra remote argument, which Ray 2.60
+    deprecates; and it would stop the run also where a node left has room.)
     """
     arrived: queue.Queue = queue.Queue(maxsize=2)
     pump = threading.Thread(target=_pump, args=(batches, arrived), daemon=True, name="ray-batches")
