@@ -36,6 +36,7 @@ needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="Ray is not installed (pip install 'transfer_ensemble[ray]')")
 EXTRACT = [*FAST_EXTRACT, "--backbones", "xception", "--batch-size", "2"]
 RUN_TIMEOUT_S = 240
+IMAGES = 12
 FIRST_CHUNK_TIMEOUT_S = 180
 PLACEMENT = re.compile(r"(\w+): computed on \d+ nodes?: (.*)")
 
@@ -107,6 +108,20 @@ def _assert_stopped_for_the_lost_node(code: int, err: str, node: str, what: str)
     assert "run the same command again" in err and "Traceback" not in err
 
 
+def _live_worker(cluster: LocalCluster) -> str:
+    """The name of a live worker node, once the nodes are up (each fault test kills one)."""
+    cluster.wait()
+    return next(name for name, node in cluster.nodes.items() if name != "head" and node.poll() is None)
+
+
+def _new_worker(cluster: LocalCluster) -> str:
+    """Add a worker node, wait for it; its name."""
+    name = f"n{len(cluster.nodes) + 1}"
+    cluster.add_node(name)
+    cluster.wait()
+    return name
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """Head and one worker node, 1 CPU each; the head marks a killed node dead in about 2 s. They
@@ -139,10 +154,11 @@ def test_extract_on_two_nodes_loses_one_then_resumes_to_the_local_features(clust
     run = tmp_path / "run"
     args = ["extract", "--data", str(data), "--run", str(run), *EXTRACT, "--engine", "ray",
             "--ray-address", cluster.address, "--actors", "2"]
-    lost = cluster.wait()["n2"]
+    worker = _live_worker(cluster)
+    lost = cluster.ids[worker]
     proc = _run_until_first_chunk(args, {**cluster.env, ray_engine.STALL_NODE: lost},
                                   (run / "features" / "train", "xception/done.npy"))
-    cluster.kill("n2")
+    cluster.kill(worker)
     code, _, err = _stopped(proc)
     _assert_stopped_for_the_lost_node(code, err, lost, "the extraction of train")
     assert _nodes_by_split(err) == {"train": {cluster.ids["head"]}}, "the stalled node computed nothing"
@@ -150,14 +166,13 @@ def test_extract_on_two_nodes_loses_one_then_resumes_to_the_local_features(clust
     assert 0 < done.sum() < len(done), "the lost node held rows not done"
     assert not (run / "config.json").exists()
 
-    cluster.add_node("n3")
-    cluster.wait()
+    added = _new_worker(cluster)
     result = run_cli(*args, env=cluster.env, timeout=RUN_TIMEOUT_S)
     out = _ok(result)
     train_row = next(line.split() for line in out.splitlines() if line.startswith("train "))
     assert train_row[:4] == ["train", str(len(done)), str(len(done) - done.sum()), str(done.sum())], out
     assert "Deprecat" not in result.stderr, "the engine is on Ray Data's current API"
-    placed, alive = _nodes_by_split(result.stderr), {cluster.ids["head"], cluster.ids["n3"]}
+    placed, alive = _nodes_by_split(result.stderr), {cluster.ids["head"], cluster.ids[added]}
     assert placed["test"] == alive and placed["train"] <= alive, result.stderr[-3000:]
     for split in ("train", "test"):
         _assert_same_stores(local, run, split)
@@ -166,33 +181,34 @@ def test_extract_on_two_nodes_loses_one_then_resumes_to_the_local_features(clust
 @needs_ray
 @pytest.mark.slow
 def test_predict_on_two_nodes_loses_one_then_resumes_to_the_local_predictions(cluster, local_run, tmp_path):
+    """12 images in batches of 2: the stalled node holds 2 batches when it is killed (Ray Data gives
+    an actor 2 at a time), so the rerun, in batches of 1, has more than the head's actor takes."""
     _, local = local_run
     rng = np.random.default_rng(3)
-    for i in range(6):
-        save_rgb(tmp_path / "new" / f"img{i}.png", draw(i % 3, rng))
+    for i in range(IMAGES):
+        save_rgb(tmp_path / "new" / f"img{i:02d}.png", draw(i % 3, rng))
     local_csv = tmp_path / "local.csv"
     _ok(run_cli("predict", "--run", str(local), "--images", str(tmp_path / "new"), "--out", str(local_csv),
                 "--cache-dir", str(tmp_path / "c_local")))
     args = ["predict", "--run", str(local), "--images", str(tmp_path / "new"), "--out", str(tmp_path / "ray.csv"),
             "--cache-dir", str(tmp_path / "c_ray"), "--engine", "ray", "--ray-address", cluster.address,
             "--actors", "2"]
-    alive = [name for name in ("n3", "n2") if cluster.nodes[name].poll() is None]
-    assert alive, "the first test leaves a worker node to lose"
-    lost = cluster.ids[alive[0]]
+    worker = _live_worker(cluster)
+    lost = cluster.ids[worker]
     proc = _run_until_first_chunk(args, {**cluster.env, ray_engine.STALL_NODE: lost},
                                   (tmp_path / "c_ray", "**/xception/done.npy"))
-    cluster.kill(alive[0])
+    cluster.kill(worker)
     code, _, err = _stopped(proc)
     _assert_stopped_for_the_lost_node(code, err, lost, "the extraction of predict")
     assert not (tmp_path / "ray.csv").exists(), "no CSV from a run that stopped"
     done = sum(_rows_done(mask) for mask in (tmp_path / "c_ray").glob("**/xception/done.npy"))
-    assert 0 < done < 6
+    assert 0 < done < IMAGES
 
-    cluster.add_node("n4")
-    cluster.wait()
-    result = run_cli(*args, env=cluster.env, timeout=RUN_TIMEOUT_S)
-    assert f"{6 - done} computed" in _ok(result), result.stdout
-    assert _nodes_by_split(result.stderr)["predict"] <= {cluster.ids["head"], cluster.ids["n4"]}
+    added = _new_worker(cluster)
+    result = run_cli(*args, "--batch-size", "1", env=cluster.env, timeout=RUN_TIMEOUT_S)  # a batch per row left:
+    assert f"{IMAGES - done} computed" in _ok(result), result.stdout                  # more than 2, for 2 actors
+    placed = _nodes_by_split(result.stderr)["predict"]
+    assert placed == {cluster.ids["head"], cluster.ids[added]}, result.stderr[-3000:]
     expected, got = pd.read_csv(local_csv), pd.read_csv(tmp_path / "ray.csv")
     assert list(got.columns) == list(expected.columns) and list(got["image"]) == list(expected["image"])
     np.testing.assert_allclose(got.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:].to_numpy(), atol=1e-6)
@@ -246,3 +262,29 @@ def test_a_refused_connection_says_what_token_authentication_needs(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     assert "this process's token is not the cluster's" in ray_engine._token_hint("head:6379")
     assert ray_engine._token_hint(None) == ""
+
+
+class _Nodes:
+    """A stand-in for the ray module: `nodes()` as a cluster whose node n2 dies after the first look."""
+
+    def __init__(self, left_cpus: float) -> None:
+        self.looks = 0
+        self.left_cpus = left_cpus
+
+    def nodes(self) -> list[dict]:
+        self.looks += 1
+        head = {"NodeID": "head", "Alive": True, "Resources": {"CPU": self.left_cpus}}
+        return [head, {"NodeID": "n2", "Alive": self.looks == 1, "Resources": {"CPU": 1.0}}]
+
+
+def test_a_lost_node_is_logged_when_the_nodes_left_hold_the_pool_and_stops_the_run_when_not(monkeypatch, caplog):
+    monkeypatch.setattr(ray_engine, "NODE_CHECK_S", 0.0)
+    roomy = ray_engine._NodeWatch(_Nodes(left_cpus=2.0), ray_engine.Pool(2, 0.0, 1.0), "the extraction of train")
+    with caplog.at_level("WARNING"):
+        roomy.check()
+        roomy.check()
+    assert caplog.text.count("lost node n2 during the extraction of train: Ray restarts its actors") == 1
+    full = ray_engine._NodeWatch(_Nodes(left_cpus=1.0), ray_engine.Pool(2, 0.0, 1.0), "scoring")
+    with pytest.raises(UserError, match=r"lost node n2 during scoring, and the nodes left have no room for "
+                                        r"2 actors \(1 CPU each\)\. .*computes only what is missing"):
+        full.check()

@@ -370,13 +370,15 @@ def _watching_nodes(ray, pool: Pool, batches: Iterator[dict], what: str) -> Iter
     arrived: queue.Queue = queue.Queue(maxsize=2)
     pump = threading.Thread(target=_pump, args=(batches, arrived), daemon=True, name="ray-batches")
     pump.start()
-    started = _alive(ray.nodes())
+    watch = _NodeWatch(ray, pool, what)
     try:
         while True:
             try:
                 kind, value = arrived.get(timeout=NODE_CHECK_S)
             except queue.Empty:
-                _check_still_fits(ray, pool, started, what)
+                kind, value = "wait", None
+            watch.check()
+            if kind == "wait":
                 continue
             if kind == "end":
                 return
@@ -416,18 +418,34 @@ def _alive(nodes: Sequence[dict]) -> dict[str, dict]:
     return {node["NodeID"]: node for node in nodes if node.get("Alive")}
 
 
-def _check_still_fits(ray, pool: Pool, started: dict[str, dict], what: str) -> None:
-    """UserError when the pool no longer fits on the live nodes, naming those lost since `started`."""
-    nodes = ray.nodes()
-    try:
-        check_nodes(nodes, pool)
-    except UserError:
-        lost = sorted(set(started) - set(_alive(nodes)))
-        named = f"lost node{'s' if len(lost) > 1 else ''} {', '.join(lost)}" if lost else "lost nodes"
-        raise UserError(f"The Ray cluster {named} during {what}, and the nodes left have no room for "
-                        f"{pool.describe()}. The features written so far are kept: run the same command "
-                        f"again once the cluster has its nodes back (or with fewer --actors), and it "
-                        f"computes only what is missing.") from None
+class _NodeWatch:
+    """The cluster's nodes during one pipeline, looked at every NODE_CHECK_S: a lost node is logged
+    when the nodes left have room for the pool, and stops the run (UserError) when they have not."""
+
+    def __init__(self, ray, pool: Pool, what: str) -> None:
+        self.ray, self.pool, self.what = ray, pool, what
+        self.started = _alive(ray.nodes())
+        self.reported: set[str] = set()
+        self.due = time.monotonic() + NODE_CHECK_S
+
+    def check(self) -> None:
+        if time.monotonic() < self.due:
+            return
+        self.due = time.monotonic() + NODE_CHECK_S
+        nodes = self.ray.nodes()
+        lost = sorted(set(self.started) - set(_alive(nodes)))
+        try:
+            check_nodes(nodes, self.pool)
+        except UserError:
+            named = f"lost node{'s' if len(lost) > 1 else ''} {', '.join(lost)}" if lost else "lost nodes"
+            raise UserError(f"The Ray cluster {named} during {self.what}, and the nodes left have no room for "
+                            f"{self.pool.describe()}. The features written so far are kept: run the same "
+                            f"command again once the cluster has its nodes back (or with fewer --actors), and "
+                            f"it computes only what is missing.") from None
+        for node in set(lost) - self.reported:
+            log.warning("The Ray cluster lost node %s during %s: Ray restarts its actors on the nodes left, "
+                        "which have room for them.", node, self.what)
+            self.reported.add(node)
 
 
 def _kill_hook() -> Callable[[], None]:
