@@ -288,3 +288,20 @@ def test_a_lost_node_is_logged_when_the_nodes_left_hold_the_pool_and_stops_the_r
     with pytest.raises(UserError, match=r"lost node n2 during scoring, and the nodes left have no room for "
                                         r"2 actors \(1 CPU each\)\. .*computes only what is missing"):
         full.check()
+
+
+class GetTimeoutError(Exception):
+    """Named as Ray's: what Ray Data raises when a pool's actors have not started in time."""
+
+
+def test_a_pool_that_does_not_start_in_time_stops_the_run_with_what_to_do():
+    with pytest.raises(UserError, match=rf"did not start the actors for the extraction of train within "
+                                        rf"{ray_engine.ACTORS_START_TIMEOUT_S} s: .*fewer --actors"):
+        with ray_engine._worker_errors("the extraction of train"):
+            try:
+                raise GetTimeoutError("Timed out while starting actors. This may mean that ...")
+            except GetTimeoutError as exc:
+                raise RuntimeError("wrapped") from exc
+    with pytest.raises(GetTimeoutError):
+        with ray_engine._worker_errors("scoring"):
+            raise GetTimeoutError("Get timed out: some object(s) not ready.")

@@ -1,13 +1,14 @@
 """The Ray engine (`--engine ray`): extraction and batch scoring on a Ray cluster, by Ray Data batch inference.
 
-A dataset of image paths with their store rows is decoded and resized by CPU tasks
-(``map_batches``), then run through the backbones by a pool of actors (one per GPU, or per
-group of CPUs), each building the models once. (Ray Data fuses two steps that reserve the same
-resources, so with CPU-only actors the decoding runs inside the actors, next to a forward pass
-a hundred times slower; with GPU actors it runs in separate CPU tasks.) The driver, this process, writes the features
-that come back into the same feature stores as the local engine (``store.Store``), rows and
-then the done mask, chunk by chunk: a killed job loses at most the chunks in flight, and running
-it again computes only the rows not done. For `predict`, the heads are then held by a pool of
+A dataset of image paths with their store rows is run through the backbones by a pool of
+actors (one per GPU, or per group of CPUs), each building the models once. CPU actors decode
+and resize their own batches (next to a forward pass a hundred times slower); GPU actors get
+them from CPU tasks (``map_batches``). The driver, this process, writes the features that come
+back into the same feature stores as the local engine (``store.Store``), rows and then the done
+mask, chunk by chunk: a killed job loses at most the chunks in flight, and running it again
+computes only the rows not done. While it waits for features it watches the cluster's nodes:
+when a node is lost and the nodes left have no room for the pool, it stops the run rather than
+wait for ever for an actor Ray cannot place. For `predict`, the heads are then held by a pool of
 actors too, each scoring chunks of stored features; the driver writes the CSV in row order.
 
 Every worker reads the images, the weights and the run folder by the same paths as the driver,
@@ -335,6 +336,17 @@ def _cause(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _actors_timed_out(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what caused it) is Ray Data's timeout on starting a pool's actors."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ == "GetTimeoutError" and "starting actors" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 @contextlib.contextmanager
 def _worker_errors(what: str) -> Iterator[None]:
     """Turn a worker's UserError or bad image into this process's UserError; re-raise the rest."""
@@ -348,7 +360,7 @@ def _worker_errors(what: str) -> Iterator[None]:
                             f"image.") from None
         if isinstance(cause, UserError):
             raise UserError(str(cause)) from None
-        if type(exc).__name__ == "GetTimeoutError" and "starting actors" in str(exc):
+        if _actors_timed_out(exc):
             raise UserError(f"The Ray cluster did not start the actors for {what} within "
                             f"{ACTORS_START_TIMEOUT_S} s: its nodes lack the free CPUs or GPUs they reserve "
                             f"(other jobs hold them, or an autoscaler has not added nodes yet). See `ray "
