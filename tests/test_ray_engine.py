@@ -201,7 +201,10 @@ def test_the_actor_pool_defaults_to_one_actor_per_gpu_and_must_fit_the_cluster()
     with pytest.raises(UserError, match=r"--actors 3 with --gpus-per-actor 1 need 3 GPUs, but the Ray cluster has 2"):
         ray_engine.pool_for(_Cluster(16, 2), EngineConfig.of("ray", actors=3))
     with pytest.raises(UserError, match=r"leave less than one to decode images"):
-        ray_engine.pool_for(_Cluster(2, 0), EngineConfig.of("ray", cpus_per_actor=2))
+        ray_engine.pool_for(_Cluster(2, 2), EngineConfig.of("ray", actors=2))
+    with pytest.raises(UserError, match=r"--actors 3 with --cpus-per-actor 1 reserve 3 CPUs, but the Ray cluster has 2"):
+        ray_engine.pool_for(_Cluster(2, 0), EngineConfig.of("ray", actors=3))
+    assert ray_engine.pool_for(_Cluster(2, 0), EngineConfig.of("ray", actors=2)) == ray_engine.Pool(2, 0.0, 1.0)
 
 
 def test_the_driver_writes_a_batch_or_one_percent_of_the_rows_at_a_time():

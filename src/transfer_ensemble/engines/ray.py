@@ -1,13 +1,14 @@
 """The Ray engine (`--engine ray`): extraction and batch scoring on a Ray cluster, by Ray Data batch inference.
 
-A dataset of image paths with their store rows is decoded and resized by CPU tasks
-(``map_batches``), then run through the backbones by a pool of actors (one per GPU, or per
-group of CPUs), each building the models once. (Ray Data fuses two steps that reserve the same
-resources, so with CPU-only actors the decoding runs inside the actors, next to a forward pass
-a hundred times slower; with GPU actors it runs in separate CPU tasks.) The driver, this process, writes the features
-that come back into the same feature stores as the local engine (``store.Store``), rows and
-then the done mask, chunk by chunk: a killed job loses at most the chunks in flight, and running
-it again computes only the rows not done. For `predict`, the heads are then held by a pool of
+A dataset of image paths with their store rows is run through the backbones by a pool of
+actors (one per GPU, or per group of CPUs), each building the models once. CPU actors decode
+and resize their own batches (next to a forward pass a hundred times slower); GPU actors get
+them from CPU tasks (``map_batches``). The driver, this process, writes the features that come
+back into the same feature stores as the local engine (``store.Store``), rows and then the done
+mask, chunk by chunk: a killed job loses at most the chunks in flight, and running it again
+computes only the rows not done. While it waits for features it watches the cluster's nodes:
+when a node is lost and the nodes left have no room for the pool, it stops the run rather than
+wait for ever for an actor Ray cannot place. For `predict`, the heads are then held by a pool of
 actors too, each scoring chunks of stored features; the driver writes the CSV in row order.
 
 Every worker reads the images, the weights and the run folder by the same paths as the driver,
@@ -18,12 +19,16 @@ under ``--engine ray`` (``engines.get``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
+import queue
 import re
 import signal
 import socket
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -42,10 +47,21 @@ log = logging.getLogger(__name__)
 KILL_AFTER_CHUNKS = "TRANSFER_ENSEMBLE_TEST_KILL_AFTER_CHUNKS"
 """Test hook: the driver kills itself (SIGKILL) once it has written this many chunks."""
 
+STALL_NODE = "TRANSFER_ENSEMBLE_TEST_STALL_NODE"
+"""Test hook, passed from the driver to its workers: the backbone actors on the Ray node with this
+id hold their batches (sleep STALL_S) instead of computing them, so a test can remove that node
+while it has work."""
+STALL_S = 600.0
+
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3"}
 WRITE_CHUNK_MAX = 4096
 """Most rows the driver writes (and commits with one done-mask write) at once."""
 CONNECT_TIMEOUT_S = 5.0
+NODE_CHECK_S = 2.0
+"""How often the driver checks, while it waits for features, that the actors still fit on the live nodes."""
+STOP_WAIT_S = 10.0
+ACTORS_START_TIMEOUT_S = 600
+"""How long a split waits for its whole actor pool to start before any work is given out."""
 
 
 @dataclass(frozen=True)
@@ -113,12 +129,19 @@ def _quiet(ray) -> None:
     context.verbose_stats_logs = False
 
 
+def _start_whole_pools(ray) -> None:
+    """Give work out only once every actor of a pool has started (so it spreads over all of them),
+    and stop with an error when they have not started after ACTORS_START_TIMEOUT_S."""
+    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTORS_START_TIMEOUT_S
+
+
 def runtime_env() -> dict:
     """What a job's workers need: this package's own code (so they run the driver's version) and quiet logs.
 
     Pass it to your own ``ray.init(runtime_env=...)`` when you connect before calling this package.
     """
-    return {"py_modules": [str(Path(__file__).resolve().parents[1])], "env_vars": WORKER_ENV}
+    hooks = {name: os.environ[name] for name in (STALL_NODE,) if name in os.environ}
+    return {"py_modules": [str(Path(__file__).resolve().parents[1])], "env_vars": {**WORKER_ENV, **hooks}}
 
 
 def connect(engine: EngineConfig):
@@ -137,14 +160,27 @@ def connect(engine: EngineConfig):
         try:
             ray.init(address=address or "local", include_dashboard=False if address is None else None,
                      log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env())
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError(f"Could not connect to the Ray cluster at {address!r}, given by {source} ({exc}). "
-                            f"Check {source}, or leave --ray-address and RAY_ADDRESS unset to start a "
-                            f"local Ray for this run.") from None
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+            raise UserError(f"Could not connect to the Ray cluster at {address!r}, given by {source} "
+                            f"({str(exc).split('. ')[0]}). Check {source}, or leave --ray-address and "
+                            f"RAY_ADDRESS unset to start a local Ray for this run.{_token_hint(address)}") from None
         where = f"the Ray cluster at {address}" if address else "a local Ray started for this run"
         log.info("connected to %s in %.1f s: %s", where, time.perf_counter() - start, _resources(ray))
     _quiet(ray)
+    _start_whole_pools(ray)
     return ray
+
+
+def _token_hint(address: str | None) -> str:
+    """What to check when a cluster may have refused this process's token (Ray's token authentication)."""
+    if address is None:
+        return ""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return (" If Ray logged InvalidAuthToken above, this process's token is not the cluster's: give it "
+                "the head node's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).")
+    return (" If Ray logged InvalidAuthToken above, the cluster uses token authentication (`ray start --head` "
+            "turns it on where a token exists, such as ~/.ray/auth_token): set RAY_AUTH_MODE=token here too, "
+            "with the head node's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.")
 
 
 def _resources(ray) -> str:
@@ -156,18 +192,43 @@ def pool_for(ray, engine: EngineConfig) -> Pool:
     """The actor pool `engine` asks for, resolved against the cluster; UserError when it cannot fit."""
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    per_gpu = engine.options.gpus_per_actor if engine.options.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    per_cpu = engine.options.cpus_per_actor if engine.options.cpus_per_actor is not None else 1.0
-    actors = engine.options.actors if engine.options.actors is not None else (max(1, int(gpus // per_gpu)) if per_gpu else 1)
+    asked = engine.options
+    per_gpu = asked.gpus_per_actor if asked.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    per_cpu = asked.cpus_per_actor if asked.cpus_per_actor is not None else 1.0
+    actors = asked.actors if asked.actors is not None else (max(1, int(gpus // per_gpu)) if per_gpu else 1)
     if per_gpu and actors * per_gpu > gpus:
         raise UserError(f"--actors {actors} with --gpus-per-actor {per_gpu:g} need {actors * per_gpu:g} GPUs, "
                         f"but the Ray cluster has {gpus:g}. Use fewer actors or fewer GPUs per actor "
                         f"(--gpus-per-actor 0 runs the backbones on CPUs).")
-    if actors * per_cpu + 1 > cpus:
+    if per_gpu and actors * per_cpu + 1 > cpus:
         raise UserError(f"--actors {actors} with --cpus-per-actor {per_cpu:g} reserve {actors * per_cpu:g} of "
                         f"the Ray cluster's {cpus:g} CPUs and leave less than one to decode images. Use "
                         f"fewer actors or fewer CPUs per actor.")
+    if actors * per_cpu > cpus:
+        raise UserError(f"--actors {actors} with --cpus-per-actor {per_cpu:g} reserve {actors * per_cpu:g} CPUs, "
+                        f"but the Ray cluster has {cpus:g}. Use fewer actors or fewer CPUs per actor.")
     return Pool(actors, per_gpu, per_cpu)
+
+
+def check_nodes(nodes: Sequence[dict], pool: Pool) -> None:
+    """Refuse a pool whose actors do not fit on the cluster's nodes one by one (`nodes` as
+    ``ray.nodes()`` gives them): Ray would wait for ever for an actor no node can hold."""
+    alive = [node["Resources"] for node in nodes if node.get("Alive")]
+    places = sum(_actors_on(resources, pool) for resources in alive)
+    if places >= pool.actors:
+        return
+    sizes = ", ".join(f"{r.get('CPU', 0):g} CPU + {r.get('GPU', 0):g} GPU" for r in alive)
+    raise UserError(f"{pool.describe()} do not fit on the Ray cluster's nodes ({sizes}): an actor must fit on "
+                    f"one node, and these nodes hold {places}. Use fewer CPUs or GPUs per actor "
+                    f"(--cpus-per-actor, --gpus-per-actor) or fewer actors (--actors {max(places, 1)}).")
+
+
+def _actors_on(resources: dict, pool: Pool) -> int:
+    """How many of `pool`'s actors one node with `resources` holds."""
+    fits = [resources.get("CPU", 0.0) / pool.cpus]
+    if pool.gpus:
+        fits.append(resources.get("GPU", 0.0) / pool.gpus)
+    return int(min(fits) + 1e-9)
 
 
 class RayEngine:
@@ -178,6 +239,7 @@ class RayEngine:
         self.config = config
         self.ray = connect(config)
         self.pool = pool_for(self.ray, config)
+        check_nodes(self.ray.nodes(), self.pool)
 
     def extract_split(self, extractor: features.Extractor, split: str, paths: Sequence[Path], ids: Sequence[str],
                       keys: Sequence[str], store_of: Callable[[str], StoreFiles],
@@ -195,25 +257,61 @@ def _decode(batch: dict, size: int, max_pixels: int) -> dict:
     return {"row": batch["row"], "pixels": pixels}
 
 
-class _Backbones:
-    """An actor's backbones, built once; returns both views' features of each decoded batch."""
+def _node_id() -> str:
+    """The Ray node this worker runs on (as `ray list nodes` shows it)."""
+    import ray
 
-    def __init__(self, config: dict, names: list[str], identities: dict[str, str], scale: float = 1.0) -> None:
+    return ray.get_runtime_context().get_node_id()
+
+
+def _features_dataset(ray, extractor: features.Extractor, rows: list[tuple[int, str]], size: int,
+                      specs: Sequence, pool: Pool):
+    """The Ray Data pipeline of `rows` (store row, image path) to both views' features of `specs`.
+
+    CPU actors decode their own batches (no decode task then waits for a CPU the actors hold);
+    GPU actors get them decoded by CPU tasks.
+    """
+    config = extractor.config
+    decode = {"size": size, "max_pixels": config.max_pixels}
+    dataset = ray.data.from_items([{"row": row, "path": path} for row, path in rows])
+    if pool.gpus:
+        dataset = dataset.map_batches(_decode, fn_kwargs=decode, batch_size=config.batch_size, num_cpus=1)
+    identities = {name: source.identity for name, source in extractor.sources.items()}
+    return dataset.map_batches(
+        _Backbones, batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_gpus=pool.gpus, num_cpus=pool.cpus,
+        fn_constructor_kwargs={"config": config.to_json(), "names": [s.name for s in specs],
+                               "identities": identities, "scale": extractor.scale,
+                               "decode": None if pool.gpus else decode})
+
+
+class _Backbones:
+    """An actor's backbones, built once; returns both views' features of each batch, decoding it
+    first when given paths (`decode`: the size and pixel limit to decode at)."""
+
+    def __init__(self, config: dict, names: list[str], identities: dict[str, str], scale: float = 1.0,
+                 decode: dict | None = None) -> None:
         self.extractor = features.Extractor(ExtractConfig.from_json(config, source="the driver"), scale)
         self.specs = [spec for spec in self.extractor.specs if spec.name in names]
+        self.node = _node_id()
         self.extractor.ensure_weights_known()
         for spec in self.specs:
             found = self.extractor.sources[spec.name].identity
             if found != identities[spec.name]:
-                raise UserError(f"A Ray worker on {socket.gethostname()} finds other {spec.name} weights "
-                                f"(identity {found}) than the driver ({identities[spec.name]}). Give every "
-                                f"node the same weight files (--weights with a folder on shared storage).")
+                raise UserError(f"A Ray worker on host {socket.gethostname()}, node {self.node}, finds other "
+                                f"{spec.name} weights (identity {found}) than the driver "
+                                f"({identities[spec.name]}). Give every node the same weight files "
+                                f"(--weights with a folder on shared storage).")
         self.extractor.prepare(self.specs)
+        self.decode = decode
 
     def __call__(self, batch: dict) -> dict:
-        out = {"row": batch["row"]}
+        if os.environ.get(STALL_NODE) == self.node:
+            time.sleep(STALL_S)
+        pixels = batch["pixels"] if self.decode is None else _decode(batch, **self.decode)["pixels"]
+        out = {"row": batch["row"], "node": np.full(len(batch["row"]), self.node)}
         for spec in self.specs:
-            for view, values in self.extractor.forward(spec, batch["pixels"]).items():
+            for view, values in self.extractor.forward(spec, pixels).items():
                 out[f"{spec.name}/{view}"] = values
         return out
 
@@ -240,6 +338,17 @@ def _cause(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _actors_timed_out(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what caused it) is Ray Data's timeout on starting a pool's actors."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ == "GetTimeoutError" and "starting actors" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 @contextlib.contextmanager
 def _worker_errors(what: str) -> Iterator[None]:
     """Turn a worker's UserError or bad image into this process's UserError; re-raise the rest."""
@@ -253,7 +362,104 @@ def _worker_errors(what: str) -> Iterator[None]:
                             f"image.") from None
         if isinstance(cause, UserError):
             raise UserError(str(cause)) from None
+        if _actors_timed_out(exc):
+            raise UserError(f"The Ray cluster did not start the actors for {what} within "
+                            f"{ACTORS_START_TIMEOUT_S} s: its nodes lack the free CPUs or GPUs they reserve "
+                            f"(other jobs hold them, or an autoscaler has not added nodes yet). See `ray "
+                            f"status`, then run the same command again, with fewer --actors if need be: "
+                            f"it computes only what is missing.") from None
         raise
+
+
+def _watching_nodes(ray, pool: Pool, batches: Iterator[dict], what: str) -> Iterator[dict]:
+    """`batches`, taken from Ray Data on a thread of their own while this one watches the nodes.
+
+    Ray restarts an actor lost with its node on another node with room for it, and Ray Data
+    hands it the lost work again. When no node has room left, that restart would wait for ever:
+    the run stops instead, with a UserError naming the lost nodes. A run that stops keeps every
+    chunk written before, so running the same command again computes only the rest. (Ray Data's
+    own switch, ``map_batches(max_restarts=0)``, is an extra remote argument, which Ray 2.60
+    deprecates; and it would stop the run also where a node left has room.)
+    """
+    arrived: queue.Queue = queue.Queue(maxsize=2)
+    pump = threading.Thread(target=_pump, args=(batches, arrived), daemon=True, name="ray-batches")
+    pump.start()
+    watch = _NodeWatch(ray, pool, what)
+    try:
+        while True:
+            try:
+                kind, value = arrived.get(timeout=NODE_CHECK_S)
+            except queue.Empty:
+                kind, value = "wait", None
+            watch.check()
+            if kind == "wait":
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        _stop(pump)
+
+
+class _Stopped(Exception):
+    """Raised in the thread that takes batches from Ray Data, to end it when the run stops."""
+
+
+def _pump(batches: Iterator[dict], into: queue.Queue) -> None:
+    try:
+        for batch in batches:
+            into.put(("batch", batch))
+        into.put(("end", None))
+    except _Stopped:
+        return
+    except BaseException as exc:  # handed to the consuming thread, which raises it
+        into.put(("error", exc))
+
+
+def _stop(pump: threading.Thread) -> None:
+    """End `pump` if it still runs (the run stopped before Ray Data finished): an exception raised
+    in it closes Ray Data's iterator, which shuts its execution down, rather than leaving it to
+    call Ray after this process has disconnected (and so start a new local Ray)."""
+    if not pump.is_alive():
+        return
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(pump.ident), ctypes.py_object(_Stopped))
+    pump.join(timeout=STOP_WAIT_S)
+
+
+def _alive(nodes: Sequence[dict]) -> dict[str, dict]:
+    return {node["NodeID"]: node for node in nodes if node.get("Alive")}
+
+
+class _NodeWatch:
+    """The cluster's nodes during one pipeline, looked at every NODE_CHECK_S: a lost node is logged
+    when the nodes left have room for the pool, and stops the run (UserError) when they have not."""
+
+    def __init__(self, ray, pool: Pool, what: str) -> None:
+        self.ray, self.pool, self.what = ray, pool, what
+        self.started = _alive(ray.nodes())
+        self.reported: set[str] = set()
+        self.due = time.monotonic() + NODE_CHECK_S
+
+    def check(self) -> None:
+        if time.monotonic() < self.due:
+            return
+        self.due = time.monotonic() + NODE_CHECK_S
+        nodes = self.ray.nodes()
+        lost = sorted(set(self.started) - set(_alive(nodes)))
+        try:
+            check_nodes(nodes, self.pool)
+        except UserError:
+            named = f"lost node{'s' if len(lost) > 1 else ''} {', '.join(lost)}" if lost else "lost nodes"
+            raise UserError(f"The Ray cluster {named} during {self.what}, and the nodes left have no room for "
+                            f"{self.pool.describe()}. The features written so far are kept: run the same "
+                            f"command again once the cluster has its nodes back (or with fewer --actors), and "
+                            f"it computes only what is missing.") from None
+        for node in set(lost) - self.reported:
+            log.warning("The Ray cluster lost node %s during %s: Ray restarts its actors on the nodes left, "
+                        "which have room for them.", node, self.what)
+            self.reported.add(node)
 
 
 def _kill_hook() -> Callable[[], None]:
@@ -265,6 +471,12 @@ def _kill_hook() -> Callable[[], None]:
         if limit and written[0] >= limit:
             os.kill(os.getpid(), signal.SIGKILL)
     return after_chunk
+
+
+def _placement(images_per_node: Counter[str]) -> str:
+    """Which nodes computed how many images, for the log: "2 nodes: 8 on node 4f1c..., 7 on node 9a0b..."."""
+    parts = ", ".join(f"{n} on node {node}" for node, n in images_per_node.most_common())
+    return f"{len(images_per_node)} node{'s' if len(images_per_node) != 1 else ''}: {parts}"
 
 
 def write_chunk(batch_size: int, rows: int) -> int:
@@ -292,37 +504,34 @@ def extract_split(extractor: features.Extractor, split: str, paths: Sequence[Pat
     stores = features.open_stores(extractor, split, ids, keys, store_of, donors_of)
     n = len(paths)
     cached = {name: int(store.done.sum()) for name, store in stores.items()}
-    identities = {name: source.identity for name, source in extractor.sources.items()}
     after_chunk = _kill_hook()
 
     start, cpu_start = time.perf_counter(), time.process_time()
     computed = 0
     for size, specs, rows in features.pending_by_size(extractor, stores):
-        dataset = ray.data.from_items([{"row": int(r), "path": str(paths[r])} for r in rows])
-        dataset = dataset.map_batches(_decode, fn_kwargs={"size": size, "max_pixels": config.max_pixels},
-                                      batch_size=config.batch_size, num_cpus=1)
-        dataset = dataset.map_batches(
-            _Backbones, batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.actors),
-            num_gpus=pool.gpus,
-            num_cpus=pool.cpus, fn_constructor_kwargs={"config": config.to_json(),
-                                                       "names": [s.name for s in specs],
-                                                       "identities": identities,
-                                                       "scale": extractor.scale})
+        dataset = _features_dataset(ray, extractor, [(int(r), str(paths[r])) for r in rows], size, specs, pool)
         desc = f"extract {split} [{','.join(s.name for s in specs)} @{size}px] on Ray"
         log.info("%s: %d images to compute on %s", split, len(rows), pool.describe())
         launched = time.perf_counter()
-        with progress.bar(total=len(rows), desc=desc, unit="img") as bar, _worker_errors("extraction"):
-            for chunk in dataset.iter_batches(batch_size=write_chunk(config.batch_size, len(rows)),
-                                              batch_format="numpy"):
-                if not bar.n:
-                    log.info("%s: first features back after %.1f s (starting the actors and building the "
-                             "models in them)", split, time.perf_counter() - launched)
-                chunk_rows = chunk["row"].astype(np.int64)
-                for spec in specs:
-                    stores[spec.name].write_missing(chunk_rows, {view: chunk[f"{spec.name}/{view}"]
-                                                                  for view in stores[spec.name].views})
-                bar.update(len(chunk_rows))
-                after_chunk()
+        nodes: Counter[str] = Counter()
+        chunks = dataset.iter_batches(batch_size=write_chunk(config.batch_size, len(rows)), batch_format="numpy",
+                                      prefetch_batches=0)
+        try:
+            with progress.bar(total=len(rows), desc=desc, unit="img") as bar, _worker_errors("extraction"):
+                for chunk in _watching_nodes(ray, pool, chunks, f"the extraction of {split}"):
+                    if not bar.n:
+                        log.info("%s: first features back after %.1f s (starting the actors and building the "
+                                 "models in them)", split, time.perf_counter() - launched)
+                    chunk_rows = chunk["row"].astype(np.int64)
+                    for spec in specs:
+                        stores[spec.name].write_missing(chunk_rows, {view: chunk[f"{spec.name}/{view}"]
+                                                                      for view in stores[spec.name].views})
+                    bar.update(len(chunk_rows))
+                    nodes.update(chunk["node"].tolist())
+                    after_chunk()
+        finally:
+            if nodes:
+                log.info("%s: computed on %s", split, _placement(nodes))
         computed += len(rows)
     return features.split_summary(split, n, computed, cached, start, cpu_start)
 
@@ -360,8 +569,9 @@ def iter_probabilities(ray, pool: Pool, scorer: Scorer, stores: Sequence[StoreFi
         fn_constructor_kwargs=args)
     waiting: dict[int, np.ndarray] = {}
     following = 0
+    batches = dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
     with _worker_errors("scoring"):
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in _watching_nodes(ray, pool, batches, "scoring"):
             rows = batch["row"]
             breaks = np.flatnonzero(np.diff(rows) != 1) + 1
             for part_rows, part in zip(np.split(rows, breaks), np.split(batch["probabilities"], breaks)):
