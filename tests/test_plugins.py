@@ -69,7 +69,8 @@ def plugin_run(example, tmp_path_factory):
     log = base / "engine.log"
     os.environ[example.MARKER] = str(log)
     try:
-        workflow.extract(data, run, ExtractConfig(**SMALL, views=WITH_VIEW), engine=EngineConfig(engine="plugin_engine"))
+        workflow.extract(data, run, ExtractConfig(**SMALL, views=WITH_VIEW),
+                         engine=EngineConfig(engine="plugin_engine"))
     finally:
         del os.environ[example.MARKER]
     workflow.train(run, {"folds": 2})

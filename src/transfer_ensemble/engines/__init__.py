@@ -63,7 +63,8 @@ def names() -> tuple[str, ...]:
     return tuple(ENGINES)
 
 
-def register(name: str, target: str, options: type = NoOptions, help: str = "", module: str | None = None) -> EngineEntry:
+def register(name: str, target: str, options: type = NoOptions, help: str = "",
+             module: str | None = None) -> EngineEntry:
     """Add an engine: `target` is "module:Class", a class built from an EngineConfig, `options` its
     options dataclass; the name must be new. `module` (default: the caller's) is recorded in the
     runs that use it."""
