@@ -4,6 +4,7 @@ store gains a view without recomputing the others, old stores keep working, seed
 from __future__ import annotations
 
 import json
+import re
 
 import cv2
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from conftest import save_rgb
 from transfer_ensemble import backbones, crossval, features, images, views
 from transfer_ensemble.config import MAX_FOLDS, MAX_SEED, ExtractConfig
+from transfer_ensemble.errors import UserError
 from transfer_ensemble.store import STORE_VERSION, StoreFiles, load_features, open_store
 
 SIZE = 32  # MobileNetV3Small's smallest input: the smallest pass there is
@@ -76,6 +78,25 @@ def test_views_option_always_holds_the_pair_in_registry_order():
         ("original", "flipped", "center_flipped")
     with pytest.raises(Exception, match="--views 'middle'.*not a view"):
         ExtractConfig(views="middle")
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("", "names no view"), (",", "names no view"), (" , ", "names no view"),
+    ("center,,flipped", "empty name between its commas"),
+    ("center,center", "names center more than once"), ("center,Center", "names center more than once"),
+    ("centre", r"'centre', which is not a view \(did you mean 'center'\?\)"),
+    ("five_crops", r"did you mean 'five_crop'\?"),
+])
+def test_views_option_refuses_empty_repeated_and_unknown_names(value, problem):
+    """Nothing named is an error, not the pair; a name twice is refused; a near miss is named."""
+    with pytest.raises(UserError, match=f"--views {re.escape(repr(value))} .*{problem}"):
+        ExtractConfig(views=value)
+
+
+def test_view_names_ignore_case_and_hyphens_as_backbone_names_do():
+    assert ExtractConfig(views="Center-Flipped").views == ("original", "flipped", "center_flipped")
+    assert ExtractConfig(views=" FIVE-CROP ").views == views.SETS["five_crop"]
+    assert ExtractConfig(views=["Original", "center"]).views == ("original", "flipped", "center")
 
 
 def test_fold_seeds_of_the_existing_views_are_unchanged():
