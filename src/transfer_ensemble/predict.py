@@ -91,9 +91,7 @@ class Run:
         saved = run.extract_config()
         if weights is None and saved.weights not in ("imagenet", "random") \
                 and not Path(saved.weights).expanduser().is_dir():
-            raise UserError(f"The run {run.path} was extracted with the weights in {saved.weights}, which "
-                            f"is no longer a folder. Pass --weights with a folder holding the same weight "
-                            f"files (they are checked against the run's).")
+            raise _weights_folder_gone(run, saved.weights)
         extractors = [features.Extractor(config, scale)
                       for config, scale in _extract_configs(saved, recipe, weights or saved.weights)]
         for extractor in extractors:
@@ -227,6 +225,18 @@ def _extract_configs(saved: ExtractConfig, recipe: Recipe, weights: str) -> list
         out.append((replace(saved, backbones=tuple(dict.fromkeys(s.backbone for s in sources)), weights=weights,
                             mid_layer=any(s.mid for s in sources), views=recipe.views), scale))
     return out
+
+
+def _weights_folder_gone(run: RunFolder, weights: str) -> UserError:
+    """The run's --weights folder is not there: pass it again (or, for a path recorded relative by
+    runs before the folder was recorded absolute, run from where `extract` ran)."""
+    fix = "Pass --weights with a folder holding the same weight files (they are checked against the run's)."
+    if Path(weights).expanduser().is_absolute():
+        return UserError(f"The run {run.path} was extracted with the weights in {weights}, which is no longer "
+                         f"a folder. {fix}")
+    return UserError(f"The run {run.path} was extracted with the weights in {weights}, a path recorded relative "
+                     f"to the folder `extract` ran in (runs record it absolute now), and it is not a folder from "
+                     f"here ({Path.cwd()}). Run predict from that folder, or: {fix}")
 
 
 def _select_recipe(run: RunFolder, heads_name: str | None) -> Recipe:
