@@ -37,7 +37,7 @@ def run_workflow(run_args: list[str]) -> tuple[list[dict], dict, dict]:
         args = options()
         results = workflow.extract(args.data, args.run, cli.extract_config(args))
     trained = workflow.train(args.run, cli.train_overrides(args))
-    return results, trained, workflow.submit(args.run, args.out, heads=trained["recipe"])
+    return results, trained, workflow.submit(args.run, args.out, heads=trained.recipe)
 
 
 def main() -> int:

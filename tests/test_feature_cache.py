@@ -171,8 +171,8 @@ CACHE_HIT_SCRIPT = textwrap.dedent("""
     tensorflow_after_extract = "tensorflow" in sys.modules or "keras" in sys.modules
     workflow.train(run, {"head": "seed", "folds": 2, "epochs": 2, "patience": 1})
     workflow.submit(run, out)
-    print(json.dumps({"computed": sum(r["computed"] for r in results),
-                      "reused": sum(r["reused"] for r in results),
+    print(json.dumps({"computed": sum(r.computed for r in results),
+                      "reused": sum(r.reused for r in results),
                       "tensorflow_after_extract": tensorflow_after_extract}))
 """)
 

@@ -193,7 +193,7 @@ def test_predict_heads_best_is_the_best_recipe_when_a_blend_scores_lower(trained
                key=lambda s: s.oof_log_loss)
     assert predict.Run.load(run, heads_name="best").recipe.name == best.recipe.name
     with pytest.raises(UserError, match="given as --heads"):
-        predict.Run.load(run, heads_name=result["recipe"])
+        predict.Run.load(run, heads_name=result.recipe)
 
 
 # item 8
@@ -332,7 +332,7 @@ def test_a_blend_of_long_recipe_names_gets_a_folder_name_within_file_system_limi
     full = "blend-" + "+".join(names)
     assert len(full.encode()) > 255
     result = workflow.blend(run, names)
-    assert result["recipe"] == full
+    assert result.recipe == full
     folders = [p.name for p in RunFolder(run).heads_dir.iterdir()]
     assert all(len(name.encode()) <= 255 for name in folders) and set(names) <= set(folders)
     assert json.loads((RunFolder(run).heads_dir / next(n for n in folders if n.startswith("blend-"))

@@ -228,7 +228,7 @@ def test_train_reads_the_datasets_records_and_hashes_each_store_once(trained, tm
     monkeypatch.setattr(runfolder, "load_json", counting)
     monkeypatch.setattr(StoreFiles, "identity", identity)  # the store's identity hashes its keys.json
     result = workflow.train(copy, heads=RunFolder(copy).read_config()["heads"])
-    assert [s.state for s in result["recipes"]] == ["current"]
+    assert [s.state for s in result.statuses] == ["current"]
     keys = sorted(hashed)
     assert len(keys) == 4 and len(set(keys)) == 4, keys  # 2 backbones x (train, test), one scale
     assert [p for p in reads if p.name == "dataset.json"] == [copy / "dataset.json"]
