@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import write_dataset  # noqa: E402
 
-EXTRACTED = re.compile(r"extracted the features of (\d+) images(?: at \d+ scales)? in ([\d.]+) s")
+EXTRACTED = re.compile(r"extracted the features of (\d+) images?(?: at \d+ scales)? in ([\d.]+) s")
 CONNECTED = re.compile(r"connected to .* in ([\d.]+) s")
 FIRST = re.compile(r"first features back after ([\d.]+) s")
 

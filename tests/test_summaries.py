@@ -93,3 +93,10 @@ def test_report_says_once_what_it_wrote(tmp_path, capsys, caplog):
         assert cli.main(["report", "--run", str(run)]) == 0
     said = capsys.readouterr().out + caplog.text
     assert said.count("wrote") == 1 and f"wrote {run / 'report.html'}" in said
+
+
+def test_tta_help_promises_no_particular_views():
+    """--tta scores the recipe's views, which may be crops: its help names no fixed pair."""
+    predict = _subcommands()["predict"]
+    tta = next(a for a in predict._actions if "--tta" in a.option_strings)
+    assert "flipped" not in tta.help and "every view the recipe scores" in tta.help

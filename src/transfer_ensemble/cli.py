@@ -258,9 +258,10 @@ def print_extract_summary(results: Sequence[ExtractSummary]) -> None:
         computed[r.split] = max(computed[r.split], r.computed)
     scales = len({r.scale for r in results})
     seconds = sum(r.seconds for r in results)
-    if sum(computed.values()):
+    images = sum(computed.values())
+    if images:
         at = f" at {scales} scales" if scales > 1 else ""
-        print(f"extracted the features of {sum(computed.values())} images{at} in {seconds:.1f} s")
+        print(f"extracted the features of {images} image{'s' if images > 1 else ''}{at} in {seconds:.1f} s")
     else:
         print("all features were already computed: reused them")
 
