@@ -190,9 +190,10 @@ def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: 
             with progress.bar(total=len(rows), desc=desc, unit="img") as bar:
                 previous: tuple[list[_Pending], int] = ([], 0)
                 for batch in _batches(list(paths), rows, size, config):
+                    due = {spec.name: stores[spec.name].due_views(batch.rows) for spec in specs}
                     launched = [_Pending(stores[spec.name], batch.rows,
-                                         extractor.dispatch(spec, batch.pixels, stores[spec.name].missing_views(batch.rows)))
-                                for spec in specs if stores[spec.name].missing_views(batch.rows)]
+                                         extractor.dispatch(spec, batch.pixels, due[spec.name]))
+                                for spec in specs if due[spec.name]]
                     _finish(*previous, writer, bar)
                     previous = (launched, len(batch.rows))
                 _finish(*previous, writer, bar)

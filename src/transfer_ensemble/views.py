@@ -178,6 +178,15 @@ def passes(views: Sequence[str]) -> list[tuple[str, ...]]:
     return [tuple(g) for g in groups.values()]
 
 
+def whole_passes(wanted: Sequence[str], missing: Sequence[str]) -> tuple[str, ...]:
+    """The views of every pass of `wanted` (`passes`) that computes one of `missing`, whole: a view
+    is always computed beside the same views, so its features are the same numbers however its
+    rows became due (a resumed extraction, or a view added to a store holding the others of its
+    pass); the views a store already holds are not written again."""
+    lacking = set(missing)
+    return tuple(view for group in passes(wanted) if lacking & set(group) for view in group)
+
+
 def transform(batch: Any, names: Sequence[str], size: int) -> Any:
     """The float32 views `names` of a uint8 batch (n, size, size, 3), stacked view after view
     ((len(names) * n, size, size, 3)), with keras.ops: the same code in every backend's pass."""
