@@ -111,8 +111,8 @@ def test_the_demo_on_random_weights_says_what_its_scores_mean(monkeypatch, capsy
         return []
 
     monkeypatch.setattr(demo_script.workflow, "extract", extract)
-    monkeypatch.setattr(demo_script.workflow, "train", lambda run, overrides: {"recipe": "linear"})
-    monkeypatch.setattr(demo_script.workflow, "submit", lambda run, out, heads: {})
+    monkeypatch.setattr(demo_script.workflow, "train", lambda run, overrides: demo_script.TrainResult("linear", {}, []))
+    monkeypatch.setattr(demo_script.workflow, "submit", lambda run, out, heads: None)
     demo_script.run_workflow(["--data", "d", "--run", "r", "--out", "o.csv"])
     note = capsys.readouterr().err
     assert calls == ["imagenet", "random"]
