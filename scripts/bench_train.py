@@ -40,6 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from transfer_ensemble import backbones, backend, progress, workflow  # noqa: E402
+from transfer_ensemble.blocks import scales_used  # noqa: E402
 from transfer_ensemble.config import ExtractConfig, TrainConfig  # noqa: E402
 from transfer_ensemble.recipes import select_recipe  # noqa: E402
 from transfer_ensemble.runfolder import RunFolder  # noqa: E402
@@ -54,7 +55,7 @@ def default_blocks() -> list[tuple[str, int, int]]:
     (if the default recipe is multiscale) at each further default scale. The width is the pass's:
     the final features and, with the default --mid-layer, the middle layer's after them."""
     extract = ExtractConfig()
-    scales = extract.scales if TrainConfig().multiscale else extract.scales[:1]
+    scales = scales_used(extract, TrainConfig().multiscale)
     return [(spec.name, extract.size_of(spec, scale), spec.width + (spec.mid_width if extract.mid_of(spec) else 0))
             for scale in scales for spec in map(backbones.get_spec, extract.backbones)]
 

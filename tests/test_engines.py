@@ -9,7 +9,8 @@ import pytest
 
 from conftest import make_kaggle
 from transfer_ensemble import engines, workflow
-from transfer_ensemble.config import EngineConfig, ExtractConfig
+from transfer_ensemble.config import ExtractConfig
+from transfer_ensemble.engines import EngineConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.engines.local import LocalEngine
 

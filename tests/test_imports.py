@@ -1,9 +1,9 @@
 """No import cycle between the package's modules: the imports are read from the source (ast).
 
-Every import counts wherever it is (module level or inside a function), and importing
-``a.b.c`` counts as importing ``a.b`` too (Python runs the package first), except from a module
-inside ``a.b``, which only runs once ``a.b`` has started. Imports under
-``if TYPE_CHECKING:`` are left out: they never run.
+Every import counts wherever it is (module level, inside a function, or under ``if
+TYPE_CHECKING:``: a cycle of type-level imports is still two modules that need each other), and
+importing ``a.b.c`` counts as importing ``a.b`` too (Python runs the package first), except from a
+module inside ``a.b``, which only runs once ``a.b`` has started.
 """
 
 from __future__ import annotations
@@ -19,21 +19,12 @@ def _module_name(root: Path, path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _type_checking_only(node: ast.AST) -> bool:
-    test = node.test if isinstance(node, ast.If) else None
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
 def _imported(tree: ast.AST, module: str, is_package: bool) -> set[str]:
-    """Every module name `module`'s code imports (absolute, relative resolved), TYPE_CHECKING blocks left out."""
+    """Every module name `module`'s code imports (absolute, relative resolved), TYPE_CHECKING blocks included."""
     found: set[str] = set()
     stack = [tree]
     while stack:
         node = stack.pop()
-        if _type_checking_only(node):
-            stack.extend(node.orelse)
-            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -98,18 +89,20 @@ def test_the_package_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_a_cycle_through_a_function_level_import_is_found_and_type_checking_imports_are_not(tmp_path):
+def test_a_cycle_through_a_function_level_or_type_checking_import_is_found(tmp_path):
     root = tmp_path / "pkg"
     (root / "sub").mkdir(parents=True)
     (root / "__init__.py").write_text("")
     (root / "sub" / "__init__.py").write_text("")
     (root / "a.py").write_text("from pkg.sub import b\n")
     (root / "sub" / "b.py").write_text("def f():\n    from .. import a\n")
-    (root / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n")
+    (root / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import d\n")
     (root / "d.py").write_text("import pkg.c\n")
     graph = import_graph(root)
     assert graph["pkg.a"] == {"pkg.sub", "pkg.sub.b"}  # pkg itself runs before pkg.a
-    assert graph["pkg.c"] == set() and graph["pkg.d"] == {"pkg.c"}
+    assert graph["pkg.c"] == {"pkg.d"} and graph["pkg.d"] == {"pkg.c"}
     assert find_cycle(graph) == ["pkg.a", "pkg.sub.b", "pkg.a"]
     (root / "sub" / "b.py").write_text("")
+    assert find_cycle(import_graph(root)) == ["pkg.c", "pkg.d", "pkg.c"]
+    (root / "c.py").write_text("")
     assert find_cycle(import_graph(root)) is None

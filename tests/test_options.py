@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from transfer_ensemble import cli, heads, workflow
-from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, merged
+from transfer_ensemble import cli, engines, heads, workflow
+from transfer_ensemble.config import ExtractConfig, TrainConfig, merged
+from transfer_ensemble.engines import EngineConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads.sklearn import sklearn_head
 from transfer_ensemble.options import declared, option, python_overrides, whole
@@ -39,6 +40,9 @@ def _declared_flags(sections) -> set[str]:
         if cls is TrainConfig:
             for entry in heads.HEADS.values():
                 flags |= {meta.flag for _, _, meta in declared(entry.options) if meta.flag}
+        if cls is EngineConfig:
+            for engine in engines.ENGINES.values():
+                flags |= {meta.flag for _, _, meta in declared(engine.options) if meta.flag}
     return flags
 
 
@@ -55,7 +59,7 @@ def test_flags_parse_into_the_override_dicts_under_config_names():
     assert cli.extract_overrides(args)["batch_size"] == 4 and cli.extract_overrides(args)["seed"] == 3
     train = cli.train_overrides(args)
     assert train["batch_size"] == 16 and train["seed"] == 3 and train["tta"] is False and train["epochs"] is None
-    assert cli.engine_config(args) == EngineConfig(engine="ray", actors=2)
+    assert cli.engine_config(args) == EngineConfig.of("ray", actors=2)
 
 
 @dataclass(frozen=True)

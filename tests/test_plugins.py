@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,11 @@ import pytest
 
 from conftest import make_kaggle, run_cli
 from transfer_ensemble import backbones, engines, heads, plugins, views, workflow
-from transfer_ensemble.config import EngineConfig, ExtractConfig
+from transfer_ensemble.config import ExtractConfig
+from transfer_ensemble.engines import EngineConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads.sklearn import sklearn_head
+from transfer_ensemble.options import Rule, option
 from transfer_ensemble.recipes import recipe_statuses, select_recipe
 from transfer_ensemble.runfolder import RunFolder
 
@@ -121,9 +124,11 @@ def test_a_plugin_module_that_does_not_import_is_named_with_the_fix():
 # Item 1: a plug-in head's recipe is used, or refused with what to do; never another recipe.
 @pytest.mark.slow
 def test_submit_refuses_a_recipe_whose_plugin_head_is_not_importable_instead_of_submitting_another(plugin_run):
-    _, run, base, _ = plugin_run
+    data, run, base, _ = plugin_run
     out = base / "refused.csv"
     for command in (["submit", "--run", str(run), "--out", str(out)],
+                    ["predict", "--run", str(run), "--images", str(data / "test"), "--out", str(out)],
+                    ["train", "--run", str(run), "--heads", "plugin_knn-folds2-views_center_half"],
                     ["report", "--run", str(run)]):
         result = run_cli(*command)
         assert result.returncode == 2, result.stderr
@@ -236,3 +241,56 @@ def test_adding_and_switching_views_keeps_every_recipe_current_side_by_side(tmp_
     assert workflow.train(run, {"folds": 2}).recipe == pair
     assert [p.stat().st_mtime_ns for p in done] == stamps, "the pair recipe's fold models were reused"
     assert (run / "heads" / crop / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_plugin_head_view_and_engine_go_through_every_command_of_the_cli(example, tmp_path):
+    """The whole workflow in CLI processes that import the user's module (--plugins): extract with
+    the plug-in view on the plug-in engine, train the plug-in head, submit, predict = submit, report."""
+    data = make_kaggle(tmp_path / "data", n_classes=3, per_class=4, n_test=3)
+    run, env = tmp_path / "run", {**_importable(), example.MARKER: str(tmp_path / "engine.log")}
+    steps = [["--plugins", MODULE, "extract", "--data", str(data), "--run", str(run), *SMALL_FLAGS,
+              "--views", "pair,center_half", "--engine", "plugin_engine"],
+             ["train", "--run", str(run), "--head", "plugin_knn", "--folds", "2", "--plugins", MODULE],
+             ["submit", "--run", str(run), "--out", str(tmp_path / "sub.csv")],
+             ["predict", "--run", str(run), "--images", str(data / "test"), "--out", str(tmp_path / "pred.csv"),
+              "--engine", "plugin_engine"],
+             ["report", "--run", str(run)]]
+    for step in steps:
+        result = run_cli(*step, env=env)
+        assert result.returncode == 0, (step, result.stderr)
+    assert (tmp_path / "engine.log").read_text().splitlines() == ["extract train", "extract test", "extract predict",
+                                                                  "score 3"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["plugins"] == {"view": {"center_half": MODULE}, "engine": {"plugin_engine": MODULE},
+                                 "head": {"plugin_knn": MODULE}}
+    assert config["heads"] == "plugin_knn-folds2-views_center_half"
+    submission = pd.read_csv(tmp_path / "sub.csv").set_index("id")
+    got = pd.read_csv(tmp_path / "pred.csv")
+    got = got.set_index(got.columns[0]).rename(index=lambda p: Path(p).stem).loc[submission.index]
+    np.testing.assert_allclose(got[submission.columns].to_numpy(), submission.to_numpy(), atol=1e-6)
+    page = (run / "report.html").read_text()
+    assert "plugin_knn-folds2-views_center_half" in page
+    assert f"head plugin_knn (from {MODULE})" in page and "original, flipped, center_half" in page
+
+
+@dataclass(frozen=True)
+class _MetricOptions:
+    metric: str = option("euclidean", "--knn-metric", "distance", Rule("text", lambda c, k, v, _: v))
+
+
+def test_a_head_option_value_cannot_move_a_recipe_folder_out_of_the_run(tmp_path):
+    from transfer_ensemble.config import TrainConfig
+    from transfer_ensemble.recipes import folder_name, recipe_name
+
+    heads.register(sklearn_head("metric_knn", lambda metric: None, _MetricOptions))
+    try:
+        config = TrainConfig(head="metric_knn", options=_MetricOptions(metric="../../../escaped"))
+        name = recipe_name(config)
+        assert "../" in name  # the record keeps the name as the options make it
+        heads_dir = tmp_path / "run" / "heads"
+        folder = (heads_dir / folder_name(name)).resolve()
+        assert folder.parent == heads_dir.resolve() and "/" not in folder_name(name)
+        assert folder_name("linear-folds2") == "linear-folds2"
+    finally:
+        heads.unregister("metric_knn")

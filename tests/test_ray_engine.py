@@ -19,7 +19,7 @@ import pytest
 
 from conftest import FAST_EXTRACT, FAST_TRAIN, draw, make_kaggle, run_cli, save_rgb
 from transfer_ensemble.engines import ray as ray_engine
-from transfer_ensemble.config import EngineConfig
+from transfer_ensemble.engines import EngineConfig
 from transfer_ensemble.errors import UserError
 
 BACKBONES = ("xception", "inception_v3")
@@ -121,12 +121,12 @@ def test_a_ray_extraction_killed_part_way_resumes_to_the_local_features_and_subm
 
 def test_engine_options_are_checked_with_their_flag():
     with pytest.raises(UserError, match=r"--actors 0 .*at least 1"):
-        EngineConfig(engine="ray", actors=0)
+        EngineConfig.of("ray", actors=0)
     with pytest.raises(UserError, match=r"--gpus-per-actor -1 .*0 \(CPU actors\) or more"):
-        EngineConfig(engine="ray", gpus_per_actor=-1)
+        EngineConfig.of("ray", gpus_per_actor=-1)
     with pytest.raises(UserError, match=r"--engine 'spark' .*'local', 'ray'"):
         EngineConfig(engine="spark")
-    with pytest.raises(UserError, match=r"--actors 2 \(given on the command line\) is a Ray option: add --engine ray"):
+    with pytest.raises(UserError, match=r"--actors 2 \(given on the command line\) is an option of --engine ray: add --engine ray"):
         EngineConfig.from_flags({"actors": 2})
 
 
@@ -146,7 +146,7 @@ def test_an_address_from_RAY_ADDRESS_is_blamed_on_the_variable_not_the_flag(monk
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     with pytest.raises(UserError, match=r"The Ray cluster at '127\.0\.0\.1:1' \(from RAY_ADDRESS\) cannot be reached"):
         ray_engine.check_address(*ray_engine.address_of(EngineConfig(engine="ray")))
-    flag = EngineConfig(engine="ray", ray_address="nowhere")
+    flag = EngineConfig.of("ray", ray_address="nowhere")
     assert ray_engine.address_of(flag) == ("nowhere", "--ray-address")
 
 
@@ -164,7 +164,7 @@ def test_the_registry_is_the_list_of_engines_and_imports_ray_only_when_used():
 
     assert engines.names() == ("local", "ray")
     code = ("import sys; from transfer_ensemble import engines, predict, workflow; "
-            "from transfer_ensemble.config import EngineConfig; "
+            "from transfer_ensemble.engines import EngineConfig; "
             "e = engines.get(EngineConfig()); print(type(e).__name__, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["LocalEngine", "False"]
@@ -196,12 +196,12 @@ class _Cluster:
 def test_the_actor_pool_defaults_to_one_actor_per_gpu_and_must_fit_the_cluster():
     assert ray_engine.pool_for(_Cluster(16, 4), EngineConfig(engine="ray")) == ray_engine.Pool(4, 1.0, 1.0)
     assert ray_engine.pool_for(_Cluster(2, 0), EngineConfig(engine="ray")) == ray_engine.Pool(1, 0.0, 1.0)
-    half = EngineConfig(engine="ray", gpus_per_actor=0.5)
+    half = EngineConfig.of("ray", gpus_per_actor=0.5)
     assert ray_engine.pool_for(_Cluster(16, 2), half) == ray_engine.Pool(4, 0.5, 1.0)
     with pytest.raises(UserError, match=r"--actors 3 with --gpus-per-actor 1 need 3 GPUs, but the Ray cluster has 2"):
-        ray_engine.pool_for(_Cluster(16, 2), EngineConfig(engine="ray", actors=3))
+        ray_engine.pool_for(_Cluster(16, 2), EngineConfig.of("ray", actors=3))
     with pytest.raises(UserError, match=r"leave less than one to decode images"):
-        ray_engine.pool_for(_Cluster(2, 0), EngineConfig(engine="ray", cpus_per_actor=2))
+        ray_engine.pool_for(_Cluster(2, 0), EngineConfig.of("ray", cpus_per_actor=2))
 
 
 def test_the_driver_writes_a_batch_or_one_percent_of_the_rows_at_a_time():

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Sequence
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from transfer_ensemble import __version__, backbones, noise, plugins, progress
-from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, merged, upgrade
+from transfer_ensemble.config import ExtractConfig, TrainConfig, merged, upgrade
+from transfer_ensemble.engines import EngineConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
 from transfer_ensemble.options import COMMAND_LINE, Option, Overrides, declared
@@ -47,17 +48,19 @@ def _positive_int(text: str) -> int:
 
 def _declared(sections: Sequence[type]) -> list[tuple[str, Option, str | None]]:
     """(name, Option, argparse group title) of every option of `sections`: config dataclasses, with
-    TrainConfig bringing every registered head kind's options in a group per kind."""
-    from transfer_ensemble import heads
-    from transfer_ensemble.config import TrainConfig
+    TrainConfig bringing every registered head kind's options in a group per kind, and EngineConfig
+    every registered engine's."""
+    from transfer_ensemble import engines, heads
 
     out = []
     for cls in sections:
-        out += [(name, meta, meta.group or (f"--engine {meta.owner} options" if meta.owner else None))
-                for name, _, meta in declared(cls)]
+        out += [(name, meta, meta.group) for name, _, meta in declared(cls)]
         if cls is TrainConfig:
             for entry in heads.HEADS.values():
                 out += [(name, meta, f"--head {entry.name} options") for name, _, meta in declared(entry.options)]
+        if cls is EngineConfig:
+            for entry in engines.ENGINES.values():
+                out += [(name, meta, f"--engine {entry.name} options") for name, _, meta in declared(entry.options)]
     return out
 
 

@@ -3,7 +3,8 @@
 Each option is one dataclass field declared with ``options.option`` (flag, help, rule, owner):
 argparse's options (cli.py), the override dicts, merging and the checks are derived from those
 fields. The head kinds' options live beside each head (heads/seed.py, heads/linear.py) and are
-owned by it; the Ray options are owned by ``--engine ray``. The dataclasses check themselves
+owned by it; where the work runs is the engines' (``engines.EngineConfig``, each engine's options
+beside it), not the run's options. The dataclasses check themselves
 when built, so a bad value is refused wherever it comes from; ``from_json`` and ``merged`` also
 say which file, flag or Python call gave it.
 """
@@ -15,12 +16,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from transfer_ensemble import backbones, engines, heads, views
+from transfer_ensemble import backbones, heads, views
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import LinearOptions, SeedOptions  # noqa: F401  (their options, for callers)
 from transfer_ensemble.options import (
     COMMAND_LINE, Checker, Overrides, PythonOrigin, Rule, Where, boolean, check_values, choice, declared,
-    describe as _describe, flags_of, nowhere as _nowhere, option, real, refuse_unknown, whole,
+    describe as _describe, flags_of, nowhere as _nowhere, option, refuse_unknown, whole,
 )
 
 MAX_SEED: int = 2**32 // 1000 - 1  # per-fold seeds are seed*1000 + view*100 + fold and must stay < 2**32
@@ -40,8 +41,8 @@ MAX_PIXELS = 178_956_970
 RECIPE_KEYS = ("multiscale", "pool_views", "tta", "temperature")
 VIEWS_GROUP = "scales, views and calibration (defaults depend on --head)"
 
-__all__ = ["COMMAND_LINE", "EngineConfig", "ExtractConfig", "LinearOptions", "MAX_FOLDS", "MAX_SEED", "Overrides",
-           "PythonOrigin", "SeedOptions", "TrainConfig", "engine_config", "merged"]
+__all__ = ["COMMAND_LINE", "ExtractConfig", "LinearOptions", "MAX_FOLDS", "MAX_SEED", "Overrides", "PythonOrigin",
+           "SeedOptions", "TrainConfig", "merged", "upgrade"]
 
 
 def head_kinds() -> tuple[str, ...]:
@@ -152,12 +153,6 @@ def scale_label(scale: float) -> str:
 
 def scaled_size(size: int, scale: float) -> int:
     return int(round(size * scale))
-
-
-def _check_ray_address(check: Checker, key: str, value: Any, values: dict) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise check.fail(key, value, "must be a Ray cluster address such as 10.0.0.5:6379 or ray://head:10001")
-    return value
 
 
 def _values(cls: type, obj: dict, defaults: dict | None = None) -> dict:
@@ -347,53 +342,6 @@ class TrainConfig:
     def from_json(cls, obj: dict, source: str = "config.json") -> "TrainConfig":
         """Read and check a flat config.json "train" section; missing keys take their defaults."""
         return _train_from(_section(obj, source), lambda key: source)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Where features are computed: in this process (local) or by a pool of actors on a Ray cluster.
-
-    Not recorded in a run's config.json: the engine changes where the work runs, not its results.
-    `ray_address` None means the RAY_ADDRESS variable, else a local Ray started for the run;
-    `actors` None means one per GPU of the cluster (one actor without GPUs); `gpus_per_actor`
-    None means 1 when the cluster has GPUs, else 0; `cpus_per_actor` None means 1.
-    """
-
-    engine: str = option("local", "--engine", "where features are computed: local (default, this process) or ray "
-                                              "(a Ray cluster; needs `pip install 'transfer_ensemble[ray]'`), or "
-                                              "an engine registered with engines.register",
-                         choice(engines.names))
-    ray_address: str | None = option(None, "--ray-address", "Ray cluster to use with --engine ray (default: "
-                                                             "$RAY_ADDRESS, else a local Ray started for this run)",
-                                     Rule("text", _check_ray_address), owner="ray", owner_key="engine",
-                                     optional=True)
-    actors: int | None = option(None, "--actors", "actors holding the models (default: one per GPU of the "
-                                                  "cluster, else 1)", whole(1), owner="ray", owner_key="engine",
-                                optional=True)
-    gpus_per_actor: float | None = option(None, "--gpus-per-actor", "GPUs each actor reserves (default: 1 when "
-                                                                    "the cluster has GPUs, else 0)",
-                                          real(0, allowed="0 (CPU actors) or more (0.5 puts two actors on a GPU)"),
-                                          owner="ray", owner_key="engine", optional=True)
-    cpus_per_actor: float | None = option(None, "--cpus-per-actor", "CPUs each actor reserves (default 1)",
-                                          real(0, above=True), owner="ray", owner_key="engine", optional=True)
-
-    def __post_init__(self) -> None:
-        check_values(EngineConfig, {f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
-
-    @classmethod
-    def from_flags(cls, values: dict) -> "EngineConfig":
-        """From command-line values (None where a flag was not given); refusals name the flag."""
-        given = {k: v for k, v in values.items() if v is not None}
-        merged_values = {f.name: given.get(f.name, f.default) for f in fields(cls)}
-        check_values(cls, merged_values, lambda key: COMMAND_LINE)
-        return cls(**merged_values)
-
-
-def engine_config(engine: "str | EngineConfig | None") -> EngineConfig:
-    """`engine` as an EngineConfig: None is local, a string is that engine with its defaults."""
-    if isinstance(engine, EngineConfig):
-        return engine
-    return EngineConfig() if engine is None else EngineConfig(engine=engine)
 
 
 def option_names(cls: type) -> tuple[str, ...]:

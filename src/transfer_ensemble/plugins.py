@@ -48,6 +48,24 @@ def caller_module(depth: int) -> str:
     return sys._getframe(depth + 1).f_globals.get("__name__", SCRIPT)
 
 
+def add(kind: str, registry: dict, name: str, entry: object, module: str | None = None) -> None:
+    """A registry's ``register``: check `name`, refuse a taken one, add `entry` and record the module
+    that registered it (`module`, default: the caller of that ``register``)."""
+    check_name(kind, name)
+    if name in registry:
+        raise ValueError(f"a {kind} named {name!r} is already registered")
+    registry[name] = entry
+    record(kind, name, module or caller_module(2))
+
+
+def remove(kind: str, registry: dict, name: str, built_in: frozenset) -> None:
+    """A registry's ``unregister``: a plug-in goes; the package's own entries stay."""
+    if name in built_in:
+        raise ValueError(f"the {kind} {name!r} is built in and cannot be unregistered")
+    registry.pop(name, None)
+    forget(kind, name)
+
+
 def record(kind: str, name: str, module: str) -> None:
     """Note that `module` registered the `kind` called `name` (built-ins are never recorded)."""
     _MODULES[(kind, name)] = module

@@ -31,11 +31,12 @@ import numpy as np
 import pandas as pd
 
 from transfer_ensemble import backbones, backend, engines, features, images
-from transfer_ensemble.config import MAX_PIXELS, EngineConfig, ExtractConfig, engine_config
+from transfer_ensemble.config import MAX_PIXELS, ExtractConfig
 from transfer_ensemble.dataset import IMAGE_EXTENSIONS, list_images
+from transfer_ensemble.engines import EngineConfig, engine_config
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.options import describe, python_whole
-from transfer_ensemble.recipes import POOLED, Blend, Recipe, select_recipe
+from transfer_ensemble.recipes import Blend, Recipe, select_recipe
 from transfer_ensemble.runfolder import PREDICT_SPLIT, SPLITS, PredictCache, RunFolder
 from transfer_ensemble.scoring import Scorer
 from transfer_ensemble.storage import FolderBusy, atomic_path, run_lock, write_json

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +25,7 @@ from transfer_ensemble.blocks import Blocks, blocks_for, from_record, views_reco
 from transfer_ensemble.config import TrainConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.records import DamagedFile, damaged, labels_digest, load_json, load_npy
-from transfer_ensemble.runfolder import SPLITS, RunFolder
+from transfer_ensemble.runfolder import RunFolder
 from transfer_ensemble.storage import write_json
 
 log = logging.getLogger(__name__)
@@ -199,13 +200,19 @@ MAX_FOLDER_BYTES = 200
 temporary and staging names written beside and inside it."""
 
 
+UNSAFE = re.compile(r"[/\\\x00-\x1f]")
+"""What a recipe or blend folder name may not hold as it is: a head's option values (a plug-in
+head's text option, say) can hold anything, and a folder name must not climb out of RUN/heads/."""
+
+
 def folder_name(name: str) -> str:
-    """The folder of a recipe or blend called `name`: the name itself while it fits in
-    MAX_FOLDER_BYTES, else its readable start and a digest of the whole (the record keeps the name)."""
+    """The folder of a recipe or blend called `name`: the name itself while it is plain (no path
+    separator or control character, no leading dot) and fits in MAX_FOLDER_BYTES, else its
+    readable start (those characters as "_") and a digest of the whole (the record keeps the name)."""
     raw = name.encode()
-    if len(raw) <= MAX_FOLDER_BYTES:
+    if len(raw) <= MAX_FOLDER_BYTES and not UNSAFE.search(name) and not name.startswith("."):
         return name
-    start = raw[:MAX_FOLDER_BYTES - 17].decode("utf-8", "ignore")
+    start = UNSAFE.sub("_", name).lstrip(".").encode()[:MAX_FOLDER_BYTES - 17].decode("utf-8", "ignore")
     return f"{start}-{hashlib.sha256(raw).hexdigest()[:16]}"
 
 

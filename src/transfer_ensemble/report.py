@@ -522,9 +522,15 @@ def _summary(record: RunRecord) -> str:
                       f"{extract.get('precision', 'float32')}, weights {extract.get('weights')}"),
         ("heads", f"recipe {record.recipe.name}: " + ", ".join(f"{k} {v}" for k, v in train.items())
                   + f" ({len(record.recipe.jobs)} fold models, temperature {record.recipe.temperature:.3f})"),
+        ("features", f"{', '.join(record.recipe.blocks.sources)} side by side, in the views "
+                     f"{', '.join(record.recipe.blocks.views)}"),
         ("OOF ensemble", f"log loss {e['log_loss']:.4f}, accuracy {e['accuracy']:.4f}"),
         ("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)),
     ]
+    used = record.config.get("plugins") or {}
+    if used:
+        items.append(("plug-ins", "; ".join(f"{kind} {name} (from {module})" for kind, names in used.items()
+                                            for name, module in names.items())))
     rows = "\n".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items)
     warn = ""
     if extract.get("weights") == "random":

@@ -144,6 +144,7 @@ class HeldState:
 
     run_data: RunData | None = None  # dataset.json
     feature_inputs: dict[Blocks, dict] = field(default_factory=dict)  # by blocks
+    holds: dict[Blocks, bool] = field(default_factory=dict)  # by blocks
 
 
 class RunFolder:
@@ -387,7 +388,14 @@ class RunFolder:
 
     def holds(self, blocks: Blocks) -> bool:
         """Whether every block is extracted, complete, for the images the run has now (a recipe's
-        blocks may be ones a later `extract` left behind: another scale, or stores of older data)."""
+        blocks may be ones a later `extract` left behind: another scale, or stores of older data).
+        Read once per set of blocks while the lock is held."""
+        held = self._held.holds if self._held is not None else {}
+        if blocks not in held:
+            held[blocks] = self._holds(blocks)
+        return held[blocks]
+
+    def _holds(self, blocks: Blocks) -> bool:
         run_data = self.read_run_data()
         ids = {"train": [it.id for it in run_data.dataset.train], "test": [it.id for it in run_data.good_test]}
         for split in SPLITS:

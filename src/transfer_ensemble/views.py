@@ -97,22 +97,17 @@ SETS = {"pair": PAIR, "center_pair": PAIR + ("center", "center_flipped"),
 
 def register(view: View, module: str | None = None) -> View:
     """Add a view (its name and seed offset must be new); `module` defaults to the caller's."""
-    if view.name in REGISTRY:
-        raise ValueError(f"a view named {view.name!r} is already registered")
     taken = {v.seed_offset for v in REGISTRY.values()} | {POOLED_OFFSET}
-    if not isinstance(view.seed_offset, int) or view.seed_offset < 0 or view.seed_offset in taken:
+    if view.name not in REGISTRY and (not isinstance(view.seed_offset, int) or view.seed_offset < 0
+                                      or view.seed_offset in taken):
         raise ValueError(f"view {view.name!r}: seed_offset {view.seed_offset!r} is taken or not a whole number "
                          f">= 0; use {max(taken) + 1} (each view seeds its fold models with its own offset)")
-    REGISTRY[view.name] = view
-    plugins.record("view", view.name, module or plugins.caller_module(1))
+    plugins.add("view", REGISTRY, view.name, view, module)
     return view
 
 
 def unregister(name: str) -> None:
-    if name in BUILT_IN:
-        raise ValueError(f"the view {name!r} is built in and cannot be unregistered")
-    REGISTRY.pop(name, None)
-    plugins.forget("view", name)
+    plugins.remove("view", REGISTRY, name, BUILT_IN)
 
 
 def get(name: str) -> View:

@@ -11,17 +11,18 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from transfer_ensemble import backend, engines, ensemble, images, plugins, submission
-from transfer_ensemble.config import EngineConfig, ExtractConfig, TrainConfig, engine_config, merged, option_names
+from transfer_ensemble.blocks import Blocks, blocks_for, views_record
+from transfer_ensemble.config import ExtractConfig, TrainConfig, merged, option_names
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
+from transfer_ensemble.engines import EngineConfig, engine_config
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
 from transfer_ensemble.options import python_overrides, refuse_unknown
-from transfer_ensemble.blocks import Blocks, blocks_for, views_record
 from transfer_ensemble.recipes import (Blend, Recipe, RecipeStatus, blend_folder, blend_name, list_recipes,
                                        recipe_for, recipe_statuses, select_recipe, unregistered_recipes, write_blend)
 from transfer_ensemble.records import DamagedFile, labels_digest, load_json

@@ -34,20 +34,14 @@ BUILT_IN = frozenset(REGISTRY)
 def register(spec: BackboneSpec, module: str | None = None) -> BackboneSpec:
     """Add a backbone built by one of `BUILDERS` (its name must be new); `module` (default: the
     caller's) is recorded in the runs that use it."""
-    if spec.name in REGISTRY:
-        raise ValueError(f"a backbone named {spec.name!r} is already registered")
     if spec.builder not in BUILDERS:
         raise ValueError(f"backbone {spec.name!r}: builder {spec.builder!r} is not one of {', '.join(BUILDERS)}")
-    REGISTRY[spec.name] = spec
-    plugins.record("backbone", spec.name, module or plugins.caller_module(1))
+    plugins.add("backbone", REGISTRY, spec.name, spec, module)
     return spec
 
 
 def unregister(name: str) -> None:
-    if name in BUILT_IN:
-        raise ValueError(f"the backbone {name!r} is built in and cannot be unregistered")
-    REGISTRY.pop(name, None)
-    plugins.forget("backbone", name)
+    plugins.remove("backbone", REGISTRY, name, BUILT_IN)
 
 
 def get_spec(name: str) -> BackboneSpec:

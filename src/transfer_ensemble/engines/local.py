@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from transfer_ensemble import features
-from transfer_ensemble.config import EngineConfig
+from transfer_ensemble.engines import EngineConfig
 from transfer_ensemble.scoring import Scorer
 from transfer_ensemble.store import StoreFiles
 

@@ -31,7 +31,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from transfer_ensemble import features, images, progress
-from transfer_ensemble.config import EngineConfig, ExtractConfig
+from transfer_ensemble.config import ExtractConfig
+from transfer_ensemble.engines import EngineConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.scoring import Scorer
 from transfer_ensemble.store import StoreFiles
@@ -73,8 +74,8 @@ def _import_ray():
 
 def address_of(engine: EngineConfig) -> tuple[str | None, str]:
     """The cluster to join (None: start a local Ray) and where that came from, for messages."""
-    if engine.ray_address:
-        return engine.ray_address, "--ray-address"
+    if engine.options.ray_address:
+        return engine.options.ray_address, "--ray-address"
     return os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
 
 
@@ -155,9 +156,9 @@ def pool_for(ray, engine: EngineConfig) -> Pool:
     """The actor pool `engine` asks for, resolved against the cluster; UserError when it cannot fit."""
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    per_gpu = engine.gpus_per_actor if engine.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    per_cpu = engine.cpus_per_actor if engine.cpus_per_actor is not None else 1.0
-    actors = engine.actors if engine.actors is not None else (max(1, int(gpus // per_gpu)) if per_gpu else 1)
+    per_gpu = engine.options.gpus_per_actor if engine.options.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    per_cpu = engine.options.cpus_per_actor if engine.options.cpus_per_actor is not None else 1.0
+    actors = engine.options.actors if engine.options.actors is not None else (max(1, int(gpus // per_gpu)) if per_gpu else 1)
     if per_gpu and actors * per_gpu > gpus:
         raise UserError(f"--actors {actors} with --gpus-per-actor {per_gpu:g} need {actors * per_gpu:g} GPUs, "
                         f"but the Ray cluster has {gpus:g}. Use fewer actors or fewer GPUs per actor "

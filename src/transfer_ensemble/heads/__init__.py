@@ -36,18 +36,12 @@ BUILT_IN = frozenset(HEADS)
 def register(entry: HeadEntry, module: str | None = None) -> HeadEntry:
     """Add a kind of head (e.g. heads.sklearn.sklearn_head(...)); its name must be new. `module`
     (default: the caller's) is recorded with the recipes it trains, so other processes can import it."""
-    if entry.name in HEADS:
-        raise ValueError(f"a head named {entry.name!r} is already registered")
-    HEADS[entry.name] = entry
-    plugins.record("head", entry.name, module or plugins.caller_module(1))
+    plugins.add("head", HEADS, entry.name, entry, module)
     return entry
 
 
 def unregister(name: str) -> None:
-    if name in BUILT_IN:
-        raise ValueError(f"the head {name!r} is built in and cannot be unregistered")
-    HEADS.pop(name, None)
-    plugins.forget("head", name)
+    plugins.remove("head", HEADS, name, BUILT_IN)
 
 
 def names() -> tuple[str, ...]:
