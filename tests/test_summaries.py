@@ -35,19 +35,21 @@ def test_extract_summary_names_the_scale_and_backbones_and_counts_each_image_onc
                for scale in (1.0, 2.0) for split, n in (("train", 120), ("test", 40))]
     cli.print_extract_summary(results)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["split", "scale", "backbones", "images", "computed", "reused", "seconds",
-                                "images/s"]
-    assert [line.split()[:3] for line in lines[2:6]] == [["train", "1x", "xception,inception_v3"],
-                                                         ["test", "1x", "xception,inception_v3"],
-                                                         ["train", "2x", "xception,inception_v3"],
-                                                         ["test", "2x", "xception,inception_v3"]]
+    assert lines[0].split() == ["split", "images", "computed", "reused", "seconds", "images/s", "scale",
+                                "backbones"]
+    assert [line.split() for line in lines[2:6]] == [
+        ["train", "120", "120", "0", "10.0", "12.0", "1x", "xception,inception_v3"],
+        ["test", "40", "40", "0", "10.0", "4.0", "1x", "xception,inception_v3"],
+        ["train", "120", "120", "0", "10.0", "12.0", "2x", "xception,inception_v3"],
+        ["test", "40", "40", "0", "10.0", "4.0", "2x", "xception,inception_v3"]]
     assert lines[6] == "extracted the features of 160 images at 2 scales in 40.0 s"
 
 
 def test_extract_summary_of_a_cache_hit_says_nothing_was_computed(capsys):
     cli.print_extract_summary([ExtractSummary("train", 12, 0, 12, 0.1, 0.1, {"xception": Counts(0, 12)})])
     out = capsys.readouterr().out
-    assert "train  1x     xception" in out and out.splitlines()[-1] == "all features were already computed: reused them"
+    assert out.splitlines()[2].split() == ["train", "12", "0", "12", "0.1", "-", "1x", "xception"]
+    assert out.splitlines()[-1] == "all features were already computed: reused them"
 
 
 def _predicted(views: tuple[str, ...], tta: bool) -> PredictResult:

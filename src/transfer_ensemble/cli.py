@@ -249,13 +249,13 @@ def _print_table(rows: list[list], header: list[str]) -> None:
 
 
 def print_extract_summary(results: Sequence[ExtractSummary]) -> None:
-    """One row per split and scale (the backbones run there, what was computed and reused), then
-    the images computed, each counted once whatever the number of scales."""
+    """One row per split and scale (what was computed and reused, at which scale, by which
+    backbones), then the images computed, each counted once whatever the number of scales."""
     from transfer_ensemble.config import scale_label
 
-    rows = [[r.split, f"{scale_label(r.scale)}x", ",".join(r.backbones), r.images, r.computed, r.reused,
-             f"{r.seconds:.1f}", "-" if r.rate is None else f"{r.rate:.1f}"] for r in results]
-    _print_table(rows, ["split", "scale", "backbones", "images", "computed", "reused", "seconds", "images/s"])
+    rows = [[r.split, r.images, r.computed, r.reused, f"{r.seconds:.1f}", "-" if r.rate is None else f"{r.rate:.1f}",
+             f"{scale_label(r.scale)}x", ",".join(r.backbones)] for r in results]
+    _print_table(rows, ["split", "images", "computed", "reused", "seconds", "images/s", "scale", "backbones"])
     computed = {r.split: 0 for r in results}
     for r in results:
         computed[r.split] = max(computed[r.split], r.computed)
