@@ -65,8 +65,8 @@ def feed_rate(paths: list[Path], n: int, size: int, batch_size: int) -> float:
         result = features.extract_split(extractor, "test", [paths[r] for r in rows],
                                         [str(i) for i in range(n)], [f"key{i}" for i in range(n)],
                                         lambda name: StoreFiles(work / name))
-        assert result["computed"] == n
-        return n / result["seconds"]
+        assert result.computed == n
+        return n / result.seconds
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -138,9 +138,8 @@ def child_extract(opts: argparse.Namespace) -> dict:
                            image_size=opts.image_size, batch_size=opts.batch_size, precision=opts.precision,
                            scales=(1.0,), views=opts.views, mid_layer=opts.mid_layer)
     results = workflow.extract(opts.data, opts.run, config)
-    return {"computed": sum(r["computed"] for r in results), "images": sum(r["images"] for r in results),
-            "seconds": sum(r["seconds"] for r in results),
-            "cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in results)}
+    return {"computed": sum(r.computed for r in results), "images": sum(r.images for r in results),
+            "seconds": sum(r.seconds for r in results), "cpu_seconds": sum(r.cpu_seconds for r in results)}
 
 
 def verdict(ok: bool) -> str:

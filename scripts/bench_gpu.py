@@ -60,8 +60,8 @@ def child(opts: argparse.Namespace) -> dict:
     start = time.perf_counter()
     results = workflow.extract(opts.data, opts.run, config)
     wall = time.perf_counter() - start
-    computed = sum(r["computed"] for r in results)
-    seconds = sum(r["seconds"] for r in results)
+    computed = sum(r.computed for r in results)
+    seconds = sum(r.seconds for r in results)
     peak = backend.peak_memory()
 
     extractor = Extractor(config)

@@ -124,7 +124,7 @@ def measure_views(name: str, data: Path, run: Path, extract: ExtractConfig, rows
         for label, options in ([("seed", {"head": "seed"})] if seed and not out else []) + [("default", {})]:
             start = time.perf_counter()
             result = workflow.train(run, TrainConfig.from_json({"folds": folds, **options}).to_json())
-            row[label] = {**_scores(result["metrics"]), "train_seconds": round(time.perf_counter() - start, 1)}
+            row[label] = {**_scores(result.metrics), "train_seconds": round(time.perf_counter() - start, 1)}
         out.append(row)
         print(f"{name} views {view_set} @ {scales}{'' if mid else ' final layer only'}: {json.dumps(row)}",
               flush=True)
@@ -144,19 +144,19 @@ def measure(name: str, data: Path, run: Path, extract: ExtractConfig, recipes: l
         # Every option explicit: a train otherwise carries over the options of the same head.
         result = workflow.train(run, TrainConfig.from_json({"folds": folds, **options}).to_json())
         if "head" not in options:
-            out["default"] = result["recipe"]
-        metrics = result["metrics"]
+            out["default"] = result.recipe
+        metrics = result.metrics
         oof, hold = metrics["oof"]["ensemble"], metrics["holdout"]["ensemble"]
-        out["recipes"][result["recipe"]] = {
+        out["recipes"][result.recipe] = {
             "oof_log_loss": round(oof["log_loss"], 4), "oof_accuracy": round(oof["accuracy"], 4),
             "holdout_log_loss": round(hold["log_loss"], 4), "holdout_accuracy": round(hold["accuracy"], 4),
             "train_seconds": round(time.perf_counter() - start, 1)}
     if "seed" in out["recipes"] and "default" in out:
         start = time.perf_counter()
         blended = workflow.blend(run, ["seed", out["default"]])
-        metrics = blended["metrics"]
+        metrics = blended.metrics
         oof, hold = metrics["oof"]["ensemble"], metrics["holdout"]["ensemble"]
-        out["recipes"][blended["recipe"]] = {
+        out["recipes"][blended.recipe] = {
             "oof_log_loss": round(oof["log_loss"], 4), "oof_accuracy": round(oof["accuracy"], 4),
             "holdout_log_loss": round(hold["log_loss"], 4), "holdout_accuracy": round(hold["accuracy"], 4),
             "train_seconds": round(time.perf_counter() - start, 1),

@@ -48,7 +48,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from bench_extract import write_dataset  # noqa: E402
 from ray_cluster import LocalCluster  # noqa: E402
 
-EXTRACTED = re.compile(r"extracted (\d+) images in ([\d.]+) s")
+EXTRACTED = re.compile(r"extracted the features of (\d+) images?(?: at \d+ scales)? in ([\d.]+) s")
 CONNECTED = re.compile(r"connected to .* in ([\d.]+) s")
 FIRST = re.compile(r"first features back after ([\d.]+) s")
 PLACED = re.compile(r"computed on \d+ nodes?: (.*)")

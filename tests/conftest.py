@@ -93,5 +93,6 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
 @pytest.fixture(scope="session")
 def dogs3() -> Path:
     if not SHARED_DOGS.is_dir():
-        pytest.skip(f"real photos not available: {SHARED_DOGS} is missing (../shared is not checked out)")
+        pytest.skip(f"needs real photos: the dogs3 photo set (583 photos of 3 dog breeds) is not at {SHARED_DOGS} "
+                    f"on this machine; every other test generates its images")
     return SHARED_DOGS

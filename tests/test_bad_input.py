@@ -41,8 +41,8 @@ def refused(capsys, *args: str) -> str:
 def no_extraction(monkeypatch):
     """Replace the forward passes with nothing: extract records its data set without a model."""
     monkeypatch.setattr(features, "extract_split",
-                        lambda extractor, split, paths, *a, **k: {"split": split, "images": len(paths),
-                                                                  "computed": 0, "reused": 0, "seconds": 1})
+                        lambda extractor, split, paths, *a, **k: features.ExtractSummary(split, len(paths), 0, 0, 1.0,
+                                                                                         1.0, {}))
 
 
 # ---- options -------------------------------------------------------------------------------------

@@ -201,3 +201,16 @@ def test_image_size_limits_follow_the_backbones():
 
 def test_section_must_be_an_object():
     assert SOURCE in _refusal(lambda: TrainConfig.from_json([1, 2], SOURCE))
+
+
+def test_a_weights_folder_is_recorded_absolute_as_data_is(tmp_path, monkeypatch):
+    """--weights DIR typed relative means the same folder from any directory later (predict)."""
+    (tmp_path / "weights").mkdir()
+    monkeypatch.chdir(tmp_path)
+    typed = merged(ExtractConfig, None, {"weights": "weights"})
+    assert typed.weights == str(tmp_path.resolve() / "weights")
+    assert ExtractConfig.from_json(typed.to_json()).weights == typed.weights
+    assert ExtractConfig(weights="./weights/").weights == typed.weights
+    assert ExtractConfig(weights="imagenet").weights == "imagenet"
+    assert ExtractConfig(weights="random").weights == "random"
+    assert ExtractConfig(weights="missing").weights == "missing", "no folder: refused later, naming it as typed"

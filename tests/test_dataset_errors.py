@@ -158,8 +158,8 @@ def test_class_with_fewer_images_than_folds(capsys, monkeypatch, tmp_path: Path)
     labels[~labels["id"].isin(["tr1_0", "tr1_1"])].to_csv(data / "labels.csv", index=False)
     run = tmp_path / "run"
     monkeypatch.setattr(features, "extract_split",
-                        lambda extractor, split, paths, *a, **k: {"split": split, "images": len(paths),
-                                                                  "computed": 0, "reused": 0, "seconds": 1})
+                        lambda extractor, split, paths, *a, **k: features.ExtractSummary(split, len(paths), 0, 0, 1.0,
+                                                                                         1.0, {}))
     assert cli.main(["extract", "--data", str(data), "--run", str(run), *EXTRACT]) == 0
     capsys.readouterr()
     code = cli.main(["train", "--run", str(run), "--folds", "5"])

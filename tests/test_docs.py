@@ -85,6 +85,18 @@ def test_page_links_resolve_and_stay_inside_the_repository(page: Path):
             assert anchor in _anchors(target), f"{page.name}: the link {link} names no heading of {target.name}"
 
 
+def test_readme_says_what_a_run_costs_in_figures_measured_in_performance_md():
+    """The README's cost section quotes measurements, not guesses: each decimal figure in it is one
+    docs/performance.md reports, and it names the CPU and the GPU it was measured on."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### What a run costs\n", 1)[1].split("\n#", 1)[0]
+    performance = (ROOT / "docs" / "performance.md").read_text()
+    figures = re.findall(r"\d[\d,]*\.\d+", section)
+    assert len(figures) >= 4 and "CPU" in section and "GPU" in section
+    assert [f for f in figures if f not in performance] == []
+    assert "docs/performance.md" in section
+
+
 def layout_patterns(page: Path) -> list[str]:
     """The path patterns of the layout block: the first field of each line starting with RUN/,
     braces expanded."""

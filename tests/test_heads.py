@@ -118,12 +118,12 @@ def test_no_choice_reads_the_test_labels(tmp_path):
         item["label"] = label
     (second / "dataset.json").write_text(json.dumps(record))
     results = [workflow.train(run, {"folds": 2}) for run in (first, second)]
-    a, b = (r["metrics"] for r in results)
+    a, b = (r.metrics for r in results)
     assert a["calibration"]["temperature"] == b["calibration"]["temperature"]
     assert [r["chosen"]["C"] for r in a["oof"]["per_fold"]] == [r["chosen"]["C"] for r in b["oof"]["per_fold"]]
     assert a["oof"] == b["oof"]
     assert a["holdout"]["ensemble"]["log_loss"] != b["holdout"]["ensemble"]["log_loss"], "labels were not shuffled"
-    recipe = results[0]["recipe"]
+    recipe = results[0].recipe
     for group in select_recipe(RunFolder(first), recipe).groups:
         np.testing.assert_array_equal(np.load(first / "heads" / recipe / f"oof_{group}.npy"),
                                       np.load(second / "heads" / recipe / f"oof_{group}.npy"))
@@ -200,7 +200,7 @@ def test_a_blend_of_the_two_recipes(two_recipes, tmp_path):
 @pytest.mark.slow
 def test_real_xception_features_beat_chance_with_the_default(dogs3, tmp_path):
     if not (SHARED_WEIGHTS / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5").exists():
-        pytest.skip(f"real Xception weights not available in {SHARED_WEIGHTS} (../shared is not checked out)")
+        pytest.skip(f"needs Xception's ImageNet weights, which are not in {SHARED_WEIGHTS} on this machine")
     data = tmp_path / "dogs"
     for class_dir in sorted(p for p in (dogs3 / "train").iterdir() if p.is_dir()):
         (data / "train" / class_dir.name).mkdir(parents=True)
@@ -213,11 +213,11 @@ def test_real_xception_features_beat_chance_with_the_default(dogs3, tmp_path):
     config = ExtractConfig(backbones=("xception",), weights=str(SHARED_WEIGHTS), image_size=TINY, batch_size=16)
     workflow.extract(data, run, config)
     result = workflow.train(run, {"folds": 3})
-    assert result["recipe"] == "linear-folds3"
-    assert result["metrics"]["oof"]["ensemble"]["log_loss"] < 0.5 * np.log(3)
-    assert not result["metrics"]["warnings"]
+    assert result.recipe == "linear-folds3"
+    assert result.metrics["oof"]["ensemble"]["log_loss"] < 0.5 * np.log(3)
+    assert not result.metrics["warnings"]
     submitted = workflow.submit(run, tmp_path / "sub.csv")
-    frame = pd.read_csv(submitted["submission"])
+    frame = pd.read_csv(submitted.submission)
     assert len(frame) == 4 and np.allclose(frame.iloc[:, 1:].sum(axis=1), 1, atol=1e-6)
 
 
@@ -254,10 +254,10 @@ def test_a_registered_toy_head_trains_reports_and_submits_a_recipe(knn_head, tmp
     workflow.extract(data, run, ExtractConfig(backbones=("mobilenet_v2",), weights="random", image_size=32,
                                               batch_size=8, scales=(1.0,)))
     result = workflow.train(run, {"head": "knn", "folds": 2})
-    assert result["recipe"] == "knn-folds2"
-    rows = result["metrics"]["oof"]["per_fold"]
-    assert [r["summary"] for r in rows] == ["KNeighborsClassifier"] * 2 and "calibration" in result["metrics"]
+    assert result.recipe == "knn-folds2"
+    rows = result.metrics["oof"]["per_fold"]
+    assert [r["summary"] for r in rows] == ["KNeighborsClassifier"] * 2 and "calibration" in result.metrics
     assert (run / "heads" / "knn-folds2" / "pooled" / "fold0" / "model.pkl").exists()
-    frame = pd.read_csv(workflow.submit(run, tmp_path / "sub.csv")["submission"])
+    frame = pd.read_csv(workflow.submit(run, tmp_path / "sub.csv").submission)
     assert len(frame) == 3 and np.allclose(frame.iloc[:, 1:].sum(axis=1), 1, atol=1e-6)
     assert "Fold models" in (run / "report.html").read_text()

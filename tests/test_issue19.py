@@ -111,8 +111,8 @@ def test_the_demo_on_random_weights_says_what_its_scores_mean(monkeypatch, capsy
         return []
 
     monkeypatch.setattr(demo_script.workflow, "extract", extract)
-    monkeypatch.setattr(demo_script.workflow, "train", lambda run, overrides: {"recipe": "linear"})
-    monkeypatch.setattr(demo_script.workflow, "submit", lambda run, out, heads: {})
+    monkeypatch.setattr(demo_script.workflow, "train", lambda run, overrides: demo_script.TrainResult("linear", {}, []))
+    monkeypatch.setattr(demo_script.workflow, "submit", lambda run, out, heads: None)
     demo_script.run_workflow(["--data", "d", "--run", "r", "--out", "o.csv"])
     note = capsys.readouterr().err
     assert calls == ["imagenet", "random"]
@@ -193,7 +193,7 @@ def test_predict_heads_best_is_the_best_recipe_when_a_blend_scores_lower(trained
                key=lambda s: s.oof_log_loss)
     assert predict.Run.load(run, heads_name="best").recipe.name == best.recipe.name
     with pytest.raises(UserError, match="given as --heads"):
-        predict.Run.load(run, heads_name=result["recipe"])
+        predict.Run.load(run, heads_name=result.recipe)
 
 
 # item 8
@@ -332,7 +332,7 @@ def test_a_blend_of_long_recipe_names_gets_a_folder_name_within_file_system_limi
     full = "blend-" + "+".join(names)
     assert len(full.encode()) > 255
     result = workflow.blend(run, names)
-    assert result["recipe"] == full
+    assert result.recipe == full
     folders = [p.name for p in RunFolder(run).heads_dir.iterdir()]
     assert all(len(name.encode()) <= 255 for name in folders) and set(names) <= set(folders)
     assert json.loads((RunFolder(run).heads_dir / next(n for n in folders if n.startswith("blend-"))

@@ -138,7 +138,7 @@ def test_run_config_is_merged_once(tmp_path, monkeypatch):
     calls = {}
     monkeypatch.setattr(workflow, "extract", lambda *a, **k: [])
     monkeypatch.setattr(workflow, "train", lambda run, overrides, **k: calls.setdefault("train", overrides) and
-                        {"recipe": "x", "metrics": {}, "recipes": []})
+                        workflow.TrainResult("x", {}, []))
     monkeypatch.setattr(workflow, "submit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     args = cli.build_parser().parse_args(["run", "--data", "d", "--run", str(tmp_path), "--out", "o.csv",
                                           "--head", "seed", "--epochs", "2"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -227,7 +228,7 @@ def test_train_reads_the_datasets_records_and_hashes_each_store_once(trained, tm
     monkeypatch.setattr(runfolder, "load_json", counting)
     monkeypatch.setattr(StoreFiles, "identity", identity)  # the store's identity hashes its keys.json
     result = workflow.train(copy, heads=RunFolder(copy).read_config()["heads"])
-    assert [s.state for s in result["recipes"]] == ["current"]
+    assert [s.state for s in result.statuses] == ["current"]
     keys = sorted(hashed)
     assert len(keys) == 4 and len(set(keys)) == 4, keys  # 2 backbones x (train, test), one scale
     assert [p for p in reads if p.name == "dataset.json"] == [copy / "dataset.json"]
@@ -256,3 +257,18 @@ def test_python_api_takes_one_path_and_refuses_bad_arguments_in_the_clis_words(t
     with pytest.raises(UserError) as info:
         workflow.blend(run, "linear,seed")
     assert "'linear' is not a trained, current head recipe" in str(info.value), str(info.value)
+
+
+def test_a_weights_folder_recorded_relative_by_an_older_run_is_explained(trained, tmp_path, monkeypatch):
+    """Runs once recorded --weights DIR as typed; from another directory predict says so and how to go on."""
+    _, run, _ = trained
+    copy = Path(shutil.copytree(run, tmp_path / "old_run"))
+    config = json.loads((copy / "config.json").read_text())
+    config["extract"]["weights"] = "my_weights"
+    (copy / "config.json").write_text(json.dumps(config))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(UserError, match=r"my_weights, a path recorded relative to the folder `extract` ran in.*"
+                                        r"Run predict from that folder, or: Pass --weights"):
+        predict.Run.load(copy)

@@ -124,7 +124,8 @@ def test_a_changed_test_image_is_recomputed_and_never_submitted_stale(copied, re
 
     code, out, err = call("extract", "--data", str(data), "--run", str(run), *EXTRACT)
     assert code == 0, err
-    assert any(line.split()[:4] == ["test", "5", "1", "4"] for line in out.splitlines()), out
+    assert any(line.split()[:4] == ["test", "5", "1", "4"] and line.split()[-2:] == ["1x", "xception"]
+               for line in out.splitlines()), out
 
     stale = tmp_path / "stale.csv"
     code, _, err = call("submit", "--run", str(run), "--out", str(stale))
@@ -202,7 +203,8 @@ def test_a_same_size_rewrite_with_its_mtime_restored_is_recomputed(copied, call)
     rewrite_same_size_same_mtime(data / "train" / "tr1_2.png", np.full((48, 48, 3), 9, dtype=np.uint8))
     code, out, err = call("extract", "--data", str(data), "--run", str(run), *EXTRACT)
     assert code == 0, err
-    assert any(line.split()[:4] == ["train", "12", "1", "11"] for line in out.splitlines()), out
+    assert any(line.split()[:4] == ["train", "12", "1", "11"] and line.split()[-2:] == ["1x", "xception"]
+               for line in out.splitlines()), out
     after = np.load(store.view("original"))
     changed = [ids[i] for i in np.flatnonzero((after != before).any(axis=1))]
     assert changed == ["tr1_2"]

@@ -4,6 +4,7 @@ store gains a view without recomputing the others, old stores keep working, seed
 from __future__ import annotations
 
 import json
+import re
 
 import cv2
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from conftest import save_rgb
 from transfer_ensemble import backbones, crossval, features, images, views
 from transfer_ensemble.config import MAX_FOLDS, MAX_SEED, ExtractConfig
+from transfer_ensemble.errors import UserError
 from transfer_ensemble.store import STORE_VERSION, StoreFiles, load_features, open_store
 
 SIZE = 32  # MobileNetV3Small's smallest input: the smallest pass there is
@@ -78,6 +80,25 @@ def test_views_option_always_holds_the_pair_in_registry_order():
         ExtractConfig(views="middle")
 
 
+@pytest.mark.parametrize("value, problem", [
+    ("", "names no view"), (",", "names no view"), (" , ", "names no view"),
+    ("center,,flipped", "empty name between its commas"),
+    ("center,center", "names center more than once"), ("center,Center", "names center more than once"),
+    ("centre", r"'centre', which is not a view \(did you mean 'center'\?\)"),
+    ("five_crops", r"did you mean 'five_crop'\?"),
+])
+def test_views_option_refuses_empty_repeated_and_unknown_names(value, problem):
+    """Nothing named is an error, not the pair; a name twice is refused; a near miss is named."""
+    with pytest.raises(UserError, match=f"--views {re.escape(repr(value))} .*{problem}"):
+        ExtractConfig(views=value)
+
+
+def test_view_names_ignore_case_and_hyphens_as_backbone_names_do():
+    assert ExtractConfig(views="Center-Flipped").views == ("original", "flipped", "center_flipped")
+    assert ExtractConfig(views=" FIVE-CROP ").views == views.SETS["five_crop"]
+    assert ExtractConfig(views=["Original", "center"]).views == ("original", "flipped", "center")
+
+
 def test_fold_seeds_of_the_existing_views_are_unchanged():
     """seed*1000 + index*100 + fold for the original (0), flipped (1) and pooled (2) groups, as
     before views were a registry; every further view has its own fixed offset."""
@@ -142,6 +163,53 @@ def test_a_view_added_to_a_store_computes_only_that_view(tmp_path):
     calls.clear()
     _extract(tmp_path, paths, keys, "pair", calls)
     assert calls == [], "a store holding more views than asked for computes nothing"
+
+
+def _bytes(store: StoreFiles, names) -> dict[str, bytes]:
+    return {name: store.view(name).read_bytes() for name in names}
+
+
+@pytest.mark.slow
+def test_a_view_resumed_alone_is_computed_in_its_whole_pass_as_uninterrupted(tmp_path):
+    """A kill between the done-mask writes of one batch (center committed, center_flipped not):
+    the resumed batch runs the whole crop pass again and writes only center_flipped, so every view
+    is byte-identical with an uninterrupted extraction."""
+    paths, keys = _images(tmp_path)
+    reference = _bytes(_extract(tmp_path / "reference", paths, keys, "center_pair"), views.SETS["center_pair"])
+    store = _extract(tmp_path / "killed", paths, keys, "center_pair")
+    done = np.load(store.done_of("center_flipped"))
+    done[:4] = False  # the first batch's center_flipped rows, not committed when the process died
+    np.save(store.done_of("center_flipped"), done)
+    flipped = np.load(store.view("center_flipped"))
+    flipped[:4] = 0
+    np.save(store.view("center_flipped"), flipped)
+    calls: list = []
+    _extract(tmp_path / "killed", paths, keys, "center_pair", calls)
+    assert calls == [(4, ("center", "center_flipped"))], "the first batch's whole crop pass, again"
+    assert _bytes(store, views.SETS["center_pair"]) == reference
+
+
+@pytest.mark.slow
+def test_a_view_added_beside_its_crop_is_computed_as_in_an_uninterrupted_extract(tmp_path):
+    """center_flipped added to a store that has center: computed in the center crop's pass, as an
+    extraction of center_pair from scratch computes it; center itself is not written again."""
+    paths, keys = _images(tmp_path)
+    reference = _bytes(_extract(tmp_path / "reference", paths, keys, "center_pair"), ["center_flipped"])
+    store = _extract(tmp_path / "grown", paths, keys, "original,flipped,center")
+    center = _bytes(store, ["center"])
+    calls: list = []
+    _extract(tmp_path / "grown", paths, keys, "center_pair", calls)
+    assert calls == [(4, ("center", "center_flipped")), (1, ("center", "center_flipped"))]
+    assert _bytes(store, ["center_flipped"]) == reference
+    assert _bytes(store, ["center"]) == center
+
+
+def test_a_due_view_brings_the_whole_pass_of_its_crop():
+    assert views.whole_passes(views.SETS["ten_crop"], ["center_flipped"]) == ("center", "center_flipped")
+    assert views.whole_passes(views.SETS["ten_crop"], ["flipped", "top_left"]) == \
+        ("original", "flipped", "top_left", "top_left_flipped")
+    assert views.whole_passes(views.SETS["five_crop"], ["center"]) == ("center",), "only the wanted views"
+    assert views.whole_passes(views.PAIR, []) == ()
 
 
 def test_a_store_from_before_views_were_recorded_keeps_working(tmp_path):

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -23,6 +23,11 @@ from transfer_ensemble.engines import EngineConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
 from transfer_ensemble.options import COMMAND_LINE, Option, Overrides, declared
+
+if TYPE_CHECKING:
+    from transfer_ensemble.features import ExtractSummary
+    from transfer_ensemble.predict import PredictResult
+    from transfer_ensemble.workflow import SubmitResult, TrainResult
 
 log = logging.getLogger("transfer_ensemble")
 
@@ -121,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plugins", metavar="MODULES", help=PLUGINS_HELP + "; may also follow the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("extract", help="compute backbone features of the train and test images")
+    p = sub.add_parser("extract", help="compute backbone features of the train and test images",
+                       description="Checks every image of --data (the log names the layout it found), then computes "
+                                   "the features of the train and test images for each backbone, view and scale "
+                                   "into the run folder. Features are cached by image content: a second extract "
+                                   "computes only what is missing, and an interrupted one resumes.")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--run", required=True, help="run folder (created if missing)")
     _add_options(p, [ExtractConfig, EngineConfig])
@@ -137,23 +146,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blend", help="comma-separated trained recipes to mix, with weights fitted on their "
                                    "out-of-fold predictions (then a temperature); train them first")
 
-    p = sub.add_parser("submit", help="combine a recipe's test predictions into a submission CSV")
+    p = sub.add_parser("submit", help="combine a recipe's test predictions into a submission CSV",
+                       description="Writes the submission CSV of the recipe the last train trained (or --heads): "
+                                   "one row per test image in the sample submission's order and columns, checked "
+                                   "as Kaggle would check it, written atomically.")
     p.add_argument("--run", required=True, help="trained run folder")
     p.add_argument("--out", required=True, help="submission CSV to write, e.g. submissions/NAME.csv")
     p.add_argument("--heads", help=HEADS_HELP)
 
-    p = sub.add_parser("run", help="extract, train and submit in one go")
+    p = sub.add_parser("run", help="extract, train and submit in one go",
+                       description="Runs extract, train and submit on one run folder, with their options (all but "
+                                   "--heads), and submits the recipe it trained. --config repeats a run from its "
+                                   "config.json; options given here override it.")
     p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--run", help="run folder (default: the one in --config)")
     p.add_argument("--out", help="submission CSV to write")
     p.add_argument("--config", help="a run's config.json: repeat that run (options given here override it)")
     _add_options(p, [ExtractConfig, TrainConfig, EngineConfig])
 
-    p = sub.add_parser("demo-data", help="write the small synthetic demo data set (Kaggle layout)")
+    p = sub.add_parser("demo-data", help="write the small synthetic demo data set (Kaggle layout)",
+                       description="Writes the synthetic demo data set (Kaggle layout: 4 classes of coloured "
+                                   "shapes, 120 training and 40 test images) into a new or empty folder.")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
 
-    p = sub.add_parser("predict", help="score a folder or CSV of new images with a trained run")
+    p = sub.add_parser("predict", help="score a folder or CSV of new images with a trained run",
+                       description="Scores new images offline with a trained run and one of its head recipes, as "
+                                   "the submission does: class probabilities per image, or the top k classes. "
+                                   "Their features are cached (RUN/predict/ or --cache-dir), so an interrupted "
+                                   "predict resumes and a second one reuses them.")
     p.add_argument("--run", required=True, help="trained run folder")
     p.add_argument("--images", required=True,
                    help="a folder of images (searched recursively) or a CSV with a column of image paths "
@@ -164,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "label_1, prob_1, ... for the k most likely classes")
     p.add_argument("--k", type=_positive_int, default=5, help="classes per image for --format top-k (default 5)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
-                   help="average the original and flipped views' models, as the submission does "
-                        "(default); --no-tta uses the original view's models only")
+                   help="score every view the recipe scores and average its models, as the submission does "
+                        "(default: the summary names the views); --no-tta scores the original view only")
     p.add_argument("--batch-size", type=_positive_int, help="images per forward batch (default: the run's)")
     p.add_argument("--weights", help="backbone weights (default: the run's); refused unless they are the "
                                      "ones the run was trained on")
@@ -174,9 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        "when the run folder is read-only")
     _add_options(p, [EngineConfig])
 
-    sub.add_parser("backbones", help="list the backbones --backbones takes, with width and native size")
+    sub.add_parser("backbones", help="list the backbones --backbones takes, with width and native size",
+                   description="Lists the backbones --backbones takes: builder, pooled width, native input size, "
+                               "size multiple, pooling and middle layer.")
 
-    p = sub.add_parser("report", help="rebuild RUN/report.html: recipes, curves, metrics, calibration, errors")
+    p = sub.add_parser("report", help="rebuild RUN/report.html: recipes, curves, metrics, calibration, errors",
+                       description="Rebuilds RUN/report.html and its images from what train recorded, without "
+                                   "TensorFlow: the recipes tried, loss curves, scores per fold and view, "
+                                   "calibration, confused classes and the most confidently wrong images.")
     p.add_argument("--run", required=True, help="trained run folder")
     p.add_argument("--heads", help=HEADS_HELP)
     return parser
@@ -222,15 +248,23 @@ def _print_table(rows: list[list], header: list[str]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def print_extract_summary(results: list[dict]) -> None:
-    rows = [[r["split"], r["images"], r["computed"], r["reused"], f"{r['seconds']:.1f}",
-             f"{r['computed'] / r['seconds']:.1f}" if r["computed"] and r["seconds"] > 0 else "-"]
-            for r in results]
-    _print_table(rows, ["split", "images", "computed", "reused", "seconds", "images/s"])
-    total = sum(r["computed"] for r in results)
-    seconds = sum(r["seconds"] for r in results)
-    if total:
-        print(f"extracted {total} images in {seconds:.1f} s ({total / seconds:.1f} images/s)")
+def print_extract_summary(results: Sequence[ExtractSummary]) -> None:
+    """One row per split and scale (what was computed and reused, at which scale, by which
+    backbones), then the images computed, each counted once whatever the number of scales."""
+    from transfer_ensemble.config import scale_label
+
+    rows = [[r.split, r.images, r.computed, r.reused, f"{r.seconds:.1f}", "-" if r.rate is None else f"{r.rate:.1f}",
+             f"{scale_label(r.scale)}x", ",".join(r.backbones)] for r in results]
+    _print_table(rows, ["split", "images", "computed", "reused", "seconds", "images/s", "scale", "backbones"])
+    computed = {r.split: 0 for r in results}
+    for r in results:
+        computed[r.split] = max(computed[r.split], r.computed)
+    scales = len({r.scale for r in results})
+    seconds = sum(r.seconds for r in results)
+    images = sum(computed.values())
+    if images:
+        at = f" at {scales} scales" if scales > 1 else ""
+        print(f"extracted the features of {images} image{'s' if images > 1 else ''}{at} in {seconds:.1f} s")
     else:
         print("all features were already computed: reused them")
 
@@ -262,11 +296,11 @@ def print_recipes(statuses: list) -> None:
     _print_table(rows, [h for h in RECIPE_HEADER if h != "options"])
 
 
-def print_train(result: dict) -> None:
-    print(f"head recipe {result['recipe']}:")
-    print_metrics(result["metrics"])
+def print_train(result: TrainResult) -> None:
+    print(f"head recipe {result.recipe}:")
+    print_metrics(result.metrics)
     print()
-    print_recipes(result["recipes"])
+    print_recipes(result.statuses)
 
 
 def summary_stream(out: str | os.PathLike):
@@ -276,12 +310,12 @@ def summary_stream(out: str | os.PathLike):
     return sys.stderr if stream_fd(out) == 1 else sys.stdout
 
 
-def print_submit(result: dict) -> None:
-    file = summary_stream(result["submission"])
-    print(f"wrote {result['submission']}: {result['rows']} rows x {result['classes']} classes, "
-          f"the average of {result['models']} models of head recipe {result['recipe']}", file=file)
-    if "holdout" in result:
-        h = result["holdout"]
+def print_submit(result: SubmitResult) -> None:
+    file = summary_stream(result.submission)
+    print(f"wrote {result.submission}: {result.rows} rows x {result.classes} classes, "
+          f"the average of {result.models} models of head recipe {result.recipe}", file=file)
+    if result.holdout is not None:
+        h = result.holdout
         print(f"hold-out test: log loss {h['log_loss']:.4f}, accuracy {h['accuracy']:.4f} ({h['n']} images)",
               file=file)
 
@@ -311,9 +345,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     print_train(workflow.train(args.run, train_overrides(args), heads=args.heads))
 
 
-def print_blend(result: dict) -> None:
-    metrics = result["metrics"]
-    print(f"head recipe {result['recipe']}: weights fitted on out-of-fold predictions")
+def print_blend(result: TrainResult) -> None:
+    metrics = result.metrics
+    print(f"head recipe {result.recipe}: weights fitted on out-of-fold predictions")
     rows = [[name, metrics["weights"][name], s["log_loss"], s["accuracy"]] for name, s in metrics["parts"].items()]
     e = metrics["oof"]["ensemble"]
     rows.append(["blend", 1.0, e["log_loss"], e["accuracy"]])
@@ -325,7 +359,7 @@ def print_blend(result: dict) -> None:
         h = metrics["holdout"]["ensemble"]
         print(f"hold-out test: log loss {h['log_loss']:.4f}, accuracy {h['accuracy']:.4f}")
     print()
-    print_recipes(result["recipes"])
+    print_recipes(result.statuses)
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -365,7 +399,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     engine = engine_config(args)
     print_extract_summary(workflow.extract(data, run_dir, extract, folds=train.folds, engine=engine))
     result = workflow.train(run_dir, train)
-    submitted = workflow.submit(run_dir, out, heads=result["recipe"], record_out=True)
+    submitted = workflow.submit(run_dir, out, heads=result.recipe, record_out=True)
     print_train(result)
     print()
     print_submit(submitted)
@@ -386,18 +420,30 @@ def cmd_predict(args: argparse.Namespace) -> None:
                                     tta=args.tta, batch_size=args.batch_size, weights=args.weights,
                                     heads_name=args.heads, cache_dir=args.cache_dir,
                                     engine=engine_config(args))
-    what = "class probabilities" if result["format"] == "probabilities" else f"top {result['k']} classes"
-    views = "original + flipped views" if result["tta"] else "original view only, --no-tta"
-    file = summary_stream(result["out"])
-    print(f"wrote {result['out']}: {result['images']} images, {what} of {result['classes']}, the average "
-          f"of {result['models']} models of head recipe {result['recipe']} ({views})", file=file)
-    rate = f" ({result['computed'] / result['extract_seconds']:.1f} images/s)" \
-        if result["computed"] and result["extract_seconds"] > 0 else ""
-    print(f"features: {result['computed']} computed in {result['extract_seconds']:.1f} s{rate}, "
-          f"{result['reused']} reused from {result['cache']}", file=file)
-    shown = ", ".join(f"{name} {n}" for name, n in list(result["predicted"].items())[:10])
-    more = f", and {len(result['predicted']) - 10} more classes" if len(result["predicted"]) > 10 else ""
+    print_predict(result)
+
+
+def print_predict(result: PredictResult) -> None:
+    what = "class probabilities" if result.format == "probabilities" else f"top {result.k} classes"
+    file = summary_stream(result.out)
+    print(f"wrote {result.out}: {result.images} images, {what} of {result.classes}, the average "
+          f"of {result.models} models of head recipe {result.recipe} ({_scored_views(result)})", file=file)
+    rate = f" ({result.computed / result.extract_seconds:.1f} images/s)" \
+        if result.computed and result.extract_seconds > 0 else ""
+    print(f"features: {result.computed} computed in {result.extract_seconds:.1f} s{rate}, "
+          f"{result.reused} reused from {result.cache}", file=file)
+    shown = ", ".join(f"{name} {n}" for name, n in list(result.predicted.items())[:10])
+    more = f", and {len(result.predicted) - 10} more classes" if len(result.predicted) > 10 else ""
     print(f"most likely class: {shown}{more}", file=file)
+
+
+def _scored_views(result: PredictResult) -> str:
+    """The views the models scored, in words: the recipe's, or the original alone under --no-tta."""
+    if not result.tta:
+        return "original view only, --no-tta"
+    if len(result.views) == 1:
+        return f"{result.views[0]} view only: the recipe scores no other"
+    return " + ".join(result.views) + " views"
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from transfer_ensemble import backbones, heads, views
@@ -72,7 +73,17 @@ def _check_backbones(check: Checker, key: str, value: Any, values: dict) -> tupl
 def _check_weights(check: Checker, key: str, value: Any, values: dict) -> str:
     if not isinstance(value, str) or not value.strip():
         raise check.fail(key, value, "must be 'imagenet', 'random' or the path of a folder of Keras .h5 weight files")
-    return value
+    return _absolute_folder(value)
+
+
+def _absolute_folder(weights: str) -> str:
+    """A --weights folder that exists as its absolute path, as --data is recorded, so that the run
+    means the same folder from any working directory; 'imagenet', 'random' and a path that is no
+    folder (refused when the backbones are resolved) as given."""
+    folder = Path(weights).expanduser()
+    if weights in ("imagenet", "random") or not folder.is_dir():
+        return weights
+    return str(folder.resolve())
 
 
 def _check_image_size(check: Checker, key: str, value: Any, values: dict) -> int:
@@ -235,7 +246,7 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         checked = check_values(ExtractConfig, {f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
-        for key in ("backbones", "scales", "views"):
+        for key in ("backbones", "weights", "scales", "views"):
             object.__setattr__(self, key, checked[key])
 
     def size_of(self, spec: backbones.BackboneSpec, scale: float = 1.0) -> int:

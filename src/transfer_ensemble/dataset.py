@@ -56,6 +56,14 @@ class Dataset:
     def split(self, name: str) -> list[Item]:
         return {"train": self.train, "test": self.test}[name]
 
+    def describe(self) -> str:
+        """The layout found and what it holds, in words, e.g. for `extract`'s log."""
+        layout = ("the Kaggle layout (labels.csv, train/, test/, sample_submission.csv)" if self.layout == "kaggle"
+                  else "the folder layout (train/<class>/, test/)")
+        test = "a labelled hold-out" if self.test_is_labelled else "to submit"
+        return (f"{self.root} is in {layout}: {len(self.train)} training images of {len(self.classes)} classes, "
+                f"{len(self.test)} test images ({test})")
+
     def to_json(self) -> dict:
         def rows(items: list[Item]) -> list[dict]:
             return [

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -168,7 +168,7 @@ class Extractor:
 
 def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: Sequence[str],
                   keys: Sequence[str], store_of: Callable[[str], StoreFiles],
-                  donors_of: Callable[[str], Sequence[StoreFiles]] = lambda name: ()) -> dict:
+                  donors_of: Callable[[str], Sequence[StoreFiles]] = lambda name: ()) -> ExtractSummary:
     """Compute the missing features of one split's images; returns counts and timing for the summary.
 
     `keys` are the images' content hashes (``images.inspect``); `store_of(backbone)` is where
@@ -190,14 +190,15 @@ def extract_split(extractor: Extractor, split: str, paths: Sequence[Path], ids: 
             with progress.bar(total=len(rows), desc=desc, unit="img") as bar:
                 previous: tuple[list[_Pending], int] = ([], 0)
                 for batch in _batches(list(paths), rows, size, config):
+                    due = {spec.name: stores[spec.name].due_views(batch.rows) for spec in specs}
                     launched = [_Pending(stores[spec.name], batch.rows,
-                                         extractor.dispatch(spec, batch.pixels, stores[spec.name].missing_views(batch.rows)))
-                                for spec in specs if stores[spec.name].missing_views(batch.rows)]
+                                         extractor.dispatch(spec, batch.pixels, due[spec.name]))
+                                for spec in specs if due[spec.name]]
                     _finish(*previous, writer, bar)
                     previous = (launched, len(batch.rows))
                 _finish(*previous, writer, bar)
             computed += len(rows)
-    return split_summary(split, n, computed, cached, start, cpu_start)
+    return replace(split_summary(split, n, computed, cached, start, cpu_start), scale=extractor.scale)
 
 
 @dataclass
@@ -254,12 +255,41 @@ def pending_by_size(extractor: Extractor,
     return out
 
 
+@dataclass(frozen=True)
+class Counts:
+    """One backbone's rows of a split: computed now, and reused from its store or a donor."""
+
+    computed: int
+    reused: int
+
+
+@dataclass(frozen=True)
+class ExtractSummary:
+    """What extracting one split at one scale did, on either engine: its images, how many were
+    computed and reused (per backbone too), and the wall and CPU seconds of the extraction phase."""
+
+    split: str
+    images: int
+    computed: int
+    reused: int
+    seconds: float
+    cpu_seconds: float
+    backbones: dict[str, Counts]
+    scale: float = 1.0
+
+    @property
+    def rate(self) -> float | None:
+        """Images computed per second, or None when none were."""
+        return self.computed / self.seconds if self.computed and self.seconds > 0 else None
+
+
 def split_summary(split: str, n: int, computed: int, cached: dict[str, int], start: float,
-                  cpu_start: float) -> dict:
-    """What `extract_split` returns, on either engine: counts per backbone, wall and CPU seconds."""
-    return {"split": split, "images": n, "computed": computed, "reused": n - computed,
-            "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start,
-            "backbones": {name: {"computed": n - done, "reused": done} for name, done in cached.items()}}
+                  cpu_start: float) -> ExtractSummary:
+    """What `extract_split` returns, on either engine: counts per backbone, wall and CPU seconds
+    since `start` and `cpu_start`, at scale 1 (``workflow.extract`` sets each extractor's)."""
+    return ExtractSummary(split, n, computed, n - computed, time.perf_counter() - start,
+                          time.process_time() - cpu_start,
+                          {name: Counts(n - done, done) for name, done in cached.items()})
 
 
 def _log_reuse(split: str, images: int, cached: dict[str, int]) -> None:

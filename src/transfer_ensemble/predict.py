@@ -92,9 +92,7 @@ class Run:
         saved = run.extract_config()
         if weights is None and saved.weights not in ("imagenet", "random") \
                 and not Path(saved.weights).expanduser().is_dir():
-            raise UserError(f"The run {run.path} was extracted with the weights in {saved.weights}, which "
-                            f"is no longer a folder. Pass --weights with a folder holding the same weight "
-                            f"files (they are checked against the run's).")
+            raise _weights_folder_gone(run, saved.weights)
         extractors = [features.Extractor(config, scale)
                       for config, scale in _extract_configs(saved, recipe, weights or saved.weights)]
         for extractor in extractors:
@@ -145,15 +143,16 @@ class Run:
 
     def extract(self, paths: Sequence[Path], keys: Sequence[str], batch_size: int | None = None,
                 cache_dir: str | Path | None = None,
-                engine: engines.Engine | None = None) -> tuple[list[StoreFiles], dict]:
+                engine: engines.Engine | None = None) -> tuple[list[StoreFiles], features.ExtractSummary]:
         """Compute the missing backbone features of `paths` (absolute; `keys` their content hashes)
-        with `engine` (``engines.get``; default local).
+        with `engine` (``engines.get``; default local), in the feature cache `cache` names.
 
-        Returns the stores, one per backbone and scale, and the extraction's counts and timing.
+        Returns the stores, one per backbone and scale, and the extraction's counts and timing
+        (an image counts as computed when it was at any scale; the seconds are all scales').
         """
         engine = engine or engines.get(engine_config(None))
         root = Path(cache_dir).expanduser() if cache_dir is not None else None
-        cache = self.folder.predict_cache(keys, root)
+        cache = self.cache(keys, cache_dir)
         others = [c for c in self.folder.predict_caches(root) if c != cache]
         if root is not None:
             others += self.folder.predict_caches()
@@ -172,11 +171,14 @@ class Run:
                     extractor, PREDICT_SPLIT, paths, [str(i) for i in range(len(paths))], keys,
                     lambda name: cache.store(key(name)), lambda name: donors(key(name))))
             stores = [cache.store(name) for name in self.recipe.blocks.sources]
-        stats = {**runs[0], "computed": max(r["computed"] for r in runs),
-                 "seconds": sum(r["seconds"] for r in runs), "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
-                 "cache": str(cache.folder)}
-        stats["reused"] = stats["images"] - stats["computed"]
-        return stores, stats
+        computed = max(r.computed for r in runs)
+        return stores, replace(runs[0], computed=computed, reused=runs[0].images - computed,
+                               seconds=sum(r.seconds for r in runs), cpu_seconds=sum(r.cpu_seconds for r in runs))
+
+    def cache(self, keys: Sequence[str], cache_dir: str | Path | None = None) -> PredictCache:
+        """The feature cache of the images whose content hashes are `keys`: under `cache_dir`, else
+        under RUN/predict/."""
+        return self.folder.predict_cache(keys, Path(cache_dir).expanduser() if cache_dir is not None else None)
 
     def iter_probabilities(self, stores: Sequence[StoreFiles], n: int, tta: bool = True,
                            chunk: int = SCORE_CHUNK, engine: "engines.Engine | str | EngineConfig | None" = None
@@ -228,6 +230,18 @@ def _extract_configs(saved: ExtractConfig, recipe: Recipe, weights: str) -> list
         out.append((replace(saved, backbones=tuple(dict.fromkeys(s.backbone for s in sources)), weights=weights,
                             mid_layer=any(s.mid for s in sources), views=recipe.views), scale))
     return out
+
+
+def _weights_folder_gone(run: RunFolder, weights: str) -> UserError:
+    """The run's --weights folder is not there: pass it again (or, for a path recorded relative by
+    runs before the folder was recorded absolute, run from where `extract` ran)."""
+    fix = "Pass --weights with a folder holding the same weight files (they are checked against the run's)."
+    if Path(weights).expanduser().is_absolute():
+        return UserError(f"The run {run.path} was extracted with the weights in {weights}, which is no longer "
+                         f"a folder. {fix}")
+    return UserError(f"The run {run.path} was extracted with the weights in {weights}, a path recorded relative "
+                     f"to the folder `extract` ran in (runs record it absolute now), and it is not a folder from "
+                     f"here ({Path.cwd()}). Run predict from that folder, or: {fix}")
 
 
 def _select_recipe(run: RunFolder, heads_name: str | None) -> Recipe:
@@ -412,10 +426,34 @@ def _write_csv(f: TextIO, fmt: str, names: Sequence[str], chunks: Iterator[tuple
     return {classes[c]: int(top[c]) for c in np.argsort(-top, kind="stable") if top[c]}
 
 
+@dataclass(frozen=True)
+class PredictResult:
+    """What `predict_to_csv` wrote: the CSV and its format (`k` classes a row for top-k), the
+    recipe, its models and the `views` they scored (`tta` as asked); the features computed and reused (in the
+    feature `cache`) and the seconds that took, the whole call's seconds, and how many images
+    each class was the most likely for (most first)."""
+
+    out: Path
+    images: int
+    classes: int
+    format: str
+    k: int
+    models: int
+    views: tuple[str, ...]
+    tta: bool
+    recipe: str
+    computed: int
+    reused: int
+    extract_seconds: float
+    seconds: float
+    cache: Path
+    predicted: dict[str, int]
+
+
 def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt: str = "probabilities",
                    k: int = 5, tta: bool = True, batch_size: int | None = None,
                    weights: str | None = None, heads_name: str | None = None,
-                   cache_dir: str | Path | None = None, engine: str | EngineConfig | None = None) -> dict:
+                   cache_dir: str | Path | None = None, engine: str | EngineConfig | None = None) -> PredictResult:
     """Score the images of a folder or CSV with a trained run and write `out` atomically.
 
     `engine` names one of ``engines.ENGINES`` (or is an EngineConfig): where the features are
@@ -438,14 +476,12 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
         log.info("--k %d is more than the %d classes: writing all %d", k, len(run.classes), len(run.classes))
         k = len(run.classes)
     start = time.perf_counter()
-    stores, stats = run.extract(paths, keys, batch_size, cache_dir, where)
+    stores, summary = run.extract(paths, keys, batch_size, cache_dir, where)
     out = Path(out)
     with atomic_path(out, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         predicted = _write_csv(f, fmt, names, run.iter_probabilities(stores, len(paths), tta, engine=where),
                                run.classes, k)
-    return {"out": str(out), "images": len(paths), "classes": len(run.classes), "format": fmt, "k": k,
-            "models": run.scorer.models_scoring(run.recipe.predicted_views(tta)),
-            "tta": tta,
-            "recipe": run.recipe.name, "computed": stats["computed"], "reused": stats["reused"],
-            "extract_seconds": stats["seconds"], "seconds": time.perf_counter() - start,
-            "cache": stats["cache"], "predicted": predicted}
+    views = run.recipe.predicted_views(tta)
+    return PredictResult(out, len(paths), len(run.classes), fmt, k, run.scorer.models_scoring(views), views, tta,
+                         run.recipe.name, summary.computed, summary.reused, summary.seconds,
+                         time.perf_counter() - start, run.cache(keys, cache_dir).folder, predicted)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import logging
 import textwrap
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,8 +31,6 @@ from transfer_ensemble.recipes import Blend, Recipe, RecipeStatus, recipe_status
 from transfer_ensemble.records import DamagedFile, load_json
 from transfer_ensemble.runfolder import RunFolder
 from transfer_ensemble.storage import write_atomic
-
-log = logging.getLogger(__name__)
 
 TOP_PAIRS = 20
 WRONG_IMAGES = 24
@@ -113,7 +110,6 @@ def write_report(run: RunFolder, heads_name: str | None = None) -> Path:
     _remove_other_images(run.report_dir, {name for section in sections for name, _ in section.images})
     page = _page(record, sections)
     write_atomic(run.report_html, lambda tmp: tmp.write_text(page, encoding="utf-8"), suffix=".html")
-    log.info("wrote the report %s", run.report_html)
     return run.report_html
 
 

@@ -3,7 +3,8 @@
 
 A store holds one split's features of one backbone at one scale (``source_key``), one array per
 view (``views``), rows keyed by the SHA-256 of each image file; each view has its own done mask,
-so a view added to a store is computed alone. A store whose settings match is reused; rows of
+so a view added to a store is computed without the others (in the pass of its crop group,
+``StoreGroup.due_views``, written alone). A store whose settings match is reused; rows of
 images it (or a donor store with the same settings) already holds are copied, not recomputed; a
 damaged store is said so and rebuilt. `features` computes what a store lacks.
 """
@@ -242,6 +243,11 @@ class StoreGroup:
         """The wanted views some of `rows` lack in some store."""
         lacking = {v for store, _ in self.parts for v in store.missing_views(rows)}
         return tuple(v for v in self.views if v in lacking)
+
+    def due_views(self, rows: np.ndarray) -> tuple[str, ...]:
+        """The views to compute for `rows`: every pass (``views.whole_passes``) holding a view some
+        of them lack; `write_missing` then writes only what is lacking."""
+        return views.whole_passes(self.views, self.missing_views(rows))
 
     def write_missing(self, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
         """Each store's `Store.write_missing` of its columns of `values`."""

@@ -17,6 +17,7 @@ has changed since are computed again.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -115,20 +116,42 @@ def get(name: str) -> View:
 
 def parse(value: Any) -> tuple[str, ...]:
     """A --views value (comma-separated names or shorthands, or a list) as registry names in
-    registry order; it always holds the paper's pair. ValueError saying what is wrong otherwise."""
+    registry order; it always holds the paper's pair. Names are read as --backbones reads its
+    (case and hyphens do not matter). ValueError saying what is wrong otherwise: nothing named,
+    an empty item, a name given twice, or one that is not a view (with the close match)."""
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
         raise ValueError('must be a comma-separated list of view names, e.g. "original,flipped,center"')
+    keys = [_key(i) for i in items]
+    if not any(keys):
+        raise ValueError(f"names no view: name views or shorthands, e.g. {', '.join(SETS)} or "
+                         f'"original,flipped,center"')
+    if not all(keys):
+        raise ValueError("has an empty name between its commas: separate view names with single commas, "
+                         'e.g. "original,flipped,center"')
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"names {', '.join(twice)} more than once: name each view once")
     names: set[str] = set(PAIR)
-    for item in (i.strip() for i in items):
-        if item in SETS:
-            names.update(SETS[item])
-        elif item in REGISTRY:
-            names.add(item)
-        elif item:
-            raise ValueError(f"names {item!r}, which is not a view: the views are {', '.join(REGISTRY)}, "
-                             f"and the shorthands {', '.join(SETS)}")
+    for key in keys:
+        if key in SETS:
+            names.update(SETS[key])
+        elif key in REGISTRY:
+            names.add(key)
+        else:
+            raise ValueError(f"names {key!r}, which is not a view{_close_match(key)}: the views are "
+                             f"{', '.join(REGISTRY)}, and the shorthands {', '.join(SETS)}")
     return tuple(n for n in REGISTRY if n in names)
+
+
+def _key(name: str) -> str:
+    """A view name as the registry spells it: no surrounding spaces, lower case, underscores."""
+    return name.strip().lower().replace("-", "_")
+
+
+def _close_match(name: str) -> str:
+    close = difflib.get_close_matches(name, [*REGISTRY, *SETS], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def seed_offset(group: str) -> int:
@@ -148,6 +171,15 @@ def passes(views: Sequence[str]) -> list[tuple[str, ...]]:
     for name in views:
         groups.setdefault(REGISTRY[name].crop, []).append(name)
     return [tuple(g) for g in groups.values()]
+
+
+def whole_passes(wanted: Sequence[str], missing: Sequence[str]) -> tuple[str, ...]:
+    """The views of every pass of `wanted` (`passes`) that computes one of `missing`, whole: a view
+    is always computed beside the same views, so its features are the same numbers however its
+    rows became due (a resumed extraction, or a view added to a store holding the others of its
+    pass); the views a store already holds are not written again."""
+    lacking = set(missing)
+    return tuple(view for group in passes(wanted) if lacking & set(group) for view in group)
 
 
 def transform(batch: Any, names: Sequence[str], size: int) -> Any:

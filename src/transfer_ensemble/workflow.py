@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,15 +23,41 @@ from transfer_ensemble.engines import EngineConfig, engine_config
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
 from transfer_ensemble.options import python_overrides, refuse_unknown
-from transfer_ensemble.recipes import (Blend, Recipe, blend_folder, blend_name, list_recipes, recipe_for,
-                                       recipe_statuses, select_recipe, unregistered_recipes, write_blend)
+from transfer_ensemble.recipes import (Blend, Recipe, RecipeStatus, blend_folder, blend_name, list_recipes,
+                                       recipe_for, recipe_statuses, select_recipe, unregistered_recipes, write_blend)
 from transfer_ensemble.records import DamagedFile, labels_digest, load_json
 from transfer_ensemble.runfolder import SPLITS, RunData, RunFolder
 from transfer_ensemble.scoring import blend_test_probabilities, test_probabilities
 from transfer_ensemble.storage import disk_errors, write_json
 from transfer_ensemble.store import source_key
 
+if TYPE_CHECKING:
+    from transfer_ensemble.features import ExtractSummary
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What `train` or `blend` did: the head recipe (or blend) it trained, its metrics as its
+    metrics.json records them, and the status of every recipe of the run, best first."""
+
+    recipe: str
+    metrics: dict
+    statuses: list[RecipeStatus]
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What `submit` wrote: the submission file, its size, the models averaged into it and the
+    recipe they belong to, and the hold-out score where the test images are labelled."""
+
+    submission: Path
+    rows: int
+    classes: int
+    models: int
+    recipe: str
+    holdout: dict | None = None
 
 
 def _check_images(run: RunFolder, dataset: Dataset,
@@ -69,8 +97,9 @@ def _bad_image_error(bad: dict[str, list[tuple[Item, str]]]) -> UserError:
 
 
 def extract(data: str | Path, run_dir: str | Path, config: "ExtractConfig | dict | None" = None,
-            folds: int | None = None, engine: EngineConfig | None = None) -> list[dict]:
-    """Check every image, then compute the features of the train and test splits.
+            folds: int | None = None, engine: EngineConfig | None = None) -> list[ExtractSummary]:
+    """Check every image, then compute the features of the train and test splits; returns what
+    each split's extraction at each scale did.
 
     `folds`, when training will follow (`run`), is checked against the class counts first, so a
     class too small for the folds stops the run before the long extraction rather than after.
@@ -87,6 +116,7 @@ def extract(data: str | Path, run_dir: str | Path, config: "ExtractConfig | dict
     where = engines.get(engine_config(engine))
     run = RunFolder(run_dir)
     dataset = load_dataset(data)
+    log.info("data: %s", dataset.describe())
     extractors = [features.Extractor(config, scale) for scale in config.scales]
     with run.lock(), disk_errors(run.path):
         keys, bad = _check_images(run, dataset, config.max_pixels)
@@ -107,9 +137,9 @@ def extract(data: str | Path, run_dir: str | Path, config: "ExtractConfig | dict
                         "their reasons in %s.", len(bad["train"]), _named(bad["train"]),
                         len(bad["test"]), _named(bad["test"]), run.bad_images_path)
         splits = {"train": dataset.train, "test": run_data.good_test}
-        results = [where.extract_split(extractor, split, [it.path for it in items], [it.id for it in items],
-                                       keys[split], lambda name, split=split, s=extractor.scale:
-                                       run.store(split, source_key(name, s)))
+        results = [replace(where.extract_split(extractor, split, [it.path for it in items], [it.id for it in items],
+                                               keys[split], lambda name, split=split, s=extractor.scale:
+                                               run.store(split, source_key(name, s))), scale=extractor.scale)
                    for extractor in extractors for split, items in splits.items()]
         run.write_bad_images({split: [{"id": it.id, "path": str(it.path), "reason": r} for it, r in bad[split]]
                               for split in bad})
@@ -172,7 +202,8 @@ def train_config_for(run: RunFolder, overrides: "dict | TrainConfig | None" = No
     return config, match[0].blocks
 
 
-def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None, heads: str | None = None) -> dict:
+def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None,
+          heads: str | None = None) -> TrainResult:
     """Train (or finish) one head recipe: the run's recorded options with `overrides` on top (a
     dict of option names, e.g. ``{"folds": 3}``; an unknown name is refused), or a TrainConfig.
 
@@ -221,8 +252,8 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None, he
                           plugins=plugins.merge(recorded, {"head": plugins.used("head", [config.head])}))
         from transfer_ensemble.report import write_report
 
-        write_report(run)
-        return {"recipe": recipe.name, "metrics": metrics, "recipes": recipe_statuses(run)}
+        log.info("wrote the report %s", write_report(run))
+        return TrainResult(recipe.name, metrics, recipe_statuses(run))
 
 
 def calibration(labels: np.ndarray, oof: np.ndarray) -> dict:
@@ -232,7 +263,7 @@ def calibration(labels: np.ndarray, oof: np.ndarray) -> dict:
             "after": ensemble.score(labels, ensemble.calibrate(oof, temperature))}
 
 
-def blend(run_dir: str | Path, parts: "list[str] | str") -> dict:
+def blend(run_dir: str | Path, parts: "list[str] | str") -> TrainResult:
     """Mix trained recipes with weights fitted on their OOF predictions (never on test), then a
     temperature fitted on the mixed OOF predictions. The blend is kept beside the recipes and is
     what `submit` uses next. Returns its name, weights and metrics, and every recipe's status.
@@ -277,7 +308,7 @@ def blend(run_dir: str | Path, parts: "list[str] | str") -> dict:
         write_blend(result)
         write_json(result.metrics_path, metrics)
         run.update_config(heads=result.name)
-        return {"recipe": result.name, "metrics": metrics, "recipes": recipe_statuses(run)}
+        return TrainResult(result.name, metrics, recipe_statuses(run))
 
 
 def _load_features(run: RunFolder, run_data: RunData, blocks: Blocks) -> dict:
@@ -303,7 +334,8 @@ def _holdout_metrics(run: RunFolder, recipe: Recipe, run_data: RunData, test_ide
     return out
 
 
-def submit(run_dir: str | Path, out: str | Path, heads: str | None = None, record_out: bool = False) -> dict:
+def submit(run_dir: str | Path, out: str | Path, heads: str | None = None,
+           record_out: bool = False) -> SubmitResult:
     """Combine a recipe's 2 x K test predictions into a validated submission CSV at `out`.
 
     The recipe is `heads`, else the run's current recipe with the lowest OOF log loss. With
@@ -333,11 +365,9 @@ def submit(run_dir: str | Path, out: str | Path, heads: str | None = None, recor
                         run.bad_images_path)
         frame = submission.build(ids, dataset.classes, probabilities, dataset.id_column)
         path = submission.write(frame, out, ids, dataset.classes, dataset.id_column)
-        result = {"submission": str(path), "rows": len(ids), "classes": len(dataset.classes),
-                  "models": models, "recipe": recipe.name}
-        if dataset.test_is_labelled:
-            result["holdout"] = ensemble.score(np.array([it.label for it in dataset.test]), probabilities)
+        holdout = ensemble.score(np.array([it.label for it in dataset.test]), probabilities) \
+            if dataset.test_is_labelled else None
         if record_out:
             with disk_errors(run.path):
                 run.update_config(out=str(out))
-        return result
+        return SubmitResult(path, len(ids), len(dataset.classes), models, recipe.name, holdout)

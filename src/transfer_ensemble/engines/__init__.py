@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     import numpy as np
 
-    from transfer_ensemble.features import Extractor
+    from transfer_ensemble.features import Extractor, ExtractSummary
     from transfer_ensemble.scoring import Scorer
     from transfer_ensemble.store import StoreFiles
 
@@ -153,7 +153,7 @@ class Engine(Protocol):
 
     def extract_split(self, extractor: "Extractor", split: str, paths: "Sequence[Path]", ids: Sequence[str],
                       keys: Sequence[str], store_of: "Callable[[str], StoreFiles]",
-                      donors_of: "Callable[[str], Sequence[StoreFiles]]" = lambda name: ()) -> dict:
+                      donors_of: "Callable[[str], Sequence[StoreFiles]]" = lambda name: ()) -> "ExtractSummary":
         """``features.extract_split``'s contract: compute the rows of `paths` the stores lack; its summary."""
 
     def score(self, scorer: "Scorer", stores: "Sequence[StoreFiles]", n: int, tta: bool,

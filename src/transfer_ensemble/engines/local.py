@@ -21,7 +21,8 @@ class LocalEngine:
 
     def extract_split(self, extractor: features.Extractor, split: str, paths: Sequence[Path], ids: Sequence[str],
                       keys: Sequence[str], store_of: Callable[[str], StoreFiles],
-                      donors_of: Callable[[str], Sequence[StoreFiles]] = lambda name: ()) -> dict:
+                      donors_of: Callable[[str], Sequence[StoreFiles]] = lambda name: ()
+                      ) -> features.ExtractSummary:
         return features.extract_split(extractor, split, paths, ids, keys, store_of, donors_of)
 
     def score(self, scorer: Scorer, stores: Sequence[StoreFiles], n: int, tta: bool,
