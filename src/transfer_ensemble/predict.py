@@ -41,6 +41,7 @@ from transfer_ensemble.runfolder import PREDICT_SPLIT, SPLITS, PredictCache, Run
 from transfer_ensemble.scoring import Scorer
 from transfer_ensemble.storage import FolderBusy, atomic_path, run_lock, write_json
 from transfer_ensemble.store import StoreFiles, source_key, store_meta
+from transfer_ensemble.views import whole_passes
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class Run:
             for extractor, spec in ((e, spec) for e in self.extractors for spec in e.specs):
                 size = extractor.size(spec)
                 pixels = [_as_model_input(it, size, start + i) for i, it in enumerate(chunk)]
-                computed = extractor.forward(spec, np.stack(pixels), views)
+                computed = extractor.forward(spec, np.stack(pixels), whole_passes(self.recipe.views, views))
                 names = [source_key(name, extractor.scale) for name in extractor.store_names(spec)]
                 widths = np.cumsum([spec.width, spec.mid_width][:len(names)])[:-1]
                 for view in views:

@@ -243,7 +243,7 @@ class RayEngine:
 
     def extract_split(self, extractor: features.Extractor, split: str, paths: Sequence[Path], ids: Sequence[str],
                       keys: Sequence[str], store_of: Callable[[str], StoreFiles],
-                      donors_of: Callable[[str], Sequence[StoreFiles]] = lambda name: ()) -> dict:
+                      donors_of: Callable[[str], Sequence[StoreFiles]] = lambda name: ()) -> features.ExtractSummary:
         return extract_split(extractor, split, paths, ids, keys, store_of, donors_of, pool=self.pool)
 
     def score(self, scorer: Scorer, stores: Sequence[StoreFiles], n: int, tta: bool,
@@ -491,7 +491,7 @@ def write_chunk(batch_size: int, rows: int) -> int:
 def extract_split(extractor: features.Extractor, split: str, paths: Sequence[Path], ids: Sequence[str],
                   keys: Sequence[str], store_of: Callable[[str], StoreFiles],
                   donors_of: Callable[[str], Sequence[StoreFiles]] = lambda name: (),
-                  pool: Pool = Pool(1, 0.0, 1.0)) -> dict:
+                  pool: Pool = Pool(1, 0.0, 1.0)) -> features.ExtractSummary:
     """``features.extract_split`` on the Ray cluster ``connect`` joined: the same stores, the same rows.
 
     The driver opens the stores (reusing and copying rows as the local engine does), sends the
