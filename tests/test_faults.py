@@ -365,3 +365,44 @@ def test_new_test_images_after_training_are_predicted_without_retraining(referen
     assert list(new.index) == [*before.index, "te_new"]
     pd.testing.assert_frame_equal(new.loc[before.index], before)
     pd.testing.assert_series_equal(new.loc["te_new"], new.loc["te00"], check_names=False)
+
+
+class _FullDiskLockFile:
+    """A lock file on a full disk: it opens and locks, but writing the pid fails with ENOSPC."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_no_room_for_the_lock_is_a_clear_error_and_leaves_no_run_folder(tmp_path: Path, monkeypatch, capsys):
+    """The first write of a step is the lock's pid: on a full disk it is one paragraph and exit 2,
+    and the run folder the step created is removed again (issue 27 item 5)."""
+    real_open = storage._open_lock_file
+    monkeypatch.setattr(storage, "_open_lock_file", lambda path: _FullDiskLockFile(real_open(path)))
+    data = make_kaggle(tmp_path / "data")
+    run = tmp_path / "runs" / "new"
+    code = cli.main(["extract", "--data", str(data), "--run", str(run), "--weights", "random", "--scales", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{run / '.lock'}: the disk is full" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_no_room_for_a_predict_cache_is_a_clear_error_and_leaves_no_folder(reference: dict, tmp_path: Path,
+                                                                           monkeypatch, capsys):
+    real_open = storage._open_lock_file
+    monkeypatch.setattr(storage, "_open_lock_file", lambda path: _FullDiskLockFile(real_open(path)))
+    data = reference["run"].parent / "data"
+    cache = tmp_path / "cache"
+    code = cli.main(["predict", "--run", str(reference["run"]), "--images", str(data / "test"),
+                     "--out", str(tmp_path / "p.csv"), "--cache-dir", str(cache)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "the disk is full" in err
+    assert not cache.exists() and not (tmp_path / "p.csv").exists()

@@ -22,6 +22,7 @@ import csv
 import errno
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,7 +38,7 @@ from transfer_ensemble.engines import EngineConfig, engine_config
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.options import describe, python_whole
 from transfer_ensemble.recipes import Blend, Recipe, select_recipe
-from transfer_ensemble.runfolder import PREDICT_SPLIT, SPLITS, PredictCache, RunFolder
+from transfer_ensemble.runfolder import PREDICT_SPLIT, SPLITS, PredictCache, RunFolder, first_missing
 from transfer_ensemble.scoring import Scorer
 from transfer_ensemble.storage import FolderBusy, atomic_path, run_lock, write_json
 from transfer_ensemble.store import StoreFiles, source_key, store_meta
@@ -259,6 +260,7 @@ def _select_recipe(run: RunFolder, heads_name: str | None) -> Recipe:
 def _cache_lock(cache: PredictCache, in_run: bool, run_dir: Path) -> contextlib.AbstractContextManager:
     """The predict cache's own lock; a clear error when its folder cannot be made (now) or another
     predict holds it (on entering)."""
+    created = first_missing(cache.folder)
     try:
         cache.folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -267,12 +269,13 @@ def _cache_lock(cache: PredictCache, in_run: bool, run_dir: Path) -> contextlib.
         hint = (f"The run folder {run_dir} is only read by predict: pass --cache-dir DIR (cache_dir= in "
                 f"Python) with a folder you can write" if in_run else "Pass --cache-dir with a folder you can write")
         raise UserError(f"Cannot create the feature cache {cache.folder}: {why}. {hint}.") from None
-    return _hold_cache_lock(cache)
+    return _hold_cache_lock(cache, created)
 
 
 @contextlib.contextmanager
-def _hold_cache_lock(cache: PredictCache) -> Iterator[None]:
-    """Hold the cache's lock; refused clearly while another predict scores the same images into it."""
+def _hold_cache_lock(cache: PredictCache, created: Path | None = None) -> Iterator[None]:
+    """Hold the cache's lock; refused clearly while another predict scores the same images into it.
+    A folder `created` for it is removed again when the lock cannot be taken (a full disk, say)."""
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(run_lock(cache.folder))
@@ -281,6 +284,10 @@ def _hold_cache_lock(cache: PredictCache) -> Iterator[None]:
                             f"the feature cache {cache.folder}. Wait for it to finish, then run this again: "
                             f"it reuses the features that one computed. Or pass --cache-dir (cache_dir= in "
                             f"Python) with another folder to compute them separately now.") from None
+        except UserError:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
         yield
 
 

@@ -72,7 +72,7 @@ def package_versions() -> dict:
     return versions
 
 
-def _first_missing(path: Path) -> Path | None:
+def first_missing(path: Path) -> Path | None:
     """The outermost folder of `path` that does not exist yet (None if `path` exists)."""
     missing = None
     for folder in [path, *path.parents]:
@@ -230,7 +230,7 @@ class RunFolder:
         A folder this call created is removed again when the step is refused (UserError) before
         it computed any features: bad input leaves no empty run folder behind.
         """
-        created = _first_missing(self.path)
+        created = first_missing(self.path)
         try:
             with run_lock(self.path):
                 self._held = HeldState()

@@ -251,10 +251,13 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
                 f"that process to finish, or use another --run folder.", owner
             ) from None
         if lock_file.writable():
-            lock_file.seek(0)
-            lock_file.truncate()
-            lock_file.write(str(os.getpid()))
-            lock_file.flush()
+            try:
+                lock_file.seek(0)
+                lock_file.truncate()
+                lock_file.write(str(os.getpid()))
+                lock_file.flush()
+            except OSError as exc:  # a full disk is met here first, before any step writes
+                raise _disk_error(run_dir / ".lock", exc) from None
         yield
     finally:
         lock_file.close()
