@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import cv2
 import numpy as np
@@ -81,6 +83,15 @@ def kaggle_data(tmp_path: Path) -> Path:
 @pytest.fixture
 def folder_data(tmp_path: Path) -> Path:
     return make_folders(tmp_path / "data")
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module, as a test imports one of the thin entry points."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

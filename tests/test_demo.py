@@ -3,11 +3,11 @@ workflow runs. The workflow's steps are replaced here by ones that record what t
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from conftest import load_script
 from transfer_ensemble import workflow
 from transfer_ensemble.features import Counts, ExtractSummary
 
@@ -16,10 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def demo_script():
-    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demo")
 
 
 def test_make_demo_runs_the_script_with_its_own_settings():

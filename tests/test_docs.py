@@ -10,13 +10,12 @@
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, make_kaggle
+from conftest import TINY, load_script, make_kaggle
 from transfer_ensemble import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,10 +24,7 @@ LAYOUT_MARKER = "<!-- layout: checked by tests/test_docs.py -->"
 
 
 def load_gen_docs():
-    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "scripts" / "gen_docs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gen_docs")
 
 
 def test_options_page_is_what_the_generator_writes():

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY, make_folders, make_kaggle, run_cli
+from conftest import TINY, load_script, make_folders, make_kaggle, run_cli
 from transfer_ensemble import cli
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.dataset import load_dataset
@@ -97,9 +97,7 @@ def test_an_image_named_several_times_copies_its_cached_row_for_every_duplicate(
 
 # item 19
 def test_the_demo_on_random_weights_says_what_its_scores_mean(monkeypatch, capsys):
-    spec = util.spec_from_file_location("demo_script", Path(__file__).parents[1] / "scripts" / "demo.py")
-    demo_script = util.module_from_spec(spec)
-    spec.loader.exec_module(demo_script)
+    demo_script = load_script("demo")
     from transfer_ensemble.backbones import WeightsUnavailableError
 
     calls = []
