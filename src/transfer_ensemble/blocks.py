@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from transfer_ensemble import backbones, heads, views
 from transfer_ensemble.config import ExtractConfig, TrainConfig
-from transfer_ensemble.store import MID, source_key
+from transfer_ensemble.store import MID, source_key, store_names
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,10 @@ class Source:
     scale: float = 1.0
     mid: bool = False
 
-    @property
-    def key(self) -> str:
-        """The store's name: ``xception``, ``xception.mid``, ``xception@2x``, ``xception.mid@2x``."""
-        return source_key(self.backbone + (MID if self.mid else ""), self.scale)
-
     @classmethod
     def parse(cls, key: str) -> "Source":
-        """The source a store name (`key`) stands for; ValueError if it names none."""
+        """The source a store name (`store.source_key`: ``xception``, ``xception.mid``,
+        ``xception@2x``, ``xception.mid@2x``) stands for; ValueError if it names none."""
         name, at, scale = key.partition("@")
         if at and not (scale.endswith("x") and _is_number(scale[:-1])):
             raise ValueError(f"{key!r} is not a feature store name (backbone[.mid][@SCALEx])")
@@ -93,8 +89,8 @@ def blocks_for(extract: ExtractConfig, config: TrainConfig) -> Blocks:
     paper = heads.get(config.head).paper_features
     chosen_views = views.PAIR if paper else extract.views
     specs = [backbones.get_spec(name) for name in extract.backbones]
-    sources = [Source(spec.name, scale, mid).key for scale in scales_used(extract, config.multiscale)
-               for spec in specs for mid in ((False, True) if extract.mid_of(spec) and not paper else (False,))]
+    sources = [source_key(name, scale) for scale in scales_used(extract, config.multiscale) for spec in specs
+               for name in store_names(spec, extract.mid_of(spec) and not paper)]
     return Blocks(tuple(sources), tuple(chosen_views))
 
 

@@ -43,6 +43,12 @@ def check_name(kind: str, name: object) -> str:
     return name
 
 
+def as_name(text: str) -> str:
+    """A name as typed (``--backbones Inception-V3``, ``--views Center``) as the registries spell
+    names: no surrounding spaces, lower case, underscores for hyphens."""
+    return text.strip().lower().replace("-", "_")
+
+
 def caller_module(depth: int) -> str:
     """The module `depth` frames above the caller (a registry's ``register`` asks for its own caller)."""
     return sys._getframe(depth + 1).f_globals.get("__name__", SCRIPT)

@@ -46,7 +46,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from transfer_ensemble import __version__, backend, views
+from transfer_ensemble import __version__, backend, plugins, views
 from transfer_ensemble.blocks import Blocks
 from transfer_ensemble.config import ExtractConfig, TrainConfig, merged, upgrade
 from transfer_ensemble.dataset import Dataset, Item
@@ -280,8 +280,11 @@ class RunFolder:
             return {}
 
     def update_config(self, **sections: Any) -> dict:
-        """Record `sections` in config.json. Call only once the step they describe has succeeded."""
+        """Record `sections` in config.json (``plugins`` is added to the plug-ins recorded before, as
+        `plugins.merge` does). Call only once the step they describe has succeeded."""
         config = self.read_config_optional()
+        if "plugins" in sections:
+            sections["plugins"] = plugins.merge(config.get("plugins"), sections["plugins"])
         config.update(sections)
         config["versions"] = package_versions()
         config["backend"] = backend.name()
@@ -298,10 +301,8 @@ class RunFolder:
             return {}
         unknown = [v for v in recorded if v not in views.REGISTRY]
         if unknown:
-            log.info("the run's view%s %s %s not registered in this process: %s features are kept, not "
-                     "extracted (pass --plugins MODULE to extract %s)", "s" if len(unknown) > 1 else "",
-                     ", ".join(unknown), "are" if len(unknown) > 1 else "is", "their" if len(unknown) > 1 else "its",
-                     "them" if len(unknown) > 1 else "it")
+            log.info("views of the run not registered in this process, kept in the stores but not extracted "
+                     "(pass --plugins MODULE to extract them): %s", ", ".join(unknown))
         kept = [v for v in recorded if v in views.REGISTRY]
         log.info("keeping the run's views %s (pass --views pair to extract the pair alone)", ",".join(kept))
         return {"views": kept}

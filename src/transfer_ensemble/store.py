@@ -318,9 +318,8 @@ def open_store(files: StoreFiles, meta: dict, keys: list[str], donors: Sequence[
         transforms = view_transforms(current.meta)
         changed = [v for v in wanted if v in transforms and transforms[v] != _registered_transform(v)]
         if changed:
-            log.info("%s: the transform of the view%s %s changed since they were computed: computing %s again",
-                     files.folder, "s" if len(changed) > 1 else "", ", ".join(changed),
-                     "them" if len(changed) > 1 else "it")
+            log.info("%s: views whose transform changed since they were computed, computed again: %s",
+                     files.folder, ", ".join(changed))
         for view in [v for v in wanted if v not in held] + changed:
             _new_view(files, view, len(keys), meta["width"])
         kept = _ordered([*held, *wanted])
@@ -338,8 +337,9 @@ def open_store(files: StoreFiles, meta: dict, keys: list[str], donors: Sequence[
                 sources.append(contents)
     if current is not None and not sources:
         log.info("%s were computed with other settings: computing them again", what)
-    carried = [v for v in held_views(current.meta) if v not in views.REGISTRY] if same else []
-    return _new_store(files, meta, keys, sources, wanted, {v: view_transforms(current.meta)[v] for v in carried})
+    recorded = view_transforms(current.meta) if same else {}
+    carried = {v: transform for v, transform in recorded.items() if v not in views.REGISTRY}
+    return _new_store(files, meta, keys, sources, wanted, carried)
 
 
 def _ordered(names: Sequence[str]) -> list[str]:
@@ -350,9 +350,8 @@ def _ordered(names: Sequence[str]) -> list[str]:
 def _log_unregistered(files: StoreFiles, held: Sequence[str]) -> None:
     unknown = [v for v in held if v not in views.REGISTRY]
     if unknown:
-        log.info("%s also holds the view%s %s, not registered in this process: kept as %s, not computed",
-                 files.folder, "s" if len(unknown) > 1 else "", ", ".join(unknown),
-                 "they are" if len(unknown) > 1 else "it is")
+        log.info("%s also holds views not registered in this process, kept as they are, not computed: %s",
+                 files.folder, ", ".join(unknown))
 
 
 def _new_view(files: StoreFiles, view: str, rows: int, width: int) -> None:

@@ -122,7 +122,7 @@ def parse(value: Any) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
         raise ValueError('must be a comma-separated list of view names, e.g. "original,flipped,center"')
-    keys = [_key(i) for i in items]
+    keys = [plugins.as_name(i) for i in items]
     if not any(keys):
         raise ValueError(f"names no view: name views or shorthands, e.g. {', '.join(SETS)} or "
                          f'"original,flipped,center"')
@@ -142,11 +142,6 @@ def parse(value: Any) -> tuple[str, ...]:
             raise ValueError(f"names {key!r}, which is not a view{_close_match(key)}: the views are "
                              f"{', '.join(REGISTRY)}, and the shorthands {', '.join(SETS)}")
     return tuple(n for n in REGISTRY if n in names)
-
-
-def _key(name: str) -> str:
-    """A view name as the registry spells it: no surrounding spaces, lower case, underscores."""
-    return name.strip().lower().replace("-", "_")
 
 
 def _close_match(name: str) -> str:

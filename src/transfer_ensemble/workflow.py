@@ -149,8 +149,7 @@ def extract(data: str | Path, run_dir: str | Path, config: "ExtractConfig | dict
         used = {"view": plugins.used("view", config.views), "backbone": plugins.used("backbone", config.backbones),
                 "engine": plugins.used("engine", [engine_config(engine).engine])}
         run.update_config(data=str(dataset.root), extract=config.to_json(), classes=dataset.classes,
-                          features=run.store_settings(sources),
-                          plugins=plugins.merge(run.read_config_optional().get("plugins"), used))
+                          features=run.store_settings(sources), plugins=used)
         return results
 
 
@@ -247,9 +246,8 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None,
         for warning in metrics["warnings"]:
             log.warning(warning)
         write_json(recipe.metrics_path, metrics)
-        recorded = run.read_config_optional().get("plugins")
         run.update_config(train=config.to_json(), heads=recipe.name,
-                          plugins=plugins.merge(recorded, {"head": plugins.used("head", [config.head])}))
+                          plugins={"head": plugins.used("head", [config.head])})
         from transfer_ensemble.report import write_report
 
         log.info("wrote the report %s", write_report(run))

@@ -45,7 +45,7 @@ def unregister(name: str) -> None:
 
 
 def get_spec(name: str) -> BackboneSpec:
-    key = name.strip().lower().replace("-", "_")
+    key = plugins.as_name(name)
     if key not in REGISTRY:
         raise UserError(f"Unknown backbone {name!r}. --backbones takes a comma-separated list of: "
                         f"{', '.join(REGISTRY)} (`transfer-ensemble backbones` lists them with their "
