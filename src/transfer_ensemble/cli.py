@@ -297,10 +297,26 @@ def print_recipes(statuses: list) -> None:
 
 
 def print_train(result: TrainResult) -> None:
+    if result.candidates:
+        print(candidates_line(result.candidates))
+        print()
     print(f"head recipe {result.recipe}:")
-    print_metrics(result.metrics)
+    if "parts" in result.metrics:
+        print_blend_metrics(result.metrics)
+    else:
+        print_metrics(result.metrics)
     print()
     print_recipes(result.statuses)
+
+
+def candidates_line(scores: dict[str, float]) -> str:
+    """Which candidate the default `train` chose, and by how much (OOF log loss)."""
+    ranked = sorted(scores, key=scores.get)
+    best, others = ranked[0], ranked[1:]
+    margin = (f", {100 * (1 - scores[best] / scores[others[0]]):.1f}% below {others[0]}"
+              if others and scores[others[0]] > 0 else "")
+    return (f"chose {best} by OOF log loss ({scores[best]:.4f}{margin}; "
+            + ", ".join(f"{name} {scores[name]:.4f}" for name in others) + ")")
 
 
 def summary_stream(out: str | os.PathLike):
@@ -346,8 +362,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def print_blend(result: TrainResult) -> None:
-    metrics = result.metrics
     print(f"head recipe {result.recipe}: weights fitted on out-of-fold predictions")
+    print_blend_metrics(result.metrics)
+    print()
+    print_recipes(result.statuses)
+
+
+def print_blend_metrics(metrics: dict) -> None:
     rows = [[name, metrics["weights"][name], s["log_loss"], s["accuracy"]] for name, s in metrics["parts"].items()]
     e = metrics["oof"]["ensemble"]
     rows.append(["blend", 1.0, e["log_loss"], e["accuracy"]])
@@ -358,8 +379,6 @@ def print_blend(result: TrainResult) -> None:
     if "holdout" in metrics:
         h = metrics["holdout"]["ensemble"]
         print(f"hold-out test: log loss {h['log_loss']:.4f}, accuracy {h['accuracy']:.4f}")
-    print()
-    print_recipes(result.statuses)
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -398,7 +417,12 @@ def cmd_run(args: argparse.Namespace) -> None:
     train = train_config(args, saved.get("train"), source)
     engine = engine_config(args)
     print_extract_summary(workflow.extract(data, run_dir, extract, folds=train.folds, engine=engine))
-    result = workflow.train(run_dir, train)
+    if args.head is None and (not args.config or saved.get("choose")):
+        repeated = {k: v for k, v in (saved.get("train") or {}).items() if k in ("folds", "seed")}
+        result = workflow.train(run_dir, Overrides({**repeated, **{k: v for k, v in train_overrides(args).items()
+                                                                   if v is not None}}, COMMAND_LINE))
+    else:
+        result = workflow.train(run_dir, train)
     submitted = workflow.submit(run_dir, out, heads=result.recipe, record_out=True)
     print_train(result)
     print()

@@ -29,8 +29,10 @@ MAX_FOLDS: int = 100
 PRECISIONS = ("float32", "bfloat16")
 BAD_IMAGE_POLICIES = ("error", "skip")
 DEFAULT_HEAD = "linear"
-"""The head `train` uses when --head is not given: the recipe with the lowest out-of-fold log loss on
-the development sets (``scripts/bench_quality.py``; docs/quality.md has the table)."""
+"""The head a TrainConfig has when none is given (the default `train` trains CANDIDATE_HEADS)."""
+CANDIDATE_HEADS = ("seed", "linear")
+"""What `train` trains when no head is named: the paper's head and the linear head (on blocks it
+chooses by OOF), then their blend; the run uses the one with the lowest OOF log loss."""
 DEFAULT_SCALES = (1.0, 2.0)
 """The input sizes features are extracted at, as multiples of --image-size (or of each backbone's
 native size): of the scale and view sets within 6x the paper's forward-pass pixels, the one with the
@@ -38,7 +40,7 @@ lowest out-of-fold log loss on both development sets (docs/views.md)."""
 SCALE_RANGE = (0.25, 4.0)
 MAX_PIXELS = 178_956_970
 """Default cap on an image's pixels (Pillow's decompression-bomb limit)."""
-RECIPE_KEYS = ("multiscale", "pool_views", "tta", "temperature")
+RECIPE_KEYS = ("multiscale", "select_blocks", "pool_views", "tta", "temperature")
 VIEWS_GROUP = "scales, views and calibration (defaults depend on --head)"
 
 __all__ = ["COMMAND_LINE", "ExtractConfig", "LinearOptions", "MAX_FOLDS", "MAX_SEED", "Overrides", "PythonOrigin",
@@ -292,7 +294,8 @@ def upgrade(saved: dict) -> dict:
 
 def _head_help() -> str:
     kinds = "; ".join(f"{entry.name}: {entry.help}" if entry.help else entry.name for entry in heads.HEADS.values())
-    return f"kind of head (default {DEFAULT_HEAD}; {kinds})"
+    return (f"kind of head (default: none named: train {' and '.join(CANDIDATE_HEADS)}, blend them by their "
+            f"out-of-fold predictions and use the one of the three with the lowest OOF log loss; {kinds})")
 
 
 @dataclass(frozen=True)
@@ -309,6 +312,10 @@ class TrainConfig:
     head: str = option(DEFAULT_HEAD, "--head", _head_help, choice(head_kinds))
     multiscale: bool | None = option(None, "--multiscale", "give the heads the features of every extracted "
                                                            "scale side by side", boolean(), group=VIEWS_GROUP)
+    select_blocks: bool | None = option(None, "--select-blocks", "train on the feature blocks (backbone x scale x "
+                                                                 "layer) chosen by out-of-fold log loss, not on "
+                                                                 "all of them; see docs/recipes.md", boolean(),
+                                        group=VIEWS_GROUP)
     pool_views: bool | None = option(None, "--pool-views", "one model per fold trained on the rows of every "
                                                            "view, not one per view", boolean(), group=VIEWS_GROUP)
     tta: bool | None = option(None, "--tta", "each model scores every view of an image and averages "
@@ -322,7 +329,7 @@ class TrainConfig:
         check = Checker(_nowhere, flags_of(TrainConfig))
         check.choice("head", self.head, head_kinds())
         entry = heads.get(self.head)
-        for key, default in entry.recipe.items():
+        for key, default in {"select_blocks": False, **entry.recipe}.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, default)
         check_values(TrainConfig, {f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)

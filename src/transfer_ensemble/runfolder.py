@@ -281,11 +281,14 @@ class RunFolder:
 
     def update_config(self, **sections: Any) -> dict:
         """Record `sections` in config.json (``plugins`` is added to the plug-ins recorded before, as
-        `plugins.merge` does). Call only once the step they describe has succeeded."""
+        `plugins.merge` does; a section given as None is removed). Call only once the step they
+        describe has succeeded."""
         config = self.read_config_optional()
         if "plugins" in sections:
             sections["plugins"] = plugins.merge(config.get("plugins"), sections["plugins"])
         config.update(sections)
+        for key in [k for k, v in sections.items() if v is None]:
+            del config[key]
         config["versions"] = package_versions()
         config["backend"] = backend.name()
         write_json(self.config_path, config)

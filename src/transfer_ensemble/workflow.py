@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from transfer_ensemble import backend, engines, ensemble, images, plugins, submission
+from transfer_ensemble import backend, engines, ensemble, images, plugins, progress, submission
 from transfer_ensemble.blocks import Blocks, blocks_for, views_record
-from transfer_ensemble.config import ExtractConfig, TrainConfig, merged, option_names
+from transfer_ensemble.config import (CANDIDATE_HEADS, ExtractConfig, TrainConfig, head_option_owners, merged,
+                                      option_names)
 from transfer_ensemble.dataset import Dataset, Item, check_folds, empty_classes, load_dataset
 from transfer_ensemble.engines import EngineConfig, engine_config
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads import FitReport
-from transfer_ensemble.options import python_overrides, refuse_unknown
+from transfer_ensemble.options import Overrides, python_overrides, refuse_unknown
 from transfer_ensemble.recipes import (Blend, Recipe, RecipeStatus, blend_folder, blend_name, list_recipes,
                                        recipe_for, recipe_statuses, select_recipe, unregistered_recipes, write_blend)
 from transfer_ensemble.records import DamagedFile, labels_digest, load_json
@@ -33,6 +34,7 @@ from transfer_ensemble.store import source_key
 
 if TYPE_CHECKING:
     from transfer_ensemble.features import ExtractSummary
+    from transfer_ensemble.selection import Selection
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ class TrainResult:
     recipe: str
     metrics: dict
     statuses: list[RecipeStatus]
+    candidates: dict[str, float] = field(default_factory=dict)
+    """For the default `train`: each candidate recipe it trained (the heads of CANDIDATE_HEADS and
+    their blend) with its OOF log loss; `recipe` is the lowest."""
 
 
 @dataclass(frozen=True)
@@ -137,10 +142,16 @@ def extract(data: str | Path, run_dir: str | Path, config: "ExtractConfig | dict
                         "their reasons in %s.", len(bad["train"]), _named(bad["train"]),
                         len(bad["test"]), _named(bad["test"]), run.bad_images_path)
         splits = {"train": dataset.train, "test": run_data.good_test}
-        results = [replace(where.extract_split(extractor, split, [it.path for it in items], [it.id for it in items],
-                                               keys[split], lambda name, split=split, s=extractor.scale:
-                                               run.store(split, source_key(name, s))), scale=extractor.scale)
-                   for extractor in extractors for split, items in splits.items()]
+        jobs = [(extractor, split, items) for extractor in extractors for split, items in splits.items()]
+        estimates = _estimates(run, config, jobs, engine_config(engine).engine == "local")
+        results = []
+        for i, (extractor, split, items) in enumerate(jobs):
+            expected = None if estimates is None else estimates[i][1]
+            with progress.job(0.0 if estimates is None else sum(t for t, _ in estimates[i + 1:]), expected):
+                summary = where.extract_split(extractor, split, [it.path for it in items], [it.id for it in items],
+                                              keys[split], lambda name, split=split, s=extractor.scale:
+                                              run.store(split, source_key(name, s)))
+            results.append(replace(summary, scale=extractor.scale))
         run.write_bad_images({split: [{"id": it.id, "path": str(it.path), "reason": r} for it, r in bad[split]]
                               for split in bad})
         run.write_run_data(run_data)
@@ -151,6 +162,36 @@ def extract(data: str | Path, run_dir: str | Path, config: "ExtractConfig | dict
         run.update_config(data=str(dataset.root), extract=config.to_json(), classes=dataset.classes,
                           features=run.store_settings(sources), plugins=used)
         return results
+
+
+def _estimates(run: RunFolder, config: ExtractConfig, jobs: list, measured: bool
+               ) -> list[tuple[float, float]] | None:
+    """Each job's (split at a scale) estimated seconds and images/s on this machine, from the first
+    scale's forward pass timed on the run's own images (`plan.measure`), after logging the plan
+    line; None where nothing is left to compute or (`measured` false: another engine) the work
+    runs elsewhere."""
+    from transfer_ensemble import plan
+    from transfer_ensemble.store import rows_done
+
+    def left(extractor, split: str, items: list[Item]) -> int:
+        ids = [it.id for it in items]
+        done = [rows_done(run.store(split, source_key(name, extractor.scale)), ids, config.views)
+                for spec in extractor.specs for name in extractor.store_names(spec)]
+        return len(ids) - min(done, default=0)
+
+    todo = [left(extractor, split, items) for extractor, split, items in jobs]
+    if not any(todo) or not measured:
+        return None
+    first = jobs[0][0]
+    rate = plan.measure(first, [it.path for _, _, items in jobs for it in items])
+    passes = {}
+    for (extractor, _, _), n in zip(jobs, todo):
+        passes[extractor.scale] = passes.get(extractor.scale, 0) + n
+    line = plan.Plan(tuple(plan.Pass(s, n, plan.seconds_at(rate, first.scale, s, n)) for s, n in passes.items()),
+                     rate, first.scale)
+    log.info(line.describe())
+    return [(plan.seconds_at(rate, first.scale, extractor.scale, n), rate * (first.scale / extractor.scale) ** 2)
+            for (extractor, _, _), n in zip(jobs, todo)]
 
 
 def _named(bad: list[tuple[Item, str]], n: int = 5) -> str:
@@ -203,8 +244,14 @@ def train_config_for(run: RunFolder, overrides: "dict | TrainConfig | None" = No
 
 def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None,
           heads: str | None = None) -> TrainResult:
-    """Train (or finish) one head recipe: the run's recorded options with `overrides` on top (a
-    dict of option names, e.g. ``{"folds": 3}``; an unknown name is refused), or a TrainConfig.
+    """Train the run's best recipe by OOF, or (given a head or `heads`) one recipe.
+
+    With no ``head`` in `overrides` and no `heads`, it trains each head of CANDIDATE_HEADS (each
+    with the options given that are its own or every head's), blends them by their OOF
+    predictions, and makes the candidate with the lowest OOF log loss the run's recipe
+    (`TrainResult.candidates` lists them). Otherwise it trains (or finishes) one head recipe:
+    the run's recorded options with `overrides` on top (a dict of option names, e.g.
+    ``{"folds": 3}``; an unknown name is refused), or a TrainConfig.
 
     Other recipes trained on the run are kept beside it. Returns the recipe's name and metrics
     and every recipe's status.
@@ -213,6 +260,35 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None,
     if not isinstance(overrides, TrainConfig):
         overrides = python_overrides(overrides, "workflow.train(..., overrides)")
         refuse_unknown(overrides, option_names(TrainConfig), overrides.origin)
+        if heads is None and overrides.get("head") is None:
+            return _train_candidates(run_dir, overrides)
+    return _train_one(run_dir, overrides, heads)
+
+
+def _train_candidates(run_dir: str | Path, overrides: Overrides) -> TrainResult:
+    owners = head_option_owners()
+    trained = []
+    for head in CANDIDATE_HEADS:
+        mine = {k: v for k, v in overrides.items() if k not in owners or head in owners[k]}
+        trained.append(_train_one(run_dir, Overrides({**mine, "head": head}, overrides.origin), None).recipe)
+    mixed = blend(run_dir, trained)
+    scores = {name: s.oof_log_loss for name in trained + [mixed.recipe]
+              for s in mixed.statuses if s.recipe.name == name}
+    best = min(scores, key=scores.get)
+    run = RunFolder.existing(run_dir, "train")
+    with run.lock(), disk_errors(run.path):
+        run.update_config(heads=best, choose=list(CANDIDATE_HEADS))
+        statuses = recipe_statuses(run)
+        from transfer_ensemble.report import write_report
+
+        write_report(run)
+    metrics = next(s.metrics for s in statuses if s.recipe.name == best)
+    log.info("the run's recipe is %s, the lowest OOF log loss of %s", best,
+             ", ".join(f"{name} {loss:.4f}" for name, loss in scores.items()))
+    return TrainResult(best, metrics, statuses, scores)
+
+
+def _train_one(run_dir: str | Path, overrides: "Overrides | TrainConfig", heads: str | None) -> TrainResult:
     run = RunFolder.existing(run_dir, "train")
     with run.lock(), disk_errors(run.path):
         config, blocks = train_config_for(run, overrides, heads)
@@ -220,9 +296,13 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None,
         dataset = run_data.dataset
         check_folds(dataset, config.folds)
         labels = run_data.labels
+        chosen = _chosen_blocks(run, run_data, config, blocks, heads is not None)
+        if chosen is not None:
+            blocks = replace(blocks, sources=chosen.chosen)
         inputs = run.feature_inputs(blocks)
         recipe = recipe_for(run, config, blocks, {"features": inputs["features"], "train": inputs["train"],
-                                                  "labels": labels_digest(labels), **views_record(blocks)})
+                                                  "labels": labels_digest(labels), **views_record(blocks),
+                                                  **({"selection": chosen.to_json()} if chosen else {})})
         features = _load_features(run, run_data, blocks)
         from transfer_ensemble.crossval import oof_metrics, train_recipe, training_warnings
 
@@ -246,12 +326,56 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None,
         for warning in metrics["warnings"]:
             log.warning(warning)
         write_json(recipe.metrics_path, metrics)
-        run.update_config(train=config.to_json(), heads=recipe.name,
+        run.update_config(train=config.to_json(), heads=recipe.name, choose=None,
                           plugins={"head": plugins.used("head", [config.head])})
         from transfer_ensemble.report import write_report
 
         log.info("wrote the report %s", write_report(run))
         return TrainResult(recipe.name, metrics, recipe_statuses(run))
+
+
+def _chosen_blocks(run: RunFolder, run_data: RunData, config: TrainConfig, blocks: Blocks,
+                   recorded_only: bool) -> "Selection | None":
+    """The blocks of `blocks` a recipe of `config` trains on, chosen by OOF (`selection`), where it
+    selects them (``select_blocks``) among more than one: the recipe's recorded choice while it was
+    made from the same candidates, labels and options, else a new one; None where it does not
+    select. With `recorded_only` (retraining a named recipe on the blocks it records), only the
+    recorded choice is looked up."""
+    from transfer_ensemble import selection
+
+    folder = recipe_for(run, config, blocks).folder
+    try:
+        recorded = load_json(folder / "recipe.json").get("inputs", {}).get("selection") \
+            if (folder / "recipe.json").exists() else None
+        recorded = selection.Selection.from_json(recorded) if recorded else None
+    except (DamagedFile, KeyError, TypeError, ValueError, AttributeError):
+        recorded = None
+    if recorded_only:
+        return recorded if recorded is not None and recorded.chosen == blocks.sources else None
+    if not config.select_blocks or len(blocks.sources) < 2:
+        return None
+    labels = run_data.labels
+    key = selection.selection_key(run.feature_inputs(blocks), labels_digest(labels), config)
+    if recorded is not None and recorded.key == key:
+        log.info("%s (chosen before, from the same candidates)", recorded.describe())
+        return recorded
+    from transfer_ensemble.crossval import fold_assignment
+    from transfer_ensemble.store import load_features
+
+    ids = [it.id for it in run_data.dataset.train]
+    log.info("choosing %s's feature blocks among %d by out-of-fold log loss (with a nested check of how "
+             "much the choosing flatters it)", config.head, len(blocks.sources))
+    try:
+        features = {name: {view: load_features(run.stores("train", [name]), view, ids) for view in blocks.views}
+                    for name in blocks.sources}
+    except DamagedFile as exc:
+        raise UserError(f"The features in {exc.path.parent if exc.path.suffix else exc.path} are not usable: "
+                        f"{exc}. Run `transfer-ensemble extract --data DIR --run {run.path}` again: it "
+                        f"recomputes what is missing or damaged.") from None
+    chosen = selection.select(config, features, blocks.sources, blocks.views, labels,
+                              fold_assignment(labels, config.folds, config.seed), len(run_data.dataset.classes), key)
+    log.info(chosen.describe())
+    return chosen
 
 
 def calibration(labels: np.ndarray, oof: np.ndarray) -> dict:

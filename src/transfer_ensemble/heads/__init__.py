@@ -17,8 +17,8 @@ from transfer_ensemble.heads.base import FitReport, Head, HeadEntry
 from transfer_ensemble.heads.linear import LinearHead, LinearOptions
 from transfer_ensemble.heads.seed import SeedHead, SeedOptions
 
-_PAPER = {"multiscale": False, "pool_views": False, "tta": False, "temperature": False}
-_EVERYTHING = {"multiscale": True, "pool_views": True, "tta": True, "temperature": True}
+_PAPER = {"multiscale": False, "select_blocks": False, "pool_views": False, "tta": False, "temperature": False}
+_EVERYTHING = {"multiscale": True, "select_blocks": True, "pool_views": True, "tta": True, "temperature": True}
 
 HEADS: dict[str, HeadEntry] = {entry.name: entry for entry in (
     HeadEntry("seed", SeedHead, SeedOptions, ".keras", _PAPER,

@@ -86,7 +86,7 @@ class HeadEntry:
     options: type
     suffix: str
     recipe: dict[str, bool]
-    """multiscale, pool_views, tta, temperature when not given."""
+    """multiscale, select_blocks (default False), pool_views, tta, temperature when not given."""
     help: str = ""
     paper_features: bool = False
     """Its recipes see the paper's feature blocks only (the original and flipped views' final-layer
