@@ -438,6 +438,18 @@ def store_meta(spec: backbones.BackboneSpec, source: backbones.WeightsSource, co
     }
 
 
+def rows_done(files: StoreFiles, ids: Sequence[str], wanted: Sequence[str]) -> int:
+    """How many of `ids` the store at `files` already holds in every one of the `wanted` views (0
+    when it holds other images, or none)."""
+    try:
+        if load_json(files.meta).get("ids") != list(ids):
+            return 0
+        masks = [load_npy(files.done_of(view), (len(ids),), bool) for view in wanted]
+    except DamagedFile:
+        return 0
+    return int(np.logical_and.reduce(masks).sum()) if masks else 0
+
+
 def load_features(stores: Sequence[StoreFiles], view: str, expected_ids: Sequence[str]) -> np.ndarray:
     """The concatenated features of one view from `stores` (one per backbone, in order).
 

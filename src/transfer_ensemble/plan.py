@@ -1,0 +1,132 @@
+"""What an extraction will cost on this machine, said before it starts, and which passes fit in a
+time limit.
+
+A pass is one scale's forward passes over the images still to compute (train and test). Its cost
+is measured, not guessed: `measure` times the first scale's forward pass on a batch of the run's
+own images (after a warm-up call), and a pass at another scale is estimated from it by its pixels
+(the backbones' compute grows with the pixels: a 598 px pass of Xception took 4.0x the 299 px one
+here). `Plan.describe` is the line `extract` logs before it starts; `progress.job` gives each
+pass's progress bar the ETA of the whole extraction.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from transfer_ensemble.errors import UserError
+
+PROBE_IMAGES = 8
+"""Images the first scale's forward pass is timed on (after one warm-up call on them)."""
+TRAIN_SHARE = 0.6
+"""Before any head is trained, `train` is budgeted at this share of the first pass's time: the
+default `train` (both candidate heads, the block selection and the blend) took 0.3-0.5x the 299 px
+pass on the development sets here; after a `train`, its measured time is used."""
+MARGIN_SECONDS = 20.0
+"""Kept free at the end of a time limit for writing the submission and the report."""
+FIRST_SCALES = (1.0, 0.75, 0.5)
+"""With --time-limit, the first pass runs at the first of these (times the first --scales) that fits."""
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One scale's extraction: the images it computes and its estimated seconds on this machine."""
+
+    scale: float
+    images: int
+    seconds: float
+
+    def describe(self) -> str:
+        return f"{_scale(self.scale)} {self.images} images ~{duration_text(self.seconds)}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The passes an extraction will run, with the forward-pass speed they were estimated from."""
+
+    passes: tuple[Pass, ...]
+    rate: float  # images per second at `base_scale`, measured here
+    base_scale: float = 1.0
+
+    @property
+    def seconds(self) -> float:
+        return sum(p.seconds for p in self.passes)
+
+    def describe(self) -> str:
+        """The line said before extracting: each pass, the total, and what it was measured from."""
+        todo = [p for p in self.passes if p.images]
+        if not todo:
+            return "plan: every feature is already computed"
+        return (f"plan: {len(todo)} pass{'es' if len(todo) > 1 else ''} ("
+                + ", ".join(p.describe() for p in todo)
+                + f"), about {duration_text(self.seconds)} on this machine (measured: {self.rate:.2f} images/s "
+                  f"at {_scale(self.base_scale)}; other scales by their pixels)")
+
+
+def _scale(scale: float) -> str:
+    return f"{scale:g}x"
+
+
+def seconds_at(rate: float, base_scale: float, scale: float, images: int) -> float:
+    """Seconds to compute `images` at `scale`, from `rate` images/s at `base_scale` (by pixels)."""
+    return images / rate * (scale / base_scale) ** 2 if images else 0.0
+
+
+def duration_text(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
+
+
+def parse_duration(text: str, flag: str = "--time-limit") -> float:
+    """Seconds of a duration such as ``15m``, ``90s``, ``1h``, ``1h30m`` or a plain number of
+    minutes; UserError naming `flag` otherwise."""
+    text = str(text).strip().lower()
+    try:
+        value = float(text) * 60
+    except ValueError:
+        found = DURATION.match(text) if text else None
+        if not found or not any(found.groups()):
+            raise UserError(f"{flag} {text!r} is not a duration: write it as 15m, 90s, 1h or 1h30m "
+                            f"(a plain number is minutes).") from None
+        h, m, s = (float(g) if g else 0.0 for g in found.groups())
+        value = h * 3600 + m * 60 + s
+    if not value > 0:
+        raise UserError(f"{flag} {text!r} must be longer than 0: write it as 15m, 90s, 1h or 1h30m.")
+    return value
+
+
+def measure(extractor, paths: Sequence[Path]) -> float:
+    """Images per second of `extractor`'s forward passes (every backbone, every view) on up to
+    PROBE_IMAGES of `paths`, after a warm-up call on the same batch. The models it builds are the
+    ones the extraction then uses."""
+    from transfer_ensemble import images
+
+    sample = list(paths)[:PROBE_IMAGES]
+    elapsed = 0.0
+    for spec in extractor.specs:
+        size = extractor.size(spec)
+        batch = next(images.iter_batches(sample, np.arange(len(sample)), size, len(sample),
+                                         max_pixels=extractor.config.max_pixels))
+        extractor.forward(spec, batch.pixels)
+        start = time.perf_counter()
+        extractor.forward(spec, batch.pixels)
+        elapsed += time.perf_counter() - start
+    return len(sample) / max(elapsed, 1e-9)
+
+
+def fits(elapsed: float, limit: float, extract_seconds: float, train_seconds: float) -> bool:
+    """Whether a pass of `extract_seconds`, then a train of `train_seconds` and the submission's
+    margin, end within `limit` seconds when `elapsed` have gone."""
+    return elapsed + extract_seconds + train_seconds + MARGIN_SECONDS <= limit
