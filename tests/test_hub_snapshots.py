@@ -133,6 +133,7 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.backend  # keras_hub's DINOv3 (rotary position embeddings) and its converter on each backend
 def test_a_snapshot_gives_the_features_of_the_same_weights_saved_as_a_preset(folders):
     pytest.importorskip("safetensors", reason="keras_hub reads a snapshot's weights with the safetensors package")
     pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
@@ -204,6 +205,18 @@ def test_a_changed_snapshot_weights_file_makes_its_stores_stale(folders, data, t
     second = features(run, "train", DINOV3)
     for view in first:
         np.testing.assert_allclose(second[view], 2 * first[view], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_random_dinov3_is_the_published_architecture_pooled_by_its_class_token():
+    extractor = Extractor(ExtractConfig(backbones=(DINOV3,), weights="random", image_size=32, scales=(1,)))
+    spec = extractor.specs[0]
+    model = extractor.model(spec).model
+    assert model.output.shape[-1] == spec.width == 384 and extractor.size(spec) == 32
+    assert 21e6 < sum(int(np.prod(w.shape)) for w in model.weights) < 22.5e6  # ViT-S/16: 21.6 M parameters
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    views = extractor.forward(spec, pixels)
+    assert views["original"].shape == (2, 384) and np.isfinite(views["original"]).all()
 
 
 def tiny_snapshot(folder: Path, config: dict | None = None) -> Path:
