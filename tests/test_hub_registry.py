@@ -55,9 +55,9 @@ def test_the_registry_and_cli_import_no_framework():
 def test_dinov3_and_metaclip_2_entries_say_their_size_patch_width_and_pooling(capsys):
     assert cli.main(["backbones"]) == 0
     lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
-    assert lines["dinov3_vit_small_lvd1689m"][1:6] == ["keras_hub", "384", "224", "16", "cls"]
-    assert lines["dinov3_vit_large_lvd1689m"][1:6] == ["keras_hub", "1024", "224", "16", "cls"]
-    assert lines["dinov3_vit_7b_lvd1689m"][1:6] == ["keras_hub", "4096", "224", "16", "cls"]
+    assert lines["dinov3_vit_small_lvd1689m"][1:6] == ["keras_hub", "768", "224", "16", "cls+mean"]
+    assert lines["dinov3_vit_large_lvd1689m"][1:6] == ["keras_hub", "2048", "224", "16", "cls+mean"]
+    assert lines["dinov3_vit_7b_lvd1689m"][1:6] == ["keras_hub", "8192", "224", "16", "cls+mean"]
     assert lines["metaclip_2_vit_huge_patch14_378"][1:6] == ["keras_hub", "1280", "378", "14", "cls"]
     assert lines["metaclip_2_vit_giant_patch14_224"][1:6] == ["keras_hub", "1664", "224", "14", "cls"]
     config = ExtractConfig(backbones=("dinov3_vit_small_lvd1689m",), image_size=75, weights="random")

@@ -142,13 +142,31 @@ def test_a_snapshot_gives_the_features_of_the_same_weights_saved_as_a_preset(fol
         extractor = Extractor(ExtractConfig(backbones=(DINOV3,), weights=str(folders[kind]), image_size=64,
                                             scales=(1,)))
         spec, source = extractor.specs[0], extractor.sources[DINOV3]
-        assert (spec.width, spec.pooling, extractor.size(spec)) == (16, "cls", 64)
+        assert (spec.width, spec.pooling, extractor.size(spec)) == (32, "cls+mean", 64)
         assert source.format == ("keras" if kind == "presets" else "transformers")
         out[kind] = extractor.forward(spec, pixels)
         assert source.identity.startswith("sha256:" if kind == "presets" else "transformers:sha256:")
     for view in out["presets"]:
         np.testing.assert_allclose(out["snapshot"][view], out["presets"][view], rtol=1e-5, atol=1e-5)
         assert np.isfinite(out["presets"][view]).all()
+
+
+@pytest.mark.slow
+def test_dinov3_pools_its_class_token_and_the_mean_of_its_patch_tokens_without_the_registers(folders):
+    import keras
+    import keras_hub
+
+    extractor = Extractor(ExtractConfig(backbones=(DINOV3,), weights=str(folders["presets"]), image_size=64,
+                                        scales=(1,)))
+    spec = extractor.specs[0]
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    got = extractor.forward(spec, pixels, ["original"])["original"]
+    model = keras_hub.models.Backbone.from_preset(str(folders["presets"] / DINOV3))
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    tokens = keras.ops.convert_to_numpy(model({"pixel_values": (pixels / 255 - mean) / std}))
+    assert tokens.shape == (2, 1 + 2 + 16, 16)  # class token, 2 registers, 4 x 4 patches
+    np.testing.assert_allclose(got, np.concatenate([tokens[:, 0], tokens[:, 3:].mean(1)], axis=1), atol=1e-4)
+    assert not np.allclose(got[:, 16:], tokens[:, 1:].mean(1), atol=1e-3)  # the registers would change it
 
 
 @pytest.mark.slow
@@ -168,13 +186,13 @@ def test_run_mixes_xception_a_snapshot_and_a_preset_at_two_scales_and_predict_eq
     assert [meta(f"{DINOV3}{s}")["image_size"] for s in ("", "@1.5x")] == [64, 112]
     assert [meta(f"{METACLIP}{s}")["image_size"] for s in ("", "@1.5x")] == [70, 112]
     assert [meta(f"xception{s}")["image_size"] for s in ("", "@1.5x")] == [72, 108]
-    assert meta(DINOV3)["weights"].startswith("transformers:sha256:") and meta(DINOV3)["pooling"] == "cls"
+    assert meta(DINOV3)["weights"].startswith("transformers:sha256:") and meta(DINOV3)["pooling"] == "cls+mean"
     assert meta(METACLIP)["weights"].startswith("sha256:") and meta(METACLIP)["pooling"] == "cls"
-    assert meta(DINOV3)["width"] == meta(METACLIP)["width"] == 16
+    assert (meta(DINOV3)["width"], meta(METACLIP)["width"]) == (32, 16)
     assert "mean=[0.48145466, 0.4578275, 0.40821073]" in meta(METACLIP)["preprocess"]
-    for name in (DINOV3, METACLIP):
+    for name, width in ((DINOV3, 32), (METACLIP, 16)):
         views = features(run, "train", f"{name}@1.5x")
-        assert views["original"].shape == (9, 16) and np.isfinite(views["original"]).all()
+        assert views["original"].shape == (9, width) and np.isfinite(views["original"]).all()
         assert not np.allclose(views["original"], views["flipped"]), name
 
     out = tmp_path / "preds.csv"
@@ -208,15 +226,15 @@ def test_a_changed_snapshot_weights_file_makes_its_stores_stale(folders, data, t
 
 
 @pytest.mark.slow
-def test_random_dinov3_is_the_published_architecture_pooled_by_its_class_token():
+def test_random_dinov3_is_the_published_architecture_pooled_by_class_token_and_patch_mean():
     extractor = Extractor(ExtractConfig(backbones=(DINOV3,), weights="random", image_size=32, scales=(1,)))
     spec = extractor.specs[0]
     model = extractor.model(spec).model
-    assert model.output.shape[-1] == spec.width == 384 and extractor.size(spec) == 32
+    assert model.output.shape[-1] == spec.width == 768 and extractor.size(spec) == 32
     assert 21e6 < sum(int(np.prod(w.shape)) for w in model.weights) < 22.5e6  # ViT-S/16: 21.6 M parameters
     pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     views = extractor.forward(spec, pixels)
-    assert views["original"].shape == (2, 384) and np.isfinite(views["original"]).all()
+    assert views["original"].shape == (2, 768) and np.isfinite(views["original"]).all()
 
 
 def tiny_snapshot(folder: Path, config: dict | None = None) -> Path:

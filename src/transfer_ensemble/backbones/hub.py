@@ -58,7 +58,7 @@ class Family:
 
 FAMILIES = {
     "dinov2": Family("DINOV2Backbone", IMAGENET_MEAN_STD, "cls+mean", model_types=("dinov2", "dinov2_with_registers")),
-    "dinov3": Family("DINOV3Backbone", IMAGENET_MEAN_STD, "cls", model_types=("dinov3_vit",)),
+    "dinov3": Family("DINOV3Backbone", IMAGENET_MEAN_STD, "cls+mean", model_types=("dinov3_vit",)),
     "siglip": Family("SigLIPVisionEncoder", HALF, "map", full_cls="SigLIPBackbone"),
     "clip": Family("CLIPVisionEncoder", CLIP, "cls", full_cls="CLIPBackbone"),
     "metaclip_2": Family("MetaCLIP2VisionEncoder", CLIP, "cls", full_cls="MetaCLIP2Backbone",
