@@ -312,8 +312,18 @@ def test_a_snapshot_without_the_safetensors_package_says_what_to_install(tmp_pat
         backbones.resolve_weights(backbones.get_spec(DINOV3), str(tmp_path / "weights"))
 
 
-def test_a_snapshot_identity_is_its_format_and_a_digest_of_its_files(tmp_path):
-    pytest.importorskip("safetensors", reason="the identity is taken once the folder is known readable")
+@pytest.fixture
+def safetensors_installed(monkeypatch):
+    """The safetensors package as found, for checks that read json alone (the package reads weights)."""
+    import importlib.machinery
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: importlib.machinery.ModuleSpec(name, None)
+                        if name == "safetensors" else find_spec(name, *a))
+
+
+def test_a_snapshot_identity_is_its_format_and_a_digest_of_its_files(tmp_path, safetensors_installed):
     preset = tiny_snapshot(tmp_path / "weights" / DINOV3)
     spec = backbones.get_spec(DINOV3)
     first = backbones.resolve_weights(spec, str(tmp_path / "weights"))
@@ -334,3 +344,44 @@ def test_a_bad_snapshot_stops_the_cli_with_exit_2_and_leaves_no_run_folder(data,
     err = capsys.readouterr().err
     assert f"{preset / 'model.safetensors'} is cut short" in err and "Traceback" not in err
     assert not run.exists()
+
+
+def test_a_snapshot_of_another_registry_entry_is_refused_like_a_preset(tmp_path, safetensors_installed):
+    s_plus = {**HF_DINOV3, "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+              "intermediate_size": 1536, "num_register_tokens": 4, "use_gated_mlp": True, "hidden_act": "silu"}
+    preset = tiny_snapshot(tmp_path / DINOV3, s_plus)
+    spec = backbones.get_spec(DINOV3)
+    with pytest.raises(UserError, match=f"{preset} holds dinov3_vit_small_plus_lvd1689m"):
+        backbones.bind(spec, backbones.resolve_weights(spec, str(tmp_path)))
+
+
+def test_a_snapshot_runs_at_the_entry_size_with_the_normalisation_it_states(tmp_path, safetensors_installed):
+    preset = tiny_snapshot(tmp_path / DINOV3, {**HF_DINOV3, "image_size": 518})
+    spec = backbones.get_spec(DINOV3)
+    bound = backbones.bind(spec, backbones.resolve_weights(spec, str(tmp_path)))
+    assert (bound.size, bound.width, bound.size_multiple) == (224, 32, 16)
+    assert bound.preprocessing == spec.preprocessing  # no preprocessor_config.json: the published one
+    (preset / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "rescale_factor": 1 / 255}))
+    bound = backbones.bind(spec, backbones.resolve_weights(spec, str(tmp_path)))
+    assert (bound.preprocessing.mean, bound.preprocessing.std) == ((0.5,) * 3, (0.25,) * 3)
+    assert "mean=[0.5, 0.5, 0.5]" in backbones.settings(bound)["preprocess"]
+
+
+def test_a_timm_folder_is_read_for_a_family_keras_hub_converts_from_timm(tmp_path, safetensors_installed):
+    name = "efficientnet_b0_ra_imagenet"
+    timm = {"architecture": "efficientnet_b0", "num_classes": 1000, "num_features": 1280,
+            "pretrained_cfg": {"input_size": [3, 224, 224], "mean": [0.485, 0.456, 0.406],
+                               "std": [0.229, 0.224, 0.225]}}
+    tiny_snapshot(tmp_path / "weights" / name, timm)
+    spec = backbones.get_spec(name)
+    source = backbones.resolve_weights(spec, str(tmp_path / "weights"))
+    assert source.format == "timm" and source.identity.startswith("timm:sha256:")
+    assert backbones.bind(spec, source).width == 1280
+    with pytest.raises(UserError, match="timm folder with architecture 'resnet50', not one of "
+                                        "efficientnet_b0_ra_imagenet, whose architecture is 'efficientnet'"):
+        tiny_snapshot(tmp_path / "other" / name, {**timm, "architecture": "resnet50"})
+        backbones.resolve_weights(spec, str(tmp_path / "other"))
+    with pytest.raises(UserError, match="keras_hub converts no timm folder into the DINOV3Backbone"):
+        tiny_snapshot(tmp_path / "vit" / DINOV3, {"architecture": "vit_small_patch16_dinov3"})
+        backbones.resolve_weights(backbones.get_spec(DINOV3), str(tmp_path / "vit"))
