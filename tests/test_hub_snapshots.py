@@ -270,6 +270,10 @@ def _no_format(preset: Path) -> None:
     (preset / "config.json").write_text(json.dumps({"hidden_size": 16}))
 
 
+def _no_hidden_size(preset: Path) -> None:
+    (preset / "config.json").write_text(json.dumps({k: v for k, v in HF_DINOV3.items() if k != "hidden_size"}))
+
+
 @pytest.mark.parametrize("damage, words", [
     (_no_safetensors, "has no model.safetensors (it holds config.json, pytorch_model.bin)"),
     (_another_model_type, "with model_type 'dinov2', not one of dinov3_vit_small_lvd1689m, whose model_type is "
@@ -278,6 +282,7 @@ def _no_format(preset: Path) -> None:
     (_cut_short, "is cut short"),
     (_header_only_half_there, "not a readable safetensors file"),
     (_no_format, "names no format keras_hub reads"),
+    (_no_hidden_size, "has no hidden_size, which keras_hub's converter reads"),
 ])
 def test_a_snapshot_keras_hub_cannot_convert_is_one_paragraph_naming_the_folder_and_what_works(tmp_path, damage,
                                                                                               words):

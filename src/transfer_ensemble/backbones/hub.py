@@ -57,12 +57,14 @@ class Family:
 
 
 FAMILIES = {
-    "dinov2": Family("DINOV2Backbone", IMAGENET_MEAN_STD, "cls+mean", model_types=("dinov2", "dinov2_with_registers")),
+    "dinov2": Family("DINOV2Backbone", IMAGENET_MEAN_STD, "cls+mean",
+                     model_types=("dinov2", "dinov2_with_registers")),
     "dinov3": Family("DINOV3Backbone", IMAGENET_MEAN_STD, "cls+mean", model_types=("dinov3_vit",)),
     "siglip": Family("SigLIPVisionEncoder", HALF, "map", full_cls="SigLIPBackbone"),
     "clip": Family("CLIPVisionEncoder", CLIP, "cls", full_cls="CLIPBackbone"),
     "metaclip_2": Family("MetaCLIP2VisionEncoder", CLIP, "cls", full_cls="MetaCLIP2Backbone",
-                         post_norm="vision_post_layer_norm", model_types=("metaclip_2",), vision_config="vision_config"),
+                         post_norm="vision_post_layer_norm", model_types=("metaclip_2",),
+                         vision_config="vision_config"),
     "efficientnet": Family("EfficientNetBackbone", IMAGENET_MEAN_STD, "avg", timm_prefixes=("efficientnet",)),
 }
 

@@ -25,6 +25,7 @@ SNAPSHOTS = (TRANSFORMERS, TIMM)
 CONFIG, KERAS_WEIGHTS = "config.json", "model.weights.h5"
 SAFETENSORS, SHARDS = "model.safetensors", "model.safetensors.index.json"
 PREPROCESSOR = "preprocessor_config.json"
+REQUIRED = {TRANSFORMERS: ("hidden_size", "patch_size", "num_hidden_layers"), TIMM: ("num_features",)}
 
 # A Hugging Face config's names for what a keras_hub ViT config calls its dimensions.
 HF_KEYS = {"hidden_dim": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
@@ -118,8 +119,9 @@ def _check_convertible(spec: BackboneSpec, path: Path, fmt: str, config: dict, f
         ok = found in accepted and (not family.vision_config or isinstance(config.get(family.vision_config), dict))
     else:
         found, accepted, what = config["architecture"], family.timm_prefixes, "architecture"
-        ok = isinstance(found, str) and found.startswith(accepted) if accepted else False
+        ok = bool(accepted) and isinstance(found, str) and found.startswith(accepted)
     if ok:
+        _check_complete(path, fmt, config, family, fetch)
         return
     if not accepted:
         raise UserError(f"{path} is a {_described(fmt)} ({what} {found!r}), and keras_hub converts no "
@@ -130,6 +132,17 @@ def _check_convertible(spec: BackboneSpec, path: Path, fmt: str, config: dict, f
                     f"whose {what} is {wanted}{' with a vision_config' if family.vision_config else ''}: its "
                     f"features would be recorded under the wrong name. Put the snapshot of {spec.name} there, "
                     f"or save it with {fetch}.")
+
+
+def _check_complete(path: Path, fmt: str, config: dict, family: Convertible, fetch: str) -> None:
+    """Refuse a snapshot config that lacks what keras_hub's converter and ``keras_config`` read."""
+    section = config[family.vision_config] if family.vision_config else config
+    lacking = [key for key in REQUIRED[fmt] if key not in section]
+    if lacking:
+        where = f" in its {family.vision_config}" if family.vision_config else ""
+        raise UserError(f"{path} has no {', '.join(lacking)}{where}, which keras_hub's converter reads: it is not a "
+                        f"whole {_described(fmt)} config. Download the snapshot again, or save the preset once "
+                        f"with {fetch}.")
 
 
 def _weights_files(spec: BackboneSpec, preset: Path, fmt: str, fetch: str) -> tuple[Path, ...]:
