@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import FAST_TRAIN, make_kaggle
+from conftest import FAST_TRAIN, make_kaggle, run_cli
 from test_feature_cache import features
 from transfer_ensemble import backbones, cli
 from transfer_ensemble.config import ExtractConfig
@@ -223,6 +223,21 @@ def test_a_changed_snapshot_weights_file_makes_its_stores_stale(folders, data, t
     second = features(run, "train", DINOV3)
     for view in first:
         np.testing.assert_allclose(second[view], 2 * first[view], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_dinov3_snapshot_gives_the_same_features_on_tensorflow_and_jax(folders, data, tmp_path):
+    pytest.importorskip("safetensors", reason="keras_hub reads a snapshot's weights with the safetensors package")
+    args = ["--data", str(data), "--weights", str(folders["snapshot"]), "--backbones", DINOV3, "--image-size", "64",
+            "--scales", "1", "--batch-size", "8"]
+    assert cli.main(["extract", "--run", str(tmp_path / "tf"), *args]) == 0
+    result = run_cli("extract", "--run", str(tmp_path / "jax"), *args, env={"KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr
+    for split in ("train", "test"):
+        for view, a in features(tmp_path / "tf", split, DINOV3).items():
+            b = features(tmp_path / "jax", split, DINOV3)[view]
+            cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+            assert cosine.min() >= 0.9999, (split, view, cosine)
 
 
 @pytest.mark.slow
