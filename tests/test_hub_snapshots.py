@@ -170,13 +170,13 @@ def test_dinov3_pools_its_class_token_and_the_mean_of_its_patch_tokens_without_t
 
 
 @pytest.mark.slow
-def test_run_mixes_xception_a_snapshot_and_a_preset_at_two_scales_and_predict_equals_submit(folders, data,
-                                                                                           tmp_path):
+def test_run_mixes_xception_a_snapshot_and_a_preset_at_two_scales_with_crops_and_predict_equals_submit(
+        folders, data, tmp_path):
     pytest.importorskip("safetensors", reason="keras_hub reads a snapshot's weights with the safetensors package")
     run, sub = tmp_path / "run", tmp_path / "sub.csv"
     assert cli.main(["run", "--data", str(data), "--run", str(run), "--out", str(sub), "--weights",
                      str(folders["mixed"]), "--backbones", f"xception,{DINOV3},{METACLIP}", "--image-size", "72",
-                     "--scales", "1,1.5", "--batch-size", "8", *FAST_TRAIN]) == 0
+                     "--scales", "1,1.5", "--views", "center_pair", "--batch-size", "8", *FAST_TRAIN]) == 0
     folder = RunFolder(run)
 
     def meta(source: str) -> dict:
@@ -194,6 +194,9 @@ def test_run_mixes_xception_a_snapshot_and_a_preset_at_two_scales_and_predict_eq
         views = features(run, "train", f"{name}@1.5x")
         assert views["original"].shape == (9, width) and np.isfinite(views["original"]).all()
         assert not np.allclose(views["original"], views["flipped"]), name
+        crops = {view: np.load(folder.store("train", f"{name}@1.5x").view(view))
+                 for view in ("center", "center_flipped")}
+        assert crops["center_flipped"].shape == (9, width) and not np.allclose(views["original"], crops["center"])
 
     out = tmp_path / "preds.csv"
     assert cli.main(["predict", "--run", str(run), "--images", str(data / "test"), "--out", str(out)]) == 0
