@@ -45,26 +45,36 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
 
 
-def hf_tensors(model) -> dict[str, np.ndarray]:
-    """`model`'s weights under the names and layouts of its Hugging Face checkpoint: keras_hub's own
-    converter is run with a loader that records, for each weight it would read, the tensor that its
-    layout hook turns into the Keras value (a transposed kernel, a channels-first patch kernel)."""
+def hf_tensors(model, converter=None, config: dict | None = None) -> dict[str, np.ndarray]:
+    """`model`'s weights under the names and layouts of its Hugging Face (or timm) checkpoint:
+    keras_hub's own converter (default: DINOv3's) is run with a loader that records, for each weight
+    it would read, the tensor that its layout hook turns into the Keras value (a transposed kernel,
+    a channels-first convolution kernel)."""
     import keras
     from keras_hub.src.utils.transformers import convert_dinov3
 
+    def undone(value: np.ndarray, hook) -> np.ndarray:
+        candidates = [value, value.T]
+        if value.ndim == 4:  # PyTorch's (out, in, h, w), or a depthwise kernel's (channels, 1, h, w)
+            candidates += [np.transpose(value, (3, 2, 0, 1)), np.transpose(value, (2, 3, 0, 1))]
+        for candidate in candidates:
+            try:
+                if np.array_equal(hook(candidate, list(value.shape)), value):
+                    return candidate
+            except (AssertionError, ValueError):
+                continue
+        raise AssertionError(f"no layout of a {value.shape} weight gives it back through {hook}")
+
     class Recorder:
-        tensors: dict[str, np.ndarray] = {}
+        def __init__(self) -> None:
+            self.tensors: dict[str, np.ndarray] = {}
 
         def port_weight(self, keras_variable, hf_weight_key, hook_fn=None):
             value = keras.ops.convert_to_numpy(keras_variable)
-            candidates = [value, value.T] + ([np.transpose(value, (3, 2, 0, 1))] if value.ndim == 4 else [])
-            hook = hook_fn or (lambda x, _: x)
-            self.tensors[hf_weight_key] = next(c for c in candidates
-                                               if np.array_equal(hook(c, list(value.shape)), value))
+            self.tensors[hf_weight_key] = undone(value, hook_fn or (lambda x, _: x))
 
     recorder = Recorder()
-    recorder.tensors = {}
-    convert_dinov3.convert_weights(model, recorder, HF_DINOV3)
+    (converter or convert_dinov3).convert_weights(model, recorder, HF_DINOV3 if config is None else config)
     return recorder.tensors
 
 
@@ -408,3 +418,33 @@ def test_a_timm_folder_is_read_for_a_family_keras_hub_converts_from_timm(tmp_pat
     with pytest.raises(UserError, match="keras_hub converts no timm folder into the DINOV3Backbone"):
         tiny_snapshot(tmp_path / "vit" / DINOV3, {"architecture": "vit_small_patch16_dinov3"})
         backbones.resolve_weights(backbones.get_spec(DINOV3), str(tmp_path / "vit"))
+
+
+TIMM_B0 = {"architecture": "efficientnet_b0", "num_classes": 1000, "num_features": 1280,
+           "pretrained_cfg": {"input_size": [3, 224, 224], "mean": [0.485, 0.456, 0.406],
+                              "std": [0.229, 0.224, 0.225]}}
+
+
+@pytest.mark.slow
+def test_a_timm_efficientnet_folder_gives_the_features_of_its_weights(tmp_path):
+    pytest.importorskip("safetensors", reason="keras_hub reads a timm folder's weights with the safetensors package")
+    import keras
+    import keras_hub
+    from keras_hub.src.utils.timm import convert_efficientnet
+
+    keras.utils.set_random_seed(13)
+    model = keras_hub.models.EfficientNetBackbone(**convert_efficientnet.convert_backbone_config(TIMM_B0))
+    name = "efficientnet_b0_ra_imagenet"
+    preset = tmp_path / name
+    preset.mkdir()
+    (preset / "config.json").write_text(json.dumps(TIMM_B0))
+    write_safetensors(preset / "model.safetensors", hf_tensors(model, convert_efficientnet, TIMM_B0))
+
+    extractor = Extractor(ExtractConfig(backbones=(name,), weights=str(tmp_path), image_size=64, scales=(1,)))
+    spec = extractor.specs[0]
+    assert (extractor.sources[name].format, spec.width, spec.pooling) == ("timm", 1280, "avg")
+    pixels = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    got = extractor.forward(spec, pixels, ["original"])["original"]
+    mean, std = np.array(TIMM_B0["pretrained_cfg"]["mean"]), np.array(TIMM_B0["pretrained_cfg"]["std"])
+    want = keras.ops.convert_to_numpy(model((pixels / 255 - mean) / std)).mean(axis=(1, 2))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
