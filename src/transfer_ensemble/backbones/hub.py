@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transfer_ensemble.backbones import hub_formats
-from transfer_ensemble.backbones.hub_formats import KERAS, SNAPSHOTS, TIMM
+from transfer_ensemble.backbones.hub_formats import KERAS, SNAPSHOTS, TIMM, TRANSFORMERS
 from transfer_ensemble.backbones.spec import BackboneSpec, Preprocessing, WeightsSource, file_sha256
 from transfer_ensemble.errors import UserError
 
@@ -424,7 +424,7 @@ def _from_preset(spec: BackboneSpec, source: WeightsSource):
                             f"{fetch_command(spec.name, str(source.path.parent))}.") from None
 
 
-_FORMAT_WORDS = {KERAS: "preset", "transformers": "Hugging Face snapshot", TIMM: "timm folder", "": "preset"}
+_FORMAT_WORDS = {KERAS: "preset", TRANSFORMERS: "Hugging Face snapshot", TIMM: "timm folder", "": "preset"}
 
 
 def _at_size(net, size: int):
