@@ -448,3 +448,15 @@ def test_a_timm_efficientnet_folder_gives_the_features_of_its_weights(tmp_path):
     mean, std = np.array(TIMM_B0["pretrained_cfg"]["mean"]), np.array(TIMM_B0["pretrained_cfg"]["std"])
     want = keras.ops.convert_to_numpy(model((pixels / 255 - mean) / std)).mean(axis=(1, 2))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_snapshot_whose_weights_do_not_fit_its_config_is_one_paragraph_when_built(tmp_path):
+    pytest.importorskip("safetensors", reason="keras_hub reads a snapshot's weights with the safetensors package")
+    preset = tiny_snapshot(tmp_path / DINOV3)  # a whole file, but of two tensors only
+    extractor = Extractor(ExtractConfig(backbones=(DINOV3,), weights=str(tmp_path), image_size=64, scales=(1,)))
+    with pytest.raises(UserError) as info:
+        extractor.model(extractor.specs[0])
+    message = str(info.value)
+    assert f"cannot load the Hugging Face snapshot {preset}" in message and "model.safetensors" in message
+    assert "\n" not in message and "save_to_preset" in message
