@@ -6,8 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from transfer_ensemble import backbones, cli
 from transfer_ensemble.config import ExtractConfig
+from transfer_ensemble.errors import UserError
 
 
 def test_listing_shows_each_backbone_with_width_and_native_size(capsys):
@@ -47,3 +50,64 @@ def test_the_registry_and_cli_import_no_framework():
             "print(sorted(m for m in ('keras', 'keras_hub', 'tensorflow', 'jax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_dinov3_and_metaclip_2_entries_say_their_size_patch_width_and_pooling(capsys):
+    assert cli.main(["backbones"]) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert lines["dinov3_vit_small_lvd1689m"][1:6] == ["keras_hub", "768", "224", "16", "cls+mean"]
+    assert lines["dinov3_vit_large_lvd1689m"][1:6] == ["keras_hub", "2048", "224", "16", "cls+mean"]
+    assert lines["dinov3_vit_7b_lvd1689m"][1:6] == ["keras_hub", "8192", "224", "16", "cls+mean"]
+    assert lines["metaclip_2_vit_huge_patch14_378"][1:6] == ["keras_hub", "1280", "378", "14", "cls"]
+    assert lines["metaclip_2_vit_giant_patch14_224"][1:6] == ["keras_hub", "1664", "224", "14", "cls"]
+    config = ExtractConfig(backbones=("dinov3_vit_small_lvd1689m",), image_size=75, weights="random")
+    assert config.size_of(backbones.get_spec("dinov3_vit_small_lvd1689m")) == 80  # 75 / 16 = 4.7 patches -> 5
+    assert ExtractConfig(backbones=("dinov3_vit_base_lvd1689m",), weights="random").size_of(
+        backbones.get_spec("dinov3_vit_base_lvd1689m"), 2) == 448
+
+
+def test_dinov3_satellite_models_keep_their_own_normalisation():
+    satellite = backbones.settings(backbones.get_spec("dinov3_vit_large_sat493m"))["preprocess"]
+    web = backbones.settings(backbones.get_spec("dinov3_vit_large_lvd1689m"))["preprocess"]
+    assert "mean=[0.43, 0.411, 0.296]" in satellite and "std=[0.229, 0.224, 0.225]" in web
+
+
+def _keras_preset(folder, class_name: str, config: dict):
+    """A preset folder as save_to_preset writes it, its weights an empty (but whole) HDF5 file: enough
+    for everything read before a model is built."""
+    import json
+
+    import h5py
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"module": "keras_hub.src.models", "class_name": class_name,
+                                                    "config": config, "registered_name": f"keras_hub>{class_name}"}))
+    h5py.File(folder / "model.weights.h5", "w").close()
+    return folder
+
+
+DINOV3_S_PLUS = dict(patch_size=16, num_layers=12, hidden_dim=384, num_heads=6, intermediate_dim=1536,
+                     num_register_tokens=4, use_gated_mlp=True, image_shape=[224, 224, 3])
+
+
+def test_a_dinov3_small_plus_saved_as_the_small_one_is_refused(tmp_path):
+    preset = _keras_preset(tmp_path / "dinov3_vit_small_lvd1689m", "DINOV3Backbone", DINOV3_S_PLUS)
+    spec = backbones.get_spec("dinov3_vit_small_lvd1689m")
+    with pytest.raises(UserError) as info:
+        backbones.bind(spec, backbones.resolve_weights(spec, str(tmp_path)))
+    assert f"{preset} holds dinov3_vit_small_plus_lvd1689m" in str(info.value)
+    plus = backbones.get_spec("dinov3_vit_small_plus_lvd1689m")
+    (tmp_path / "dinov3_vit_small_lvd1689m").rename(tmp_path / plus.name)
+    assert backbones.bind(plus, backbones.resolve_weights(plus, str(tmp_path))).arch == plus.arch
+
+
+def test_a_metaclip_2_vision_tower_saved_alone_is_refused_for_its_missing_post_norm(tmp_path):
+    name = "metaclip_2_vit_huge_patch14_224"
+    preset = _keras_preset(tmp_path / name, "MetaCLIP2VisionEncoder", dict(
+        patch_size=14, hidden_dim=1280, num_layers=32, num_heads=16, intermediate_dim=5120, image_shape=[224, 224, 3]))
+    spec = backbones.get_spec(name)
+    with pytest.raises(UserError) as info:
+        backbones.bind(spec, backbones.resolve_weights(spec, str(tmp_path)))
+    message = str(info.value)
+    assert f"{preset} holds a MetaCLIP2VisionEncoder alone" in message and "vision_post_layer_norm" in message
+    assert "save_to_preset" in message

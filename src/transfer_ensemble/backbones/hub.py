@@ -1,12 +1,15 @@
-"""The keras_hub builder: presets of DINOv2, SigLIP / SigLIP 2, CLIP and EfficientNet, frozen,
-with each family's pooled feature, as a Keras model whose output is float32 features.
+"""The keras_hub builder: presets of DINOv2, DINOv3, SigLIP / SigLIP 2, CLIP, MetaCLIP 2 and
+EfficientNet, frozen, with each family's pooled feature, as a Keras model whose output is float32
+features.
 
 A family says which keras_hub class builds it, its published preprocessing and how its output
 is pooled: ViTs by their class token (``cls``), the mean of their patch tokens (``mean``) or both
 side by side (``cls+mean``, as DINOv2's linear probes); SigLIP by its own attention-pooling head
-(``map``); convolutional nets by global average pooling (``avg``). A preset entry gives its native
-size, patch size, pooled width and the architecture built for ``--weights random``. keras_hub is
-imported only when one of these backbones is built; reading a preset folder needs only json.
+(``map``); convolutional nets by global average pooling (``avg``). A family also says which Hugging
+Face model types and timm architectures keras_hub converts into it (``hub_formats``). A preset entry
+gives its native size, patch size, pooled width and the architecture built for ``--weights random``.
+keras_hub is imported only when one of these backbones is built; reading a weights folder needs only
+json.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from transfer_ensemble.backbones import hub_formats
+from transfer_ensemble.backbones.hub_formats import KERAS, SNAPSHOTS, TIMM, TRANSFORMERS
 from transfer_ensemble.backbones.spec import BackboneSpec, Preprocessing, WeightsSource, file_sha256
 from transfer_ensemble.errors import UserError
 
@@ -29,24 +34,38 @@ BUILDER = "keras_hub"
 IMAGENET_MEAN_STD = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 HALF = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 CLIP = Preprocessing(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+SATELLITE = Preprocessing(mean=(0.430, 0.411, 0.296), std=(0.213, 0.156, 0.143))  # DINOv3's SAT-493M models
 
 
 @dataclass(frozen=True)
 class Family:
     """A keras_hub model family: the class of its (vision) backbone, the class a full preset
-    may hold it in, its published preprocessing and its pooled feature."""
+    may hold it in, its published preprocessing and its pooled feature. `post_norm` names the
+    full model's layer norm of the pooled token where the tower's output lacks it (MetaCLIP 2:
+    a preset must then hold the full model). `model_types` and `timm_prefixes`: the Hugging Face
+    model types (the vision part under `vision_config`) and timm architectures keras_hub converts
+    into this family."""
 
     cls: str
     preprocessing: Preprocessing
     pooling: str
     full_cls: str = ""
+    post_norm: str = ""
+    model_types: tuple[str, ...] = ()
+    vision_config: str = ""
+    timm_prefixes: tuple[str, ...] = ()
 
 
 FAMILIES = {
-    "dinov2": Family("DINOV2Backbone", IMAGENET_MEAN_STD, "cls+mean"),
+    "dinov2": Family("DINOV2Backbone", IMAGENET_MEAN_STD, "cls+mean",
+                     model_types=("dinov2", "dinov2_with_registers")),
+    "dinov3": Family("DINOV3Backbone", IMAGENET_MEAN_STD, "cls+mean", model_types=("dinov3_vit",)),
     "siglip": Family("SigLIPVisionEncoder", HALF, "map", full_cls="SigLIPBackbone"),
     "clip": Family("CLIPVisionEncoder", CLIP, "cls", full_cls="CLIPBackbone"),
-    "efficientnet": Family("EfficientNetBackbone", IMAGENET_MEAN_STD, "avg"),
+    "metaclip_2": Family("MetaCLIP2VisionEncoder", CLIP, "cls", full_cls="MetaCLIP2Backbone",
+                         post_norm="vision_post_layer_norm", model_types=("metaclip_2",),
+                         vision_config="vision_config"),
+    "efficientnet": Family("EfficientNetBackbone", IMAGENET_MEAN_STD, "avg", timm_prefixes=("efficientnet",)),
 }
 
 
@@ -55,17 +74,30 @@ def _pooled_width(family: str, hidden: int) -> int:
 
 
 def _vit(name: str, family: str, size: int, patch: int, hidden: int, layers: int, heads: int,
-         intermediate: int, **extra) -> BackboneSpec:
+         intermediate: int, preprocessing: Preprocessing | None = None, **extra) -> BackboneSpec:
     arch = dict(patch_size=patch, num_layers=layers, hidden_dim=hidden, num_heads=heads,
                 intermediate_dim=intermediate, image_shape=(size, size, 3), **extra)
-    return BackboneSpec(name, BUILDER, size, _pooled_width(family, hidden), FAMILIES[family].preprocessing,
-                        min_size=patch, size_multiple=patch, family=family,
-                        pooling=FAMILIES[family].pooling, arch=arch)
+    return BackboneSpec(name, BUILDER, size, _pooled_width(family, hidden),
+                        preprocessing or FAMILIES[family].preprocessing, min_size=patch, size_multiple=patch,
+                        family=family, pooling=FAMILIES[family].pooling, arch=arch)
 
 
 def _dinov2(name: str, hidden: int, layers: int, heads: int, registers: int = 0) -> BackboneSpec:
     return _vit(name, "dinov2", 224, 14, hidden, layers, heads, 4 * hidden, num_register_tokens=registers,
                 position_embedding_shape=(518, 518, 3))
+
+
+def _dinov3(name: str, hidden: int, layers: int, heads: int, intermediate: int, gated: bool = False,
+            satellite: bool = False) -> BackboneSpec:
+    """A DINOv3 ViT/16 as its Hugging Face config has it: 4 registers, a SwiGLU MLP (SiLU) for S+, H+ and 7B."""
+    return _vit(name, "dinov3", 224, 16, hidden, layers, heads, intermediate,
+                preprocessing=SATELLITE if satellite else None, num_register_tokens=4, use_gated_mlp=gated,
+                hidden_activation="silu" if gated else "gelu")
+
+
+def _metaclip_2(name: str, size: int, hidden: int, layers: int, intermediate: int, activation: str) -> BackboneSpec:
+    """A MetaCLIP 2 worldwide vision tower (patch 14, 16 heads) as in its open_clip model config."""
+    return _vit(name, "metaclip_2", size, 14, hidden, layers, 16, intermediate, intermediate_activation=activation)
 
 
 _B0 = dict(stackwise_kernel_sizes=[3, 3, 5, 3, 5, 5, 3], stackwise_num_repeats=[1, 2, 2, 3, 3, 4, 1],
@@ -90,6 +122,14 @@ TABLE: dict[str, BackboneSpec] = {s.name: s for s in [
     _dinov2("dinov2_with_registers_small", 384, 12, 6, registers=4),
     _dinov2("dinov2_with_registers_base", 768, 12, 12, registers=4),
     _dinov2("dinov2_with_registers_large", 1024, 24, 16, registers=4),
+    _dinov3("dinov3_vit_small_lvd1689m", 384, 12, 6, 1536),
+    _dinov3("dinov3_vit_small_plus_lvd1689m", 384, 12, 6, 1536, gated=True),
+    _dinov3("dinov3_vit_base_lvd1689m", 768, 12, 12, 3072),
+    _dinov3("dinov3_vit_large_lvd1689m", 1024, 24, 16, 4096),
+    _dinov3("dinov3_vit_huge_plus_lvd1689m", 1280, 32, 20, 5120, gated=True),
+    _dinov3("dinov3_vit_7b_lvd1689m", 4096, 40, 32, 8192, gated=True),
+    _dinov3("dinov3_vit_large_sat493m", 1024, 24, 16, 4096, satellite=True),
+    _dinov3("dinov3_vit_7b_sat493m", 4096, 40, 32, 8192, gated=True, satellite=True),
     _vit("siglip2_base_patch16_224", "siglip", 224, 16, 768, 12, 12, 3072),
     _vit("siglip2_so400m_patch14_224", "siglip", 224, 14, 1152, 27, 16, 4304),
     _vit("siglip2_so400m_patch14_384", "siglip", 384, 14, 1152, 27, 16, 4304),
@@ -97,6 +137,10 @@ TABLE: dict[str, BackboneSpec] = {s.name: s for s in [
     _vit("clip_vit_base_patch16", "clip", 224, 16, 768, 12, 12, 3072),
     _vit("clip_vit_large_patch14", "clip", 224, 14, 1024, 24, 16, 4096),
     _vit("clip_vit_large_patch14_336", "clip", 336, 14, 1024, 24, 16, 4096),
+    _metaclip_2("metaclip_2_vit_huge_patch14_224", 224, 1280, 32, 5120, "quick_gelu"),
+    _metaclip_2("metaclip_2_vit_huge_patch14_378", 378, 1280, 32, 5120, "gelu"),
+    _metaclip_2("metaclip_2_vit_giant_patch14_224", 224, 1664, 48, 8192, "gelu"),
+    _metaclip_2("metaclip_2_vit_giant_patch14_378", 378, 1664, 48, 8192, "gelu"),
     _efficientnet("efficientnet_b0_ra_imagenet", 224, 1280, 1.0, 1.0),
     _efficientnet("efficientnet_b3_ra2_imagenet", 288, 1536, 1.2, 1.4),
 ]}
@@ -111,7 +155,10 @@ def fetch_command(name: str, folder: str = "WEIGHTS_DIR") -> str:
 
 def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsSource:
     """'random' (the table's architecture), 'imagenet' (the published preset, downloaded by
-    keras_hub) or a folder holding FOLDER/<preset name>/ as ``Backbone.save_to_preset`` wrote it."""
+    keras_hub) or a folder holding FOLDER/<preset name>/ in a format keras_hub reads
+    (``hub_formats``): as ``Backbone.save_to_preset`` wrote it, a Hugging Face snapshot or a timm
+    folder. A snapshot's identity names its format; a saved preset's is the digest alone, as it
+    always was."""
     if weights == "random":
         return WeightsSource("random", None, f"random:seed={seed}")
     if weights == "imagenet":
@@ -122,16 +169,18 @@ def resolve_weights(spec: BackboneSpec, weights: str, seed: int = 0) -> WeightsS
                         f"For {spec.name}, pass a folder holding {spec.name}/ as keras_hub's "
                         f"save_to_preset writes it: {fetch_command(spec.name)}")
     preset = folder / spec.name
-    missing = [name for name in WEIGHT_FILES if not (preset / name).is_file()]
-    if missing:
-        found = sorted(p.name for p in folder.iterdir())[:8]
+    fetch = fetch_command(spec.name, str(folder))
+    if not (preset / "config.json").is_file():
         raise UserError(
-            f"The weights folder {folder} has no keras_hub preset {spec.name}: {preset} lacks "
-            f"{', '.join(missing)} (the folder holds {', '.join(found) or 'nothing'}). Write it once on a "
-            f"machine with internet with {fetch_command(spec.name, str(folder))} and copy it here.")
+            f"The weights folder {folder} has no keras_hub preset {spec.name}: {preset} lacks config.json (the "
+            f"folder holds {hub_formats.contents(folder)}). {hub_formats.what_works(spec.name, fetch)} Write it "
+            f"once on a machine with internet and copy it here.")
+    fmt, files = hub_formats.check(spec, preset, FAMILIES[spec.family], fetch)
+    if fmt != KERAS:
+        return WeightsSource("file", preset, hub_formats.identity(fmt, files), fmt)
     _check_weights_file(spec, preset / "model.weights.h5")
     identity = hashlib.sha256("".join(file_sha256(preset / name) for name in WEIGHT_FILES).encode()).hexdigest()
-    return WeightsSource("file", preset, f"sha256:{identity}")
+    return WeightsSource("file", preset, f"sha256:{identity}", KERAS)
 
 
 def _check_weights_file(spec: BackboneSpec, path: Path) -> None:
@@ -156,9 +205,12 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
-def _read_config(spec: BackboneSpec, preset: Path) -> dict:
-    """The (vision) backbone's config in a saved preset, checked against the family's class."""
-    family = FAMILIES[spec.family]
+def _read_config(spec: BackboneSpec, source: WeightsSource) -> dict:
+    """The (vision) backbone's config in a weights folder (a snapshot's in keras_hub's names),
+    checked against the family's class."""
+    family, preset = FAMILIES[spec.family], source.path
+    if source.format in SNAPSHOTS:
+        return hub_formats.keras_config(source.format, hub_formats.read_config(preset / "config.json"), family)
     try:
         saved = json.loads((preset / "config.json").read_text())
         kind, config = saved["class_name"], saved["config"]
@@ -172,12 +224,20 @@ def _read_config(spec: BackboneSpec, preset: Path) -> dict:
     if kind != family.cls:
         raise UserError(f"{preset} holds a {kind}, not the {family.cls} that {spec.name} is. Save "
                         f"{spec.name} there with {fetch_command(spec.name)}.")
+    if family.post_norm and saved["class_name"] != family.full_cls:
+        raise UserError(f"{preset} holds a {kind} alone, without the {family.full_cls}'s {family.post_norm} that "
+                        f"{spec.name}'s pooled feature ends with. Save the whole {family.full_cls} there with "
+                        f"{fetch_command(spec.name)}.")
     return config
 
 
-def _preprocessing(spec: BackboneSpec, preset: Path) -> Preprocessing:
-    """The preset's own image converter (x * scale + offset) where it saved one, else the family's."""
-    path = preset / "image_converter.json"
+def _preprocessing(spec: BackboneSpec, source: WeightsSource) -> Preprocessing:
+    """The folder's own normalisation where it states one (a saved image converter, x * scale +
+    offset; a snapshot's preprocessor config), else the published one."""
+    if source.format in SNAPSHOTS:
+        config = hub_formats.read_config(source.path / "config.json")
+        return hub_formats.preprocessing(source.format, source.path, config, spec.preprocessing)
+    path = source.path / "image_converter.json"
     if not path.is_file():
         return spec.preprocessing
     try:
@@ -205,24 +265,27 @@ def _per_channel(value, default: float) -> list[float]:
 
 
 def bind(spec: BackboneSpec, source: WeightsSource) -> BackboneSpec:
-    """The spec as a preset folder has it: its width, native size, patch size, preprocessing and,
-    where it is not the published one, its architecture (``_architecture``)."""
+    """The spec as a weights folder has it: its width, native size, patch size, preprocessing and,
+    where it is not the published one, its architecture (``_architecture``). A snapshot runs at the
+    entry's native size (a Hugging Face config's image_size is the size of DINOv2's position table,
+    518, not the size it is used at)."""
     if source.kind != "file":
         return spec
-    config = _read_config(spec, source.path)
+    config = _read_config(spec, source)
     path = source.path / "config.json"
-    shape = config.get("image_shape") or config.get("input_shape") or [None]
+    shape = [None] if source.format in SNAPSHOTS else config.get("image_shape") or config.get("input_shape") or [None]
     if not isinstance(shape, list) or not shape or not (shape[0] is None or _is_whole(shape[0])):
         raise _bad_field(spec, path, "image_shape" if "image_shape" in config else "input_shape", shape)
     size = shape[0] or spec.size
     if spec.family == "efficientnet":
-        width = _efficientnet_width(spec, config, path)
+        width = _whole(spec, config, "num_features", path) if source.format == TIMM else \
+            _efficientnet_width(spec, config, path)
         patch = 1
     else:
         width, patch = _pooled_width(spec.family, _whole(spec, config, "hidden_dim", path)), \
             _whole(spec, config, "patch_size", path)
     return replace(spec, size=int(size), width=width, size_multiple=patch,
-                   min_size=patch if patch > 1 else spec.min_size, preprocessing=_preprocessing(spec, source.path),
+                   min_size=patch if patch > 1 else spec.min_size, preprocessing=_preprocessing(spec, source),
                    arch=_architecture(spec, config, width, source.path))
 
 
@@ -257,7 +320,8 @@ def _efficientnet_width(spec: BackboneSpec, config: dict, path: Path) -> int:
                         f"the folder again with {fetch_command(spec.name)}.") from None
 
 
-ARCH_KEYS = ("hidden_dim", "num_layers", "num_heads", "intermediate_dim", "patch_size", "num_register_tokens")
+ARCH_KEYS = ("hidden_dim", "num_layers", "num_heads", "intermediate_dim", "patch_size", "num_register_tokens",
+             "use_gated_mlp")
 
 
 def _published(spec: BackboneSpec) -> dict:
@@ -318,18 +382,23 @@ def build(spec: BackboneSpec, source: WeightsSource, image_size: int, seed: int 
     import keras
     import keras_hub
 
+    family = FAMILIES[spec.family]
     if source.kind == "random":
         keras.utils.set_random_seed(seed)
         arch = dict(spec.arch)
         if "image_shape" in arch:
             arch["image_shape"] = (image_size, image_size, 3)
-        net = getattr(keras_hub.models, FAMILIES[spec.family].cls)(**arch)
+        net = getattr(keras_hub.models, family.cls)(**arch)
+        post_norm = keras.layers.LayerNormalization(epsilon=1e-5, name=family.post_norm) if family.post_norm else None
     else:
-        net = _from_preset(spec, source)
-        net = _at_size(getattr(net, "vision_encoder", net), image_size)
+        full = _from_preset(spec, source)
+        post_norm = getattr(full, family.post_norm) if family.post_norm else None
+        net = _at_size(getattr(full, "vision_encoder", full), image_size)
     net.trainable = False
     inputs = keras.Input((image_size, image_size, 3), name="images")
-    tokens = net({"images": inputs} if isinstance(net.input, dict) else inputs)
+    tokens = net({next(iter(net.input)): inputs} if isinstance(net.input, dict) else inputs)
+    if post_norm is not None:  # per token, so the class token's is the one a full model pools
+        tokens = post_norm(tokens)
     pooled = _Pool(spec.pooling, getattr(net, "num_register_tokens", 0))(tokens)
     model = keras.Model(inputs, pooled, name=spec.name)
     model.trainable = False
@@ -348,10 +417,14 @@ def _from_preset(spec: BackboneSpec, source: WeightsSource):
             return keras_hub.models.Backbone.from_preset(str(source.path))
         except Exception as exc:  # keras_hub raises what the failing layer or file raises
             detail = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise UserError(f"keras_hub {keras_hub.__version__} cannot load the preset {source.path} "
-                            f"({type(exc).__name__}: {detail}). It is damaged, or its config.json and "
-                            f"model.weights.h5 do not belong together. Write the folder again with "
+            files = "model.safetensors" if source.format in SNAPSHOTS else "model.weights.h5"
+            raise UserError(f"keras_hub {keras_hub.__version__} cannot load the {_FORMAT_WORDS[source.format]} "
+                            f"{source.path} ({type(exc).__name__}: {detail}). It is damaged, or its config.json "
+                            f"and {files} do not belong together. Download it again, or write a preset with "
                             f"{fetch_command(spec.name, str(source.path.parent))}.") from None
+
+
+_FORMAT_WORDS = {KERAS: "preset", TRANSFORMERS: "Hugging Face snapshot", TIMM: "timm folder", "": "preset"}
 
 
 def _at_size(net, size: int):

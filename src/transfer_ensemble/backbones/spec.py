@@ -86,11 +86,14 @@ class BackboneSpec:
 
 @dataclass(frozen=True)
 class WeightsSource:
-    """Where one backbone's weights come from, and an identity that changes when they do."""
+    """Where one backbone's weights come from, and an identity that changes when they do. `format`
+says how a folder of weights is written (keras_hub: "keras", "transformers" or "timm"); "" where
+the kind says it all."""
 
     kind: str
     path: Path | None
     identity: str
+    format: str = ""
 
 
 def file_sha256(path: Path) -> str:
