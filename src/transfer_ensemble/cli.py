@@ -115,6 +115,10 @@ def _without_plugins(argv: Sequence[str]) -> list[str]:
     return out
 
 
+TIME_LIMIT_HELP = ("finish within DURATION (e.g. 15m, 90s, 1h30m): {what}, as this machine measures them; "
+                   "the plan is recorded, so `run --config` repeats it (docs/time-limit.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transfer-ensemble",
@@ -133,11 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "computes only what is missing, and an interrupted one resumes.")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--run", required=True, help="run folder (created if missing)")
+    p.add_argument("--time-limit", metavar="DURATION", help=TIME_LIMIT_HELP.format(what="extract the first scale, then each further one only while its pass fits"))
     _add_options(p, [ExtractConfig, EngineConfig])
 
-    p = sub.add_parser("train", help="train a head recipe (K or 2 x K heads) with cross-validation",
-                       description="Trains --head (default linear, the best by out-of-fold log loss; seed is "
-                                   "the paper's). Folds and seed not given are the run's last ones, and the "
+    p = sub.add_parser("train", help="train head recipes (K or 2 x K heads each) with cross-validation",
+                       description="Trains the paper's seed head and the linear head (on feature blocks it "
+                                   "chooses by out-of-fold log loss), blends them, and makes the one of the "
+                                   "three with the lowest OOF log loss the run's recipe; or, given --head, that "
+                                   "head alone. Folds and seed not given are the run's last ones, and the "
                                    "head's own options those of the run's last train if it trained that head (or of "
                                    "--heads NAME); other options add a recipe beside the earlier ones.")
     p.add_argument("--run", required=True, help="run folder that extract wrote")
@@ -162,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run folder (default: the one in --config)")
     p.add_argument("--out", help="submission CSV to write")
     p.add_argument("--config", help="a run's config.json: repeat that run (options given here override it)")
+    p.add_argument("--time-limit", metavar="DURATION",
+                   help=TIME_LIMIT_HELP.format(what="extract the first scale and train, then add each further "
+                                                   "scale only while its pass and a train fit, and submit"))
     _add_options(p, [ExtractConfig, TrainConfig, EngineConfig])
 
     p = sub.add_parser("demo-data", help="write the small synthetic demo data set (Kaggle layout)",
@@ -342,6 +352,13 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
     kept = RunFolder(args.run).kept_views() if getattr(args, "views", None) is None else None
     config = extract_config(args, kept, str(RunFolder(args.run).config_path))
+    if args.time_limit is not None:
+        from transfer_ensemble import budget, plan
+
+        limit = plan.parse_duration(args.time_limit)
+        print_extract_summary(budget.run_within(limit, args.data, args.run, config, None, None,
+                                                engine_config(args)).extracted)
+        return
     print_extract_summary(workflow.extract(args.data, args.run, config, engine=engine_config(args)))
 
 
@@ -414,16 +431,25 @@ def cmd_run(args: argparse.Namespace) -> None:
     if missing:
         raise UserError(f"`run` needs {', '.join(missing)} (or --config with a run's config.json that has them).")
     extract = extract_config(args, upgrade(saved).get("extract"), source)
-    train = train_config(args, saved.get("train"), source)
     engine = engine_config(args)
-    print_extract_summary(workflow.extract(data, run_dir, extract, folds=train.folds, engine=engine))
     if args.head is None and (not args.config or saved.get("choose")):
         repeated = {k: v for k, v in (saved.get("train") or {}).items() if k in ("folds", "seed")}
-        result = workflow.train(run_dir, Overrides({**repeated, **{k: v for k, v in train_overrides(args).items()
-                                                                   if v is not None}}, COMMAND_LINE))
+        train_with = Overrides({**repeated, **{k: v for k, v in train_overrides(args).items() if v is not None}},
+                               COMMAND_LINE)
+        train = workflow.candidate_configs(train_with)[-1]  # checks every candidate's options before extracting
     else:
-        result = workflow.train(run_dir, train)
-    submitted = workflow.submit(run_dir, out, heads=result.recipe, record_out=True)
+        train = train_with = train_config(args, saved.get("train"), source)
+    if args.time_limit is not None:
+        from transfer_ensemble import budget, plan
+
+        done = budget.run_within(plan.parse_duration(args.time_limit), data, run_dir, extract, train_with, out,
+                                 engine, folds=train.folds)
+        print_extract_summary(done.extracted)
+        result, submitted = done.trained, done.submitted
+    else:
+        print_extract_summary(workflow.extract(data, run_dir, extract, folds=train.folds, engine=engine))
+        result = workflow.train(run_dir, train_with)
+        submitted = workflow.submit(run_dir, out, heads=result.recipe, record_out=True)
     print_train(result)
     print()
     print_submit(submitted)

@@ -39,7 +39,7 @@ from transfer_ensemble.errors import UserError
 from transfer_ensemble.options import describe, python_whole
 from transfer_ensemble.recipes import Blend, Recipe, select_recipe
 from transfer_ensemble.runfolder import PREDICT_SPLIT, SPLITS, PredictCache, RunFolder, first_missing
-from transfer_ensemble.scoring import Scorer
+from transfer_ensemble.scoring import Scorer, mix
 from transfer_ensemble.storage import FolderBusy, atomic_path, run_lock, write_json
 from transfer_ensemble.store import StoreFiles, source_key, store_meta
 from transfer_ensemble.views import whole_passes
@@ -76,17 +76,20 @@ class Run:
         return self.extractors[0]
 
     @classmethod
-    def load(cls, run_dir: str | Path, weights: str | None = None, heads_name: str | None = None) -> "Run":
+    def load(cls, run_dir: str | Path, weights: str | None = None,
+             heads_name: str | None = None) -> "Run | BlendRun":
         """Read a trained run; `weights` (imagenet, random or a folder) defaults to the run's own,
-        `heads_name` to the recipe the last `train` trained ("best": the current recipe, not blend,
-        with the lowest OOF log loss).
+        `heads_name` to the recipe the last `train` trained ("best": the current recipe or blend
+        with the lowest OOF log loss). A blend gives a `BlendRun` of its recipes' Runs.
 
         Raises UserError when the weights found now differ from those the recipe was trained on.
         Reads the run folder only: it may be on read-only storage.
         """
         backend.check_available()
         run = RunFolder.existing(run_dir, "predict with")
-        return cls._open(run, _select_recipe(run, heads_name), weights)
+        recipes = _parts(run, _select_recipe(run, heads_name))
+        runs = [cls._open(run, recipe, weights) for recipe in recipes[1:]]
+        return runs[0] if isinstance(recipes[0], Recipe) else BlendRun(recipes[0], runs)
 
     @classmethod
     def _open(cls, run: RunFolder, recipe: Recipe, weights: str | None) -> "Run":
@@ -222,6 +225,37 @@ class Run:
         return np.concatenate(out)
 
 
+@dataclass
+class BlendRun:
+    """A trained run whose recipe is a blend: a `Run` per recipe it mixes, their probabilities
+    mixed as the submission mixes them (`scoring.mix`)."""
+
+    blend: Blend
+    parts: list[Run]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.parts[0].classes
+
+    @property
+    def n_models(self) -> int:
+        return sum(part.n_models for part in self.parts)
+
+    def predict(self, images_or_paths: Sequence[str | os.PathLike | np.ndarray] | np.ndarray,
+                tta: bool = True, batch_size: int | None = None,
+                cache_dir: str | Path | None = None, engine: str | EngineConfig | None = None) -> np.ndarray:
+        """As `Run.predict`, each recipe's probabilities mixed with the blend's weights and temperature."""
+        return mix(self.blend, [part.predict(images_or_paths, tta, batch_size, cache_dir, engine)
+                                for part in self.parts])
+
+
+def _parts(run: RunFolder, chosen: "Recipe | Blend") -> list:
+    """[the recipe, itself] or [the blend, each recipe it mixes]."""
+    if isinstance(chosen, Recipe):
+        return [chosen, chosen]
+    return [chosen] + [select_recipe(run, name, "predict") for name in chosen.parts]
+
+
 def _extract_configs(saved: ExtractConfig, recipe: Recipe, weights: str) -> list[tuple[ExtractConfig, float]]:
     """The extraction that computes a recipe's blocks for new images, one per scale they are at:
     the run's settings with `weights`, the recipe's views and, at each scale, its backbones (with
@@ -246,15 +280,9 @@ def _weights_folder_gone(run: RunFolder, weights: str) -> UserError:
                      f"here ({Path.cwd()}). Run predict from that folder, or: {fix}")
 
 
-def _select_recipe(run: RunFolder, heads_name: str | None) -> Recipe:
-    """The recipe predict scores with: one head recipe ("best" is the best of those, never a blend)."""
-    recipe = select_recipe(run, heads_name, "predict", blends=False)
-    if isinstance(recipe, Blend):
-        which = "the last one trained on" if heads_name is None else "given as --heads, of"
-        raise UserError(f"predict scores with one head recipe, and {recipe.name!r} ({which} {run.path}) "
-                        f"is a blend. Pass --heads with one of its recipes ({', '.join(recipe.parts)}), "
-                        f"or --heads best (the recipe, not blend, with the lowest OOF log loss).")
-    return recipe
+def _select_recipe(run: RunFolder, heads_name: str | None) -> "Recipe | Blend":
+    """The recipe or blend predict scores with (as `submit` picks it)."""
+    return select_recipe(run, heads_name, "predict")
 
 
 def _cache_lock(cache: PredictCache, in_run: bool, run_dir: Path) -> contextlib.AbstractContextManager:
@@ -321,12 +349,14 @@ def _check_feature_identity(run: RunFolder, recipe: Recipe, extractor: features.
     trained = recipe.inputs.get("features", {})
     extractor.ensure_weights_known()
     for spec in extractor.specs:
-        now = store_meta(spec, extractor.sources[spec.name], extractor.config, [], extractor.scale)
-        now.pop("ids")
-        then = trained.get(source_key(spec.name, extractor.scale))
-        if then is None:
+        names = [n for n in extractor.store_names(spec) if source_key(n, extractor.scale) in trained]
+        if not names:
             raise UserError(f"The head recipe {recipe.name!r} of {run.path} records no {spec.name} features, "
                             f"so the weights cannot be checked. Train it again on this run.")
+        now = store_meta(spec, extractor.sources[spec.name], extractor.config, [], extractor.scale,
+                         mid=names[0] != spec.name)
+        now.pop("ids")
+        then = trained[source_key(names[0], extractor.scale)]
         drawn = backbones.random_backend(then["weights"])
         if backbones.random_backend(now["weights"]) and drawn not in (None, backend.name()):
             raise UserError(
@@ -475,21 +505,27 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
     config = engine_config(engine)
     backend.check_available()
     folder = RunFolder.existing(run_dir, "predict with")
-    recipe = _select_recipe(folder, heads_name)
+    chosen, *recipes = _parts(folder, _select_recipe(folder, heads_name))
     where = engines.get(config)
     paths, names = find_images(source)
     keys = check_images(paths, folder.extract_config().max_pixels)
-    run = Run._open(folder, recipe, weights)
-    if fmt == "top-k" and k > len(run.classes):
-        log.info("--k %d is more than the %d classes: writing all %d", k, len(run.classes), len(run.classes))
-        k = len(run.classes)
+    runs = [Run._open(folder, recipe, weights) for recipe in recipes]
+    classes = runs[0].classes
+    if fmt == "top-k" and k > len(classes):
+        log.info("--k %d is more than the %d classes: writing all %d", k, len(classes), len(classes))
+        k = len(classes)
     start = time.perf_counter()
-    stores, summary = run.extract(paths, keys, batch_size, cache_dir, where)
+    extracted = [run.extract(paths, keys, batch_size, cache_dir, where) for run in runs]
+    chunks = [run.iter_probabilities(stores, len(paths), tta, engine=where) for run, (stores, _) in zip(runs, extracted)]
+    if isinstance(chosen, Blend):
+        chunks = [((parts[0][0], mix(chosen, [p for _, p in parts])) for parts in zip(*chunks))]
     out = Path(out)
     with atomic_path(out, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        predicted = _write_csv(f, fmt, names, run.iter_probabilities(stores, len(paths), tta, engine=where),
-                               run.classes, k)
-    views = run.recipe.predicted_views(tta)
-    return PredictResult(out, len(paths), len(run.classes), fmt, k, run.scorer.models_scoring(views), views, tta,
-                         run.recipe.name, summary.computed, summary.reused, summary.seconds,
-                         time.perf_counter() - start, run.cache(keys, cache_dir).folder, predicted)
+        predicted = _write_csv(f, fmt, names, chunks[0], classes, k)
+    views = tuple(dict.fromkeys(v for run in runs for v in run.recipe.predicted_views(tta)))
+    summaries = [summary for _, summary in extracted]
+    computed = max(s.computed for s in summaries)
+    return PredictResult(out, len(paths), len(classes), fmt, k,
+                         sum(run.scorer.models_scoring(run.recipe.predicted_views(tta)) for run in runs), views, tta,
+                         chosen.name, computed, len(paths) - computed, sum(s.seconds for s in summaries),
+                         time.perf_counter() - start, runs[0].cache(keys, cache_dir).folder, predicted)

@@ -121,4 +121,11 @@ def blend_test_probabilities(run: RunFolder, blend: Blend, recipes: list[Recipe]
                              temperature: float) -> np.ndarray:
     """A blend's probabilities for every test id: its recipes' mixed with its weights, then `temperature`."""
     parts = [test_probabilities(run, r, run_data, run.feature_inputs(r.blocks)["test"])[0] for r in recipes]
-    return ensemble.calibrate(ensemble.blend(parts, blend.weights), temperature)
+    return mix(blend, parts, temperature)
+
+
+def mix(blend: Blend, parts: list[np.ndarray], temperature: float | None = None) -> np.ndarray:
+    """A blend's probabilities from its parts' (each calibrated as its own submission is): mixed
+    with its weights, then its temperature (or `temperature`). The submission and `predict` use it."""
+    return ensemble.calibrate(ensemble.blend(parts, blend.weights),
+                              blend.temperature if temperature is None else temperature)

@@ -96,6 +96,15 @@ def sample_rows(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep))
 
 
+def inner_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Folds of an outer fold's training rows for the nested check: as many as the recipe's where
+    every class has the rows for them, and at least 2."""
+    from transfer_ensemble.crossval import fold_assignment
+
+    smallest = int(np.bincount(labels)[np.unique(labels)].min())
+    return fold_assignment(labels, max(2, min(folds, smallest)), seed)
+
+
 def cv_probabilities(config: TrainConfig, x: Mapping[str, np.ndarray], labels: np.ndarray,
                      assignment: np.ndarray, n_classes: int, views: Sequence[str],
                      folds: Sequence[int] | None = None) -> np.ndarray:
@@ -154,24 +163,25 @@ def select(config: TrainConfig, features: Features, candidates: Sequence[str], v
     fold_ids = np.unique(folds)
     memo: dict = {}
 
-    def loss_of(subset: tuple[str, ...], within: np.ndarray) -> float:
-        """The CV log loss of `subset` on the rows `within` (indices into `rows`), with their folds."""
+    def loss_of(subset: tuple[str, ...], within: np.ndarray, assigned: np.ndarray) -> float:
+        """The CV log loss of `subset` on the rows `within` (indices into `rows`) with folds `assigned`."""
         marker = (subset, within.tobytes())
         if marker not in memo:
             x = _columns(features, subset, rows[within], views)
-            pred = cv_probabilities(config, x, y[within], folds[within], n_classes, views)
+            pred = cv_probabilities(config, x, y[within], assigned, n_classes, views)
             memo[marker] = ensemble.score(y[within], pred)["log_loss"]
             bar.update()
         return memo[marker]
 
     everything = np.arange(len(rows))
     with progress.bar(desc="choose blocks by OOF", unit="CV") as bar:
-        chosen, path = greedy(lambda s: loss_of(s, everything), candidates)
+        chosen, path = greedy(lambda s: loss_of(s, everything, folds), candidates)
         nested = np.zeros((len(rows), n_classes))
         choices = []
         for k in fold_ids:
             inner = np.flatnonzero(folds != k)
-            mine, _ = greedy(lambda s: loss_of(s, inner), candidates)
+            inner_folds = inner_assignment(y[inner], len(fold_ids), config.seed)
+            mine, _ = greedy(lambda s: loss_of(s, inner, inner_folds), candidates)
             choices.append(mine)
             x = _columns(features, mine, rows, views)
             nested += cv_probabilities(config, x, y, folds, n_classes, views, folds=[k])

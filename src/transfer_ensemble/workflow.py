@@ -265,12 +265,21 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None,
     return _train_one(run_dir, overrides, heads)
 
 
-def _train_candidates(run_dir: str | Path, overrides: Overrides) -> TrainResult:
+def _candidate_overrides(overrides: Overrides) -> list[Overrides]:
+    """The options of each head of CANDIDATE_HEADS: those given that are its own or every head's."""
     owners = head_option_owners()
-    trained = []
-    for head in CANDIDATE_HEADS:
-        mine = {k: v for k, v in overrides.items() if k not in owners or head in owners[k]}
-        trained.append(_train_one(run_dir, Overrides({**mine, "head": head}, overrides.origin), None).recipe)
+    return [Overrides({**{k: v for k, v in overrides.items() if k not in owners or head in owners[k]}, "head": head},
+                      overrides.origin) for head in CANDIDATE_HEADS]
+
+
+def candidate_configs(overrides: Overrides) -> list[TrainConfig]:
+    """Each candidate head's TrainConfig from `overrides` over the defaults: checks them all (a
+    `run` does so before it extracts)."""
+    return [merged(TrainConfig, None, mine) for mine in _candidate_overrides(overrides)]
+
+
+def _train_candidates(run_dir: str | Path, overrides: Overrides) -> TrainResult:
+    trained = [_train_one(run_dir, mine, None).recipe for mine in _candidate_overrides(overrides)]
     mixed = blend(run_dir, trained)
     scores = {name: s.oof_log_loss for name in trained + [mixed.recipe]
               for s in mixed.statuses if s.recipe.name == name}

@@ -1,0 +1,137 @@
+"""`run --time-limit` and `extract --time-limit`: the passes that fit in the time a user has.
+
+The plan is made as the work goes, from what this machine measures:
+
+1. the first scale's forward pass is timed on a few of the run's images (`plan.measure`);
+2. the first pass (the paper's: the first of --scales) runs at the largest of `plan.FIRST_SCALES`
+   times that scale whose extraction, and a `train` budgeted at `plan.TRAIN_SHARE` of it, fit;
+   where even the smallest does not, nothing is computed and the error says what would fit;
+3. `train` follows (`run`), so a submission is ready however the rest goes;
+4. each further scale, cheapest first (its pixels are its cost; on the development sets a
+   second scale paid at either size, docs/quality.md), is extracted only if its pass, estimated
+   from the speed the last pass measured, and the last `train`'s measured time fit in what is
+   left; `train` follows each;
+5. `run` submits the recipe with the lowest OOF log loss.
+
+What ran is recorded: the extraction's scales in config.json's "extract" (so `run --config`
+repeats it exactly, with no limit) and the plan, with each pass's estimate and measured time,
+in its "plan".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from transfer_ensemble import plan
+from transfer_ensemble.config import ExtractConfig, TrainConfig
+from transfer_ensemble.dataset import load_dataset
+from transfer_ensemble.engines import EngineConfig
+from transfer_ensemble.errors import UserError
+from transfer_ensemble.options import Overrides
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Budget:
+    """What a time-limited run did: the scales extracted, those left out, each step's estimate and
+    measured seconds, and the results of its last extract, train and submit."""
+
+    limit: float
+    scales: list[float] = field(default_factory=list)
+    left_out: list[float] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)
+    extracted: list = field(default_factory=list)
+    trained: object = None
+    submitted: object = None
+
+    def to_json(self) -> dict:
+        return {"time_limit_seconds": self.limit, "scales": self.scales, "left_out": self.left_out,
+                "steps": self.steps}
+
+
+def first_scale(rate: float, base: float, images: int, limit: float, elapsed: float, train: bool) -> float:
+    """The largest first pass (`plan.FIRST_SCALES` times `base`) that, with a `train` budgeted at
+    `plan.TRAIN_SHARE` of the full-size pass, fits in `limit`; UserError where none does."""
+    full = plan.seconds_at(rate, base, base, images)
+    reserve = plan.TRAIN_SHARE * full if train else 0.0
+    for share in plan.FIRST_SCALES:
+        scale = base * share
+        if plan.fits(elapsed, limit, plan.seconds_at(rate, base, scale, images), reserve):
+            return scale
+    smallest = base * plan.FIRST_SCALES[-1]
+    need = elapsed + plan.seconds_at(rate, base, smallest, images) + reserve + plan.MARGIN_SECONDS
+    raise UserError(f"--time-limit {plan.duration_text(limit)} is too short for {images} images on this machine: "
+                    f"the smallest first pass ({smallest:g}x) takes about "
+                    f"{plan.duration_text(plan.seconds_at(rate, base, smallest, images))}"
+                    + (f" and training about {plan.duration_text(reserve)}" if train else "")
+                    + f" (measured: {rate:.2f} images/s at {base:g}x). Allow at least "
+                      f"{plan.duration_text(need)}, or run on fewer images. Nothing was computed.")
+
+
+def run_within(limit: float, data: str | Path, run_dir: str | Path, config: ExtractConfig,
+               train_overrides: "Overrides | TrainConfig | None", out: str | Path | None, engine: EngineConfig | None = None,
+               folds: int | None = None, clock: Callable[[], float] = time.monotonic) -> Budget:
+    """Extract (and, with `train_overrides` not None, train after each pass and submit to `out`)
+    within `limit` seconds, as the module's docstring says."""
+    from transfer_ensemble import features, workflow
+    from transfer_ensemble.runfolder import RunFolder
+
+    start = clock()
+    budget = Budget(limit)
+    training = train_overrides is not None
+    dataset = load_dataset(data)
+    images = len(dataset.train) + len(dataset.test)
+    base, later = config.scales[0], sorted(config.scales[1:])
+    rate = plan.measure(features.Extractor(replace(config, scales=(base,)), base), [it.path for it in dataset.train])
+    scale = first_scale(rate, base, images, limit, clock() - start, training)
+    if scale != base:
+        log.warning("--time-limit: the first pass runs at %gx, not %gx, to leave time for training", scale, base)
+        later = []
+    train_seconds = plan.TRAIN_SHARE * plan.seconds_at(rate, base, base, images) if training else 0.0
+    log.info("--time-limit %s: first pass %gx, about %s (measured %.2f images/s at %gx); each further scale "
+             "(%s) only if it fits after it", plan.duration_text(limit), scale,
+             plan.duration_text(plan.seconds_at(rate, base, scale, images)), rate, base,
+             ", ".join(f"{s:g}x" for s in later) or "none")
+    pending = [scale] + later
+    overhead = 0.0  # of an extract beyond its passes: the image check, the timing, building the models
+    while pending:
+        scale = pending.pop(0)
+        estimate = plan.seconds_at(rate, base, scale, images) + overhead
+        if budget.scales:  # the candidate blocks grow with the scales, and the selection about with their square
+            train_seconds *= ((len(budget.scales) + 1) / len(budget.scales)) ** 2
+        if budget.scales and not plan.fits(clock() - start, limit, estimate, train_seconds):
+            budget.left_out += [scale] + pending
+            log.info("--time-limit: leaving out %s: the pass would take about %s and train about %s, with %s "
+                     "left", ", ".join(f"{s:g}x" for s in [scale] + pending), plan.duration_text(estimate),
+                     plan.duration_text(train_seconds), plan.duration_text(limit - (clock() - start)))
+            break
+        began = clock()
+        budget.extracted = workflow.extract(data, run_dir, replace(config, scales=tuple(budget.scales + [scale])),
+                                            folds=folds, engine=engine)
+        took = clock() - began
+        budget.scales.append(scale)
+        step = {"pass": scale, "estimated_seconds": round(estimate, 1), "seconds": round(took, 1)}
+        done = [r for r in budget.extracted if r.scale == scale and r.computed]
+        if done and sum(r.seconds for r in done) > 0:
+            rate, base = sum(r.computed for r in done) / sum(r.seconds for r in done), scale
+        overhead = max(0.0, took - sum(r.seconds for r in budget.extracted))
+        if training:
+            began = clock()
+            budget.trained = workflow.train(run_dir, train_overrides)
+            train_seconds = clock() - began
+            step["train_seconds"] = round(train_seconds, 1)
+        budget.steps.append(step)
+    if training and out is not None:
+        budget.submitted = workflow.submit(run_dir, out, heads=budget.trained.recipe, record_out=True)
+    run = RunFolder(run_dir)
+    with run.lock():
+        run.update_config(plan=budget.to_json())
+    log.info("--time-limit %s: done in %s (scales %s%s)", plan.duration_text(limit),
+             plan.duration_text(clock() - start), ", ".join(f"{s:g}x" for s in budget.scales),
+             f"; left out {', '.join(f'{s:g}x' for s in budget.left_out)}" if budget.left_out else "")
+    return budget
