@@ -75,9 +75,11 @@ def first_scale(rate: float, base: float, images: int, limit: float, elapsed: fl
 
 def run_within(limit: float, data: str | Path, run_dir: str | Path, config: ExtractConfig,
                train_overrides: "Overrides | TrainConfig | None", out: str | Path | None, engine: EngineConfig | None = None,
-               folds: int | None = None, clock: Callable[[], float] = time.monotonic) -> Budget:
-    """Extract (and, with `train_overrides` not None, train after each pass and submit to `out`)
-    within `limit` seconds, as the module's docstring says."""
+               folds: int | None = None, candidates: dict | None = None,
+               clock: Callable[[], float] = time.monotonic) -> Budget:
+    """Extract (and, with `train_overrides` not None, train after each pass as `workflow.train`
+    with `candidates` does, and submit to `out`) within `limit` seconds, as the module's docstring
+    says."""
     from transfer_ensemble import features, workflow
     from transfer_ensemble.runfolder import RunFolder
 
@@ -122,7 +124,7 @@ def run_within(limit: float, data: str | Path, run_dir: str | Path, config: Extr
         overhead = max(0.0, took - sum(r.seconds for r in budget.extracted))
         if training:
             began = clock()
-            budget.trained = workflow.train(run_dir, train_overrides)
+            budget.trained = workflow.train(run_dir, train_overrides, candidates=candidates)
             train_seconds = clock() - began
             step["train_seconds"] = round(train_seconds, 1)
         budget.steps.append(step)

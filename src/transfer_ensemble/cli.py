@@ -432,23 +432,22 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise UserError(f"`run` needs {', '.join(missing)} (or --config with a run's config.json that has them).")
     extract = extract_config(args, upgrade(saved).get("extract"), source)
     engine = engine_config(args)
-    if args.head is None and (not args.config or saved.get("choose")):
-        repeated = {k: v for k, v in (saved.get("train") or {}).items() if k in ("folds", "seed")}
-        train_with = Overrides({**repeated, **{k: v for k, v in train_overrides(args).items() if v is not None}},
-                               COMMAND_LINE)
-        train = workflow.candidate_configs(train_with)[-1]  # checks every candidate's options before extracting
+    candidates = saved.get("choose") if isinstance(saved.get("choose"), dict) else None
+    if args.head is None and (not args.config or candidates):
+        train_with = train_overrides(args)
+        train = workflow.candidate_configs(train_with, candidates, source)[-1]  # checks them all before extracting
     else:
         train = train_with = train_config(args, saved.get("train"), source)
     if args.time_limit is not None:
         from transfer_ensemble import budget, plan
 
         done = budget.run_within(plan.parse_duration(args.time_limit), data, run_dir, extract, train_with, out,
-                                 engine, folds=train.folds)
+                                 engine, folds=train.folds, candidates=candidates)
         print_extract_summary(done.extracted)
         result, submitted = done.trained, done.submitted
     else:
         print_extract_summary(workflow.extract(data, run_dir, extract, folds=train.folds, engine=engine))
-        result = workflow.train(run_dir, train_with)
+        result = workflow.train(run_dir, train_with, candidates=candidates)
         submitted = workflow.submit(run_dir, out, heads=result.recipe, record_out=True)
     print_train(result)
     print()

@@ -243,13 +243,15 @@ def train_config_for(run: RunFolder, overrides: "dict | TrainConfig | None" = No
 
 
 def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None,
-          heads: str | None = None) -> TrainResult:
+          heads: str | None = None, candidates: dict | None = None) -> TrainResult:
     """Train the run's best recipe by OOF, or (given a head or `heads`) one recipe.
 
     With no ``head`` in `overrides` and no `heads`, it trains each head of CANDIDATE_HEADS (each
     with the options given that are its own or every head's), blends them by their OOF
     predictions, and makes the candidate with the lowest OOF log loss the run's recipe
-    (`TrainResult.candidates` lists them). Otherwise it trains (or finishes) one head recipe:
+    (`TrainResult.candidates` lists them). Each starts from its options in `candidates` (head ->
+    options, as config.json's "choose" records them; `run --config` passes that run's), else in
+    the run's own "choose", else the defaults. Otherwise it trains (or finishes) one head recipe:
     the run's recorded options with `overrides` on top (a dict of option names, e.g.
     ``{"folds": 3}``; an unknown name is refused), or a TrainConfig.
 
@@ -261,7 +263,7 @@ def train(run_dir: str | Path, overrides: "dict | TrainConfig | None" = None,
         overrides = python_overrides(overrides, "workflow.train(..., overrides)")
         refuse_unknown(overrides, option_names(TrainConfig), overrides.origin)
         if heads is None and overrides.get("head") is None:
-            return _train_candidates(run_dir, overrides)
+            return _train_candidates(run_dir, overrides, candidates)
     return _train_one(run_dir, overrides, heads)
 
 
@@ -272,21 +274,30 @@ def _candidate_overrides(overrides: Overrides) -> list[Overrides]:
                       overrides.origin) for head in CANDIDATE_HEADS]
 
 
-def candidate_configs(overrides: Overrides) -> list[TrainConfig]:
-    """Each candidate head's TrainConfig from `overrides` over the defaults: checks them all (a
-    `run` does so before it extracts)."""
-    return [merged(TrainConfig, None, mine) for mine in _candidate_overrides(overrides)]
+def candidate_configs(overrides: Overrides, saved: dict | None = None,
+                      source: str = "config.json") -> list[TrainConfig]:
+    """Each candidate head's TrainConfig: `overrides` over its options in `saved` (head -> options,
+    config.json's "choose", read from `source`) over the defaults. A `run` calls it before it
+    extracts, so a bad option stops it before the long work."""
+    saved = saved if isinstance(saved, dict) else {}
+    return [merged(TrainConfig, saved.get(mine["head"]), mine, source, head_from_saved=False)
+            for mine in _candidate_overrides(overrides)]
 
 
-def _train_candidates(run_dir: str | Path, overrides: Overrides) -> TrainResult:
-    trained = [_train_one(run_dir, mine, None).recipe for mine in _candidate_overrides(overrides)]
+def _train_candidates(run_dir: str | Path, overrides: Overrides, candidates: dict | None) -> TrainResult:
+    run = RunFolder.existing(run_dir, "train")
+    source = "the candidates given to workflow.train" if candidates is not None else str(run.config_path)
+    if candidates is None:
+        with run.lock():
+            candidates = run.read_config().get("choose")
+    configs = candidate_configs(overrides, candidates, source)
+    trained = [_train_one(run_dir, config, None).recipe for config in configs]
     mixed = blend(run_dir, trained)
     scores = {name: s.oof_log_loss for name in trained + [mixed.recipe]
               for s in mixed.statuses if s.recipe.name == name}
     best = min(scores, key=scores.get)
-    run = RunFolder.existing(run_dir, "train")
     with run.lock(), disk_errors(run.path):
-        run.update_config(heads=best, choose=list(CANDIDATE_HEADS))
+        run.update_config(heads=best, choose={config.head: config.to_json() for config in configs})
         statuses = recipe_statuses(run)
         from transfer_ensemble.report import write_report
 
