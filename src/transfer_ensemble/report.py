@@ -30,6 +30,7 @@ from transfer_ensemble.errors import UserError
 from transfer_ensemble.recipes import Blend, Recipe, RecipeStatus, recipe_statuses, select_recipe
 from transfer_ensemble.records import DamagedFile, load_json
 from transfer_ensemble.runfolder import RunFolder
+from transfer_ensemble.selection import Selection
 from transfer_ensemble.storage import write_atomic
 
 TOP_PAIRS = 20
@@ -247,10 +248,23 @@ def recipe_rows(statuses: list[RecipeStatus]) -> list[list]:
         options = _options_text(status)
         oof = status.metrics["oof"]["ensemble"] if status.metrics else None
         hold = (status.metrics or {}).get("holdout", {}).get("ensemble")
-        rows.append([status.recipe.name, status.state, options,
+        rows.append([status.recipe.name, status.state, options, blocks_text(status.recipe),
                      oof["log_loss"] if oof else "", oof["accuracy"] if oof else "",
                      hold["log_loss"] if hold else "", hold["accuracy"] if hold else ""])
     return rows
+
+
+def blocks_text(recipe: "Recipe | Blend | object") -> str:
+    """The feature blocks a recipe trains on; for blocks chosen by OOF, of how many and the honest
+    (nested) OOF log loss of that choice; nothing for a blend."""
+    if not isinstance(recipe, Recipe):
+        return ""
+    text = " + ".join(recipe.blocks.sources)
+    if "selection" in recipe.inputs:
+        chosen = Selection.from_json(recipe.inputs["selection"])
+        text += (f" (chosen of {len(chosen.candidates)} by OOF; nested OOF {chosen.nested_log_loss:.4f}, "
+                 f"so the choosing flatters it by {chosen.flattery:+.4f})")
+    return text
 
 
 def _options_text(status: RecipeStatus) -> str:
@@ -268,12 +282,12 @@ def _options_text(status: RecipeStatus) -> str:
     return text
 
 
-RECIPE_HEADER = ["recipe", "state", "options", "OOF log loss", "OOF accuracy", "hold-out log loss",
-                 "hold-out accuracy"]
+RECIPE_HEADER = ["recipe", "state", "options", "feature blocks", "OOF log loss", "OOF accuracy",
+                 "hold-out log loss", "hold-out accuracy"]
 
 
 def _recipes_section(record: RunRecord) -> Section:
-    table = _table(RECIPE_HEADER, recipe_rows(record.statuses), 3)
+    table = _table(RECIPE_HEADER, recipe_rows(record.statuses), 4)
     body = (f"<p>Every head recipe trained on this run, best out-of-fold (OOF) log loss first. "
             f"<code>submit</code>, <code>predict</code> and this report use the one the last "
             f"<code>train</code> trained unless given <code>--heads NAME</code> (or <code>--heads "
