@@ -2,20 +2,22 @@
 
 The plan is made as the work goes, from what this machine measures:
 
-1. the first scale's forward pass is timed on a few of the run's images (`plan.measure`);
-2. the first pass (the paper's: the first of --scales) runs at the largest of `plan.FIRST_SCALES`
-   times that scale whose extraction, and a `train` budgeted at `plan.TRAIN_SHARE` of it, fit;
-   where even the smallest does not, nothing is computed and the error says what would fit;
+1. the forward pass at scale 1 is timed on a few of the run's images (`plan.measure`);
+2. the first pass (scale 1, the paper's) runs at the largest share of the input size in
+   `plan.FIRST_SHARES` whose extraction, and a `train` budgeted at `plan.TRAIN_SHARE` of the
+   full-size pass, fit (a smaller share is recorded as --image-size, and no further scale is
+   tried); where even the smallest does not fit, nothing is computed and the error says what
+   would;
 3. `train` follows (`run`), so a submission is ready however the rest goes;
-4. each further scale, cheapest first (its pixels are its cost; on the development sets a
-   second scale paid at either size, docs/quality.md), is extracted only if its pass, estimated
-   from the speed the last pass measured, and the last `train`'s measured time fit in what is
-   left; `train` follows each;
+4. each further scale, cheapest first (its pixels are its cost), is extracted only if its pass,
+   estimated from the speed the last pass measured plus that extract's own overhead, and a
+   `train` (the last one's measured time, times the growth of the candidate blocks squared) fit
+   in what is left; `train` follows each;
 5. `run` submits the recipe with the lowest OOF log loss.
 
-What ran is recorded: the extraction's scales in config.json's "extract" (so `run --config`
-repeats it exactly, with no limit) and the plan, with each pass's estimate and measured time,
-in its "plan".
+What ran is recorded: the extraction's scales and size in config.json's "extract" (so
+`run --config` repeats it exactly, with no limit) and the plan, with each pass's estimate and
+measured time, in its "plan".
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Budget:
     measured seconds, and the results of its last extract, train and submit."""
 
     limit: float
+    image_size: int | None = None
     scales: list[float] = field(default_factory=list)
     left_out: list[float] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)
@@ -50,32 +53,41 @@ class Budget:
     submitted: object = None
 
     def to_json(self) -> dict:
-        return {"time_limit_seconds": self.limit, "scales": self.scales, "left_out": self.left_out,
+        return {"time_limit_seconds": self.limit, "image_size": self.image_size, "scales": self.scales, "left_out": self.left_out,
                 "steps": self.steps}
 
 
-def first_scale(rate: float, base: float, images: int, limit: float, elapsed: float, train: bool) -> float:
-    """The largest first pass (`plan.FIRST_SCALES` times `base`) that, with a `train` budgeted at
-    `plan.TRAIN_SHARE` of the full-size pass, fits in `limit`; UserError where none does."""
-    full = plan.seconds_at(rate, base, base, images)
+def first_share(rate: float, images: int, limit: float, elapsed: float, train: bool) -> float:
+    """The largest share of the first pass's input size (`plan.FIRST_SHARES`) whose pass, with a
+    `train` budgeted at `plan.TRAIN_SHARE` of the full-size pass, fits in `limit`, from `rate`
+    images/s at full size; UserError where none does."""
+    full = plan.seconds_at(rate, 1.0, 1.0, images)
     reserve = plan.TRAIN_SHARE * full if train else 0.0
-    for share in plan.FIRST_SCALES:
-        scale = base * share
-        if plan.fits(elapsed, limit, plan.seconds_at(rate, base, scale, images), reserve):
-            return scale
-    smallest = base * plan.FIRST_SCALES[-1]
-    need = elapsed + plan.seconds_at(rate, base, smallest, images) + reserve + plan.MARGIN_SECONDS
+    for share in plan.FIRST_SHARES:
+        if plan.fits(elapsed, limit, plan.seconds_at(rate, 1.0, share, images), reserve):
+            return share
+    smallest = plan.FIRST_SHARES[-1]
+    need = elapsed + plan.seconds_at(rate, 1.0, smallest, images) + reserve + plan.MARGIN_SECONDS
     raise UserError(f"--time-limit {plan.duration_text(limit)} is too short for {images} images on this machine: "
-                    f"the smallest first pass ({smallest:g}x) takes about "
-                    f"{plan.duration_text(plan.seconds_at(rate, base, smallest, images))}"
+                    f"the smallest first pass ({smallest:g} of the input size) takes about "
+                    f"{plan.duration_text(plan.seconds_at(rate, 1.0, smallest, images))}"
                     + (f" and training about {plan.duration_text(reserve)}" if train else "")
-                    + f" (measured: {rate:.2f} images/s at {base:g}x). Allow at least "
+                    + f" (measured: {rate:.2f} images/s at full size). Allow at least "
                       f"{plan.duration_text(need)}, or run on fewer images. Nothing was computed.")
 
 
+def shrunk(config: ExtractConfig, share: float) -> ExtractConfig:
+    """`config` at `share` of its input size (--image-size, else the backbones' largest native size),
+    one scale."""
+    from transfer_ensemble import backbones
+
+    size = config.image_size or max(backbones.get_spec(name).size for name in config.backbones)
+    return replace(config, image_size=int(round(size * share)), scales=(1.0,))
+
+
 def run_within(limit: float, data: str | Path, run_dir: str | Path, config: ExtractConfig,
-               train_overrides: "Overrides | TrainConfig | None", out: str | Path | None, engine: EngineConfig | None = None,
-               folds: int | None = None, candidates: dict | None = None,
+               train_overrides: "Overrides | TrainConfig | None", out: str | Path | None,
+               engine: EngineConfig | None = None, folds: int | None = None, candidates: dict | None = None,
                clock: Callable[[], float] = time.monotonic) -> Budget:
     """Extract (and, with `train_overrides` not None, train after each pass as `workflow.train`
     with `candidates` does, and submit to `out`) within `limit` seconds, as the module's docstring
@@ -88,18 +100,21 @@ def run_within(limit: float, data: str | Path, run_dir: str | Path, config: Extr
     training = train_overrides is not None
     dataset = load_dataset(data)
     images = len(dataset.train) + len(dataset.test)
-    base, later = config.scales[0], sorted(config.scales[1:])
+    base, later = 1.0, sorted(s for s in config.scales if s != 1.0)
     rate = plan.measure(features.Extractor(replace(config, scales=(base,)), base), [it.path for it in dataset.train])
-    scale = first_scale(rate, base, images, limit, clock() - start, training)
-    if scale != base:
-        log.warning("--time-limit: the first pass runs at %gx, not %gx, to leave time for training", scale, base)
-        later = []
+    share = first_share(rate, images, limit, clock() - start, training)
     train_seconds = plan.TRAIN_SHARE * plan.seconds_at(rate, base, base, images) if training else 0.0
-    log.info("--time-limit %s: first pass %gx, about %s (measured %.2f images/s at %gx); each further scale "
-             "(%s) only if it fits after it", plan.duration_text(limit), scale,
-             plan.duration_text(plan.seconds_at(rate, base, scale, images)), rate, base,
+    if share != 1.0:
+        config = shrunk(config, share)
+        log.warning("--time-limit: the first pass runs at %d px (%g of the input size) to leave time for "
+                    "training; no further scale fits", config.image_size, share)
+        rate, later = rate / share ** 2, []
+    log.info("--time-limit %s: first pass about %s (measured %.2f images/s); each further scale (%s) only if "
+             "it fits after it", plan.duration_text(limit),
+             plan.duration_text(plan.seconds_at(rate, base, base, images)), rate,
              ", ".join(f"{s:g}x" for s in later) or "none")
-    pending = [scale] + later
+    budget.image_size = config.image_size
+    pending = [base] + later
     overhead = 0.0  # of an extract beyond its passes: the image check, the timing, building the models
     while pending:
         scale = pending.pop(0)

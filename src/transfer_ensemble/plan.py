@@ -29,8 +29,8 @@ default `train` (both candidate heads, the block selection and the blend) took 0
 pass on the development sets here; after a `train`, its measured time is used."""
 MARGIN_SECONDS = 20.0
 """Kept free at the end of a time limit for writing the submission and the report."""
-FIRST_SCALES = (1.0, 0.75, 0.5)
-"""With --time-limit, the first pass runs at the first of these (times the first --scales) that fits."""
+FIRST_SHARES = (1.0, 0.75, 0.5)
+"""With --time-limit, the first pass runs at the first of these shares of the input size that fits."""
 
 
 @dataclass(frozen=True)
