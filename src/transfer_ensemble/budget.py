@@ -53,7 +53,8 @@ class Budget:
     submitted: object = None
 
     def to_json(self) -> dict:
-        return {"time_limit_seconds": self.limit, "image_size": self.image_size, "scales": self.scales, "left_out": self.left_out,
+        return {"time_limit_seconds": self.limit, "image_size": self.image_size, "scales": self.scales,
+                "left_out": self.left_out,
                 "steps": self.steps}
 
 

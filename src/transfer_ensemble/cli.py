@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "computes only what is missing, and an interrupted one resumes.")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--run", required=True, help="run folder (created if missing)")
-    p.add_argument("--time-limit", metavar="DURATION", help=TIME_LIMIT_HELP.format(what="extract the first scale, then each further one only while its pass fits"))
+    p.add_argument("--time-limit", metavar="DURATION",
+                   help=TIME_LIMIT_HELP.format(what="extract scale 1, then each further scale only while its pass fits"))
     _add_options(p, [ExtractConfig, EngineConfig])
 
     p = sub.add_parser("train", help="train head recipes (K or 2 x K heads each) with cross-validation",

@@ -516,7 +516,8 @@ def predict_to_csv(run_dir: str | Path, source: str | Path, out: str | Path, fmt
         k = len(classes)
     start = time.perf_counter()
     extracted = [run.extract(paths, keys, batch_size, cache_dir, where) for run in runs]
-    chunks = [run.iter_probabilities(stores, len(paths), tta, engine=where) for run, (stores, _) in zip(runs, extracted)]
+    chunks = [run.iter_probabilities(stores, len(paths), tta, engine=where)
+              for run, (stores, _) in zip(runs, extracted)]
     if isinstance(chosen, Blend):
         chunks = [((parts[0][0], mix(chosen, [p for _, p in parts])) for parts in zip(*chunks))]
     out = Path(out)
