@@ -114,3 +114,32 @@ def test_the_plan_stops_before_the_limit_and_run_config_repeats_it(tmp_path, fak
     assert repeated["heads"] == recorded["heads"] and repeated["choose"] == recorded["choose"]
     np.testing.assert_allclose(pd.read_csv(again_out).iloc[:, 1:].to_numpy(), pd.read_csv(out).iloc[:, 1:].to_numpy(),
                                atol=1e-6)
+
+
+def test_a_bar_inside_a_job_shows_the_whole_jobs_eta(monkeypatch):
+    import io
+    import time
+
+    from transfer_ensemble import progress
+
+    with progress.job(120.0, expected=2.0):
+        bar = progress.bar(total=10, file=io.StringIO(), mininterval=0)
+    assert isinstance(bar, progress.JobBar)
+    time.sleep(0.05)
+    bar.update(5)  # about 100 images/s measured, 50 times the expected 2/s: the later work rescales to 2.4 s
+    assert bar.postfix.startswith("job ETA 00:0")
+    bar.close()
+    assert not isinstance(progress.bar(total=1, file=io.StringIO()), progress.JobBar)
+
+
+def test_extract_says_its_plan_first_and_nothing_when_all_is_computed(tmp_path, caplog):
+    data = make_kaggle(tmp_path / "data", per_class=2, n_test=2)
+    config = {**EXTRACT, "scales": "1,1.5"}
+    with caplog.at_level("INFO", logger="transfer_ensemble"):
+        workflow.extract(data, tmp_path / "run", config)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan:")]
+    assert len(lines) == 1 and lines[0].startswith("plan: 2 passes (1x 8 images ~") and "1.5x 8 images ~" in lines[0]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="transfer_ensemble"):
+        workflow.extract(data, tmp_path / "run", config)
+    assert not [r for r in caplog.records if r.getMessage().startswith("plan:")]
