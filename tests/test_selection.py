@@ -9,7 +9,6 @@ import pytest
 
 from transfer_ensemble import selection, workflow
 from transfer_ensemble.config import TrainConfig
-from transfer_ensemble.crossval import fold_assignment
 from transfer_ensemble.predict import predict_to_csv
 from transfer_ensemble.recipes import list_recipes
 from transfer_ensemble.runfolder import RunFolder
@@ -35,7 +34,7 @@ def _synthetic(n_per_class: int = 60, classes: int = 3, seed: int = 0) -> tuple[
 def test_the_signal_block_is_kept_and_the_noise_block_left_out(order):
     features, labels = _synthetic()
     config = TrainConfig(head="linear", folds=3)
-    chosen = selection.select(config, features, order, VIEWS, labels, fold_assignment(labels, 3, 0), 3)
+    chosen = selection.select(config, features, order, VIEWS, labels, 3)
     assert chosen.chosen == ("signal",)
     assert chosen.path[0][0] == "signal"
     assert all(fold == ("signal",) for fold in chosen.fold_choices)
@@ -51,11 +50,10 @@ def test_greedy_stops_when_a_block_gains_less_than_min_gain():
     assert chosen == ("a", "c") and [p[0] for p in path] == ["a", "c"]  # b's 0.001 share is not worth it
 
 
-def test_nested_check_runs_with_two_folds():
-    features, labels = _synthetic(n_per_class=20)
-    chosen = selection.select(TrainConfig(head="linear", folds=2), features, ("noise", "signal"), VIEWS, labels,
-                              fold_assignment(labels, 2, 0), 3)
-    assert len(chosen.fold_choices) == 2 and np.isfinite(chosen.nested_log_loss)
+def test_the_nested_check_runs_with_few_images_per_class():
+    features, labels = _synthetic(n_per_class=4)
+    chosen = selection.select(TrainConfig(head="linear", folds=2), features, ("noise", "signal"), VIEWS, labels, 3)
+    assert len(chosen.fold_choices) == selection.FOLDS and np.isfinite(chosen.nested_log_loss)
 
 
 def test_sample_rows_is_stratified_and_fixed_by_the_seed():

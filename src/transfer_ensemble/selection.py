@@ -2,7 +2,7 @@
 
 Every extracted block (a backbone at one scale, its final or its middle layer: a `blocks.Source`)
 is a candidate. `select` adds them greedily: at each step the candidate whose addition gives the
-lowest cross-validated log loss of the recipe's own head, trained and scored as the recipe is
+lowest cross-validated log loss (FOLDS folds) of the recipe's own head, trained and scored as the recipe is
 (views pooled or not, TTA or not); it stops when no addition lowers the loss by MIN_GAIN.
 
 The folds that choose the blocks also score them, so the chosen blocks' OOF log loss flatters
@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 MIN_GAIN = 0.005
 """A block is added only if it lowers the cross-validated log loss by this share (0.5%): less is
 within the noise of 5 folds on a thousand images, and every block costs prediction time."""
+FOLDS = 3
+"""Folds of the selection's cross-validation, and of its nested check's outer loop (the inner one
+has 2): each candidate set costs FOLDS fits, so the selection costs a few times one recipe's
+training, not dozens."""
 MAX_IMAGES = 3000
 """The selection (and its nested check) runs on at most this many training images, a stratified
 sample fixed by the seed; the recipe itself then trains on all of them."""
@@ -78,7 +82,7 @@ def selection_key(candidates: dict, labels: str, config: TrainConfig) -> str:
     """What a selection depends on: the candidates' feature identities, the labels, the recipe's
     options and this module's settings. A recorded selection with the same key is reused."""
     text = json.dumps({"candidates": candidates, "labels": labels, "config": config.to_json(),
-                       "min_gain": MIN_GAIN, "max_images": MAX_IMAGES}, sort_keys=True, default=str)
+                       "min_gain": MIN_GAIN, "max_images": MAX_IMAGES, "folds": FOLDS}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -97,8 +101,7 @@ def sample_rows(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 
 def inner_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Folds of an outer fold's training rows for the nested check: as many as the recipe's where
-    every class has the rows for them, and at least 2."""
+    """Stratified folds of `labels`: `folds` where every class has the rows for them, and at least 2."""
     from transfer_ensemble.crossval import fold_assignment
 
     smallest = int(np.bincount(labels)[np.unique(labels)].min())
@@ -155,11 +158,13 @@ def greedy(loss_of: Callable[[tuple[str, ...]], float], candidates: Sequence[str
 
 
 def select(config: TrainConfig, features: Features, candidates: Sequence[str], views: Sequence[str],
-           labels: np.ndarray, assignment: np.ndarray, n_classes: int, key: str = "") -> Selection:
+           labels: np.ndarray, n_classes: int, key: str = "") -> Selection:
     """Choose the blocks of `candidates` a recipe of `config` trains on (see the module's
-    docstring), on the training rows of `features` with the recipe's fold `assignment`."""
+    docstring), on the training rows of `features` (FOLDS stratified folds fixed by the recipe's
+    seed; at most MAX_IMAGES of them)."""
     rows = sample_rows(labels, MAX_IMAGES, config.seed)
-    y, folds = labels[rows], assignment[rows]
+    y = labels[rows]
+    folds = inner_assignment(y, FOLDS, config.seed)
     fold_ids = np.unique(folds)
     memo: dict = {}
 
@@ -180,7 +185,7 @@ def select(config: TrainConfig, features: Features, candidates: Sequence[str], v
         choices = []
         for k in fold_ids:
             inner = np.flatnonzero(folds != k)
-            inner_folds = inner_assignment(y[inner], len(fold_ids), config.seed)
+            inner_folds = inner_assignment(y[inner], FOLDS - 1, config.seed)
             mine, _ = greedy(lambda s: loss_of(s, inner, inner_folds), candidates)
             choices.append(mine)
             x = _columns(features, mine, rows, views)

@@ -379,7 +379,6 @@ def _chosen_blocks(run: RunFolder, run_data: RunData, config: TrainConfig, block
     if recorded is not None and recorded.key == key:
         log.info("%s (chosen before, from the same candidates)", recorded.describe())
         return recorded
-    from transfer_ensemble.crossval import fold_assignment
     from transfer_ensemble.store import load_features
 
     ids = [it.id for it in run_data.dataset.train]
@@ -392,8 +391,8 @@ def _chosen_blocks(run: RunFolder, run_data: RunData, config: TrainConfig, block
         raise UserError(f"The features in {exc.path.parent if exc.path.suffix else exc.path} are not usable: "
                         f"{exc}. Run `transfer-ensemble extract --data DIR --run {run.path}` again: it "
                         f"recomputes what is missing or damaged.") from None
-    chosen = selection.select(config, features, blocks.sources, blocks.views, labels,
-                              fold_assignment(labels, config.folds, config.seed), len(run_data.dataset.classes), key)
+    chosen = selection.select(config, features, blocks.sources, blocks.views, labels, len(run_data.dataset.classes),
+                              key)
     log.info(chosen.describe())
     return chosen
 
