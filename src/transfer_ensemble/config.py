@@ -194,6 +194,12 @@ def _extract_from(obj: dict, where: Where) -> "ExtractConfig":
     return ExtractConfig(**check_values(ExtractConfig, _values(ExtractConfig, obj), where))
 
 
+def _recipe_defaults(entry: heads.HeadEntry) -> dict[str, bool]:
+    """A head's recipe defaults (`HeadEntry.recipe`); select_blocks is False where it says nothing
+    (a plug-in head registered before the option existed)."""
+    return {"select_blocks": False, **entry.recipe}
+
+
 def _train_from(obj: dict, where: Where) -> "TrainConfig":
     flags = {**flags_of(TrainConfig), **head_option_flags()}
     check = Checker(where, flags)
@@ -207,7 +213,7 @@ def _train_from(obj: dict, where: Where) -> "TrainConfig":
         raise check.fail(key, obj[key], f"is an option of {kinds}, not of --head {head}: add "
                                         f"--head {owners[key][0]}, or leave {check.name(key)} out")
     options = check_values(entry.options, _values(entry.options, obj), where)
-    train = check_values(TrainConfig, _values(TrainConfig, obj, entry.recipe), where)
+    train = check_values(TrainConfig, _values(TrainConfig, obj, _recipe_defaults(entry)), where)
     return TrainConfig(**train, options=entry.options(**options))
 
 
@@ -329,7 +335,7 @@ class TrainConfig:
         check = Checker(_nowhere, flags_of(TrainConfig))
         check.choice("head", self.head, head_kinds())
         entry = heads.get(self.head)
-        for key, default in {"select_blocks": False, **entry.recipe}.items():
+        for key, default in _recipe_defaults(entry).items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, default)
         check_values(TrainConfig, {f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
