@@ -130,7 +130,7 @@ def test_json_shapes():
     extract = ExtractConfig().to_json()
     assert extract["backbones"] == list(backbones.DEFAULT_BACKBONES)
     assert extract["image_size"] is None
-    recipe = {"folds", "seed", "head", "multiscale", "pool_views", "tta", "temperature"}
+    recipe = {"folds", "seed", "head", "multiscale", "select_blocks", "pool_views", "tta", "temperature"}
     assert set(TrainConfig(head="seed").to_json()) == recipe | {"epochs", "patience", "dropout", "batch_size",
                                                                 "learning_rate"}
     assert set(TrainConfig(head="linear").to_json()) == recipe | {"power"}
@@ -142,6 +142,7 @@ def test_each_head_has_its_own_view_and_calibration_defaults():
     linear = TrainConfig(head="linear")
     assert (linear.multiscale, linear.pool_views, linear.tta, linear.temperature) == (True,) * 4
     assert TrainConfig(head="seed", tta=True).tta and not TrainConfig(head="linear", tta=False).tta
+    assert linear.select_blocks and not seed.select_blocks, "blocks are chosen by OOF for the linear head only"
 
 
 def test_non_default_configs_round_trip():
