@@ -142,7 +142,7 @@ def full_run(tmp_path_factory) -> Path:
                   "random", "--image-size", str(TINY), "--batch-size", "8", "--scales", "1",
                   "--on-bad-image", "skip"],
                  ["train", "--run", str(run), "--head", "seed", "--folds", "2", "--epochs", "2", "--patience", "1"],
-                 ["train", "--run", str(run), "--folds", "2"],
+                 ["train", "--run", str(run), "--head", "linear", "--folds", "2"],
                  ["train", "--run", str(run), "--blend", f"{seed},linear-folds2"],
                  ["submit", "--run", str(run), "--out", str(base / "sub.csv")],
                  ["predict", "--run", str(run), "--heads", "linear-folds2", "--images", str(data / "test"),

@@ -54,7 +54,7 @@ def test_a_registered_engine_extracts_and_scores_a_run_like_the_local_one(counti
                            scales=(1.0,))
     workflow.extract(data, run, config, engine=EngineConfig(engine=counting))
     assert CALLS == ["extract train", "extract test"]
-    workflow.train(run, {"folds": 2})
+    workflow.train(run, {"head": "linear", "folds": 2})
     frame = pd.read_csv(workflow.submit(run, tmp_path / "sub.csv").submission)
     images = sorted((data / "test").iterdir())
     trained = Run.load(run)

@@ -117,13 +117,14 @@ def test_no_choice_reads_the_test_labels(tmp_path):
     for item, label in zip(record["test"], shuffled):
         item["label"] = label
     (second / "dataset.json").write_text(json.dumps(record))
-    results = [workflow.train(run, {"folds": 2}) for run in (first, second)]
+    results = [workflow.train(run, {"head": "linear", "folds": 2}) for run in (first, second)]
     a, b = (r.metrics for r in results)
     assert a["calibration"]["temperature"] == b["calibration"]["temperature"]
     assert [r["chosen"]["C"] for r in a["oof"]["per_fold"]] == [r["chosen"]["C"] for r in b["oof"]["per_fold"]]
     assert a["oof"] == b["oof"]
     assert a["holdout"]["ensemble"]["log_loss"] != b["holdout"]["ensemble"]["log_loss"], "labels were not shuffled"
     recipe = results[0].recipe
+    assert select_recipe(RunFolder(first), recipe).blocks == select_recipe(RunFolder(second), recipe).blocks
     for group in select_recipe(RunFolder(first), recipe).groups:
         np.testing.assert_array_equal(np.load(first / "heads" / recipe / f"oof_{group}.npy"),
                                       np.load(second / "heads" / recipe / f"oof_{group}.npy"))
@@ -131,7 +132,7 @@ def test_no_choice_reads_the_test_labels(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_recipes(tmp_path_factory):
-    """A run extracted at two scales, trained with --head seed, then with the default."""
+    """A run extracted at two scales, trained with --head seed, then with --head linear."""
     base = tmp_path_factory.mktemp("heads")
     data = make_kaggle(base / "data", n_classes=3, per_class=4, n_test=5)
     run = base / "run"
@@ -141,14 +142,14 @@ def two_recipes(tmp_path_factory):
     seed = run_cli("train", "--run", str(run), *FAST_TRAIN)
     assert seed.returncode == 0, seed.stderr
     seed_sub = run_cli("submit", "--run", str(run), "--out", str(base / "seed.csv"))
-    default = run_cli("train", "--run", str(run), "--folds", "2")
+    default = run_cli("train", "--run", str(run), "--head", "linear", "--folds", "2")
     assert default.returncode == 0, default.stderr
     default_sub = run_cli("submit", "--run", str(run), "--out", str(base / "default.csv"))
     return data, run, base, seed_sub, default, default_sub
 
 
 @pytest.mark.slow
-def test_seed_then_default_each_followed_by_submit(two_recipes):
+def test_seed_then_linear_each_followed_by_submit(two_recipes):
     data, run, base, seed_sub, default, default_sub = two_recipes
     assert seed_sub.returncode == 0 and "head recipe seed-folds2-epochs3-patience2" in seed_sub.stdout
     assert default_sub.returncode == 0, default_sub.stderr
@@ -158,9 +159,14 @@ def test_seed_then_default_each_followed_by_submit(two_recipes):
     folder = RunFolder(run)
     recipe = select_recipe(folder, name)
     assert recipe.groups == ("pooled",) and recipe.scored_views("pooled") == ("original", "flipped")
-    assert recipe.blocks.sources == ("xception", "xception.mid", "inception_v3", "inception_v3.mid",
-                                                     "xception@2x", "xception.mid@2x", "inception_v3@2x",
-                                     "inception_v3.mid@2x")
+    candidates = ("xception", "xception.mid", "inception_v3", "inception_v3.mid", "xception@2x",
+                  "xception.mid@2x", "inception_v3@2x", "inception_v3.mid@2x")
+    inputs = json.loads((recipe.folder / "recipe.json").read_text())["inputs"]
+    chosen = inputs["selection"]
+    assert set(inputs["features"]) == set(chosen["chosen"]), "the recipe records the chosen blocks only"
+    assert tuple(chosen["candidates"]) == candidates, "the linear head chooses among every extracted block"
+    assert recipe.blocks.sources == tuple(chosen["chosen"]) and set(recipe.blocks.sources) <= set(candidates)
+    assert recipe.blocks.sources, "at least one block is chosen"
     assert select_recipe(folder, "seed-folds2-epochs3-patience2").blocks.sources == ("xception", "inception_v3")
     assert json.loads((run / "features" / "train" / "xception@2x" / "meta.json").read_text())["image_size"] == 150
     seed_frame, default_frame = (pd.read_csv(base / f"{n}.csv") for n in ("seed", "default"))
@@ -169,7 +175,7 @@ def test_seed_then_default_each_followed_by_submit(two_recipes):
 
 
 @pytest.mark.slow
-def test_predict_with_the_default_recipe_equals_its_submission(two_recipes, tmp_path):
+def test_predict_with_the_linear_recipe_equals_its_submission(two_recipes, tmp_path):
     data, run, base, *_ = two_recipes
     out = tmp_path / "preds.csv"
     result = run_cli("predict", "--run", str(run), "--images", str(data / "test"), "--out", str(out))
@@ -198,7 +204,39 @@ def test_a_blend_of_the_two_recipes(two_recipes, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_xception_features_beat_chance_with_the_default(dogs3, tmp_path):
+def test_the_default_train_trains_both_heads_blends_them_and_uses_the_lowest_oof(two_recipes, tmp_path):
+    """No --head: the seed head (its own options from the command line) and the linear head, their
+    blend, and the run's recipe is the one of the three with the lowest OOF log loss; a one-head
+    train afterwards is a one-head run again. Runs after the tests above: it changes the run's recipe."""
+    _, run, *_ = two_recipes
+    seed, linear = "seed-folds2-epochs3-patience2", "linear-folds2"
+    done = sorted(p for name in (seed, linear) for p in (run / "heads" / name).rglob("done.json"))
+    assert done
+    stamps = [p.stat().st_mtime_ns for p in done]
+    result = run_cli("train", "--run", str(run), "--folds", "2", "--epochs", "3", "--patience", "2")
+    assert result.returncode == 0, result.stderr
+    assert [p.stat().st_mtime_ns for p in done] == stamps, "finished fold models of both heads were reused"
+    folder = RunFolder(run)
+    losses = {name: select_recipe(folder, name).metrics()["oof"]["ensemble"]["log_loss"]
+              for name in (seed, linear, f"blend-{seed}+{linear}")}
+    best = min(losses, key=losses.get)
+    config = json.loads((run / "config.json").read_text())
+    assert config["choose"] == ["seed", "linear"] and config["heads"] == best
+    assert result.stdout.startswith(f"chose {best} by OOF log loss ({losses[best]:.4f}")
+    assert all(f"{name} {losses[name]:.4f}" in result.stdout.splitlines()[0] for name in losses if name != best)
+    assert f"head recipe {best}:" in result.stdout
+    assert select_recipe(folder).name == best
+    submitted = run_cli("submit", "--run", str(run), "--out", str(tmp_path / "chosen.csv"))
+    assert submitted.returncode == 0 and f"head recipe {best}" in submitted.stdout, submitted.stderr
+
+    one = run_cli("train", "--run", str(run), "--head", "linear", "--folds", "2")
+    assert one.returncode == 0, one.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert "choose" not in config and config["heads"] == linear and not one.stdout.startswith("chose")
+
+
+@pytest.mark.slow
+def test_real_xception_features_beat_chance_with_the_linear_head(dogs3, tmp_path):
     if not (SHARED_WEIGHTS / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5").exists():
         pytest.skip(f"needs Xception's ImageNet weights, which are not in {SHARED_WEIGHTS} on this machine")
     data = tmp_path / "dogs"
@@ -212,7 +250,7 @@ def test_real_xception_features_beat_chance_with_the_default(dogs3, tmp_path):
     run = tmp_path / "run"
     config = ExtractConfig(backbones=("xception",), weights=str(SHARED_WEIGHTS), image_size=TINY, batch_size=16)
     workflow.extract(data, run, config)
-    result = workflow.train(run, {"folds": 3})
+    result = workflow.train(run, {"head": "linear", "folds": 3})
     assert result.recipe == "linear-folds3"
     assert result.metrics["oof"]["ensemble"]["log_loss"] < 0.5 * np.log(3)
     assert not result.metrics["warnings"]

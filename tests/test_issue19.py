@@ -123,7 +123,7 @@ EXTRACT = ["--backbones", "xception", "--weights", "random", "--image-size", str
            "--scales", "1"]
 SEED_TTA = ["--head", "seed", "--folds", "2", "--epochs", "3", "--patience", "2", "--tta", "--temperature",
             "--dropout", "0.25", "--learning-rate", "0.002", "--head-batch-size", "16"]
-LINEAR = ["--folds", "2", "--no-pool-views", "--no-power", "--no-temperature", "--no-tta", "--no-multiscale"]
+LINEAR = ["--head", "linear", "--folds", "2", "--no-pool-views", "--no-power", "--no-temperature", "--no-tta", "--no-multiscale"]
 SEED_POOLED = ["--head", "seed", "--folds", "2", "--epochs", "2", "--patience", "1", "--pool-views", "--tta",
                "--temperature", "--multiscale", "--dropout", "0.3", "--learning-rate", "0.003",
                "--head-batch-size", "8"]

@@ -73,7 +73,7 @@ def plugin_run(example, tmp_path_factory):
                          engine=EngineConfig(engine="plugin_engine"))
     finally:
         del os.environ[example.MARKER]
-    workflow.train(run, {"folds": 2})
+    workflow.train(run, {"head": "linear", "folds": 2})
     workflow.train(run, {"head": "plugin_knn", "folds": 2})
     return data, run, base, log
 
@@ -195,7 +195,7 @@ def test_a_view_whose_transform_changed_is_computed_again_and_its_recipes_go_sta
     data = make_kaggle(tmp_path / "data", n_classes=3, per_class=4, n_test=3)
     run = tmp_path / "run"
     workflow.extract(data, run, ExtractConfig(**SMALL, views=("original", "flipped", "center")))
-    trained = workflow.train(run, {"folds": 2}).recipe
+    trained = workflow.train(run, {"head": "linear", "folds": 2}).recipe
     before = _feature_files(run)
     meta = json.loads((run / "features" / "train" / "mobilenet_v2" / "meta.json").read_text())
     assert meta["view_transforms"] == {"center": {"mirror": False, "crop": {"fraction": 0.875, "anchor": "center"}}}
@@ -219,7 +219,7 @@ def test_adding_and_switching_views_keeps_every_recipe_current_side_by_side(tmp_
     run = tmp_path / "run"
     folder = RunFolder(run)
     workflow.extract(data, run, ExtractConfig(**SMALL))
-    pair = workflow.train(run, {"folds": 2}).recipe
+    pair = workflow.train(run, {"head": "linear", "folds": 2}).recipe
     assert pair == "linear-folds2"
     pair_sub = tmp_path / "pair.csv"
     workflow.submit(run, pair_sub)
@@ -231,7 +231,7 @@ def test_adding_and_switching_views_keeps_every_recipe_current_side_by_side(tmp_
     assert again.read_bytes() == pair_sub.read_bytes()
     assert folder.kept_views() == {"views": ["original", "flipped", "center"]}  # a bare CLI extract keeps them
 
-    crop = workflow.train(run, {"folds": 2}).recipe
+    crop = workflow.train(run, {"head": "linear", "folds": 2}).recipe
     assert crop == "linear-folds2-views_center"
     assert select_recipe(folder, crop).blocks.views == ("original", "flipped", "center")
     done = sorted((run / "heads" / pair).rglob("done.json"))
@@ -239,7 +239,7 @@ def test_adding_and_switching_views_keeps_every_recipe_current_side_by_side(tmp_
 
     workflow.extract(data, run, ExtractConfig(**SMALL))  # back to the pair
     assert {s.recipe.name: s.state for s in recipe_statuses(folder)} == {pair: "current", crop: "current"}
-    assert workflow.train(run, {"folds": 2}).recipe == pair
+    assert workflow.train(run, {"head": "linear", "folds": 2}).recipe == pair
     assert [p.stat().st_mtime_ns for p in done] == stamps, "the pair recipe's fold models were reused"
     assert (run / "heads" / crop / "metrics.json").exists()
 
