@@ -100,6 +100,25 @@ def test_blend_weights_are_fitted_on_oof_and_never_worse_than_the_best_part():
     assert mixed <= ensemble.score(y, good)["log_loss"] + 1e-9
 
 
+@pytest.mark.parametrize("folds", [2, 3])
+def test_block_selection_keeps_the_informative_block_whatever_the_recipes_folds(folds):
+    """The selection runs on its own folds (selection.FOLDS, 2 inner for its nested check)."""
+    from transfer_ensemble import selection
+    from transfer_ensemble.config import TrainConfig
+
+    x, y = _blobs(n=60, d=8, k=3, spread=3.0)
+    noise = np.abs(np.random.default_rng(1).normal(size=x.shape)).astype(np.float32)
+    features = {"good": {"original": x, "flipped": x[:, ::-1].copy()}, "noise": {"original": noise,
+                                                                              "flipped": noise}}
+    config = TrainConfig(head="linear", folds=folds)
+    chosen = selection.select(config, features, ("noise", "good"), ("original", "flipped"), y, 3)
+    assert "good" in chosen.chosen and chosen.path[0][0] == "good"
+    assert len(chosen.fold_choices) == selection.FOLDS and all(chosen.fold_choices)
+    assert np.isfinite(chosen.nested_log_loss) and chosen.images == 60
+    assert selection.Selection.from_json(json.loads(json.dumps(chosen.to_json()))) == chosen
+    assert json.loads(json.dumps(chosen.to_json())) == chosen.to_json(), "recipe.json's record compares equal"
+
+
 # ---- whole runs ----------------------------------------------------------------------------------
 
 @pytest.mark.slow

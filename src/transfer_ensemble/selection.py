@@ -62,7 +62,9 @@ class Selection:
         return self.nested_log_loss - self.chosen_log_loss
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """As recipe.json holds it (lists, not tuples), so a recipe's inputs compare equal to their
+        record and its finished folds are reused."""
+        return json.loads(json.dumps(asdict(self)))
 
     @classmethod
     def from_json(cls, obj: dict) -> "Selection":
