@@ -107,15 +107,22 @@ def parse_duration(text: str, flag: str = "--time-limit") -> float:
     return value
 
 
-def measure(extractor, paths: Sequence[Path]) -> float:
-    """Images per second of `extractor`'s forward passes (every backbone, every view) on up to
-    PROBE_IMAGES of `paths`, after a warm-up call on the same batch. The models it builds are the
-    ones the extraction then uses."""
+def measure(extractor, paths: Sequence[Path], specs: Sequence | None = None) -> float:
+    """Images per second of `extractor`'s forward passes (each backbone of `specs`, default every
+    one, every view) on up to PROBE_IMAGES of `paths`, after a warm-up call on the same batch. The
+    models it builds are the ones the extraction then uses: built as the extraction builds them
+    (ImageNet weights that cannot be downloaded are one error, each build is logged), and only
+    those of `specs` (backbones whose features are all cached are not built)."""
     from transfer_ensemble import images
 
+    specs = list(extractor.specs if specs is None else specs)
+    if not specs:
+        return float("inf")
+    extractor.ensure_weights_known()
+    extractor.prepare(specs)
     sample = list(paths)[:PROBE_IMAGES]
     elapsed = 0.0
-    for spec in extractor.specs:
+    for spec in specs:
         size = extractor.size(spec)
         batch = next(images.iter_batches(sample, np.arange(len(sample)), size, len(sample),
                                          max_pixels=extractor.config.max_pixels))

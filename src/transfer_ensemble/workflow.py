@@ -173,17 +173,18 @@ def _estimates(run: RunFolder, config: ExtractConfig, jobs: list, measured: bool
     from transfer_ensemble import plan
     from transfer_ensemble.store import rows_done
 
-    def left(extractor, split: str, items: list[Item]) -> int:
+    def left(extractor, split: str, items: list[Item], specs=None) -> int:
         ids = [it.id for it in items]
         done = [rows_done(run.store(split, source_key(name, extractor.scale)), ids, config.views)
-                for spec in extractor.specs for name in extractor.store_names(spec)]
+                for spec in (extractor.specs if specs is None else specs) for name in extractor.store_names(spec)]
         return len(ids) - min(done, default=0)
 
     todo = [left(extractor, split, items) for extractor, split, items in jobs]
     if not any(todo) or not measured:
         return None
     first = jobs[0][0]
-    rate = plan.measure(first, [it.path for _, _, items in jobs for it in items])
+    busy = [spec for spec in first.specs if any(left(e, split, items, [spec]) for e, split, items in jobs)]
+    rate = plan.measure(first, [it.path for _, _, items in jobs for it in items], busy)
     passes = {}
     for (extractor, _, _), n in zip(jobs, todo):
         passes[extractor.scale] = passes.get(extractor.scale, 0) + n
