@@ -87,3 +87,35 @@ def test_config_json_holds_every_option_of_the_run(runs: dict[str, Path]) -> Non
     assert first["train"]["folds"] == FOLDS and first["extract"]["image_size"] == TINY
     assert first["extract"]["on_bad_image"] == "error" and first["train"]["head"] == "seed"
     assert set(first["versions"]) >= {"python", "tensorflow", "keras", "numpy"}
+
+
+@pytest.fixture(scope="module")
+def default_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """`run` with no --head (the seed head's options given), then `run --config` of it elsewhere."""
+    base = tmp_path_factory.mktemp("repro_default")
+    data = make_kaggle(base / "data", n_classes=3, per_class=4, n_test=5)
+    first, again = base / "first", base / "again"
+    options = [*EXTRACT, "--folds", str(FOLDS), "--epochs", "3", "--patience", "2", "--seed", SEED]
+    for args in (["run", "--data", str(data), "--run", str(first), "--out", str(base / "first.csv"), *options],
+                 ["run", "--config", str(first / "config.json"), "--run", str(again),
+                  "--out", str(base / "again.csv")]):
+        result = run_cli(*args)
+        assert result.returncode == 0, f"{args[:2]} failed:\n{result.stderr}"
+        assert result.stdout.startswith("chose ") or "\nchose " in result.stdout, result.stdout
+    return base, first, again
+
+
+@pytest.mark.slow
+def test_run_without_a_head_trains_the_candidates_and_run_config_repeats_them(default_runs) -> None:
+    base, first, again = default_runs
+    seed, linear = f"seed-folds{FOLDS}-seed{SEED}-epochs3-patience2", f"linear-folds{FOLDS}-seed{SEED}"
+    recipes = {seed, linear, f"blend-{seed}+{linear}"}
+    configs = [json.loads((r / "config.json").read_text()) for r in (first, again)]
+    for run, config in zip((first, again), configs):
+        assert {p.name for p in (run / "heads").iterdir()} == recipes
+        assert set(config["choose"]) == {"seed", "linear"} and config["heads"] in recipes
+        assert select_recipe(RunFolder(run)).name == config["heads"]
+    assert configs[0]["choose"] == configs[1]["choose"]
+    assert configs[0]["choose"]["seed"]["epochs"] == 3, "the seed head's own options are repeated"
+    assert configs[0]["heads"] == configs[1]["heads"]
+    assert (base / "again.csv").read_bytes() == (base / "first.csv").read_bytes()
