@@ -17,7 +17,7 @@ from transfer_ensemble.errors import UserError
 from transfer_ensemble.heads.sklearn import sklearn_head
 from transfer_ensemble.options import declared, option, python_overrides, whole
 
-COMMAND_FLAGS = {"-h", "--help", "--data", "--run", "--out", "--config", "--heads", "--blend"}
+COMMAND_FLAGS = {"-h", "--help", "--data", "--run", "--out", "--config", "--heads", "--blend", "--time-limit"}
 SECTIONS = {"extract": [ExtractConfig, EngineConfig], "train": [TrainConfig], "run": [ExtractConfig, TrainConfig,
                                                                                      EngineConfig]}
 

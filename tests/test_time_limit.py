@@ -80,7 +80,7 @@ def fake(monkeypatch):
         clock.now += clock.TRAIN
         return train(*args, **kwargs)
 
-    monkeypatch.setattr(plan, "measure", lambda extractor, paths: clock.RATE)
+    monkeypatch.setattr(plan, "measure", lambda extractor, paths, specs=None: clock.RATE)
     monkeypatch.setattr(workflow, "extract", timed_extract)
     monkeypatch.setattr(workflow, "train", timed_train)
     return clock
