@@ -262,8 +262,8 @@ def blocks_text(recipe: "Recipe | Blend | object") -> str:
     text = " + ".join(recipe.blocks.sources)
     if "selection" in recipe.inputs:
         chosen = Selection.from_json(recipe.inputs["selection"])
-        text += (f" (chosen of {len(chosen.candidates)} by OOF; nested OOF {chosen.nested_log_loss:.4f}, "
-                 f"so the choosing flatters it by {chosen.flattery:+.4f})")
+        text += (f" (chosen of {len(chosen.candidates)} by OOF; the choosing flatters its OOF log loss by "
+                 f"{chosen.flattery:+.4f}, nested check)")
     return text
 
 

@@ -76,8 +76,9 @@ class Selection:
         """One line: what was chosen of what, and how honest its OOF is."""
         left = [c for c in self.candidates if c not in self.chosen]
         return (f"blocks chosen by OOF: {', '.join(self.chosen)}" + (f" (left out: {', '.join(left)})" if left else "")
-                + f"; nested OOF log loss {self.nested_log_loss:.4f} against {self.chosen_log_loss:.4f} on the "
-                  f"folds that chose them (the choosing flatters it by {self.flattery:+.4f})")
+                + f"; on the selection's {FOLDS} folds their log loss is {self.chosen_log_loss:.4f}, and "
+                  f"{self.nested_log_loss:.4f} where each fold's blocks were chosen without it (nested): "
+                  f"the choosing flatters it by {self.flattery:+.4f}")
 
 
 def selection_key(candidates: dict, labels: str, config: TrainConfig) -> str:
