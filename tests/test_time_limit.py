@@ -31,12 +31,12 @@ def test_bad_durations_are_refused_with_the_flag_and_the_forms(text):
 
 
 def test_the_first_pass_shrinks_to_fit_and_too_short_a_limit_computes_nothing():
-    # 100 images at 1 image/s: 100 s at 1x, 56 s at 0.75x, 25 s at 0.5x; train budgeted at 60 s, 20 s margin.
+    # 100 images at 1 image/s: 100 s at 1x, 56 s at 0.75x, 25 s at 0.5x; train budgeted at 40 s, 20 s margin.
     assert budget.first_share(1.0, 100, 1000, 0, True) == 1.0
     assert budget.first_share(1.0, 100, 140, 0, True) == 0.75
     assert budget.first_share(1.0, 100, 110, 0, True) == 0.5
     assert budget.first_share(1.0, 100, 130, 0, False) == 1.0  # no train to leave room for
-    with pytest.raises(UserError, match=r"too short for 100 images .* Allow at least 1.8 min"):
+    with pytest.raises(UserError, match=r"too short for 100 images .* Allow at least 85 s"):
         budget.first_share(1.0, 100, 60, 0, True)
     smaller = budget.shrunk(ExtractConfig(backbones=("xception",), scales=(1.0, 2.0)), 0.75)
     assert smaller.image_size == 224 and smaller.scales == (1.0,)
