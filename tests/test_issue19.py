@@ -24,7 +24,7 @@ from transfer_ensemble import cli
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.dataset import load_dataset
 from transfer_ensemble.errors import UserError
-from transfer_ensemble.recipes import blend_folder, recipe_statuses, select_recipe
+from transfer_ensemble.recipes import blend_folder, select_recipe
 from transfer_ensemble.store import StoreFiles, open_store
 from transfer_ensemble.views import PAIR as VIEWS
 
@@ -174,9 +174,8 @@ def test_predict_without_tta_averages_the_original_views_models_only(trained):
 
 # item 6
 @pytest.mark.slow
-def test_predict_heads_best_is_the_best_recipe_when_a_blend_scores_lower(trained, tmp_path):
+def test_predict_heads_best_is_a_blend_when_it_scores_lowest(trained, tmp_path):
     from transfer_ensemble import predict, workflow
-    from transfer_ensemble.recipes import Blend
     from transfer_ensemble.runfolder import RunFolder
 
     _, run, names = trained
@@ -186,12 +185,10 @@ def test_predict_heads_best_is_the_best_recipe_when_a_blend_scores_lower(trained
     metrics = json.loads(metrics_path.read_text())
     metrics["oof"]["ensemble"]["log_loss"] = 0.0  # the blend is the best by OOF log loss
     metrics_path.write_text(json.dumps(metrics))
-    assert isinstance(select_recipe(RunFolder(run), "best"), Blend)
-    best = min((s for s in recipe_statuses(RunFolder(run)) if not isinstance(s.recipe, Blend)),
-               key=lambda s: s.oof_log_loss)
-    assert predict.Run.load(run, heads_name="best").recipe.name == best.recipe.name
-    with pytest.raises(UserError, match="given as --heads"):
-        predict.Run.load(run, heads_name=result.recipe)
+    for name in ("best", result.recipe):
+        loaded = predict.Run.load(run, heads_name=name)
+        assert isinstance(loaded, predict.BlendRun) and loaded.blend.name == result.recipe
+        assert [part.recipe.name for part in loaded.parts] == names[:2]
 
 
 # item 8

@@ -102,15 +102,3 @@ def test_no_select_blocks_trains_on_every_block(two_scale_run):
     assert result.recipe == "linear-folds2-no_select_blocks"
     recipe = next(r for r in list_recipes(RunFolder(run)) if r.name == result.recipe)
     assert len(recipe.blocks.sources) == 4 and "selection" not in recipe.inputs
-
-
-def test_the_default_train_keeps_the_best_of_seed_linear_and_their_blend(two_scale_run, tmp_path):
-    data, run = two_scale_run
-    result = workflow.train(run, {"folds": 2, "epochs": 2, "patience": 1})
-    names = list(result.candidates)
-    assert names[:2] == ["seed-folds2-epochs2-patience1", "linear-folds2"] and names[2].startswith("blend-")
-    assert result.recipe == min(result.candidates, key=result.candidates.get)
-    config = RunFolder(run).read_config()
-    assert config["heads"] == result.recipe and set(config["choose"]) == {"seed", "linear"}
-    assert config["choose"]["seed"]["epochs"] == 2
-    assert workflow.submit(run, tmp_path / "sub.csv").recipe == result.recipe

@@ -87,33 +87,38 @@ def fake(monkeypatch):
 
 
 EXTRACT = {"weights": "random", "image_size": 75, "batch_size": 16, "scales": "1,2", "backbones": "xception"}
-TRAIN = {"folds": 2, "epochs": 2, "patience": 1}
+TRAIN = {"head": "linear", "folds": 2}  # the plan, not the candidates, is under test here (test_heads has those)
 
 
-@pytest.mark.parametrize("limit, scales", [(200, [1.0]), (2000, [1.0, 2.0])])
-def test_the_plan_stops_before_the_limit_and_run_config_repeats_it(tmp_path, fake, limit, scales):
+def test_the_plan_stops_before_the_limit_and_run_config_repeats_it(tmp_path, fake):
     # 24 images: 24 s at 1x, then a 30 s train; 2x would take 96 s and a train budgeted at 4 x 30 s: 290 s in all
     data = make_kaggle(tmp_path / "data", per_class=6, n_test=6)
-    run, out = tmp_path / "run", tmp_path / "sub.csv"
+    run, out, limit = tmp_path / "run", tmp_path / "sub.csv", 200
     done = budget.run_within(limit, data, run, ExtractConfig(**{**EXTRACT, "scales": (1.0, 2.0)}),
                              Overrides(TRAIN, COMMAND_LINE), out, folds=2, clock=fake)
-    assert done.scales == scales and done.left_out == [2.0][:2 - len(scales)]
-    assert fake.now <= limit
+    assert done.scales == [1.0] and done.left_out == [2.0] and fake.now <= limit
     recorded = RunFolder(run).read_config()
-    assert recorded["extract"]["scales"] == scales
-    assert recorded["plan"]["scales"] == scales and recorded["plan"]["time_limit_seconds"] == limit
-    assert [step["pass"] for step in recorded["plan"]["steps"]] == scales
+    assert recorded["extract"]["scales"] == [1.0]
+    assert recorded["plan"]["scales"] == [1.0] and recorded["plan"]["time_limit_seconds"] == limit
+    assert [step["pass"] for step in recorded["plan"]["steps"]] == [1.0]
     assert recorded["heads"] == done.trained.recipe == done.submitted.recipe
-    if limit > 200:
-        return  # one repeat (of the run that left a scale out) is enough
 
     again, again_out = tmp_path / "again", tmp_path / "again.csv"
     assert cli.main(["run", "--config", str(run / "config.json"), "--run", str(again), "--out", str(again_out)]) == 0
     repeated = RunFolder(again).read_config()
-    assert repeated["extract"]["scales"] == scales and "plan" not in repeated
-    assert repeated["heads"] == recorded["heads"] and repeated["choose"] == recorded["choose"]
+    assert repeated["extract"]["scales"] == [1.0] and "plan" not in repeated
+    assert repeated["heads"] == recorded["heads"] and repeated["train"] == recorded["train"]
     np.testing.assert_allclose(pd.read_csv(again_out).iloc[:, 1:].to_numpy(), pd.read_csv(out).iloc[:, 1:].to_numpy(),
                                atol=1e-6)
+
+
+def test_extract_within_a_limit_adds_the_scales_that_fit(tmp_path, fake):
+    data = make_kaggle(tmp_path / "data", per_class=2, n_test=2)  # 8 images: 8 s at 1x, 32 s at 2x
+    config = ExtractConfig(**{**EXTRACT, "scales": (1.0, 2.0)})
+    assert budget.run_within(200, data, tmp_path / "both", config, None, None, clock=fake).scales == [1.0, 2.0]
+    fake.now = 0.0
+    done = budget.run_within(50, data, tmp_path / "one", config, None, None, clock=fake)
+    assert done.scales == [1.0] and done.left_out == [2.0] and fake.now <= 50
 
 
 def test_a_bar_inside_a_job_shows_the_whole_jobs_eta(monkeypatch):
