@@ -112,13 +112,21 @@ def test_the_plan_stops_before_the_limit_and_run_config_repeats_it(tmp_path, fak
                                atol=1e-6)
 
 
-def test_extract_within_a_limit_adds_the_scales_that_fit(tmp_path, fake):
+def test_extract_within_a_limit_says_its_plan_and_adds_the_scales_that_fit(tmp_path, fake, caplog):
     data = make_kaggle(tmp_path / "data", per_class=2, n_test=2)  # 8 images: 8 s at 1x, 32 s at 2x
     config = ExtractConfig(**{**EXTRACT, "scales": (1.0, 2.0)})
-    assert budget.run_within(200, data, tmp_path / "both", config, None, None, clock=fake).scales == [1.0, 2.0]
-    fake.now = 0.0
-    done = budget.run_within(50, data, tmp_path / "one", config, None, None, clock=fake)
+    with caplog.at_level("INFO", logger="transfer_ensemble"):
+        done = budget.run_within(50, data, tmp_path / "run", config, None, None, clock=fake)
     assert done.scales == [1.0] and done.left_out == [2.0] and fake.now <= 50
+    plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan:")]
+    assert len(plans) == 1 and plans[0].startswith("plan: 1 pass (1x 8 images ~"), plans
+    caplog.clear()
+    fake.now = 0.0
+    with caplog.at_level("INFO", logger="transfer_ensemble"):
+        done = budget.run_within(200, data, tmp_path / "run", config, None, None, clock=fake)
+    assert done.scales == [1.0, 2.0] and RunFolder(tmp_path / "run").read_config()["extract"]["scales"] == [1.0, 2.0]
+    plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan:")]
+    assert len(plans) == 1 and plans[0].startswith("plan: 1 pass (2x 8 images ~"), "the 1x pass is not planned again"
 
 
 def test_a_bar_inside_a_job_shows_the_whole_jobs_eta(monkeypatch):
@@ -135,16 +143,3 @@ def test_a_bar_inside_a_job_shows_the_whole_jobs_eta(monkeypatch):
     assert bar.postfix.startswith("job ETA 00:0")
     bar.close()
     assert not isinstance(progress.bar(total=1, file=io.StringIO()), progress.JobBar)
-
-
-def test_extract_says_its_plan_first_and_nothing_when_all_is_computed(tmp_path, caplog):
-    data = make_kaggle(tmp_path / "data", per_class=2, n_test=2)
-    config = {**EXTRACT, "scales": "1,1.5"}
-    with caplog.at_level("INFO", logger="transfer_ensemble"):
-        workflow.extract(data, tmp_path / "run", config)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan:")]
-    assert len(lines) == 1 and lines[0].startswith("plan: 2 passes (1x 8 images ~") and "1.5x 8 images ~" in lines[0]
-    caplog.clear()
-    with caplog.at_level("INFO", logger="transfer_ensemble"):
-        workflow.extract(data, tmp_path / "run", config)
-    assert not [r for r in caplog.records if r.getMessage().startswith("plan:")]
