@@ -241,16 +241,17 @@ class ExtractConfig:
                              whole(1))
     scales: tuple[float, ...] = option(DEFAULT_SCALES, "--scales",
                                        "input sizes to extract at, as multiples of --image-size (default 1,2: "
-                                       "a second scale for the default head; 1 alone is the paper's)",
+                                       "a second scale the linear head uses where the OOF says; 1 alone is "
+                                       "the paper's)",
                                        Rule("text", _check_scales))
     views: tuple[str, ...] = option(views.DEFAULT_VIEWS, "--views",
                                     "views of each image to extract, comma-separated names or shorthands (pair, "
                                     "center_pair, five_crop, ten_crop; default original,flipped); see docs/views.md",
                                     Rule("text", _check_views))
     mid_layer: bool = option(True, "--mid-layer", "also store each backbone's average-pooled middle layer "
-                                                  "(Xception's and InceptionV3's; default on): the default "
-                                                  "head trains on it beside the final features, the paper's "
-                                                  "`seed` head never; see docs/views.md", boolean())
+                                                  "(Xception's and InceptionV3's, from the same pass; default on): "
+                                                  "the linear head uses it where the OOF says, the paper's "
+                                                  "`seed` head never; see docs/recipes.md", boolean())
 
     def __post_init__(self) -> None:
         checked = check_values(ExtractConfig, {f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
