@@ -16,10 +16,9 @@ from importlib import util
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from conftest import TINY, load_script, make_folders, make_kaggle, run_cli
+from conftest import TINY, load_script, make_kaggle, run_cli
 from transfer_ensemble import cli
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.dataset import load_dataset

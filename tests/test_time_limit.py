@@ -32,21 +32,22 @@ def test_bad_durations_are_refused_with_the_flag_and_the_forms(text):
 
 def test_the_first_pass_shrinks_to_fit_and_too_short_a_limit_computes_nothing():
     # 100 images at 1 image/s: 100 s at 1x, 56 s at 0.75x, 25 s at 0.5x; train budgeted at 40 s, 20 s margin.
-    assert budget.first_share(1.0, 100, 1000, 0, True) == 1.0
-    assert budget.first_share(1.0, 100, 140, 0, True) == 0.75
-    assert budget.first_share(1.0, 100, 110, 0, True) == 0.5
-    assert budget.first_share(1.0, 100, 130, 0, False) == 1.0  # no train to leave room for
+    assert budget.first_share(plan.Speed(1.0), 100, 1000, 0, True) == 1.0
+    assert budget.first_share(plan.Speed(1.0), 100, 140, 0, True) == 0.75
+    assert budget.first_share(plan.Speed(1.0), 100, 110, 0, True) == 0.5
+    assert budget.first_share(plan.Speed(1.0), 100, 130, 0, False) == 1.0  # no train to leave room for
     with pytest.raises(UserError, match=r"too short for 100 images .* Allow at least 85 s"):
-        budget.first_share(1.0, 100, 60, 0, True)
+        budget.first_share(plan.Speed(1.0), 100, 60, 0, True)
     smaller = budget.shrunk(ExtractConfig(backbones=("xception",), scales=(1.0, 2.0)), 0.75)
     assert smaller.image_size == 224 and smaller.scales == (1.0,)
 
 
 def test_the_plan_line_says_each_pass_and_the_total():
-    line = plan.Plan((plan.Pass(1.0, 1400, 280.0), plan.Pass(2.0, 1400, 1120.0)), 5.0).describe()
+    line = plan.Plan((plan.Pass(1.0, 1400, 280.0), plan.Pass(2.0, 1400, 1120.0)), plan.Speed(5.0)).describe()
     assert line == ("plan: 2 passes (1x 1400 images ~4.7 min, 2x 1400 images ~18.7 min), about 23.3 min on this "
                     "machine (measured: 5.00 images/s at 1x; other scales by their pixels)")
-    assert plan.seconds_at(5.0, 1.0, 2.0, 1400) == pytest.approx(1120.0)
+    assert plan.Speed(5.0).seconds(2.0, 1400) == pytest.approx(1120.0)
+    assert plan.Speed(5.0).at(2.0).seconds(2.0, 1400) == pytest.approx(1120.0)
 
 
 class FakeClock:
@@ -57,6 +58,7 @@ class FakeClock:
 
     def __init__(self) -> None:
         self.now = 0.0
+        self.measured = 0  # forward-pass timings taken
 
     def __call__(self) -> float:
         return self.now
@@ -80,7 +82,11 @@ def fake(monkeypatch):
         clock.now += clock.TRAIN
         return train(*args, **kwargs)
 
-    monkeypatch.setattr(plan, "measure", lambda extractor, paths, specs=None: clock.RATE)
+    def measure(extractor, paths, specs=None):
+        clock.measured += 1
+        return plan.Speed(clock.RATE, extractor.scale)
+
+    monkeypatch.setattr(plan, "measure", measure)
     monkeypatch.setattr(workflow, "extract", timed_extract)
     monkeypatch.setattr(workflow, "train", timed_train)
     return clock
@@ -118,6 +124,7 @@ def test_extract_within_a_limit_says_its_plan_and_adds_the_scales_that_fit(tmp_p
     with caplog.at_level("INFO", logger="transfer_ensemble"):
         done = budget.run_within(50, data, tmp_path / "run", config, None, None, clock=fake)
     assert done.scales == [1.0] and done.left_out == [2.0] and fake.now <= 50
+    assert fake.measured == 1, "the extraction reuses the speed the plan measured"
     plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan:")]
     assert len(plans) == 1 and plans[0].startswith("plan: 1 pass (1x 8 images ~"), plans
     caplog.clear()

@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from transfer_ensemble import plan
 from transfer_ensemble.config import ExtractConfig, TrainConfig
@@ -34,6 +34,10 @@ from transfer_ensemble.dataset import load_dataset
 from transfer_ensemble.engines import EngineConfig
 from transfer_ensemble.errors import UserError
 from transfer_ensemble.options import Overrides
+
+if TYPE_CHECKING:
+    from transfer_ensemble.features import ExtractSummary
+    from transfer_ensemble.workflow import SubmitResult, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,9 @@ class Budget:
     scales: list[float] = field(default_factory=list)
     left_out: list[float] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)
-    extracted: list = field(default_factory=list)
-    trained: object = None
-    submitted: object = None
+    extracted: list[ExtractSummary] = field(default_factory=list)
+    trained: TrainResult | None = None
+    submitted: SubmitResult | None = None
 
     def to_json(self) -> dict:
         return {"time_limit_seconds": self.limit, "image_size": self.image_size, "scales": self.scales,
@@ -58,22 +62,22 @@ class Budget:
                 "steps": self.steps}
 
 
-def first_share(rate: float, images: int, limit: float, elapsed: float, train: bool) -> float:
+def first_share(speed: plan.Speed, images: int, limit: float, elapsed: float, train: bool) -> float:
     """The largest share of the first pass's input size (`plan.FIRST_SHARES`) whose pass, with a
-    `train` budgeted at `plan.TRAIN_SHARE` of the full-size pass, fits in `limit`, from `rate`
-    images/s at full size; UserError where none does."""
-    full = plan.seconds_at(rate, 1.0, 1.0, images)
+    `train` budgeted at `plan.TRAIN_SHARE` of the full-size pass, fits in `limit`, from `speed`
+    at full size; UserError where none does."""
+    full = speed.seconds(speed.scale, images)
     reserve = plan.TRAIN_SHARE * full if train else 0.0
     for share in plan.FIRST_SHARES:
-        if plan.fits(elapsed, limit, plan.seconds_at(rate, 1.0, share, images), reserve):
+        if plan.fits(elapsed, limit, speed.seconds(speed.scale * share, images), reserve):
             return share
     smallest = plan.FIRST_SHARES[-1]
-    need = elapsed + plan.seconds_at(rate, 1.0, smallest, images) + reserve + plan.MARGIN_SECONDS
+    need = elapsed + speed.seconds(speed.scale * smallest, images) + reserve + plan.MARGIN_SECONDS
     raise UserError(f"--time-limit {plan.duration_text(limit)} is too short for {images} images on this machine: "
                     f"the smallest first pass ({smallest:g} of the input size) takes about "
-                    f"{plan.duration_text(plan.seconds_at(rate, 1.0, smallest, images))}"
+                    f"{plan.duration_text(speed.seconds(speed.scale * smallest, images))}"
                     + (f" and training about {plan.duration_text(reserve)}" if train else "")
-                    + f" (measured: {rate:.2f} images/s at full size). Allow at least "
+                    + f" (measured: {speed.rate:.2f} images/s at full size). Allow at least "
                       f"{plan.duration_text(need)}, or run on fewer images. Nothing was computed.")
 
 
@@ -102,24 +106,24 @@ def run_within(limit: float, data: str | Path, run_dir: str | Path, config: Extr
     dataset = load_dataset(data)
     images = len(dataset.train) + len(dataset.test)
     base, later = 1.0, sorted(s for s in config.scales if s != 1.0)
-    rate = plan.measure(features.Extractor(replace(config, scales=(base,)), base), [it.path for it in dataset.train])
-    share = first_share(rate, images, limit, clock() - start, training)
-    train_seconds = plan.TRAIN_SHARE * plan.seconds_at(rate, base, base, images) if training else 0.0
+    speed = plan.measure(features.Extractor(replace(config, scales=(base,)), base), [it.path for it in dataset.train])
+    share = first_share(speed, images, limit, clock() - start, training)
+    train_seconds = plan.TRAIN_SHARE * speed.seconds(base, images) if training else 0.0
     if share != 1.0:
         config = shrunk(config, share)
         log.warning("--time-limit: the first pass runs at %d px (%g of the input size) to leave time for "
                     "training; no further scale fits", config.image_size, share)
-        rate, later = rate / share ** 2, []
+        speed, later = plan.Speed(speed.rate / share ** 2, base), []
     log.info("--time-limit %s: first pass about %s (measured %.2f images/s); each further scale (%s) only if "
              "it fits after it", plan.duration_text(limit),
-             plan.duration_text(plan.seconds_at(rate, base, base, images)), rate,
+             plan.duration_text(speed.seconds(base, images)), speed.rate,
              ", ".join(f"{s:g}x" for s in later) or "none")
     budget.image_size = config.image_size
     pending = [base] + later
     overhead = 0.0  # of an extract beyond its passes: the image check, the timing, building the models
     while pending:
         scale = pending.pop(0)
-        estimate = plan.seconds_at(rate, base, scale, images) + overhead
+        estimate = speed.seconds(scale, images) + overhead
         if budget.scales:  # the candidate blocks grow with the scales, and the selection about with their square
             train_seconds *= ((len(budget.scales) + 1) / len(budget.scales)) ** 2
         if budget.scales and not plan.fits(clock() - start, limit, estimate, train_seconds):
@@ -130,13 +134,13 @@ def run_within(limit: float, data: str | Path, run_dir: str | Path, config: Extr
             break
         began = clock()
         budget.extracted = workflow.extract(data, run_dir, replace(config, scales=tuple(budget.scales + [scale])),
-                                            folds=folds, engine=engine)
+                                            folds=folds, engine=engine, speed=speed)
         took = clock() - began
         budget.scales.append(scale)
         step = {"pass": scale, "estimated_seconds": round(estimate, 1), "seconds": round(took, 1)}
         done = [r for r in budget.extracted if r.scale == scale and r.computed]
         if done and sum(r.seconds for r in done) > 0:
-            rate, base = sum(r.computed for r in done) / sum(r.seconds for r in done), scale
+            speed = plan.Speed(sum(r.computed for r in done) / sum(r.seconds for r in done), scale)
         overhead = max(0.0, took - sum(r.seconds for r in budget.extracted))
         if training:
             began = clock()

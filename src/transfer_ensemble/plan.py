@@ -49,12 +49,27 @@ class Pass:
 
 
 @dataclass(frozen=True)
+class Speed:
+    """The forward pass's speed measured on this machine: `rate` images/s at `scale`."""
+
+    rate: float
+    scale: float = 1.0
+
+    def seconds(self, scale: float, images: int) -> float:
+        """Seconds to compute `images` at `scale`, by pixels."""
+        return images / self.rate * (scale / self.scale) ** 2 if images else 0.0
+
+    def at(self, scale: float) -> "Speed":
+        """The speed expected at `scale` (by pixels)."""
+        return Speed(self.rate * (self.scale / scale) ** 2, scale)
+
+
+@dataclass(frozen=True)
 class Plan:
     """The passes an extraction will run, with the forward-pass speed they were estimated from."""
 
     passes: tuple[Pass, ...]
-    rate: float  # images per second at `base_scale`, measured here
-    base_scale: float = 1.0
+    speed: Speed
 
     @property
     def seconds(self) -> float:
@@ -67,17 +82,12 @@ class Plan:
             return "plan: every feature is already computed"
         return (f"plan: {len(todo)} pass{'es' if len(todo) > 1 else ''} ("
                 + ", ".join(p.describe() for p in todo)
-                + f"), about {duration_text(self.seconds)} on this machine (measured: {self.rate:.2f} images/s "
-                  f"at {_scale(self.base_scale)}; other scales by their pixels)")
+                + f"), about {duration_text(self.seconds)} on this machine (measured: {self.speed.rate:.2f} images/s "
+                  f"at {_scale(self.speed.scale)}; other scales by their pixels)")
 
 
 def _scale(scale: float) -> str:
     return f"{scale:g}x"
-
-
-def seconds_at(rate: float, base_scale: float, scale: float, images: int) -> float:
-    """Seconds to compute `images` at `scale`, from `rate` images/s at `base_scale` (by pixels)."""
-    return images / rate * (scale / base_scale) ** 2 if images else 0.0
 
 
 def duration_text(seconds: float) -> str:
@@ -110,8 +120,8 @@ def parse_duration(text: str, flag: str = "--time-limit") -> float:
     return value
 
 
-def measure(extractor, paths: Sequence[Path], specs: Sequence | None = None) -> float:
-    """Images per second of `extractor`'s forward passes (each backbone of `specs`, default every
+def measure(extractor, paths: Sequence[Path], specs: Sequence | None = None) -> Speed:
+    """The speed (images per second at its scale) of `extractor`'s forward passes (each backbone of `specs`, default every
     one, every view) on up to PROBE_IMAGES of `paths`, after a warm-up call on the same batch. The
     models it builds are the ones the extraction then uses: built as the extraction builds them
     (ImageNet weights that cannot be downloaded are one error, each build is logged), and only
@@ -120,7 +130,7 @@ def measure(extractor, paths: Sequence[Path], specs: Sequence | None = None) -> 
 
     specs = list(extractor.specs if specs is None else specs)
     if not specs:
-        return float("inf")
+        return Speed(float("inf"), extractor.scale)
     extractor.ensure_weights_known()
     extractor.prepare(specs)
     sample = list(paths)[:PROBE_IMAGES]
@@ -136,7 +146,7 @@ def measure(extractor, paths: Sequence[Path], specs: Sequence | None = None) -> 
             extractor.forward(spec, batch.pixels)
             timings.append(time.perf_counter() - start)
         elapsed += min(timings)
-    return len(sample) / max(elapsed, 1e-9)
+    return Speed(len(sample) / max(elapsed, 1e-9), extractor.scale)
 
 
 def fits(elapsed: float, limit: float, extract_seconds: float, train_seconds: float) -> bool:

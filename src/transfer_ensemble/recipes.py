@@ -71,6 +71,24 @@ class FoldFiles:
         return self.folder / "done.json"
 
 
+@dataclass(frozen=True)
+class ModelGroup:
+    """The fold models of a recipe trained on the same views: `name` (a view, or POOLED), the
+    views whose rows they train on, and the views they score (their probabilities averaged)."""
+
+    name: str
+    train_views: tuple[str, ...]
+    scored_views: tuple[str, ...]
+
+
+def model_groups(config: TrainConfig, views: Sequence[str]) -> tuple[ModelGroup, ...]:
+    """The model groups of a recipe of `config` on `views`: one per view, or the one pooled group
+    (`pool_views`). Each scores every view with TTA, else its own (pooled models: the original)."""
+    views = tuple(views)
+    groups = [(POOLED, views)] if config.pool_views else [(view, (view,)) for view in views]
+    return tuple(ModelGroup(name, train, views if config.tta else train[:1]) for name, train in groups)
+
+
 @dataclass
 class Recipe:
     """The fold heads trained with one kind of head and one set of options on one set of feature
@@ -109,17 +127,16 @@ class Recipe:
 
     @property
     def groups(self) -> tuple[str, ...]:
-        """The model groups: one per view, or the one pooled group."""
-        return (POOLED,) if self.config.pool_views else self.views
+        """The model groups' names (`model_groups`)."""
+        return tuple(group.name for group in model_groups(self.config, self.views))
 
     def train_views(self, group: str) -> tuple[str, ...]:
         """The views whose rows a group's models are trained on."""
-        return self.views if group == POOLED else (group,)
+        return next(g.train_views for g in model_groups(self.config, self.views) if g.name == group)
 
     def scored_views(self, group: str) -> tuple[str, ...]:
-        """The views a group's models score, averaged: every view with TTA, else their own
-        (for pooled models, the original)."""
-        return self.views if self.config.tta else self.train_views(group)[:1]
+        """The views a group's models score, averaged."""
+        return next(g.scored_views for g in model_groups(self.config, self.views) if g.name == group)
 
     def predicted_views(self, tta: bool = True) -> tuple[str, ...]:
         """The views whose features scoring new images needs (`predict`): every view the submission

@@ -119,20 +119,18 @@ def cv_probabilities(config: TrainConfig, x: Mapping[str, np.ndarray], labels: n
     `crossval.fold_seed`), for the folds `folds` of `assignment` (default: all); rows of other
     folds stay 0."""
     from transfer_ensemble.crossval import fold_seed
-    from transfer_ensemble.recipes import POOLED
+    from transfer_ensemble.recipes import model_groups
 
     entry = heads.get(config.head)
-    groups = [(POOLED, tuple(views))] if config.pool_views else [(v, (v,)) for v in views]
     per_group = []
-    for group, train_views in groups:
-        scored = tuple(views) if config.tta else train_views[:1]
+    for group in model_groups(config, views):
         pred = np.zeros((len(labels), n_classes))
         for k in (np.unique(assignment) if folds is None else folds):
             train, val = np.flatnonzero(assignment != k), np.flatnonzero(assignment == k)
             model = entry.create(config.options, n_classes)
-            model.fit([x[v][train] for v in train_views], labels[train], [x[v][val] for v in train_views],
-                      labels[val], fold_seed(config.seed, group, int(k)))
-            pred[val] = heads.score(model, {v: x[v][val] for v in scored}, scored)
+            model.fit([x[v][train] for v in group.train_views], labels[train], [x[v][val] for v in group.train_views],
+                      labels[val], fold_seed(config.seed, group.name, int(k)))
+            pred[val] = heads.score(model, {v: x[v][val] for v in group.scored_views}, group.scored_views)
         per_group.append(pred)
     return np.mean(per_group, axis=0)
 

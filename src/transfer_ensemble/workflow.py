@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from transfer_ensemble import backend, engines, ensemble, images, plugins, progress, submission
+from transfer_ensemble import backend, engines, ensemble, images, plan, plugins, progress, submission
 from transfer_ensemble.blocks import Blocks, blocks_for, views_record
 from transfer_ensemble.config import (CANDIDATE_HEADS, ExtractConfig, TrainConfig, head_option_owners, merged,
                                       option_names)
@@ -102,7 +102,8 @@ def _bad_image_error(bad: dict[str, list[tuple[Item, str]]]) -> UserError:
 
 
 def extract(data: str | Path, run_dir: str | Path, config: "ExtractConfig | dict | None" = None,
-            folds: int | None = None, engine: EngineConfig | None = None) -> list[ExtractSummary]:
+            folds: int | None = None, engine: EngineConfig | None = None,
+            speed: plan.Speed | None = None) -> list[ExtractSummary]:
     """Check every image, then compute the features of the train and test splits; returns what
     each split's extraction at each scale did.
 
@@ -111,7 +112,8 @@ def extract(data: str | Path, run_dir: str | Path, config: "ExtractConfig | dict
     The run's records (config.json, dataset.json) change only once the features are complete.
     `engine` (default local; see ``engines``) says where the features are computed; the stores
     are the same. `config` is an ExtractConfig, or a dict of option names (e.g.
-    ``{"backbones": "xception"}``) over the defaults; None is the defaults.
+    ``{"backbones": "xception"}``) over the defaults; None is the defaults. `speed`, the forward
+    pass's speed where the caller has just measured it (`budget`), is not measured again.
     """
     from transfer_ensemble import backend, features
 
@@ -143,7 +145,7 @@ def extract(data: str | Path, run_dir: str | Path, config: "ExtractConfig | dict
                         len(bad["test"]), _named(bad["test"]), run.bad_images_path)
         splits = {"train": dataset.train, "test": run_data.good_test}
         jobs = [(extractor, split, items) for extractor in extractors for split, items in splits.items()]
-        estimates = _estimates(run, config, jobs, engine_config(engine).engine == "local")
+        estimates = _estimates(run, config, jobs, engine_config(engine).engine == "local", speed)
         results = []
         for i, (extractor, split, items) in enumerate(jobs):
             expected = None if estimates is None else estimates[i][1]
@@ -164,13 +166,12 @@ def extract(data: str | Path, run_dir: str | Path, config: "ExtractConfig | dict
         return results
 
 
-def _estimates(run: RunFolder, config: ExtractConfig, jobs: list, measured: bool
+def _estimates(run: RunFolder, config: ExtractConfig, jobs: list, measured: bool, speed: plan.Speed | None
                ) -> list[tuple[float, float]] | None:
-    """Each job's (split at a scale) estimated seconds and images/s on this machine, from the first
-    scale's forward pass timed on the run's own images (`plan.measure`), after logging the plan
-    line; None where nothing is left to compute or (`measured` false: another engine) the work
-    runs elsewhere."""
-    from transfer_ensemble import plan
+    """Each job's (split at a scale) estimated seconds and images/s on this machine, from `speed`,
+    else the first scale's forward pass timed on the run's own images (`plan.measure`), after
+    logging the plan line; None where nothing is left to compute or (`measured` false: another
+    engine) the work runs elsewhere."""
     from transfer_ensemble.store import rows_done
 
     def left(extractor, split: str, items: list[Item], specs=None) -> int:
@@ -182,16 +183,15 @@ def _estimates(run: RunFolder, config: ExtractConfig, jobs: list, measured: bool
     todo = [left(extractor, split, items) for extractor, split, items in jobs]
     if not any(todo) or not measured:
         return None
-    first = jobs[0][0]
-    busy = [spec for spec in first.specs if any(left(e, split, items, [spec]) for e, split, items in jobs)]
-    rate = plan.measure(first, [it.path for _, _, items in jobs for it in items], busy)
+    if speed is None:
+        first = jobs[0][0]
+        busy = [spec for spec in first.specs if any(left(e, split, items, [spec]) for e, split, items in jobs)]
+        speed = plan.measure(first, [it.path for _, _, items in jobs for it in items], busy)
     passes = {}
     for (extractor, _, _), n in zip(jobs, todo):
         passes[extractor.scale] = passes.get(extractor.scale, 0) + n
-    line = plan.Plan(tuple(plan.Pass(s, n, plan.seconds_at(rate, first.scale, s, n)) for s, n in passes.items()),
-                     rate, first.scale)
-    log.info(line.describe())
-    return [(plan.seconds_at(rate, first.scale, extractor.scale, n), rate * (first.scale / extractor.scale) ** 2)
+    log.info(plan.Plan(tuple(plan.Pass(s, n, speed.seconds(s, n)) for s, n in passes.items()), speed).describe())
+    return [(speed.seconds(extractor.scale, n), speed.at(extractor.scale).rate)
             for (extractor, _, _), n in zip(jobs, todo)]
 
 
@@ -364,10 +364,9 @@ def _chosen_blocks(run: RunFolder, run_data: RunData, config: TrainConfig, block
     recorded choice is looked up."""
     from transfer_ensemble import selection
 
-    folder = recipe_for(run, config, blocks).folder
+    record = recipe_for(run, config, blocks).record_path
     try:
-        recorded = load_json(folder / "recipe.json").get("inputs", {}).get("selection") \
-            if (folder / "recipe.json").exists() else None
+        recorded = load_json(record).get("inputs", {}).get("selection") if record.exists() else None
         recorded = selection.Selection.from_json(recorded) if recorded else None
     except (DamagedFile, KeyError, TypeError, ValueError, AttributeError):
         recorded = None
@@ -380,18 +379,12 @@ def _chosen_blocks(run: RunFolder, run_data: RunData, config: TrainConfig, block
     if recorded is not None and recorded.key == key:
         log.info("%s (chosen before, from the same candidates)", recorded.describe())
         return recorded
-    from transfer_ensemble.store import load_features
-
-    ids = [it.id for it in run_data.dataset.train]
     log.info("choosing %s's feature blocks among %d by out-of-fold log loss (with a nested check of how "
              "much the choosing flatters it)", config.head, len(blocks.sources))
-    try:
-        features = {name: {view: load_features(run.stores("train", [name]), view, ids) for view in blocks.views}
-                    for name in blocks.sources}
-    except DamagedFile as exc:
-        raise UserError(f"The features in {exc.path.parent if exc.path.suffix else exc.path} are not usable: "
-                        f"{exc}. Run `transfer-ensemble extract --data DIR --run {run.path}` again: it "
-                        f"recomputes what is missing or damaged.") from None
+    features = {}
+    for name in blocks.sources:
+        loaded = _load_features(run, run_data, replace(blocks, sources=(name,)), splits=("train",))
+        features[name] = {view: loaded[view]["train"] for view in blocks.views}
     chosen = selection.select(config, features, blocks.sources, blocks.views, labels, len(run_data.dataset.classes),
                               key)
     log.info(chosen.describe())
@@ -453,12 +446,14 @@ def blend(run_dir: str | Path, parts: "list[str] | str") -> TrainResult:
         return TrainResult(result.name, metrics, recipe_statuses(run))
 
 
-def _load_features(run: RunFolder, run_data: RunData, blocks: Blocks) -> dict:
+def _load_features(run: RunFolder, run_data: RunData, blocks: Blocks,
+                   splits: tuple[str, ...] = SPLITS) -> dict[str, dict[str, np.ndarray]]:
+    """view -> split -> the rows of `blocks`' sources side by side, in the run's image order."""
     from transfer_ensemble.store import load_features
 
     ids = {"train": [it.id for it in run_data.dataset.train], "test": [it.id for it in run_data.good_test]}
     try:
-        return {view: {split: load_features(run.stores(split, blocks.sources), view, ids[split]) for split in SPLITS}
+        return {view: {split: load_features(run.stores(split, blocks.sources), view, ids[split]) for split in splits}
                 for view in blocks.views}
     except DamagedFile as exc:
         raise UserError(f"The features in {exc.path.parent if exc.path.suffix else exc.path} are not usable: "
