@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from transfer_ensemble import selection, workflow
+from transfer_ensemble import cli, selection, workflow
 from transfer_ensemble.config import TrainConfig
 from transfer_ensemble.predict import predict_to_csv
 from transfer_ensemble.recipes import list_recipes
@@ -102,3 +102,32 @@ def test_no_select_blocks_trains_on_every_block(two_scale_run):
     assert result.recipe == "linear-folds2-no_select_blocks"
     recipe = next(r for r in list_recipes(RunFolder(run)) if r.name == result.recipe)
     assert len(recipe.blocks.sources) == 4 and "selection" not in recipe.inputs
+
+
+def test_named_blocks_make_per_block_recipes_that_blend(two_scale_run, tmp_path):
+    data, run = two_scale_run
+    one = workflow.train(run, {"head": "linear", "folds": 2, "blocks": "xception"})
+    two = workflow.train(run, {"head": "linear", "folds": 2, "blocks": ["xception@2x", "xception.mid@2x"]})
+    assert one.recipe == "linear-folds2-blocks_xception"
+    assert two.recipe == "linear-folds2-blocks_xception.mid@2x+xception@2x"  # in the run's column order
+    recipes = {r.name: r for r in list_recipes(RunFolder(run))}
+    assert recipes[one.recipe].blocks.sources == ("xception",) and "selection" not in recipes[one.recipe].inputs
+    assert recipes[two.recipe].blocks.sources == ("xception@2x", "xception.mid@2x")
+    mixed = workflow.blend(run, [one.recipe, two.recipe])
+    assert mixed.recipe == f"blend-{one.recipe}+{two.recipe}"
+    sub = workflow.submit(run, tmp_path / "sub.csv", heads=mixed.recipe)
+    predicted = predict_to_csv(run, data / "test", tmp_path / "pred.csv", heads_name=mixed.recipe)
+    expected = pd.read_csv(sub.submission).set_index("id")
+    got = pd.read_csv(predicted.out)
+    got.index = got["image"].str.rsplit(".", n=1).str[0]
+    np.testing.assert_allclose(got.loc[expected.index, expected.columns].to_numpy(), expected.to_numpy(), atol=1e-6)
+
+
+def test_a_block_the_run_lacks_is_one_paragraph_naming_the_run_s_blocks(two_scale_run, capsys):
+    _, run = two_scale_run
+    assert cli.main(["train", "--run", str(run), "--head", "linear", "--blocks", "xception@3x"]) == 2
+    err = capsys.readouterr().err
+    assert "xception@3x is not extracted in this run, which has xception, xception.mid, xception@2x, " \
+           "xception.mid@2x" in err and "Traceback" not in err
+    assert cli.main(["train", "--run", str(run), "--head", "linear", "--blocks", "xception/../x"]) == 2
+    assert "--blocks 'xception/../x' (given on the command line) must be a comma-separated list" in capsys.readouterr().err

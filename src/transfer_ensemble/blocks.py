@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from transfer_ensemble import backbones, heads, views
 from transfer_ensemble.config import ExtractConfig, TrainConfig
+from transfer_ensemble.errors import UserError
 from transfer_ensemble.store import MID, source_key, store_names
 
 
@@ -89,9 +90,30 @@ def blocks_for(extract: ExtractConfig, config: TrainConfig) -> Blocks:
     paper = heads.get(config.head).paper_features
     chosen_views = views.PAIR if paper else extract.views
     specs = [backbones.get_spec(name) for name in extract.backbones]
+    if config.blocks:
+        return Blocks(named_blocks(extract, config.blocks), tuple(chosen_views))
     sources = [source_key(name, scale) for scale in scales_used(extract, config.multiscale) for spec in specs
                for name in store_names(spec, extract.mid_of(spec) and not paper)]
     return Blocks(tuple(sources), tuple(chosen_views))
+
+
+def extracted_blocks(extract: ExtractConfig) -> tuple[str, ...]:
+    """Every block a run extracted with `extract` has, in its column order."""
+    specs = [backbones.get_spec(name) for name in extract.backbones]
+    return tuple(source_key(name, scale) for scale in extract.scales for spec in specs
+                 for name in store_names(spec, extract.mid_of(spec)))
+
+
+def named_blocks(extract: ExtractConfig, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The blocks `names` (--blocks) in the run's column order; UserError naming the run's blocks
+    where one is not among them."""
+    have = extracted_blocks(extract)
+    missing = [name for name in names if name not in have]
+    if missing:
+        raise UserError(f"--blocks {','.join(names)}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                        f"not extracted in this run, which has {', '.join(have)}. Name blocks from that list, or "
+                        f"extract them first (`extract --backbones/--scales/--mid-layer` with the run folder).")
+    return tuple(name for name in have if name in names)
 
 
 def from_record(inputs: dict) -> Blocks:

@@ -12,6 +12,7 @@ say which file, flag or Python call gave it.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ lowest out-of-fold log loss on both development sets (docs/views.md)."""
 SCALE_RANGE = (0.25, 4.0)
 MAX_PIXELS = 178_956_970
 """Default cap on an image's pixels (Pillow's decompression-bomb limit)."""
-RECIPE_KEYS = ("multiscale", "select_blocks", "pool_views", "tta", "temperature")
+RECIPE_KEYS = ("blocks", "multiscale", "select_blocks", "pool_views", "tta", "temperature")
 VIEWS_GROUP = "scales, views and calibration (defaults depend on --head)"
 
 __all__ = ["COMMAND_LINE", "ExtractConfig", "LinearOptions", "MAX_FOLDS", "MAX_SEED", "Overrides", "PythonOrigin",
@@ -105,6 +106,21 @@ def _check_views(check: Checker, key: str, value: Any, values: dict) -> tuple[st
         return views.parse(value)
     except ValueError as exc:
         raise check.fail(key, value, str(exc)) from None
+
+
+BLOCK_NAME = re.compile(r"^[A-Za-z0-9_\-]+(\.mid)?(@[0-9.]+x)?$")
+
+
+def _check_blocks(check: Checker, key: str, value: Any, values: dict) -> tuple[str, ...]:
+    """`value` (a comma-separated string or a list of store names) as distinct block names; which
+    of them the run has is checked when a recipe is made (`blocks.blocks_for`)."""
+    if value == "all":
+        return ()
+    items = [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(n, str) and BLOCK_NAME.match(n) for n in items):
+        raise check.fail(key, value, 'must be a comma-separated list of feature block names as the recipe table '
+                                     'shows them (backbone[.mid][@SCALEx]), e.g. "xception,xception@2x", or all')
+    return tuple(sorted(set(items)))
 
 
 def _check_scales(check: Checker, key: str, value: Any, values: dict) -> tuple[float, ...]:
@@ -317,6 +333,11 @@ class TrainConfig:
     folds: int = option(5, "--folds", "cross-validation folds (default 5)", whole(2, MAX_FOLDS))
     seed: int = option(0, "--seed", "seed of the folds and of head training (default 0)", _seed_rule())
     head: str = option(DEFAULT_HEAD, "--head", _head_help, choice(head_kinds))
+    blocks: tuple[str, ...] = option((), "--blocks", "train on these feature blocks alone, side by side (names "
+                                                     "as the recipe table shows them: xception, xception.mid, "
+                                                     "xception@2x); all (default): every block the head sees, "
+                                                     "or those the OOF chooses; see docs/recipes.md",
+                                     Rule("text", _check_blocks), group=VIEWS_GROUP)
     multiscale: bool | None = option(None, "--multiscale", "give the heads the features of every extracted "
                                                            "scale side by side", boolean(), group=VIEWS_GROUP)
     select_blocks: bool | None = option(None, "--select-blocks", "train on the feature blocks (backbone x scale x "
@@ -339,7 +360,11 @@ class TrainConfig:
         for key, default in _recipe_defaults(entry).items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, default)
-        check_values(TrainConfig, {f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
+        checked = check_values(TrainConfig, {f.name: getattr(self, f.name) for f in fields(self)}, _nowhere)
+        object.__setattr__(self, "blocks", checked["blocks"])
+        if self.blocks:  # named blocks are all the recipe sees: no scale to add, nothing to choose
+            object.__setattr__(self, "multiscale", True)
+            object.__setattr__(self, "select_blocks", False)
         if self.options is None:
             object.__setattr__(self, "options", entry.options())
         if not isinstance(self.options, entry.options):
@@ -349,8 +374,9 @@ class TrainConfig:
     def to_json(self) -> dict:
         """A flat dict: folds, seed, head, how views are used, and the head's options."""
         opts = {f.name: getattr(self.options, f.name) for f in fields(self.options)}
-        return {"folds": self.folds, "seed": self.seed, "head": self.head,
-                **{k: getattr(self, k) for k in RECIPE_KEYS}, **opts}
+        recipe = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(self, k)) for k in RECIPE_KEYS)
+                  if k != "blocks" or v}  # no blocks named: not recorded, as before the option existed
+        return {"folds": self.folds, "seed": self.seed, "head": self.head, **recipe, **opts}
 
     @classmethod
     def from_json(cls, obj: dict, source: str = "config.json") -> "TrainConfig":

@@ -175,10 +175,18 @@ def recipe_name(config: TrainConfig, blocks: Blocks | None = None) -> str:
     """A readable name that differs exactly when the options or the views do: the head, then each
     non-default option, then the views beyond the pair (`Blocks.label`)."""
     defaults = TrainConfig(head=config.head).to_json()
-    changed = {k: v for k, v in config.to_json().items() if k != "head" and v != defaults[k]}
+    implied = ("multiscale", "select_blocks") if config.blocks else ()  # named blocks settle both
+    changed = {k: v for k, v in config.to_json().items() if k != "head" and k not in implied and v != defaults.get(k)}
     label = blocks.label if blocks is not None else ""
-    return "-".join([config.head] + [(k if v else f"no_{k}") if isinstance(v, bool) else f"{k}{v}"
-                                     for k, v in changed.items()] + ([label] if label else []))
+    return "-".join([config.head] + [_name_part(k, v) for k, v in changed.items()] + ([label] if label else []))
+
+
+def _name_part(key: str, value: object) -> str:
+    if isinstance(value, bool):
+        return key if value else f"no_{key}"
+    if isinstance(value, list):
+        return f"{key}_{'+'.join(map(str, value))}"
+    return f"{key}{value}"
 
 
 @dataclass

@@ -372,7 +372,7 @@ def _chosen_blocks(run: RunFolder, run_data: RunData, config: TrainConfig, block
         recorded = None
     if recorded_only:
         return recorded if recorded is not None and recorded.chosen == blocks.sources else None
-    if not config.select_blocks or len(blocks.sources) < 2:
+    if not config.select_blocks or config.blocks or len(blocks.sources) < 2:
         return None
     labels = run_data.labels
     key = selection.selection_key(run.feature_inputs(blocks), labels_digest(labels), config)
