@@ -101,6 +101,31 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
                           text=True, env=full_env, timeout=timeout)
 
 
+def kill_part_way(args: list[str], done_file: Path, timeout: float = 300) -> np.ndarray:
+    """Run `python -m transfer_ensemble ARGS` and SIGKILL it as soon as `done_file` (a store's
+    done flags) says one row is done; returns the flags it left (asserting some, not all, were)."""
+    import signal
+    import time
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    process = subprocess.Popen([sys.executable, "-m", "transfer_ensemble", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=env)
+    deadline, killed = time.monotonic() + timeout, None
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if np.load(done_file).any():
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                killed = np.load(done_file)
+                break
+        except (FileNotFoundError, ValueError, EOFError, OSError):
+            pass
+        time.sleep(0.005)
+    stderr = process.communicate()[1].decode()
+    assert killed is not None and not killed.all(), f"not killed part-way:\n{stderr}"
+    return killed
+
+
 @pytest.fixture(scope="session")
 def dogs3() -> Path:
     if not SHARED_DOGS.is_dir():

@@ -5,11 +5,7 @@ keras.applications one: tiny random configurations saved with ``save_to_preset``
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -17,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import FAST_TRAIN, make_kaggle, run_cli
+from conftest import FAST_TRAIN, kill_part_way, make_kaggle, run_cli
 from test_feature_cache import features, ids, store
 from transfer_ensemble import backbones
 from transfer_ensemble.config import ExtractConfig
@@ -154,23 +150,8 @@ def test_the_same_tiny_dinov2_gives_the_same_features_on_tensorflow_and_jax(pres
 
 def test_killed_hub_extraction_resumes_to_identical_features(presets, data, dinov2_run, tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    process = subprocess.Popen([sys.executable, "-m", "transfer_ensemble", "extract", "--data", str(data),
-                                "--run", str(run), "--weights", str(presets), *DINOV2_ONLY],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    done_file, deadline, killed = store(run, "train", "dinov2_small").done, time.monotonic() + 300, None
-    while process.poll() is None and time.monotonic() < deadline:
-        try:
-            if np.load(done_file).any():
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-                killed = np.load(done_file)
-                break
-        except (FileNotFoundError, ValueError, EOFError, OSError):
-            pass
-        time.sleep(0.005)
-    stderr = process.communicate()[1].decode()
-    assert killed is not None and not killed.all(), f"not killed part-way:\n{stderr}"
+    kill_part_way(["extract", "--data", str(data), "--run", str(run), "--weights", str(presets), *DINOV2_ONLY],
+                  store(run, "train", "dinov2_small").done)
     resumed = extract(data, run, presets)
     assert "reusing cached features" in resumed.stderr, resumed.stderr
     for split in ("train", "test"):

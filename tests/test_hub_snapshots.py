@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import FAST_TRAIN, make_kaggle, run_cli
-from test_feature_cache import features
+from conftest import FAST_TRAIN, kill_part_way, make_kaggle, run_cli
+from test_feature_cache import features, ids
 from transfer_ensemble import backbones, cli
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.errors import UserError
@@ -251,6 +251,22 @@ def test_a_dinov3_snapshot_gives_the_same_features_on_tensorflow_and_jax(folders
             b = features(tmp_path / "jax", split, DINOV3)[view]
             cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
             assert cosine.min() >= 0.9999, (split, view, cosine)
+
+
+@pytest.mark.slow
+def test_a_killed_dinov3_snapshot_extraction_resumes_to_identical_features(folders, data, tmp_path):
+    pytest.importorskip("safetensors", reason="keras_hub reads a snapshot's weights with the safetensors package")
+    args = ["--data", str(data), "--weights", str(folders["snapshot"]), "--backbones", DINOV3, "--image-size", "64",
+            "--scales", "1", "--batch-size", "2"]
+    assert cli.main(["extract", "--run", str(tmp_path / "whole"), *args]) == 0
+    run = tmp_path / "killed"
+    kill_part_way(["extract", "--run", str(run), *args], RunFolder(run).store("train", DINOV3).done)
+    assert cli.main(["extract", "--run", str(run), *args]) == 0
+    for split in ("train", "test"):
+        assert ids(run, split, DINOV3) == ids(tmp_path / "whole", split, DINOV3)
+        want = features(tmp_path / "whole", split, DINOV3)
+        for view, got in features(run, split, DINOV3).items():
+            assert np.array_equal(got, want[view]), (split, view)
 
 
 @pytest.mark.slow
