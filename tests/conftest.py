@@ -101,6 +101,21 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
                           text=True, env=full_env, timeout=timeout)
 
 
+def run_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`transfer-ensemble ARGS` in this process, with its exit code and stdout as `run_cli` gives
+    them (stderr is left to pytest). For fixtures of many steps: a subprocess starts Python and
+    TensorFlow again, several seconds a step; the tests that check a user's process use `run_cli`."""
+    import contextlib
+    import io
+
+    from transfer_ensemble import cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(list(args))
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), "")
+
+
 def kill_part_way(args: list[str], done_file: Path, timeout: float = 300) -> np.ndarray:
     """Run `python -m transfer_ensemble ARGS` and SIGKILL it as soon as `done_file` (a store's
     done flags) says one row is done; returns the flags it left (asserting some, not all, were)."""

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import FAST_TRAIN, TINY, make_folders, make_kaggle, run_cli
+from conftest import FAST_TRAIN, TINY, make_folders, make_kaggle, run_cli, run_in_process
 from transfer_ensemble import ensemble, heads, workflow
 from transfer_ensemble.config import ExtractConfig
 from transfer_ensemble.heads import linear, solver
@@ -158,12 +158,12 @@ def two_recipes(tmp_path_factory):
     extract = run_cli("extract", "--data", str(data), "--run", str(run), "--weights", "random",
                       "--image-size", str(TINY), "--batch-size", "8")
     assert extract.returncode == 0, extract.stderr
-    seed = run_cli("train", "--run", str(run), *FAST_TRAIN)
+    seed = run_in_process("train", "--run", str(run), *FAST_TRAIN)
     assert seed.returncode == 0, seed.stderr
-    seed_sub = run_cli("submit", "--run", str(run), "--out", str(base / "seed.csv"))
-    default = run_cli("train", "--run", str(run), "--head", "linear", "--folds", "2")
+    seed_sub = run_in_process("submit", "--run", str(run), "--out", str(base / "seed.csv"))
+    default = run_in_process("train", "--run", str(run), "--head", "linear", "--folds", "2")
     assert default.returncode == 0, default.stderr
-    default_sub = run_cli("submit", "--run", str(run), "--out", str(base / "default.csv"))
+    default_sub = run_in_process("submit", "--run", str(run), "--out", str(base / "default.csv"))
     return data, run, base, seed_sub, default, default_sub
 
 

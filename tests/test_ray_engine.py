@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import FAST_EXTRACT, FAST_TRAIN, draw, make_kaggle, run_cli, save_rgb
+from conftest import FAST_EXTRACT, FAST_TRAIN, draw, make_kaggle, run_cli, run_in_process, save_rgb
 from transfer_ensemble.engines import ray as ray_engine
 from transfer_ensemble.engines import EngineConfig
 from transfer_ensemble.errors import UserError
@@ -61,9 +61,9 @@ def local_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray_local")
     data = make_kaggle(root / "data", per_class=5, n_test=6)
     run = root / "run"
-    _ok(run_cli("extract", "--data", str(data), "--run", str(run), *FAST_EXTRACT))
-    _ok(run_cli("train", "--run", str(run), *FAST_TRAIN))
-    _ok(run_cli("submit", "--run", str(run), "--out", str(root / "local.csv")))
+    _ok(run_in_process("extract", "--data", str(data), "--run", str(run), *FAST_EXTRACT))
+    _ok(run_in_process("train", "--run", str(run), *FAST_TRAIN))
+    _ok(run_in_process("submit", "--run", str(run), "--out", str(root / "local.csv")))
     return data, run, root / "local.csv"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FAST_TRAIN, TINY, make_kaggle, run_cli
+from conftest import FAST_TRAIN, TINY, make_kaggle, run_cli, run_in_process
 from transfer_ensemble.crossval import fold_assignment
 from transfer_ensemble.recipes import select_recipe
 from transfer_ensemble.runfolder import RunFolder
@@ -39,14 +39,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("repro")
     data = make_kaggle(base / "data", n_classes=3, per_class=4, n_test=5)
     steps, same, again = base / "steps", base / "same", base / "again"
-    for args in (["extract", "--data", str(data), "--run", str(steps), *EXTRACT, "--seed", SEED],
-                 ["train", "--run", str(steps), *FAST_TRAIN, "--seed", SEED],
-                 ["submit", "--run", str(steps), "--out", str(base / "steps.csv")],
-                 ["run", "--data", str(data), "--run", str(same), "--out", str(base / "same.csv"),
-                  *EXTRACT, *FAST_TRAIN, "--seed", SEED],
-                 ["run", "--config", str(steps / "config.json"), "--run", str(again),
-                  "--out", str(base / "again.csv")]):
-        result = run_cli(*args)
+    # The steps in this process, the two runs in their own: the same bytes across processes.
+    for args, where in ((["extract", "--data", str(data), "--run", str(steps), *EXTRACT, "--seed", SEED], run_in_process),
+                        (["train", "--run", str(steps), *FAST_TRAIN, "--seed", SEED], run_in_process),
+                        (["submit", "--run", str(steps), "--out", str(base / "steps.csv")], run_in_process),
+                        (["run", "--data", str(data), "--run", str(same), "--out", str(base / "same.csv"),
+                          *EXTRACT, *FAST_TRAIN, "--seed", SEED], run_cli),
+                        (["run", "--config", str(steps / "config.json"), "--run", str(again),
+                          "--out", str(base / "again.csv")], run_cli)):
+        result = where(*args)
         assert result.returncode == 0, f"{args[0]} failed:\n{result.stderr}"
     return {"steps": steps, "same": same, "again": again}
 
@@ -96,10 +97,11 @@ def default_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     data = make_kaggle(base / "data", n_classes=3, per_class=4, n_test=5)
     first, again = base / "first", base / "again"
     options = [*EXTRACT, "--folds", str(FOLDS), "--epochs", "3", "--patience", "2", "--seed", SEED]
-    for args in (["run", "--data", str(data), "--run", str(first), "--out", str(base / "first.csv"), *options],
-                 ["run", "--config", str(first / "config.json"), "--run", str(again),
-                  "--out", str(base / "again.csv")]):
-        result = run_cli(*args)
+    for args, where in ((["run", "--data", str(data), "--run", str(first), "--out", str(base / "first.csv"), *options],
+                         run_cli),
+                        (["run", "--config", str(first / "config.json"), "--run", str(again),
+                          "--out", str(base / "again.csv")], run_in_process)):
+        result = where(*args)
         assert result.returncode == 0, f"{args[:2]} failed:\n{result.stderr}"
         assert result.stdout.startswith("chose ") or "\nchose " in result.stdout, result.stdout
     return base, first, again
