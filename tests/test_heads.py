@@ -125,7 +125,7 @@ def test_block_selection_keeps_the_informative_block_whatever_the_recipes_folds(
 def test_no_choice_reads_the_test_labels(tmp_path):
     """The same run twice, the second with its hold-out labels shuffled: every choice is the same."""
     data = make_folders(tmp_path / "data", n_classes=3, per_class=6, n_valid=0, n_test=3)
-    config = ExtractConfig(weights="random", image_size=TINY, batch_size=8, scales=(1.0,))
+    config = ExtractConfig(backbones=("xception",), weights="random", image_size=TINY, batch_size=8, scales=(1.0,))
     first, second = tmp_path / "a", tmp_path / "b"
     workflow.extract(data, first, config)
     shutil.copytree(first, second)
