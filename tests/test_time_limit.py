@@ -150,3 +150,15 @@ def test_a_bar_inside_a_job_shows_the_whole_jobs_eta(monkeypatch):
     assert bar.postfix.startswith("job ETA 00:0")
     bar.close()
     assert not isinstance(progress.bar(total=1, file=io.StringIO()), progress.JobBar)
+
+
+def test_the_plan_of_an_added_view_costs_its_own_pass_not_the_pairs(tmp_path, fake, caplog):
+    data = make_kaggle(tmp_path / "data", per_class=2, n_test=2)  # 8 images: 8 s for every view at 1 image/s
+    config = ExtractConfig(**{**EXTRACT, "scales": (1.0,)})
+    workflow.extract(data, tmp_path / "run", config)
+    with caplog.at_level("INFO", logger="transfer_ensemble"):
+        workflow.extract(data, tmp_path / "run", replace(config, views=("original", "flipped", "center",
+                                                                       "center_flipped")))
+    plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan:")]
+    assert plans == ["plan: 1 pass (1x 8 images ~4 s), about 4 s on this machine (measured: 1.00 images/s at 1x; "
+                     "other scales by their pixels)"], "the pair is cached: the centre crop's pass is half the work"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from transfer_ensemble import backend, engines, ensemble, images, plan, plugins, progress, submission
+from transfer_ensemble import backend, engines, ensemble, images, plan, plugins, progress, submission, views
 from transfer_ensemble.blocks import Blocks, blocks_for, views_record
 from transfer_ensemble.config import (CANDIDATE_HEADS, ExtractConfig, TrainConfig, head_option_owners, merged,
                                       option_names)
@@ -180,6 +180,15 @@ def _estimates(run: RunFolder, config: ExtractConfig, jobs: list, measured: bool
                 for spec in (extractor.specs if specs is None else specs) for name in extractor.store_names(spec)]
         return len(ids) - min(done, default=0)
 
+    def share(extractor, split: str, items: list[Item]) -> float:
+        """The share of the views' work still due: the passes (`views.whole_passes`) of the views
+        some store lacks rows of (adding a crop to a run costs its pass, not the pair's)."""
+        ids = [it.id for it in items]
+        lacking = [view for view in config.views
+                   if any(rows_done(run.store(split, source_key(name, extractor.scale)), ids, [view]) < len(ids)
+                          for spec in extractor.specs for name in extractor.store_names(spec))]
+        return len(views.whole_passes(config.views, lacking)) / len(config.views)
+
     todo = [left(extractor, split, items) for extractor, split, items in jobs]
     if not any(todo) or not measured:
         return None
@@ -187,12 +196,15 @@ def _estimates(run: RunFolder, config: ExtractConfig, jobs: list, measured: bool
         first = jobs[0][0]
         busy = [spec for spec in first.specs if any(left(e, split, items, [spec]) for e, split, items in jobs)]
         speed = plan.measure(first, [it.path for _, _, items in jobs for it in items], busy)
-    passes = {}
-    for (extractor, _, _), n in zip(jobs, todo):
-        passes[extractor.scale] = passes.get(extractor.scale, 0) + n
-    log.info(plan.Plan(tuple(plan.Pass(s, n, speed.seconds(s, n)) for s, n in passes.items()), speed).describe())
-    return [(speed.seconds(extractor.scale, n), speed.at(extractor.scale).rate)
-            for (extractor, _, _), n in zip(jobs, todo)]
+    shares = [share(extractor, split, items) if n else 1.0 for (extractor, split, items), n in zip(jobs, todo)]
+    estimates = [(speed.seconds(extractor.scale, n) * part, speed.at(extractor.scale).rate / max(part, 1e-9))
+                 for (extractor, _, _), n, part in zip(jobs, todo, shares)]
+    passes: dict[float, tuple[int, float]] = {}
+    for (extractor, _, _), n, (seconds, _) in zip(jobs, todo, estimates):
+        images, total = passes.get(extractor.scale, (0, 0.0))
+        passes[extractor.scale] = (images + n, total + seconds)
+    log.info(plan.Plan(tuple(plan.Pass(s, n, t) for s, (n, t) in passes.items()), speed).describe())
+    return estimates
 
 
 def _named(bad: list[tuple[Item, str]], n: int = 5) -> str:
@@ -463,10 +475,10 @@ def _load_features(run: RunFolder, run_data: RunData, blocks: Blocks,
 
 def _holdout_metrics(run: RunFolder, recipe: Recipe, run_data: RunData, test_identity: str,
                      temperature: float) -> dict:
-    full, views = test_probabilities(run, recipe, run_data, test_identity, temperature)
+    full, per_view = test_probabilities(run, recipe, run_data, test_identity, temperature)
     labels = np.array([it.label for it in run_data.dataset.test])
     good_labels = np.array([it.label for it in run_data.good_test])
-    out = {view: ensemble.score(good_labels, p) for view, p in views.items()}
+    out = {view: ensemble.score(good_labels, p) for view, p in per_view.items()}
     out["ensemble"] = ensemble.score(labels, full)
     return out
 
