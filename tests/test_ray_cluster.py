@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import FAST_EXTRACT, FAST_TRAIN, draw, make_kaggle, run_cli, save_rgb
+from conftest import FAST_EXTRACT, FAST_TRAIN, draw, make_kaggle, run_cli, run_in_process, save_rgb
 from ray_cluster import FAST_NODE_DEATH, LocalCluster
 from transfer_ensemble.engines import ray as ray_engine
 from transfer_ensemble.errors import UserError
@@ -142,8 +142,8 @@ def local_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster_local")
     data = make_kaggle(root / "data", per_class=4, n_test=8)
     run = root / "run"
-    _ok(run_cli("extract", "--data", str(data), "--run", str(run), *EXTRACT))
-    _ok(run_cli("train", "--run", str(run), *FAST_TRAIN))
+    _ok(run_in_process("extract", "--data", str(data), "--run", str(run), *EXTRACT))
+    _ok(run_in_process("train", "--run", str(run), *FAST_TRAIN))
     return data, run
 
 
@@ -188,8 +188,8 @@ def test_predict_on_two_nodes_loses_one_then_resumes_to_the_local_predictions(cl
     for i in range(IMAGES):
         save_rgb(tmp_path / "new" / f"img{i:02d}.png", draw(i % 3, rng))
     local_csv = tmp_path / "local.csv"
-    _ok(run_cli("predict", "--run", str(local), "--images", str(tmp_path / "new"), "--out", str(local_csv),
-                "--cache-dir", str(tmp_path / "c_local")))
+    _ok(run_in_process("predict", "--run", str(local), "--images", str(tmp_path / "new"), "--out", str(local_csv),
+                       "--cache-dir", str(tmp_path / "c_local")))
     args = ["predict", "--run", str(local), "--images", str(tmp_path / "new"), "--out", str(tmp_path / "ray.csv"),
             "--cache-dir", str(tmp_path / "c_ray"), "--engine", "ray", "--ray-address", cluster.address,
             "--actors", "2"]

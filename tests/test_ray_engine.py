@@ -112,8 +112,8 @@ def test_a_ray_extraction_killed_part_way_resumes_to_the_local_features_and_subm
         _assert_same_stores(local, run, split)
     assert not list(run.rglob("*.new")) and not list(run.rglob(".*.tmp*"))
 
-    _ok(run_cli("train", "--run", str(run), *FAST_TRAIN))
-    _ok(run_cli("submit", "--run", str(run), "--out", str(tmp_path / "ray.csv")))
+    _ok(run_in_process("train", "--run", str(run), *FAST_TRAIN))
+    _ok(run_in_process("submit", "--run", str(run), "--out", str(tmp_path / "ray.csv")))
     expected, got = pd.read_csv(local_csv), pd.read_csv(tmp_path / "ray.csv")
     assert list(got.columns) == list(expected.columns) and list(got["id"]) == list(expected["id"])
     np.testing.assert_allclose(got.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:].to_numpy(), atol=1e-6)
