@@ -89,19 +89,19 @@ def blocks_for(extract: ExtractConfig, config: TrainConfig) -> Blocks:
     paper's head (``paper_features``) sees the pair's final-layer features only."""
     paper = heads.get(config.head).paper_features
     chosen_views = views.PAIR if paper else extract.views
-    specs = [backbones.get_spec(name) for name in extract.backbones]
     if config.blocks:
         return Blocks(named_blocks(extract, config.blocks), tuple(chosen_views))
-    sources = [source_key(name, scale) for scale in scales_used(extract, config.multiscale) for spec in specs
-               for name in store_names(spec, extract.mid_of(spec) and not paper)]
-    return Blocks(tuple(sources), tuple(chosen_views))
+    return Blocks(extracted_blocks(extract, scales_used(extract, config.multiscale), mid=not paper),
+                  tuple(chosen_views))
 
 
-def extracted_blocks(extract: ExtractConfig) -> tuple[str, ...]:
-    """Every block a run extracted with `extract` has, in its column order."""
+def extracted_blocks(extract: ExtractConfig, scales: tuple[float, ...] | None = None,
+                     mid: bool = True) -> tuple[str, ...]:
+    """The blocks a run extracted with `extract` has at `scales` (default every one), in its column
+    order: each backbone, followed by its middle layer's where the run pooled one and `mid`."""
     specs = [backbones.get_spec(name) for name in extract.backbones]
-    return tuple(source_key(name, scale) for scale in extract.scales for spec in specs
-                 for name in store_names(spec, extract.mid_of(spec)))
+    return tuple(source_key(name, scale) for scale in (extract.scales if scales is None else scales)
+                 for spec in specs for name in store_names(spec, extract.mid_of(spec) and mid))
 
 
 def named_blocks(extract: ExtractConfig, names: tuple[str, ...]) -> tuple[str, ...]:
