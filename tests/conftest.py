@@ -138,6 +138,7 @@ def kill_part_way(args: list[str], done_file: Path, timeout: float = 300) -> np.
         time.sleep(0.005)
     stderr = process.communicate()[1].decode()
     assert killed is not None and not killed.all(), f"not killed part-way:\n{stderr}"
+    assert process.returncode == -signal.SIGKILL, stderr
     return killed
 
 

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY, draw, make_kaggle, run_cli, save_rgb
+from conftest import TINY, draw, kill_part_way, make_kaggle, run_cli, save_rgb
 
 from transfer_ensemble import images
 from transfer_ensemble.runfolder import RunFolder
@@ -77,28 +76,8 @@ def copied(reference, tmp_path) -> tuple[Path, Path]:
 def test_resume_after_sigkill_gives_identical_features(reference, tmp_path):
     data, ref_run = reference
     run = tmp_path / "run"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    process = subprocess.Popen([sys.executable, "-m", "transfer_ensemble", "extract", "--data", str(data),
-                                "--run", str(run), *EXTRACT], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, env=env)
-    done_file = store(run, "train", "inception_v3").done
-    deadline = time.monotonic() + 120
-    killed_at = None
-    while process.poll() is None and time.monotonic() < deadline:
-        try:
-            if np.load(done_file).any():
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-                killed_at = [np.load(path) for path in sorted((run / "features").glob("*/*/done.npy"))]
-                break
-        except (FileNotFoundError, ValueError, EOFError, OSError):
-            pass
-        time.sleep(0.005)
-    stderr = process.communicate()[1].decode()
-    assert killed_at is not None, f"the extraction ended before a batch was committed:\n{stderr}"
-    assert process.returncode == -signal.SIGKILL
-    complete = len(killed_at) == 2 * len(BACKBONES) and all(done.all() for done in killed_at)
-    assert not complete, "killed too late: nothing was left to resume"
+    kill_part_way(["extract", "--data", str(data), "--run", str(run), *EXTRACT],
+                  store(run, "train", "inception_v3").done)
 
     resumed = extract(data, run)
     assert "reusing cached features" in resumed.stderr

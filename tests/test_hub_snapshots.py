@@ -216,13 +216,18 @@ def test_run_mixes_xception_a_snapshot_and_a_preset_at_two_scales_with_crops_and
     np.testing.assert_allclose(got[want.columns].to_numpy(), want.to_numpy(), rtol=0, atol=1e-6)
 
 
+def dinov3_alone(data: Path, weights: Path, batch_size: int = 8) -> list[str]:
+    """`extract` options for the tiny DINOv3 alone, from `weights`, at 64 px and one scale."""
+    return ["--data", str(data), "--weights", str(weights), "--backbones", DINOV3, "--image-size", "64",
+            "--scales", "1", "--batch-size", str(batch_size)]
+
+
 @pytest.mark.slow
 def test_a_changed_snapshot_weights_file_makes_its_stores_stale(folders, data, tmp_path):
     pytest.importorskip("safetensors", reason="keras_hub reads a snapshot's weights with the safetensors package")
     weights, run = tmp_path / "weights", tmp_path / "run"
     shutil.copytree(folders["snapshot"], weights)
-    args = ["extract", "--data", str(data), "--run", str(run), "--weights", str(weights), "--backbones", DINOV3,
-            "--image-size", "64", "--scales", "1", "--batch-size", "8"]
+    args = ["extract", "--run", str(run), *dinov3_alone(data, weights)]
     assert cli.main(args) == 0
     before = json.loads(RunFolder(run).store("train", DINOV3).meta.read_text())["weights"]
     first = features(run, "train", DINOV3)
@@ -241,8 +246,7 @@ def test_a_changed_snapshot_weights_file_makes_its_stores_stale(folders, data, t
 @pytest.mark.slow
 def test_a_dinov3_snapshot_gives_the_same_features_on_tensorflow_and_jax(folders, data, tmp_path):
     pytest.importorskip("safetensors", reason="keras_hub reads a snapshot's weights with the safetensors package")
-    args = ["--data", str(data), "--weights", str(folders["snapshot"]), "--backbones", DINOV3, "--image-size", "64",
-            "--scales", "1", "--batch-size", "8"]
+    args = dinov3_alone(data, folders["snapshot"])
     assert cli.main(["extract", "--run", str(tmp_path / "tf"), *args]) == 0
     result = run_cli("extract", "--run", str(tmp_path / "jax"), *args, env={"KERAS_BACKEND": "jax"})
     assert result.returncode == 0, result.stderr
@@ -256,8 +260,7 @@ def test_a_dinov3_snapshot_gives_the_same_features_on_tensorflow_and_jax(folders
 @pytest.mark.slow
 def test_a_killed_dinov3_snapshot_extraction_resumes_to_identical_features(folders, data, tmp_path):
     pytest.importorskip("safetensors", reason="keras_hub reads a snapshot's weights with the safetensors package")
-    args = ["--data", str(data), "--weights", str(folders["snapshot"]), "--backbones", DINOV3, "--image-size", "64",
-            "--scales", "1", "--batch-size", "2"]
+    args = dinov3_alone(data, folders["snapshot"], batch_size=2)  # several batches, to be killed between
     assert cli.main(["extract", "--run", str(tmp_path / "whole"), *args]) == 0
     run = tmp_path / "killed"
     kill_part_way(["extract", "--run", str(run), *args], RunFolder(run).store("train", DINOV3).done)
